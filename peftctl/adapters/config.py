@@ -1,0 +1,127 @@
+"""What every adapter method's config shares, and the PEFT `adapter_config.json` mapping.
+
+Config classes are pydantic models and import no torch: the recipe's `adapter` section validates
+into them directly (one schema, two front doors: YAML and Python), and `peftctl validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types. The value only decides which model class `AutoPeftModel` loads."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class AdapterConfig(BaseModel):
+    """Fields shared by all methods. Subclasses set `method` (a Literal) and `peft_type`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+    # The PEFT `peft_type` string written to adapter_config.json (e.g. "LORA").
+    peft_type: ClassVar[str]
+    # PEFT config keys this method does not implement, with the values that mean "off". An adapter
+    # file carrying another value is refused on load, since ignoring it would change the numbers.
+    unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+
+    method: str = Field(description="Adapter method.")
+    task_type: TaskType | None = Field(
+        default=None,
+        description="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json.",
+    )
+    target_modules: list[str] | str | None = Field(
+        default=None,
+        description=(
+            "Modules to adapt: a list of names (a name matches a module whose dotted path equals it "
+            "or ends with '.' + it), a regular expression string (full match against the dotted "
+            "path), or 'all-linear' (every linear layer except the output head). Empty: the "
+            "default for the model type (q_proj and v_proj for Llama-style models)."
+        ),
+    )
+    exclude_modules: list[str] | str | None = Field(
+        default=None,
+        description="Modules never adapted, matched like target_modules (list or regex).",
+    )
+    inference_mode: bool = Field(
+        default=False,
+        description="Load the adapter frozen (PEFT's flag). Training sets it to false.",
+    )
+    base_model_name_or_path: str | None = Field(
+        default=None, description="Base model the adapter was trained on (written on save)."
+    )
+    revision: str | None = Field(default=None, description="Base model revision (written on save).")
+
+    @field_validator("target_modules", "exclude_modules", mode="before")
+    @classmethod
+    def _names_as_sorted_list(cls, v: Any) -> Any:
+        # PEFT accepts sets; keep a stable, duplicate-free order so configs compare and save stably.
+        if isinstance(v, set | frozenset | tuple | list):
+            return sorted(set(v))
+        return v
+
+    # ---- PEFT's adapter_config.json -------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The adapter_config.json contents, in PEFT's field names (sorted on write)."""
+        d = self.model_dump(mode="json", exclude={"method"})
+        d["peft_type"] = self.peft_type
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        """Build a config from an adapter_config.json written by peftctl or PEFT.
+
+        PEFT writes many keys for features a method here may not implement; those are accepted
+        only when they hold the value that leaves the feature off.
+        """
+        known = set(cls.model_fields) - {"method"}
+        kwargs: dict[str, Any] = {}
+        refused = []
+        for key, value in d.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
+                refused.append(f"{key}={value!r}")
+        if refused:
+            raise ValueError(
+                f"this {cls.peft_type} adapter uses options peftctl does not implement: "
+                + ", ".join(refused)
+            )
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from peftctl.fsio import atomic_write_text
+
+        path = Path(save_directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> AdapterConfig:
+        from peftctl.adapters.registry import config_from_peft_dict
+
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        with open(folder / CONFIG_NAME, encoding="utf-8") as f:
+            d = json.load(f)
+        cfg = config_from_peft_dict(d)
+        if cls is not AdapterConfig and not isinstance(cfg, cls):
+            raise ValueError(f"{folder / CONFIG_NAME} holds a {d.get('peft_type')} adapter, not {cls.__name__}")
+        return cfg
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False

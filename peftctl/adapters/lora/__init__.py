@@ -1,0 +1,1 @@
+"""LoRA: config in `config` (no torch), layers in `layer`."""

@@ -1,0 +1,95 @@
+"""Which modules an adapter config targets: names, dotted suffixes, regexes, `all-linear`."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from peftctl.adapters.layer import AdapterLayer
+
+ALL_LINEAR = "all-linear"
+
+# Defaults when target_modules is unset, by model type (the attention projections PEFT uses).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+        "olmo", "olmo2", "granite", "smollm3", "opt", "gptj", "codegen", "cohere",
+    )},
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "phi": ["q_proj", "v_proj"],
+}
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover - transformers always has it
+        pass
+    return tuple(types)
+
+
+def _name_matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def candidate_modules(model: nn.Module):
+    """(name, module) pairs a config may target: not the adapters' own parts, not wrappers' bases."""
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, AdapterLayer):
+            wrapped.append(name)
+        yield name, module
+
+
+def resolve_targets(model: nn.Module, config) -> list[str] | str:
+    spec = config.target_modules
+    if spec is None or spec == []:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules is unset and there is no default for model type {model_type!r}; "
+                "set target_modules (a list of names, a regex, or 'all-linear')"
+            )
+        return DEFAULT_TARGETS[model_type]
+    return spec
+
+
+def find_targets(model: nn.Module, config) -> list[str]:
+    """Dotted names of the modules `config` adapts, in model order. Errors name what exists."""
+    spec = resolve_targets(model, config)
+    linear_types = _linear_types()
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in candidate_modules(model):
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if spec == ALL_LINEAR:
+            hit = isinstance(base, linear_types) and base is not output_head and not (
+                output_head is None and name.split(".")[-1] == "lm_head"
+            )
+        else:
+            hit = _name_matches(name, spec)
+        if hit and config.exclude_modules and _name_matches(name, config.exclude_modules):
+            hit = False
+        if hit:
+            names.append(name)
+    if not names:
+        leaf_names = sorted({n.split(".")[-1] for n, m in candidate_modules(model) if not list(m.children())})
+        raise ValueError(
+            f"target_modules {spec!r} matches no module of this model; module names here include: "
+            + ", ".join(leaf_names[:12])
+        )
+    return names

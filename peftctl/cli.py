@@ -1,0 +1,263 @@
+"""The `peftctl` command line: parse, call one library function, render its result.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (recipe, flags, files, data). Errors print
+one line (or one per recipe problem) without a traceback; `--debug` shows it. Commands that report
+results take `--json` and then print exactly one JSON object on stdout; progress goes to stderr.
+Heavy imports (torch, transformers) happen inside the commands, so `peftctl --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Parameter-efficient fine-tuning (LoRA) of transformers models, driven by YAML recipes.",
+)
+
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=1e-4 (repeatable).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    console = _stderr()
+    for i, line in enumerate(message.splitlines() or [""]):
+        console.print(("error: " if i == 0 else "       ") + line, markup=False)
+    raise typer.Exit(code)
+
+
+def handled(fn):
+    """Turn peftctl's errors into a message and an exit code; anything else is exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from peftctl.errors import PeftctlError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except PeftctlError as e:
+            if _state["debug"]:
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # a bug or an unforeseen failure: still one line, exit 1
+            if _state["debug"]:
+                raise
+            first = (str(e).splitlines() or [""])[0]
+            _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def _emit(result: dict[str, Any], as_json: bool, render) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        render(result)
+
+
+def _load_recipe(path: Path, overrides: list[str] | None):
+    from peftctl import recipe
+
+    return recipe.load(path, overrides or [])
+
+
+def _reporter(quiet: bool = False):
+    from peftctl.ui import RichReporter
+
+    return RichReporter(quiet=quiet)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("PEFTCTL_DEBUG") == "1"
+
+
+@app.command()
+@handled
+def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Check a recipe (schema, files) without loading any weights."""
+    from peftctl.validate import check_files
+
+    r = _load_recipe(recipe, set_)
+    notes = check_files(r, source=str(recipe))
+    result = {"recipe": str(recipe), "valid": True, "notes": notes, "resolved": r.model_dump(mode="json")}
+
+    def render(res):
+        out = _stdout()
+        out.print(f"[green]ok[/green] {recipe}")
+        for note in res["notes"]:
+            out.print(f"  {note}")
+
+    _emit(result, json_, render)
+
+
+@app.command()
+@handled
+def train(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Train an adapter as the recipe says; the run folder gets the adapter, metrics and summary."""
+    from peftctl.train import train as run_train
+
+    r = _load_recipe(recipe, set_)
+    summary = run_train(r, reporter=_reporter())
+
+    def render(s):
+        out = _stdout()
+        out.print(f"[green]done[/green]: {s['steps']} steps in {s['wall_time_s']:.1f}s, "
+                  f"train loss {s['train_loss']:.4f}" if s.get("train_loss") is not None else "done")
+        if s.get("final_eval"):
+            ev = s["final_eval"]
+            out.print(f"eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.3f}")
+        out.print(f"run folder: {s['run_dir']}")
+
+    _emit(summary, json_, render)
+
+
+@app.command("eval")
+@handled
+def eval_(
+    recipe: RecipeArg,
+    adapter: Annotated[Path | None, typer.Option(help="Run folder (or adapter folder) to evaluate.")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the base model without adapter.")] = False,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and exact match on the recipe's eval data (base or adapter)."""
+    from peftctl.errors import InputError
+    from peftctl.evaluate import evaluate
+
+    if base and adapter is not None:
+        raise InputError("give --adapter or --base, not both")
+    r = _load_recipe(recipe, set_)
+    result = evaluate(r, adapter=adapter, base=base, reporter=_reporter())
+
+    def render(res):
+        out = _stdout()
+        who = "base model" if res["adapter"] is None else f"adapter {res['adapter']}"
+        out.print(f"[bold]{who}[/bold] on {res['examples']} examples")
+        out.print(f"  eval_loss   {res['eval_loss']:.4f}")
+        out.print(f"  perplexity  {res['perplexity']:.3f}")
+        if "exact_match" in res:
+            out.print(f"  exact_match {res['exact_match']:.3f} ({res['exact_match_n']} answers)")
+            for s in res["samples"][:3]:
+                mark = "✓" if s["correct"] else "✗"
+                out.print(f"    {mark} {s['prediction']!r} (reference {s['reference']!r})", markup=False)
+
+    _emit(result, json_, render)
+
+
+@app.command()
+@handled
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with the adapter.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model (new or empty).")],
+    dtype: Annotated[str | None, typer.Option(help="Saved dtype: float32, bfloat16 or float16 (default: the run's).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Merge a run's adapter into its base model: a plain transformers folder with the tokenizer."""
+    from peftctl.merge import merge_run
+
+    _check_dtype(dtype)
+    result = merge_run(run_dir, output, dtype=dtype, reporter=_reporter())
+    _emit(result, json_, lambda res: _stdout().print(
+        f"merged model in {res['output']} ({res['dtype']}); max logit difference vs the adapter "
+        f"model: {res['max_logit_diff']:.3g}"))
+
+
+def _check_dtype(dtype: str | None) -> None:
+    from peftctl.errors import InputError
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
+@app.command()
+@handled
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with the adapter.", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", "-f", help="peft (adapter and model card) or merged.")] = "peft",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (new or empty).")] = ...,  # type: ignore[assignment]
+    dtype: Annotated[str | None, typer.Option(help="For merged: float32, bfloat16 or float16.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Export a run: the PEFT adapter with a model card, or a merged transformers model."""
+    from peftctl.export import export as run_export
+
+    _check_dtype(dtype)
+    result = run_export(run_dir, format_, output, dtype=dtype, reporter=_reporter())
+    _emit(result, json_, lambda res: _stdout().print(f"exported ({res['format']}) to {res['output']}"))
+
+
+@app.command()
+@handled
+def inspect(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Which modules a recipe adapts, their shapes and trainable parameters (no weights loaded)."""
+    from peftctl.inspect import inspect_recipe
+
+    r = _load_recipe(recipe, set_)
+    result = inspect_recipe(r)
+
+    def render(res):
+        from rich.table import Table
+
+        table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']})")
+        for col in ("module", "type", "shape", "rank", "trainable"):
+            table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
+        for row in res["modules"]:
+            ranks = ",".join(str(v) for v in row["rank"].values())
+            table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])), ranks,
+                          f"{row['trainable_params']:,}")
+        out = _stdout()
+        out.print(table)
+        out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
+                  f"|| trainable%: {res['trainable_percent']:.4f}")
+
+    _emit(result, json_, render)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe reference (every field, its type, default and meaning) as Markdown."""
+    from peftctl.recipe import reference_markdown
+
+    sys.stdout.write(reference_markdown() + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`peftctl eval`: loss, perplexity and exact match on a recipe's eval data, base or adapter."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from peftctl.errors import InputError
+from peftctl.ui import Reporter
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+             device, reporter: Reporter | None = None) -> list[str]:
+    """Greedy answers to tokenized prompts, batched by similar length (left padding)."""
+    import torch
+
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    eos.discard(None)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        length = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), length), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, length - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, length - len(prompts[i]) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos),
+            )
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, length:], skip_special_tokens=True)
+        if reporter:
+            reporter.advance(min(start + batch_size, len(order)), {})
+    return answers
+
+
+def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = None) -> dict[str, Any]:
+    """eval_loss (mean over loss tokens), perplexity, and exact match where references exist."""
+    from peftctl.train.loss import eval_loss
+
+    reporter = reporter or Reporter()
+    model.eval()
+    loss, n = eval_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device)
+    result: dict[str, Any] = {
+        "examples": len(examples),
+        "eval_loss": loss / n,
+        "perplexity": math.exp(min(loss / n, 50)),
+        "eval_tokens": n,
+    }
+    scored = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
+    if cfg.exact_match and scored:
+        reporter.start(len(scored), "generate")
+        answers = generate(model, tokenizer, [e.prompt_ids for e in scored], cfg.batch_size,
+                           cfg.max_new_tokens, device, reporter)
+        reporter.stop()
+        hits = [_normalize(a) == _normalize(e.reference) for a, e in zip(answers, scored, strict=True)]
+        result["exact_match"] = sum(hits) / len(hits)
+        result["exact_match_n"] = len(hits)
+        result["samples"] = [
+            {"reference": e.reference, "prediction": a.strip(), "correct": h}
+            for a, e, h in list(zip(answers, scored, hits, strict=True))[:5]
+        ]
+    return result
+
+
+def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
+             reporter: Reporter | None = None) -> dict[str, Any]:
+    """Evaluate the recipe's base model, or it with an adapter (default: the recipe's run folder)."""
+    import torch
+
+    from peftctl import data as data_lib
+    from peftctl import models, runs
+    from peftctl.adapters.io import has_adapter
+
+    reporter = reporter or Reporter()
+    if not base and adapter is None:
+        adapter = recipe.output.dir
+        if not has_adapter(adapter):
+            raise InputError(
+                f"no adapter in {adapter} (the recipe's output.dir); pass --adapter RUN_DIR, or --base"
+            )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if base:
+        tokenizer = models.load_tokenizer(recipe.model)
+    else:
+        run = runs.read_run(adapter)
+        tokenizer = runs.load_tokenizer(run)
+    dataset = data_lib.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    if not dataset.eval:
+        raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
+    examples = dataset.eval[: recipe.eval.max_examples] if recipe.eval.max_examples else dataset.eval
+    reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
+    model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
+    if not base:
+        from peftctl.adapters.model import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{adapter}: {e}") from None
+    result = score(model, tokenizer, examples, recipe.eval, device, reporter)
+    return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

