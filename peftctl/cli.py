@@ -256,6 +256,13 @@ def schema() -> None:
 
 
 def main() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("peftctl")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     app()
 
 

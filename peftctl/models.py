@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ BUILTIN_MODELS: dict[str, Builtin] = {
 }
 
 _DONE_MARKER = "peftctl-model.json"
+log = logging.getLogger("peftctl")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or os.sep in name.strip("/") and name.count("/") > 1
+    # A hub id is "org/name"; anything else with a slash, or a .gguf name, is meant as a path.
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1
 
 
 def resolve(name_or_path: str, cache_dir: str | None = None, convert: bool = True) -> ModelSource:
@@ -117,13 +120,22 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+def _quiet_transformers() -> None:
+    # transformers draws its own tqdm bars for every load; peftctl reports progress itself.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def convert_builtin(alias: str, cache_dir: str | None = None) -> Path:
     """Convert a built-in GGUF model into a safetensors folder in the cache (atomic)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     gguf = find_builtin_gguf(alias)
     final = builtin_folder(alias, cache_dir)
+    log.info("converting %s once from %s into %s (about 40 s)", alias, gguf.name, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{alias}.", suffix=".tmp"))
     try:
@@ -226,6 +238,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     """Load the base model for a recipe's model section, frozen nowhere yet (adapters do that)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     source = source or resolve(spec.name_or_path, spec.cache_dir)
     _check_weights_format(source, spec.allow_pickle)
     dtype = dtype if dtype is not None else resolve_dtype(spec.dtype)

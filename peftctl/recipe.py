@@ -204,10 +204,21 @@ def _construct(node: yaml.Node, path: Key, lines: dict[Key, int], problems: list
     Scalars are built by PyYAML's SafeLoader constructors: no tags beyond plain data.
     """
     lines[path] = node.start_mark.line + 1
+    dotted_here = ".".join(str(p) for p in path)
+    plain = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+    if type(node) in plain and node.tag != plain[type(node)]:
+        problems.append(Problem(source, lines[path], dotted_here, f"unsupported YAML tag {node.tag}"))
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            return _scalar(node)
+        except yaml.YAMLError as e:
+            problems.append(Problem(source, lines[path], dotted_here, f"unsupported YAML: {e.problem}"))
+            return None
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node)
+            key = _scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             if not isinstance(key, str):
                 key = str(key)
             dotted = ".".join(str(p) for p in (*path, key))
@@ -218,7 +229,7 @@ def _construct(node: yaml.Node, path: Key, lines: dict[Key, int], problems: list
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(n, (*path, i), lines, problems, source) for i, n in enumerate(node.value)]
-    return _scalar(node)
+    return None
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -455,7 +466,7 @@ def loads(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
     data, lines, problems = _parse_yaml(text, source)
-    if problems and data is None:
+    if problems:
         raise RecipeError(problems)
     if data == {} and not text.strip():
         raise RecipeError([Problem(source, None, "", "recipe is empty")])
@@ -563,7 +574,8 @@ def reference_markdown() -> str:
                     "(computed)" if f.default_factory is not None else repr(f.default)
                 )
                 desc = (f.description or "").replace("|", "\\|")
-                out.append(f"| `{fname}` | {_type_name(f.annotation)} | {default} | {desc} |")
+                type_name = _type_name(f.annotation).replace("|", "\\|")
+                out.append(f"| `{fname}` | {type_name} | {default} | {desc} |")
             out.append("")
     return "\n".join(out)
 

