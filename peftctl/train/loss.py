@@ -36,7 +36,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]
     targets = labels[:, 1:]
     n_tokens = int((targets != IGNORE).sum())
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # Every key but the labels is a model input (input_ids, attention_mask, position_ids, ...).
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
     if _accepts_logits_to_keep(_inner_forward(model)):
         positions = torch.nonzero((targets != IGNORE).any(dim=0)).squeeze(1)
         logits = model(**kwargs, logits_to_keep=positions).logits
@@ -45,8 +46,10 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = model(**kwargs).logits[:, :-1]
     # Cross-entropy in float32 on the kept logits, as transformers' own loss does: bf16 logits lose
     # the precision a softmax over a large vocabulary needs.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
+        logits.reshape(-1, logits.size(-1)),
         targets.reshape(-1).to(logits.device),
         ignore_index=IGNORE,
         reduction="sum",
