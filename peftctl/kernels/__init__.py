@@ -1,0 +1,1 @@
+"""Optional fast paths, each with plain-PyTorch code that runs everywhere."""
