@@ -38,4 +38,4 @@ def attach(model, config, adapter_name: str = "default"):
     """Inject a new trainable adapter described by `config` into `model`."""
     from peftctl.adapters.peft_model import get_peft_model
 
-    return get_peft_model(model, config, adapter_name)
+    return get_peft_model(model, config.model_copy(update={"inference_mode": False}), adapter_name)

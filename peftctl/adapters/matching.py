@@ -9,6 +9,7 @@ import re
 from torch import nn
 
 from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -88,7 +89,7 @@ def candidate_modules(model: nn.Module):
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrapped):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
             wrapped.append(name)
         yield name, module
 
@@ -147,5 +148,8 @@ def find_modules_to_save(model: nn.Module, config) -> list[str]:
             f"modules_to_save {missing!r} matches no module of this model; module names here include: "
             + ", ".join(top[:12])
         )
+    adapted = [n for n in found if isinstance(model.get_submodule(n), AdapterLayer)]
+    if adapted:
+        raise ValueError(f"modules_to_save names {adapted[0]}, which an adapter already adapts; it cannot also be saved in full")
     # Outermost matches only: a module inside one already saved in full is saved with it.
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]

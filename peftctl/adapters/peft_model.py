@@ -148,19 +148,24 @@ class PeftModel(nn.Module):
             return
         names = selected_adapters or list(self.peft_config)
         self.base_model._check_names(names)
-        model = self.base_model.model
         for name in names:
-            config = self.peft_config[name]
-            folder = io.adapter_folder(save_directory, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            tensors = io.adapter_tensors(model, name, getattr(config, "bias", "none"))
-            if save_embedding_layers is True:
-                tensors.update(io.embedding_tensors(model))
-            io.save_tensors(tensors, folder)
-            update: dict[str, Any] = {"inference_mode": True}
-            if config.base_model_name_or_path is None:
-                update["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
-            config.model_copy(update=update).save_pretrained(folder)
+            self.save_adapter(name, io.adapter_folder(save_directory, name), save_embedding_layers)
+
+    def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool = False) -> None:
+        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition)."""
+        self.base_model._check_names([adapter_name])
+        model = self.base_model.model
+        config = self.peft_config[adapter_name]
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = io.adapter_tensors(model, adapter_name, getattr(config, "bias", "none"))
+        if save_embedding_layers is True:
+            tensors.update(io.embedding_tensors(model))
+        io.save_tensors(tensors, folder)
+        update: dict[str, Any] = {"inference_mode": True}
+        if config.base_model_name_or_path is None:
+            update["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+        config.model_copy(update=update).save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
