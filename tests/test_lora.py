@@ -276,3 +276,32 @@ def test_auto_peft_model_loads_base_and_adapter_from_the_adapter_folder(tiny_lla
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, pm.eval()(input_ids=ids).logits)
+
+
+def test_generate_with_a_mixed_batch(tiny_llama):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                        adapter_name="a")
+    torch.manual_seed(3)
+    pm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.eval()
+    ids = torch.randint(3, 300, (3, 6))
+    names = ["b", "__base__", "a"]
+    mixed = pm.generate(input_ids=ids, adapter_names=names, max_new_tokens=5, do_sample=False)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                alone = pm.generate(input_ids=ids[i:i + 1], max_new_tokens=5, do_sample=False)
+        else:
+            pm.set_adapter(name)
+            alone = pm.generate(input_ids=ids[i:i + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(mixed[i], alone[0]), name
+    with pytest.raises(ValueError, match="2 names for a batch of 3 rows"):
+        pm(input_ids=ids, adapter_names=["a", "b"])
+
+
+def test_a_target_that_fails_leaves_the_model_as_it_was(tiny_llama):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    before = [n for n, _ in pm.named_modules()]
+    with pytest.raises(TypeError, match="model.norm is a"):
+        pm.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj", "v_proj", "model.norm"]))
+    assert [n for n, _ in pm.named_modules()] == before and list(pm.peft_config) == ["default"]

@@ -16,7 +16,7 @@ from torch import nn
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.layer import AdapterLayer
-from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets
+from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets, resolve_targets
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
 
@@ -36,6 +36,7 @@ class AdapterModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject_adapter(adapter_name, config)
@@ -63,17 +64,26 @@ class AdapterModel(nn.Module):
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
         saved = find_modules_to_save(self.model, config)
-        # Check every target before changing anything, so a bad target leaves the model as it was.
         for name in names:
             if isinstance(self.model.get_submodule(name), ModulesToSaveWrapper):
                 raise ValueError(f"module {name} is trained in full by another adapter (modules_to_save)")
-        for name in names:
-            parent, attr = _parent(self.model, name)
-            module = getattr(parent, attr)
-            if isinstance(module, AdapterLayer):
-                module.update_layer(adapter_name, config, module_name=name)
-            else:
-                setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+        done: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for name in names:
+                parent, attr = _parent(self.model, name)
+                module = getattr(parent, attr)
+                done.append((parent, attr, module))
+                if isinstance(module, AdapterLayer):
+                    module.update_layer(adapter_name, config, module_name=name)
+                else:
+                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+        except Exception:
+            # A target that cannot take the adapter: leave the model's structure as it was.
+            for parent, attr, module in done:
+                setattr(parent, attr, module)
+                if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
+                    module.delete_adapter(adapter_name)
+            raise
         for name in saved:
             parent, attr = _parent(self.model, name)
             module = getattr(parent, attr)
@@ -88,7 +98,10 @@ class AdapterModel(nn.Module):
     def _recorded_config(self, config: AdapterConfig, names: list[str]) -> AdapterConfig:
         """The config as saved: what was actually built, in PEFT's terms."""
         update = {}
-        if config.target_modules == ALL_LINEAR:
+        if not config.target_modules:
+            # The model type's default targets, written out: readers of the file need the names.
+            update["target_modules"] = resolve_targets(self.model, config)
+        elif config.target_modules == ALL_LINEAR:
             # Saved as the explicit module list, as PEFT does: readers such as vLLM match names.
             update["target_modules"] = sorted(names)
         if "fan_in_fan_out" in type(config).model_fields:
@@ -136,16 +149,13 @@ class AdapterModel(nn.Module):
         self._active_trainable = trainable
         for module in self.wrappers():
             module.set_adapter(self.active_adapters, trainable=trainable)
-        modes = {getattr(c, "bias", "none") for c in self.peft_config.values()} - {"none"}
-        for mode in sorted(modes, key=lambda m: m == "all"):  # "all" last: it includes lora_only's
+        for mode in {getattr(c, "bias", "none") for c in self.peft_config.values()}:
             for p in io.trained_biases(self.model, mode).values():
                 p.requires_grad_(False)
         for name in self.active_adapters:
             mode = getattr(self.peft_config[name], "bias", "none")
             for p in io.trained_biases(self.model, mode).values():
                 p.requires_grad_(trainable)
-
-    _active_trainable = True
 
     def _set_enabled(self, enabled: bool) -> None:
         for module in self.wrappers():

@@ -63,10 +63,13 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         names = self.batch_adapter_names
         if names is None or self.disable_adapters:
-            return self.active_module(x, *args, **kwargs)
+            return self.active_module(*args, **kwargs)
+        x, args = args[0], args[1:]
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows")
         out = None
         for name in dict.fromkeys(names):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)

@@ -194,20 +194,23 @@ class PeftModel(nn.Module):
             io.load_weights(self.base_model.model, adapter_name, io.read_weights(folder, allow_pickle),
                             str(folder), getattr(config, "bias", "none"))
         except Exception:
-            self.base_model.delete_adapter(adapter_name)  # leave the model as it was
+            self.base_model.delete_adapter(adapter_name)  # no half-loaded adapter stays behind
             raise
         if not is_trainable:
             self.eval()
 
 
 def adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
-    """The local folder of an adapter: `model_id` itself, or a hub download of its two files."""
+    """The local folder of an adapter: `model_id` itself, or a hub download of the adapter's files."""
     folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if folder.is_dir() or Path(model_id).exists():
+    if Path(model_id).exists():
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: not a folder")
         return folder
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{subfolder}/*" if subfolder else "*"]
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = [prefix + name for name in (CONFIG_NAME, io.WEIGHTS_NAME, io.PICKLE_WEIGHTS_NAME)]
     try:
         local = snapshot_download(str(model_id), revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, no access: say what was asked for

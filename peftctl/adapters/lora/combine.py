@@ -53,6 +53,10 @@ def _check(model, adapters: list[str], weights: list[float], combination_type: s
             raise ValueError(f"adapter {name!r} uses DoRA: its magnitude vector cannot be combined")
         if c.changes_base_weights:
             raise ValueError(f"adapter {name!r} was initialised with {c.init_lora_weights}, which changed the base weights")
+    for wrapper in model.wrappers():
+        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
+            raise ValueError("adapters that each train their own copy of the same module (modules_to_save) "
+                             "cannot be combined")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
     if combination_type in FACTOR_TYPES and len(adapters) > 1 and len(set(ranks)) != 1:
         raise ValueError(f"combination_type {combination_type} needs adapters of equal rank (got {ranks}); use cat or svd")
@@ -79,10 +83,12 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     if len(adapters) == 1:
         combination_type = "linear"  # one adapter: a plain re-weighting (PEFT's rule)
     new_rank = _check(model, adapters, weights, combination_type, svd_rank, density)
-    first = model.peft_config[adapters[0]]
-    config = first.model_copy(update={
+    configs = [model.peft_config[a] for a in adapters]
+    saved = sorted({m for c in configs for m in c.modules_to_save or []})
+    config = configs[0].model_copy(update={
         "r": new_rank, "lora_alpha": new_rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
         "target_modules": _target_modules(model, adapters), "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": saved or None,
     })
     model.inject_adapter(adapter_name, config)
     with torch.no_grad():
@@ -93,11 +99,9 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         # A module trained in full by one of the adapters: the new adapter starts from that copy.
         for wrapper in model.wrappers():
             if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
-                sources = [a for a in adapters if a in wrapper.modules_to_save]
-                if len(sources) > 1:
-                    raise ValueError("adapters that each train their own copy of a module cannot be combined")
-                if sources:
-                    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[sources[0]].state_dict())
+                source = next((a for a in adapters if a in wrapper.modules_to_save), None)
+                if source is not None:
+                    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
     model._apply_trainability()
 
 

@@ -14,8 +14,8 @@ linears, for QLoRA) join with `register_layer`.
 
 from __future__ import annotations
 
+import abc
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,11 @@ from torch import nn
 from peftctl.adapters.layer import AdapterLayer
 from peftctl.adapters.lora import init as lora_init
 from peftctl.adapters.matching import pattern_key
+
+
+def check_rows(names: list[str], x: torch.Tensor) -> None:
+    if len(names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,8 +62,9 @@ class LoraLayer(AdapterLayer):
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
     # ---- what each layer type provides -------------------------------------------------------
+    @abc.abstractmethod
     def create_weights(self, adapter_name: str, r: int, lora_bias: bool, factory: dict) -> None:
-        raise NotImplementedError
+        """Create this adapter's A and B (and B's bias) for rank r, with their default init."""
 
     def reset_weights(self, adapter_name: str, init: bool | str) -> None:
         """Default init (True) or gaussian: A random, B zero, so the output is unchanged."""
@@ -71,9 +77,9 @@ class LoraLayer(AdapterLayer):
         if b.bias is not None:
             nn.init.zeros_(b.bias)
 
-    def lora_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    @abc.abstractmethod
+    def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
         """B(A(dropout(x))) * scaling, in the compute dtype."""
-        raise NotImplementedError
 
     def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight, viewed with the output dimension first."""
@@ -82,9 +88,9 @@ class LoraLayer(AdapterLayer):
     def from_out_first(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         """W x for DoRA, from the running result when the input is what the base layer saw."""
-        raise NotImplementedError
+        raise TypeError(f"DoRA is not available on {type(self.get_base_layer()).__name__} layers")
 
     # ---- creating an adapter ------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, module_name: str = "", r: int | None = None,
@@ -156,6 +162,7 @@ class LoraLayer(AdapterLayer):
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge them first")
         names = self.batch_adapter_names
+        check_rows(names, x)
         result = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(names):
             if name not in self.r:  # "__base__", or an adapter that does not touch this layer
@@ -258,21 +265,17 @@ class LoraLayer(AdapterLayer):
 
 # ---- dispatch: which layer class wraps which base module ----------------------------------------
 
-# (test on the base module, layer class); earlier entries win. Extended by `register_layer`.
-_LAYER_TYPES: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = []
+# (base-layer type, LoRA layer class); the first isinstance match wins. Extended by `register_layer`.
+_LAYER_TYPES: list[tuple[type, type[LoraLayer]]] = []
 
 
-def register_layer(base_type: type, layer_cls: type[LoraLayer], first: bool = True) -> None:
-    """Make `layer_cls` the LoRA layer for base modules of `base_type` (e.g. a quantized linear)."""
-    entry = (lambda m, t=base_type: isinstance(m, t), layer_cls, f"{base_type.__module__}.{base_type.__name__}")
-    _layer_types()
-    if first:
-        _LAYER_TYPES.insert(0, entry)
-    else:
-        _LAYER_TYPES.append(entry)
+def register_layer(base_type: type, layer_cls: type[LoraLayer]) -> None:
+    """Make `layer_cls` the LoRA layer for base modules of `base_type` (e.g. a quantized linear);
+    it takes precedence over the built-in entries."""
+    _layer_types().insert(0, (base_type, layer_cls))
 
 
-def _layer_types():
+def _layer_types() -> list[tuple[type, type[LoraLayer]]]:
     if not _LAYER_TYPES:
         from transformers.pytorch_utils import Conv1D
 
@@ -280,20 +283,17 @@ def _layer_types():
         from peftctl.adapters.lora.embedding import Embedding
         from peftctl.adapters.lora.linear import Linear
 
-        for base_type, cls in ((nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
-                               (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)):
-            _LAYER_TYPES.append(
-                (lambda m, t=base_type: isinstance(m, t), cls, f"{base_type.__module__}.{base_type.__name__}")
-            )
+        _LAYER_TYPES.extend([(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
+                             (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)])
     return _LAYER_TYPES
 
 
 def dispatch(target: nn.Module, adapter_name: str, config, module_name: str) -> AdapterLayer:
     """The LoRA layer for a base module, or a TypeError naming the module and its type."""
-    for matches, cls, _ in _layer_types():
-        if matches(target):
+    for base_type, cls in _layer_types():
+        if isinstance(target, base_type):
             return cls(target, adapter_name, config, module_name=module_name)
-    supported = ", ".join(sorted({label for _, _, label in _layer_types()}))
+    supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in _layer_types()))
     raise TypeError(
         f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "
         f"LoRA here supports: {supported}"
