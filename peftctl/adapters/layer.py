@@ -106,6 +106,11 @@ class AdapterLayer(nn.Module, abc.ABC):
     def base_params(self) -> dict[str, torch.Tensor]:
         """The base layer's parameters that merging changes, in float32 copies."""
         base = self.get_base_layer()
+        if not base.weight.is_floating_point():
+            raise ValueError(
+                f"cannot merge into a quantized {type(base).__name__} weight ({base.weight.dtype}); "
+                "load the base model unquantized to merge"
+            )
         out = {"weight": base.weight.detach().float().clone()}
         if getattr(base, "bias", None) is not None:
             out["bias"] = base.bias.detach().float().clone()

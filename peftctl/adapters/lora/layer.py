@@ -107,6 +107,8 @@ class LoraLayer(AdapterLayer):
                 f"init_lora_weights={init!r} applies to linear layers; {module_name} is a "
                 f"{type(self.get_base_layer()).__name__}"
             )
+        if config.use_dora and not self.get_base_layer().weight.is_floating_point():
+            raise ValueError(f"DoRA needs a float base weight; {module_name} is quantized")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = config.use_rslora
