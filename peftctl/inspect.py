@@ -56,6 +56,8 @@ def _saved_shapes(folder: Path) -> dict[str, list[int]]:
 
     from peftctl.adapters.config import WEIGHTS_NAME
 
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise InputError(f"{folder}: inspect reads {WEIGHTS_NAME}; this adapter is a pickle file (adapter_model.bin)")
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
         return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
