@@ -37,6 +37,7 @@ CASES = [
     ("conv1d", {"target_modules": ["conv"], "lora_bias": True, "bias": "lora_only"}),
     ("conv2d", {"target_modules": ["conv", "pw"]}),
     ("conv2d", {"target_modules": ["conv", "pw"], "use_dora": True, "lora_dropout": 0.2}),
+    ("conv3d", {"target_modules": ["conv"], "use_dora": True}),
     ("gpt2style", {"target_modules": ["c_fc", "c_proj"]}),
     ("gpt2style", {"target_modules": ["c_fc", "c_proj"], "use_dora": True}),
     ("gpt2style", {"target_modules": ["c_fc"], "lora_bias": True, "bias": "all"}),

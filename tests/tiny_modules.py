@@ -1,5 +1,5 @@
 """Tiny models for the adapter tests, built in-process from a seed: one per base-layer type LoRA
-adapts (Linear with biases, Embedding, Conv1d, Conv2d, transformers' Conv1D), plus a tiny GPT-2."""
+adapts (Linear with biases, Embedding, Conv1d, Conv2d, Conv3d, transformers' Conv1D), plus a tiny GPT-2."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ class Conv2dNet(nn.Module):
         return torch.randn(n, 3, 7, 7)
 
 
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 2)
+        self.lin0 = nn.Linear(4 * 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        return self.lin0(self.conv(x).flatten(1))
+
+    @staticmethod
+    def inputs(n=6):
+        return torch.randn(n, 2, 3, 3, 3)
+
+
 class GPT2Style(nn.Module):
     """transformers' Conv1D, stored (in, out) as in GPT-2."""
 
@@ -85,7 +99,8 @@ class GPT2Style(nn.Module):
         return torch.randn(n, 10)
 
 
-MODELS = {"mlp": MLP, "emb": EmbNet, "conv1d": Conv1dNet, "conv2d": Conv2dNet, "gpt2style": GPT2Style}
+MODELS = {"mlp": MLP, "emb": EmbNet, "conv1d": Conv1dNet, "conv2d": Conv2dNet, "conv3d": Conv3dNet,
+          "gpt2style": GPT2Style}
 
 
 def make(kind: str, seed: int = 0, double: bool = False) -> nn.Module:
