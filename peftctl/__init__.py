@@ -14,8 +14,19 @@ _EXPORTS = {
     "AdapterConfig": "peftctl.adapters.config",
     "TaskType": "peftctl.adapters.config",
     "LoraConfig": "peftctl.adapters.lora.config",
-    "PeftModel": "peftctl.adapters.model",
-    "get_peft_model": "peftctl.adapters.model",
+    "PeftConfig": "peftctl.adapters.config",
+    "PeftType": "peftctl.adapters.config",
+    "PeftModel": "peftctl.adapters.peft_model",
+    "get_peft_model": "peftctl.adapters.peft_model",
+    "get_peft_model_state_dict": "peftctl.adapters.peft_model",
+    "set_peft_model_state_dict": "peftctl.adapters.peft_model",
+    "AutoPeftModel": "peftctl.adapters.peft_model",
+    "AutoPeftModelForCausalLM": "peftctl.adapters.peft_model",
+    "AutoPeftModelForSequenceClassification": "peftctl.adapters.peft_model",
+    "AutoPeftModelForTokenClassification": "peftctl.adapters.peft_model",
+    "AutoPeftModelForSeq2SeqLM": "peftctl.adapters.peft_model",
+    "AutoPeftModelForQuestionAnswering": "peftctl.adapters.peft_model",
+    "AutoPeftModelForFeatureExtraction": "peftctl.adapters.peft_model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -181,19 +181,53 @@ def eval_(
 @app.command()
 @handled
 def merge(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder with the adapter.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model (new or empty).")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folder(s) (or adapter folders) to merge.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (new or empty).")],
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weight per adapter (default: 1 each).")] = None,
+    combination: Annotated[str | None, typer.Option(
+        help="How several adapters combine: cat (exact weighted sum, the default), linear, svd, ties, "
+             "dare_linear, dare_ties, magnitude_prune, or ties_svd / dare_linear_svd / dare_ties_svd / "
+             "magnitude_prune_svd.")] = None,
+    density: Annotated[float | None, typer.Option(help="Fraction kept by ties / dare / magnitude_prune.")] = None,
+    svd_rank: Annotated[int | None, typer.Option(help="Rank of an svd combination (default: the largest).")] = None,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the (combined) adapter, not a merged model.")] = False,
+    rank: Annotated[int | None, typer.Option(help="With --adapter-only: resize the adapter to this rank (SVD to shrink).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Saved dtype: float32, bfloat16 or float16 (default: the run's).")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Merge a run's adapter into its base model: a plain transformers folder with the tokenizer."""
-    from peftctl.merge import merge_run
+    """Merge adapters into their base model (a plain transformers folder with the tokenizer), or
+    combine several into one adapter (--adapter-only)."""
+    from peftctl.merge import merge_runs
 
     _check_dtype(dtype)
-    result = merge_run(run_dir, output, dtype=dtype, reporter=_reporter())
-    _emit(result, json_, lambda res: _stdout().print(
-        f"merged model in {res['output']} ({res['dtype']}); max logit difference vs the adapter "
-        f"model: {res['max_logit_diff']:.3g}"))
+    result = merge_runs(run_dirs, output, weights=_floats(weights, "--weights"), combination_type=combination,
+                        density=density, svd_rank=svd_rank, adapter_only=adapter_only, rank=rank, dtype=dtype,
+                        reporter=_reporter())
+
+    def render(res):
+        out = _stdout()
+        how = f" ({res['combination_type']}, weights {res['weights']})" if res["combination_type"] else ""
+        if res["mode"] == "adapter":
+            out.print(f"adapter (r={res['r']}){how} in {res['output']}")
+        else:
+            out.print(f"merged model{how} in {res['output']} ({res['dtype']}); max logit difference vs the "
+                      f"adapter model: {res['max_logit_diff']:.3g}")
+        if "resize" in res:
+            out.print(f"resized to rank {res['resize']['r']}: largest relative error "
+                      f"{res['resize']['max_relative_error']:.3g}")
+
+    _emit(result, json_, render)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    from peftctl.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _check_dtype(dtype: str | None) -> None:
@@ -222,16 +256,26 @@ def export(
 
 @app.command()
 @handled
-def inspect(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Which modules a recipe adapts, their shapes and trainable parameters (no weights loaded)."""
+def inspect(
+    target: Annotated[Path, typer.Argument(help="A recipe (what it would train) or a run / adapter folder (what it holds).",
+                                          show_default=False)],
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Which modules a recipe adapts (no weights loaded), or what a saved adapter holds."""
+    from rich.table import Table
+
+    if target.is_dir():
+        from peftctl.inspect import inspect_adapter
+
+        _emit(inspect_adapter(target), json_, _render_adapter)
+        return
     from peftctl.inspect import inspect_recipe
 
-    r = _load_recipe(recipe, set_)
+    r = _load_recipe(target, set_)
     result = inspect_recipe(r)
 
     def render(res):
-        from rich.table import Table
-
         table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']})")
         for col in ("module", "type", "shape", "rank", "trainable"):
             table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
@@ -245,6 +289,29 @@ def inspect(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> N
                   f"|| trainable%: {res['trainable_percent']:.4f}")
 
     _emit(result, json_, render)
+
+
+def _render_adapter(res: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    cfg = res["config"]
+    flags = [k for k in ("use_rslora", "use_dora", "lora_bias") if cfg.get(k)]
+    table = Table(title=f"{res['method']} adapter in {res['path']} (base: {res['base_model']})")
+    for col in ("module", "rank", "alpha", "scaling", "params"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in res["modules"]:
+        table.add_row(m["module"], str(m["rank"]), f"{m['lora_alpha']:g}", f"{m['scaling']:.4g}", f"{m['params']:,}")
+    out = _stdout()
+    out.print(table)
+    out.print(f"r={cfg.get('r')} lora_alpha={cfg.get('lora_alpha')} {' '.join(flags)} bias={cfg.get('bias')}".rstrip())
+    if res["other_tensors"]:
+        out.print("also saved: " + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in res["other_tensors"].items()))
+    out.print(f"adapter params: {res['adapter_params']:,} ({res['file_bytes'] / 2**20:.2f} MiB on disk)")
+    if res["other_adapters"]:
+        out.print("other adapters here: " + ", ".join(res["other_adapters"]))
+    if res.get("run"):
+        run = res["run"]
+        out.print(f"run: {run.get('status')}, {run.get('steps')} steps, train loss {run.get('train_loss')}")
 
 
 @app.command()

@@ -104,7 +104,7 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     if not base:
-        from peftctl.adapters.model import PeftModel
+        from peftctl.adapters import PeftModel
 
         try:
             model = PeftModel.from_pretrained(model, adapter)

@@ -1,7 +1,9 @@
-"""`peftctl inspect`: what a recipe would train (built on the meta device: no weights loaded)."""
+"""`peftctl inspect`: what a recipe would train (built on the meta device: no weights loaded), or
+what a saved adapter holds (read from its config and the safetensors header: no tensors loaded)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
@@ -13,6 +15,7 @@ def inspect_recipe(recipe) -> dict[str, Any]:
 
     from peftctl import models
     from peftctl.adapters import attach
+    from peftctl.adapters.io import wrappers
     from peftctl.adapters.layer import AdapterLayer
 
     source = models.resolve(recipe.model.name_or_path, recipe.model.cache_dir, convert=False)
@@ -25,18 +28,15 @@ def inspect_recipe(recipe) -> dict[str, Any]:
     except (ValueError, TypeError) as e:
         raise InputError(f"adapter: {e}") from None
     rows = []
-    for name, module in peft_model.base_model.model.named_modules():
-        if not isinstance(module, AdapterLayer):
-            continue
-        base = module.get_base_layer()
-        params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    for name, module in wrappers(peft_model.base_model.model):
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module.original_module
         weight = getattr(base, "weight", None)
         rows.append({
             "module": name,
-            "type": type(base).__name__,
+            "type": type(base).__name__ + ("" if isinstance(module, AdapterLayer) else " (trained in full)"),
             "shape": list(weight.shape) if weight is not None else None,
-            "rank": {k: v for k, v in getattr(module, "r", {}).items()},
-            "trainable_params": params,
+            "rank": dict(getattr(module, "r", {})),
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         })
     trainable, total = peft_model.get_nb_trainable_parameters()
     return {
@@ -49,3 +49,75 @@ def inspect_recipe(recipe) -> dict[str, Any]:
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
     }
+
+
+def _saved_shapes(folder: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    from peftctl.adapters.config import WEIGHTS_NAME
+
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise InputError(f"{folder}: inspect reads {WEIGHTS_NAME}; this adapter is a pickle file (adapter_model.bin)")
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    """Method, rank, alpha, targets and parameter counts of a saved adapter (a run folder or any
+    PEFT adapter folder); adapters saved under other names (subfolders) are listed too."""
+    import math
+
+    from peftctl.adapters.config import AdapterConfig
+    from peftctl.adapters.io import PREFIX, has_adapter
+    from peftctl.adapters.matching import pattern_key
+
+    folder = Path(path)
+    if not has_adapter(folder):
+        raise InputError(f"{folder}: no adapter here (adapter_config.json and adapter_model.safetensors)")
+    try:
+        config = AdapterConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: {e}") from None
+    shapes = _saved_shapes(folder)
+    modules = []
+    for key, shape in shapes.items() if config.method == "lora" else ():
+        suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        name = key.removeprefix(PREFIX).removesuffix(suffix)
+        rank = shape[0]
+        alpha_key = pattern_key(getattr(config, "alpha_pattern", {}), name)
+        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        params = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{PREFIX}{name}.lora_"))
+        modules.append({
+            "module": name, "rank": rank, "lora_alpha": alpha,
+            "scaling": alpha / (math.sqrt(rank) if config.use_rslora else rank), "params": params,
+        })
+    counted = {k for k in shapes if any(k.startswith(f"{PREFIX}{m['module']}.lora_") for m in modules)}
+    other = {k.removeprefix(PREFIX): s for k, s in shapes.items() if k not in counted}
+    total = sum(math.prod(s) for s in shapes.values())
+    options = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "bias", "lora_bias",
+               "init_lora_weights", "target_modules", "exclude_modules", "modules_to_save",
+               "layers_to_transform", "rank_pattern", "alpha_pattern", "task_type")
+    result = {
+        "path": str(folder),
+        "method": config.method,
+        "peft_type": config.peft_type,
+        "base_model": config.base_model_name_or_path,
+        "config": {k: getattr(config, k) for k in options if hasattr(config, k)},
+        "modules": sorted(modules, key=lambda m: m["module"]),
+        "other_tensors": {k: other[k] for k in sorted(other)},
+        "adapter_params": total,
+        "file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
+        "other_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and has_adapter(p)),
+    }
+    summary = folder / "summary.json"
+    if summary.exists():
+        import json
+
+        s = json.loads(summary.read_text(encoding="utf-8"))
+        result["run"] = {k: s.get(k) for k in ("status", "steps", "train_loss", "final_eval", "trainable_params")}
+    return result

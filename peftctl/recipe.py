@@ -10,6 +10,7 @@ schema (`json_schema_extra={"path": True}`).
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import types
 from pathlib import Path
@@ -565,7 +566,7 @@ def reference_markdown() -> str:
         for model in models:
             if name == "adapter":
                 out += [f"### `method: {model.model_fields['method'].default}`", ""]
-                doc = (model.__doc__ or "").strip()
+                doc = inspect.cleandoc(model.__doc__ or "")
                 if doc:
                     out += [doc, ""]
             out += ["| field | type | default | meaning |", "|---|---|---|---|"]

@@ -67,7 +67,7 @@ def load_tokenizer(run: RunInfo):
 def load_adapter_model(run: RunInfo, *, dtype=None, is_trainable: bool = False):
     """The base model with the run's adapter loaded, and the tokenizer."""
     from peftctl import models
-    from peftctl.adapters.model import PeftModel
+    from peftctl.adapters import PeftModel
 
     base = models.load_model(run.model_section, dtype=dtype)
     try:

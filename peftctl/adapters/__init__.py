@@ -10,8 +10,19 @@ _EXPORTS = {
     "LoraConfig": "peftctl.adapters.lora.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
-    "PeftModel": "peftctl.adapters.model",
-    "get_peft_model": "peftctl.adapters.model",
+    "PeftConfig": "peftctl.adapters.config",
+    "PeftType": "peftctl.adapters.config",
+    "PeftModel": "peftctl.adapters.peft_model",
+    "get_peft_model": "peftctl.adapters.peft_model",
+    "get_peft_model_state_dict": "peftctl.adapters.peft_model",
+    "set_peft_model_state_dict": "peftctl.adapters.peft_model",
+    "AutoPeftModel": "peftctl.adapters.peft_model",
+    "AutoPeftModelForCausalLM": "peftctl.adapters.peft_model",
+    "AutoPeftModelForSequenceClassification": "peftctl.adapters.peft_model",
+    "AutoPeftModelForTokenClassification": "peftctl.adapters.peft_model",
+    "AutoPeftModelForSeq2SeqLM": "peftctl.adapters.peft_model",
+    "AutoPeftModelForQuestionAnswering": "peftctl.adapters.peft_model",
+    "AutoPeftModelForFeatureExtraction": "peftctl.adapters.peft_model",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,6 +36,6 @@ def __getattr__(name: str):
 
 def attach(model, config, adapter_name: str = "default"):
     """Inject a new trainable adapter described by `config` into `model`."""
-    from peftctl.adapters.model import get_peft_model
+    from peftctl.adapters.peft_model import get_peft_model
 
-    return get_peft_model(model, config, adapter_name)
+    return get_peft_model(model, config.model_copy(update={"inference_mode": False}), adapter_name)

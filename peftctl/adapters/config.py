@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,6 +27,12 @@ class TaskType(str, enum.Enum):
     TOKEN_CLS = "TOKEN_CLS"
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's method names, as written to adapter_config.json's `peft_type`."""
+
+    LORA = "LORA"
 
 
 class AdapterConfig(BaseModel):
@@ -58,6 +64,24 @@ class AdapterConfig(BaseModel):
         default=None,
         description="Modules never adapted, matched like target_modules (list or regex).",
     )
+    layers_to_transform: int | list[int] | None = Field(
+        default=None,
+        description=(
+            "Adapt only these layer indices (the number after layers_pattern, or after the first "
+            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'."
+        ),
+    )
+    layers_pattern: str | list[str] | None = Field(
+        default=None,
+        description="Name of the layer list that layers_to_transform indexes (e.g. 'layers', 'h').",
+    )
+    modules_to_save: list[str] | None = Field(
+        default=None,
+        description=(
+            "Modules trained in full and saved with the adapter (e.g. 'lm_head', 'score'), matched "
+            "by name or dotted suffix. Each adapter gets its own copy; the original stays frozen."
+        ),
+    )
     inference_mode: bool = Field(
         default=False,
         description="Load the adapter frozen (PEFT's flag). Training sets it to false.",
@@ -74,6 +98,18 @@ class AdapterConfig(BaseModel):
         if isinstance(v, set | frozenset | tuple | list):
             return sorted(set(v))
         return v
+
+    @model_validator(mode="after")
+    def _layer_selection_needs_names(self):
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be combined with a regex target_modules; put the layer "
+                "indices in the regex instead"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (the indices to adapt)")
+        return self
 
     # ---- PEFT's adapter_config.json -------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
@@ -125,3 +161,7 @@ class AdapterConfig(BaseModel):
     @property
     def is_prompt_learning(self) -> bool:
         return False
+
+
+# PEFT's name for the base config class (`PeftConfig.from_pretrained(path).base_model_name_or_path`).
+PeftConfig = AdapterConfig

@@ -1,8 +1,10 @@
 """The shared layer machinery: a module that wraps a base layer and adds per-adapter deltas.
 
 A method's layer class subclasses `AdapterLayer`, creates its weights in `update_layer`, computes
-its output in `forward`, and gives its weight update in `delta_weight(name)`; `merge` and `unmerge`
-here use that one formula for every method whose update is additive.
+its output in `forward`, and gives its weight update in `delta_weight(name)`. Merging folds
+adapters into the base layer's parameters one after another: `merged_params(name, params)` says
+what an adapter does to them (by default: weight + delta_weight) and `unmerged_params` undoes it;
+methods whose update is not additive (DoRA) or that touch the bias override those two.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class AdapterLayer(nn.Module, abc.ABC):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # Per-row adapter names for a mixed batch (set by the model for one forward, else None).
+        self.batch_adapter_names: list[str] | None = None
 
     # ---- the base layer, seen through the wrapper ---------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -64,6 +68,21 @@ class AdapterLayer(nn.Module, abc.ABC):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update this adapter adds to the base weight, in float32, shaped like the weight."""
 
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors saved for one adapter, keyed relative to this layer without the adapter's name
+        (`lora_A.weight`, `lora_magnitude_vector`): PEFT's key layout."""
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                out[attr] = item
+            else:
+                out.update({f"{attr}.{p}": t for p, t in item.named_parameters()})
+        return out
+
     # ---- activation, trainability ----------------------------------------------------------
     def set_adapter(self, adapter_names: str | list[str], trainable: bool = True) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -84,23 +103,58 @@ class AdapterLayer(nn.Module, abc.ABC):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     # ---- merging ----------------------------------------------------------------------------
+    def base_params(self) -> dict[str, torch.Tensor]:
+        """The base layer's parameters that merging changes, in float32 copies."""
+        base = self.get_base_layer()
+        if not base.weight.is_floating_point():
+            raise ValueError(
+                f"cannot merge into a quantized {type(base).__name__} weight ({base.weight.dtype}); "
+                "load the base model unquantized to merge"
+            )
+        out = {"weight": base.weight.detach().float().clone()}
+        if getattr(base, "bias", None) is not None:
+            out["bias"] = base.bias.detach().float().clone()
+        return out
+
+    def merged_params(self, adapter_name: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`params` (float32) with this adapter folded in."""
+        return {**params, "weight": params["weight"] + self.delta_weight(adapter_name)}
+
+    def unmerged_params(self, adapter_name: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`params` (float32) with this adapter, the last one merged, taken out again."""
+        return {**params, "weight": params["weight"] - self.delta_weight(adapter_name)}
+
+    def _write_base(self, params: dict[str, torch.Tensor]) -> None:
+        base = self.get_base_layer()
+        with torch.no_grad():
+            for key, value in params.items():
+                target = getattr(base, key)
+                target.data.copy_(value.to(target.dtype))
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = self.active_adapters if adapter_names is None else adapter_names
-        base = self.get_base_layer()
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue  # merging twice changes nothing
-            delta = self.delta_weight(name)
-            weight = base.weight
-            merged = weight.data.float() + delta
-            if safe_merge and not torch.isfinite(merged).all():
+            with torch.no_grad():
+                params = self.merged_params(name, self.base_params())
+            if safe_merge and not all(torch.isfinite(v).all() for v in params.values()):
                 raise ValueError(f"merging adapter {name!r} gives NaN or inf weights; merge refused")
-            weight.data.copy_(merged.to(weight.dtype))
+            self._write_base(params)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        base = self.get_base_layer()
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = base.weight
-            weight.data.copy_((weight.data.float() - self.delta_weight(name)).to(weight.dtype))
+            name = self.merged_adapters[-1]
+            with torch.no_grad():
+                params = self.unmerged_params(name, self.base_params())
+            self._write_base(params)
+            self.merged_adapters.pop()
+
+    def unmerged_base_params(self) -> dict[str, torch.Tensor]:
+        """The base parameters as they were before any merge (float32 copies; the layer is unchanged)."""
+        params = self.base_params()
+        with torch.no_grad():
+            for name in reversed(self.merged_adapters):
+                params = self.unmerged_params(name, params)
+        return params

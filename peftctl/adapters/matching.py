@@ -1,4 +1,6 @@
-"""Which modules an adapter config targets: names, dotted suffixes, regexes, `all-linear`."""
+"""Which modules an adapter config targets: names, dotted suffixes, regexes, `all-linear`, layer
+indices, and per-module patterns. The rules are PEFT's, so an adapter_config.json selects the same
+modules here as there."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import re
 from torch import nn
 
 from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
@@ -44,13 +47,49 @@ def _name_matches(name: str, spec: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer number in a module path: after `<pattern>.` if given, else the first `.<name>.<n>.`."""
+    if not layers_pattern:
+        # Lazy: the first numbered segment is the layer, not a nested index such as an MoE expert.
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match["idx"]) if match else None
+
+
+def in_selected_layers(name: str, config) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def pattern_key(patterns, name: str) -> str | None:
+    """The first rank_pattern / alpha_pattern key whose regex matches the end of `name` (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _under_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+
+
 def candidate_modules(model: nn.Module):
     """(name, module) pairs a config may target: not the adapters' own parts, not wrappers' bases."""
     wrapped: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(w + ".") for w in wrapped):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
             wrapped.append(name)
         yield name, module
 
@@ -84,6 +123,8 @@ def find_targets(model: nn.Module, config) -> list[str]:
             hit = _name_matches(name, spec)
         if hit and config.exclude_modules and _name_matches(name, config.exclude_modules):
             hit = False
+        if hit and (_under_modules_to_save(name, config.modules_to_save) or not in_selected_layers(name, config)):
+            hit = False
         if hit:
             names.append(name)
     if not names:
@@ -93,3 +134,22 @@ def find_targets(model: nn.Module, config) -> list[str]:
             + ", ".join(leaf_names[:12])
         )
     return names
+
+
+def find_modules_to_save(model: nn.Module, config) -> list[str]:
+    """Dotted names of the modules `modules_to_save` names (exact name or dotted suffix)."""
+    if not config.modules_to_save:
+        return []
+    found = [name for name, _ in candidate_modules(model) if _name_matches(name, config.modules_to_save)]
+    missing = [m for m in config.modules_to_save if not any(_name_matches(n, [m]) for n in found)]
+    if missing:
+        top = sorted({n.split(".")[-1] for n, m in candidate_modules(model) if not list(m.children())})
+        raise ValueError(
+            f"modules_to_save {missing!r} matches no module of this model; module names here include: "
+            + ", ".join(top[:12])
+        )
+    adapted = [n for n in found if isinstance(model.get_submodule(n), AdapterLayer)]
+    if adapted:
+        raise ValueError(f"modules_to_save names {adapted[0]}, which an adapter already adapts; it cannot also be saved in full")
+    # Outermost matches only: a module inside one already saved in full is saved with it.
+    return [n for n in found if not any(n.startswith(o + ".") for o in found)]

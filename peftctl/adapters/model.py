@@ -1,25 +1,26 @@
-"""The model wrappers: `AdapterModel` (injects a method's layers and manages adapters) and
-`PeftModel` (PEFT's public API on top: save / load, trainable-parameter accounting, delegation).
+"""`AdapterModel`: injects a method's layers into a transformers model and manages its adapters
+(add / set / delete / disable, mixed batches, merge / unmerge / unload, trainability).
 
-The nesting mirrors PEFT's, `PeftModel.base_model.model` is the transformers model, so parameter
-names and saved keys (`base_model.model.<module path>...`) are PEFT's.
+`PeftModel` (in `peft_model.py`) is PEFT's public API on top; the nesting mirrors PEFT's,
+`PeftModel.base_model.model` is the transformers model, so parameter names and saved keys
+(`base_model.model.<module path>...`) are PEFT's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.layer import AdapterLayer
-from peftctl.adapters.matching import ALL_LINEAR, find_targets
+from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets, resolve_targets
+from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
+
+BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -35,10 +36,11 @@ class AdapterModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def __getattr__(self, name: str):
         try:
@@ -52,6 +54,8 @@ class AdapterModel(nn.Module):
     def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> list[str]:
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if adapter_name == BASE:
+            raise ValueError(f"{BASE!r} is reserved for the base model in mixed batches")
         methods = {c.method for c in self.peft_config.values()}
         if methods and config.method not in methods:
             raise ValueError(
@@ -59,55 +63,103 @@ class AdapterModel(nn.Module):
             )
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
+        saved = find_modules_to_save(self.model, config)
         for name in names:
+            if isinstance(self.model.get_submodule(name), ModulesToSaveWrapper):
+                raise ValueError(f"module {name} is trained in full by another adapter (modules_to_save)")
+        done: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for name in names:
+                parent, attr = _parent(self.model, name)
+                module = getattr(parent, attr)
+                done.append((parent, attr, module))
+                if isinstance(module, AdapterLayer):
+                    module.update_layer(adapter_name, config, module_name=name)
+                else:
+                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+        except Exception:
+            # A target that cannot take the adapter: leave the model's structure as it was.
+            for parent, attr, module in done:
+                setattr(parent, attr, module)
+                if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
+                    module.delete_adapter(adapter_name)
+            raise
+        for name in saved:
             parent, attr = _parent(self.model, name)
             module = getattr(parent, attr)
-            if isinstance(module, AdapterLayer):
-                module.update_layer(adapter_name, config)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
             else:
-                setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
-        if config.target_modules == ALL_LINEAR:
-            # Saved as the explicit module list, as PEFT does: readers such as vLLM match names.
-            config = config.model_copy(update={"target_modules": sorted(names)})
-        self.peft_config[adapter_name] = config
-        # A new adapter starts frozen unless it is (or becomes) active and trainable.
-        for layer in self.adapter_layers():
-            layer.set_adapter(self.active_adapters or [adapter_name], trainable=self._trainable())
+                setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name))
+        self.peft_config[adapter_name] = self._recorded_config(config, names)
+        self._apply_trainability()
         return names
+
+    def _recorded_config(self, config: AdapterConfig, names: list[str]) -> AdapterConfig:
+        """The config as saved: what was actually built, in PEFT's terms."""
+        update = {}
+        if not config.target_modules:
+            # The model type's default targets, written out: readers of the file need the names.
+            update["target_modules"] = resolve_targets(self.model, config)
+        elif config.target_modules == ALL_LINEAR:
+            # Saved as the explicit module list, as PEFT does: readers such as vLLM match names.
+            update["target_modules"] = sorted(names)
+        if "fan_in_fan_out" in type(config).model_fields:
+            # PEFT records fan_in_fan_out=True when it adapts transformers' Conv1D (GPT-2).
+            transposed = any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in names)
+            update["fan_in_fan_out"] = transposed
+        return config.model_copy(update=update) if update else config
 
     def adapter_layers(self) -> Iterator[AdapterLayer]:
         for module in self.model.modules():
             if isinstance(module, AdapterLayer):
                 yield module
 
+    def wrappers(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
+        for _, module in io.wrappers(self.model):
+            yield module
+
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
-        for layer in self.adapter_layers():
-            layer.delete_adapter(adapter_name)
+        self._check_names([adapter_name])
+        for module in self.wrappers():
+            module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+            self.active_adapters = [next(iter(self.peft_config))]
+        self._apply_trainability()
 
-    # ---- activation -----------------------------------------------------------------------------
-    def _trainable(self, names: list[str] | None = None) -> bool:
-        names = self.active_adapters if names is None else names
-        return not any(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    def _check_names(self, names: list[str]) -> None:
         for n in names:
             if n not in self.peft_config:
-                raise ValueError(f"no adapter named {n!r}; adapters: {', '.join(self.peft_config)}")
+                raise ValueError(f"no adapter named {n!r}; adapters: {', '.join(self.peft_config) or 'none'}")
+
+    # ---- activation and trainability ----------------------------------------------------------
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones; they train unless `inference_mode` (PEFT's rule)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
         self.active_adapters = names
-        trainable = not inference_mode and self._trainable(names)
-        for layer in self.adapter_layers():
-            layer.set_adapter(names, trainable=trainable)
+        self._apply_trainability(not inference_mode)
+
+    def _apply_trainability(self, trainable: bool | None = None) -> None:
+        """Active adapters (and their modules_to_save copies and biases) train; everything else is frozen."""
+        if trainable is None:
+            trainable = self._active_trainable
+        self._active_trainable = trainable
+        for module in self.wrappers():
+            module.set_adapter(self.active_adapters, trainable=trainable)
+        for mode in {getattr(c, "bias", "none") for c in self.peft_config.values()}:
+            for p in io.trained_biases(self.model, mode).values():
+                p.requires_grad_(False)
+        for name in self.active_adapters:
+            mode = getattr(self.peft_config[name], "bias", "none")
+            for p in io.trained_biases(self.model, mode).values():
+                p.requires_grad_(trainable)
 
     def _set_enabled(self, enabled: bool) -> None:
-        for layer in self.adapter_layers():
-            layer.disable_adapters = not enabled
+        for module in self.wrappers():
+            module.disable_adapters = not enabled
 
     def enable_adapter_layers(self) -> None:
         self._set_enabled(True)
@@ -115,178 +167,91 @@ class AdapterModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         self._set_enabled(False)
 
+    @contextlib.contextmanager
+    def batch_adapters(self, adapter_names: list[str]):
+        """Inside this context each row of the batch uses its own adapter (`__base__`: none)."""
+        if self.training:
+            raise ValueError("adapter_names (a mixed batch) is for inference; call model.eval() first")
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names holds unknown adapters: {', '.join(unknown)}")
+        modules = list(self.wrappers())
+        for module in modules:
+            module.batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.batch_adapter_names = None
+
     # ---- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names or self.active_adapters
+        self._check_names(names)
         for layer in self.adapter_layers():
-            layer.merge(adapter_names or self.active_adapters, safe_merge=safe_merge)
+            if any(n in layer.adapter_names and n not in layer.merged_adapters for n in names):
+                _untie_before_merge(self.model, layer)
+            layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for layer in self.adapter_layers():
             layer.unmerge()
 
     def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        for name, module in list(self.model.named_modules()):
-            if not isinstance(module, AdapterLayer):
-                continue
-            if merge:
-                module.merge(adapter_names or self.active_adapters, safe_merge=safe_merge)
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        for name, module in list(io.wrappers(self.model)):
             parent, attr = _parent(self.model, name)
-            setattr(parent, attr, module.get_base_layer())
+            if isinstance(module, AdapterLayer):
+                setattr(parent, attr, module.get_base_layer())
+            else:  # modules_to_save: the trained copy when merging, the original when unloading
+                setattr(parent, attr, module.active_module if merge else module.original_module)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        """Fold the active adapters into the base weights and return the plain model."""
+        """Fold the active adapters (or `adapter_names`) into the base weights; return the plain model."""
         return self._unwrap(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter layer without merging: the base model as it was."""
-        self.unmerge_adapter()
+        """Remove every adapter without merging: the base model as it was."""
         return self._unwrap(False)
 
+    # ---- LoRA's adapter arithmetic --------------------------------------------------------------
+    def _lora_only(self, what: str) -> None:
+        methods = {c.method for c in self.peft_config.values()}
+        if methods != {"lora"}:
+            raise ValueError(f"{what} is defined for LoRA adapters; this model holds {', '.join(methods)}")
 
-class PeftModel(nn.Module):
-    """PEFT's `PeftModel`, over peftctl's adapter core."""
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs) -> None:
+        from peftctl.adapters.lora.combine import add_weighted_adapter
 
-    def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", **kwargs):
-        super().__init__()
-        self.base_model = AdapterModel(model, peft_config, adapter_name)
+        self._lora_only("add_weighted_adapter")
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+    def resize_adapter_rank(self, adapter_name: str, r: int) -> dict:
+        from peftctl.adapters.lora.resize import resize_rank
 
-    # ---- what the wrapper is ------------------------------------------------------------------
-    @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
-        return self.base_model.peft_config
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self.base_model.active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        active = self.base_model.active_adapters
-        return active[0] if len(active) == 1 else list(active)
-
-    @property
-    def active_peft_config(self) -> AdapterConfig:
-        return self.peft_config[self.base_model.active_adapters[0]]
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
-
-    # ---- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
-        self.base_model.inject_adapter(adapter_name, peft_config)
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model alone inside this context; the adapters come back after it."""
-        self.base_model.disable_adapter_layers()
-        try:
-            yield
-        finally:
-            self.base_model.enable_adapter_layers()
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self.base_model.unload()
-
-    # ---- parameter accounting -----------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
-                n *= 2  # 4-bit weights pack two values per stored byte
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    # ---- saving and loading -------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, is_main_process: bool = True,
-                        **kwargs: Any) -> None:
-        if not safe_serialization:
-            raise ValueError("peftctl writes adapter weights as safetensors only")
-        if not is_main_process:
-            return
-        names = selected_adapters or list(self.peft_config)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r}")
-            folder = io.adapter_folder(save_directory, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            io.save_weights(self.base_model.model, name, folder)
-            config = self.peft_config[name].model_copy(update={"inference_mode": True})
-            if config.base_model_name_or_path is None:
-                config = config.model_copy(
-                    update={"base_model_name_or_path": getattr(self.base_model.model, "name_or_path", None) or None}
-                )
-            config.save_pretrained(folder)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: AdapterConfig | None = None,
-                        subfolder: str | None = None, allow_pickle: bool = False, **kwargs: Any) -> PeftModel:
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        config = _load_config(folder, config, is_trainable)
-        peft_model = cls(model, config, adapter_name)
-        io.load_weights(peft_model.base_model.model, adapter_name,
-                        io.read_weights(folder, allow_pickle=allow_pickle), str(folder))
-        peft_model.set_adapter(adapter_name)
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None, allow_pickle: bool = False, **kwargs: Any) -> None:
-        folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-        config = _load_config(folder, None, is_trainable)
-        self.add_adapter(adapter_name, config)
-        io.load_weights(self.base_model.model, adapter_name,
-                        io.read_weights(folder, allow_pickle=allow_pickle), str(folder))
+        self._lora_only("resize_adapter_rank")
+        return resize_rank(self, adapter_name, r)
 
 
-def _load_config(folder: Path, config: AdapterConfig | None, is_trainable: bool) -> AdapterConfig:
-    if config is None:
-        config = AdapterConfig.from_pretrained(folder)
-    return config.model_copy(update={"inference_mode": not is_trainable})
-
-
-def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",
-                   **kwargs: Any) -> PeftModel:
-    """Wrap `model` with a new, trainable adapter (PEFT's function of the same name)."""
-    return PeftModel(model, peft_config.model_copy(update={"inference_mode": False}), adapter_name)
+def _untie_before_merge(model: nn.Module, layer: AdapterLayer) -> None:
+    """Merging into a weight that another module shares (tied embeddings) would change that module
+    too; give the others their own copy first, and record that the weights are no longer tied."""
+    weight = layer.get_base_layer().weight
+    owners = [
+        (module, key) for module in model.modules() if module is not layer.get_base_layer()
+        for key, p in module._parameters.items() if p is weight
+    ]
+    if not owners:
+        return
+    for module, key in owners:
+        setattr(module, key, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import re
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from peftctl.adapters.config import AdapterConfig
+
+# init_lora_weights values peftctl implements. "pissa_niter_<n>" (fast randomized SVD) also works.
+INITS = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_\d+")
+# Inits PEFT offers that only decide the starting point of training and leave the base weights
+# alone: an adapter made with one of them loads here as it is (its trained weights are in the file).
+_WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "mica")
 
 
 class LoraConfig(AdapterConfig):
     """Low-rank adaptation: y = W x + (B A dropout(x)) * scaling, scaling = lora_alpha / r.
 
-    With `use_rslora`, scaling = lora_alpha / sqrt(r).
+    With `use_rslora`, scaling = lora_alpha / sqrt(r). With `use_dora`, the adapted weight is
+    re-normalised per output row and multiplied by a trained magnitude vector (DoRA).
     """
 
     peft_type: ClassVar[str] = "LORA"
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {
-        "use_dora": (False, None),
-        "bias": ("none",),
-        "lora_bias": (False, None),
-        "fan_in_fan_out": (False, None),
-        "rank_pattern": ({}, None),
-        "alpha_pattern": ({}, None),
-        "layers_to_transform": (None,),
-        "modules_to_save": (None,),
         "layer_replication": (None,),
         "trainable_token_indices": (None,),
         "target_parameters": (None, []),
@@ -34,6 +35,7 @@ class LoraConfig(AdapterConfig):
         "arrow_config": (None,),
         "kasa_config": (None,),
         "monteclora_config": (None,),
+        "velora_config": (None,),
         "megatron_config": (None,),
         "ensure_weight_tying": (False, None),
     }
@@ -44,39 +46,108 @@ class LoraConfig(AdapterConfig):
         default=8, gt=0, description="Scaling numerator: the update is multiplied by lora_alpha / r."
     )
     lora_dropout: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter's input (0 means none at all)."
+        default=0.0, ge=0.0, lt=1.0,
+        description="Dropout on the adapter's input (0 means none at all; embeddings never use it).",
     )
     use_rslora: bool = Field(
         default=False, description="Rank-stabilised LoRA: scaling = lora_alpha / sqrt(r)."
     )
-    init_lora_weights: bool = Field(
-        default=True,
+    use_dora: bool = Field(
+        default=False,
         description=(
-            "true: A Kaiming-uniform, B zero, so training starts from the base model's outputs; "
-            "false: both random (for tests)."
+            "DoRA: W' = m * (W + scaling B A) / ||W + scaling B A|| (row norm, computed without "
+            "gradient), with a trained magnitude vector m that starts at the row norms."
         ),
     )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none",
+        description=(
+            "Which biases of the base model train (and are saved): none, all, or lora_only (the "
+            "biases of the adapted layers). With biases trained, disabling the adapter no longer "
+            "gives the base model's outputs."
+        ),
+    )
+    lora_bias: bool = Field(
+        default=False,
+        description="Give B a bias of its own (trained, saved, merged into the base bias); not with DoRA.",
+    )
+    fan_in_fan_out: bool = Field(
+        default=False,
+        description=(
+            "The base weight is stored (in, out), as in GPT-2's Conv1D. Set automatically for "
+            "Conv1D layers; recorded in adapter_config.json."
+        ),
+    )
+    init_lora_weights: bool | str = Field(
+        default=True,
+        description=(
+            "true: A Kaiming-uniform, B zero (the model's outputs are unchanged at step 0); "
+            "gaussian: A normal with std 1/r, B zero; pissa (or pissa_niter_<n> for a fast "
+            "randomized SVD): A and B from the base weight's top singular vectors, which are "
+            "subtracted from the base weight; olora: A and B from a QR decomposition of the base "
+            "weight, likewise subtracted; false: A and B random (for tests)."
+        ),
+    )
+    rank_pattern: dict[str, int] = Field(
+        default={},
+        description=(
+            "Per-module ranks overriding r: {pattern: rank}. A pattern is a regex matched against "
+            "the end of the module's dotted path, e.g. {v_proj: 16, 'layers.0.self_attn.q_proj': 4}; "
+            "the first matching pattern wins."
+        ),
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default={},
+        description="Per-module lora_alpha overriding lora_alpha, matched like rank_pattern.",
+    )
 
-    def to_peft_dict(self):
-        d = super().to_peft_dict()
-        # The keys PEFT itself writes for plain LoRA, so that PEFT and other readers (vLLM, TGI)
-        # find every field they look up.
-        d.update(
-            bias="none",
-            fan_in_fan_out=False,
-            lora_bias=False,
-            use_dora=False,
-            rank_pattern={},
-            alpha_pattern={},
-            layers_to_transform=None,
-            layers_pattern=None,
-            modules_to_save=None,
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _known_init(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in INITS or (isinstance(v, str) and _PISSA_NITER.fullmatch(v)):
+            return v
+        raise ValueError(
+            f"init_lora_weights must be true, false, gaussian, pissa, pissa_niter_<n> or olora (got {v!r})"
         )
-        return d
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, r in v.items() if r < 1]
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be >= 1 (got {v[bad[0]]} for {bad[0]!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_bias_limits(self):
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias cannot be combined with use_dora")
+        if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+            raise ValueError("lora_bias needs init_lora_weights true or false")
+        return self
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        d = dict(d)
+        init = d.get("init_lora_weights", True)
+        if init in _WEIGHTS_ONLY_INITS:
+            d["init_lora_weights"] = True  # the file holds the trained weights; the init is history
+        elif isinstance(init, str) and init not in INITS and not _PISSA_NITER.fullmatch(init):
+            raise ValueError(
+                f"this adapter was initialised with init_lora_weights={init!r}, which changes the base "
+                "model's weights in a way peftctl does not reproduce; convert it to plain LoRA in PEFT "
+                "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            )
+        return super().from_peft_dict(d)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """PiSSA and OLoRA move part of the base weight into the adapter when it is created."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian"
 
 
 CONFIG_CLASS = LoraConfig

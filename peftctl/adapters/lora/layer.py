@@ -1,111 +1,313 @@
-"""LoRA layers: y = base(x) + B(A(dropout(x))) * scaling.
+"""LoRA layers: what they share (`LoraLayer`) and which class wraps which base module (`dispatch`).
 
-The forward adds only the work the formula needs: no dropout call when the rate is 0, the delta is
-computed as B(A(x)) in the activations' dtype (the float32 adapter weights are cast, never the
-activations upcast), and the scaling multiplies the small r-wide intermediate.
+y = base(x) + B(A(dropout(x))) * scaling, per active adapter. The forward adds only the work the
+formula needs: no dropout call when the rate is 0; the delta is computed as B(A(x)) in the
+activations' dtype (the float32 adapter weights are cast down, the activations are never upcast);
+the scaling multiplies the small r-wide intermediate; B @ A is never formed in the forward (DoRA's
+weight norm is the exception the method itself needs, computed without gradient). `lora_delta` is
+the one place a fused kernel would replace.
+
+The layer classes: `Linear` (torch Linear and transformers' Conv1D, stored transposed),
+`Embedding`, `Conv1d`, `Conv2d`, `Conv3d`. Other base-layer types (bitsandbytes' quantized
+linears, for QLoRA) join with `register_layer`.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.lora import init as lora_init
+from peftctl.adapters.matching import pattern_key
+
+
+def check_rows(names: list[str], x: torch.Tensor) -> None:
+    if len(names) != x.shape[0]:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter computes in: autocast's when it is on, else the activations'."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class LoraLayer(AdapterLayer):
-    adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
+    # What `init_lora_weights` values this layer type accepts beyond true/false/gaussian.
+    base_weight_inits: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        # DoRA: the trained magnitude, shaped as PEFT saves it (`...lora_magnitude_vector`).
+        self.lora_magnitude_vector = nn.ParameterDict()
+        # DoRA: the weight norm at merge time, needed to unmerge exactly.
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
-    def _set_hparams(self, adapter_name: str, config, r: int, lora_alpha: float) -> None:
+    # ---- what each layer type provides -------------------------------------------------------
+    @abc.abstractmethod
+    def create_weights(self, adapter_name: str, r: int, lora_bias: bool, factory: dict) -> None:
+        """Create this adapter's A and B (and B's bias) for rank r, with their default init."""
+
+    def reset_weights(self, adapter_name: str, init: bool | str) -> None:
+        """Default init (True) or gaussian: A random, B zero, so the output is unchanged."""
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if init is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(a.weight, std=1 / self.r[adapter_name])
+        nn.init.zeros_(b.weight)
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
+
+    @abc.abstractmethod
+    def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
+        """B(A(dropout(x))) * scaling, in the compute dtype."""
+
+    def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the base weight, viewed with the output dimension first."""
+        return t
+
+    def from_out_first(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """W x for DoRA, from the running result when the input is what the base layer saw."""
+        raise TypeError(f"DoRA is not available on {type(self.get_base_layer()).__name__} layers")
+
+    # ---- creating an adapter ------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config, module_name: str = "", r: int | None = None,
+                     lora_alpha: float | None = None) -> None:
+        if r is None:
+            key = pattern_key(config.rank_pattern, module_name)
+            r = config.rank_pattern[key] if key is not None else config.r
+        if lora_alpha is None:
+            key = pattern_key(config.alpha_pattern, module_name)
+            lora_alpha = config.alpha_pattern[key] if key is not None else config.lora_alpha
+        init = config.init_lora_weights
+        if isinstance(init, str) and init != "gaussian" and not any(init.startswith(k) for k in self.base_weight_inits):
+            raise ValueError(
+                f"init_lora_weights={init!r} applies to linear layers; {module_name} is a "
+                f"{type(self.get_base_layer()).__name__}"
+            )
+        if config.use_dora and not self.get_base_layer().weight.is_floating_point():
+            raise ValueError(f"DoRA needs a float base weight; {module_name} is quantized")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = config.use_rslora
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.use_dora[adapter_name] = config.use_dora
+        self.lora_bias[adapter_name] = config.lora_bias
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
-    def set_scale(self, adapter_name: str, scale: float) -> None:
-        """Multiply this adapter's scaling (PEFT's `set_scale` keeps alpha/r as the base)."""
-        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
-        self.scaling[adapter_name] = scale * alpha / r
+        weight = self.get_base_layer().weight
+        # Adapter weights live in float32 (stable optimizer updates) on the base weight's device.
+        # They are created with the layer's own default init first, as PEFT does, so that a seed
+        # gives PEFT's numbers (and init_lora_weights=false keeps those random values).
+        self.create_weights(adapter_name, r, config.lora_bias, {"device": weight.device, "dtype": torch.float32})
+        if weight.device.type != "meta":
+            if init is True or init == "gaussian":
+                self.reset_weights(adapter_name, init)
+            elif isinstance(init, str):
+                lora_init.from_base_weight(self, adapter_name, init)
+            if config.use_dora:
+                self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.dora_norm(adapter_name))
+        elif config.use_dora:
+            shape = self.magnitude_shape()
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(torch.empty(shape, device="meta"))
+        self.set_adapter(self.active_adapters, trainable=False)
 
-    def _dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    # ---- forward ------------------------------------------------------------------------------
+    def dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         drop = self.lora_dropout[adapter_name]
         return x if isinstance(drop, nn.Identity) else drop(x)
-
-
-class Linear(LoraLayer):
-    """LoRA over `nn.Linear`."""
-
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config, **kwargs):
-        super().__init__(base_layer)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self.update_layer(adapter_name, config, **kwargs)
-
-    def update_layer(self, adapter_name: str, config, r: int | None = None, lora_alpha: float | None = None):
-        r = config.r if r is None else r
-        lora_alpha = config.lora_alpha if lora_alpha is None else lora_alpha
-        self._set_hparams(adapter_name, config, r, lora_alpha)
-        weight = self.get_base_layer().weight
-        # Adapter weights live in float32 (stable optimizer updates) on the base weight's device;
-        # created with nn.Linear's own init first, as PEFT does, so a seed gives PEFT's numbers.
-        factory = {"device": weight.device, "dtype": torch.float32}
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)
-        if config.init_lora_weights is True and weight.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        a = self.lora_A[adapter_name].weight.float()
-        b = self.lora_B[adapter_name].weight.float()
-        return (b @ a) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
         for name in self.active_adapters:
-            result = result + self.lora_delta(x, name)
+            result = self.adapter_output(name, x, result)
         return result
 
-    def lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """B(A(dropout(x))) * scaling, computed in x's dtype."""
-        a = self.lora_A[adapter_name].weight
-        b = self.lora_B[adapter_name].weight
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
-        h = F.linear(self._dropout(adapter_name, x), a.to(dtype))
-        scale = self.scaling[adapter_name]
-        if scale != 1.0:
-            h = h * scale
-        return F.linear(h, b.to(dtype))
+    def adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the output so far) with this adapter applied."""
+        if self.use_dora[adapter_name]:
+            return self.dora_output(adapter_name, x, result)
+        return result + self.lora_delta(adapter_name, x)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge them first")
+        names = self.batch_adapter_names
+        check_rows(names, x)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name not in self.r:  # "__base__", or an adapter that does not touch this layer
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            part = self.adapter_output(name, x[rows], result[rows])
+            result = result.index_copy(0, rows, part.to(result.dtype))
+        return result
+
+    # ---- DoRA -----------------------------------------------------------------------------------
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def dora_norm(self, adapter_name: str, base_weight: torch.Tensor | None = None,
+                  delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Row norms of W + scaling B A (output dimension first), float32, without gradient."""
+        with torch.no_grad():
+            w = self.get_base_layer().weight.detach().float() if base_weight is None else base_weight
+            d = self.delta_weight(adapter_name) if delta is None else delta
+            norm = (self.to_out_first(w) + self.to_out_first(d)).flatten(1).norm(dim=1)
+        return norm.view(self.magnitude_shape())
+
+    def dora_factor(self, adapter_name: str) -> torch.Tensor:
+        """m / ||W + scaling B A||, shaped like the magnitude (gradient flows to m only)."""
+        return self.lora_magnitude_vector[adapter_name] / self.dora_norm(adapter_name)
+
+    def dora_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x) if x.is_floating_point() else result.dtype
+        factor = self.dora_factor(adapter_name).to(dtype).reshape(self.factor_view())
+        if isinstance(self.lora_dropout[adapter_name], nn.Identity) or not self.training:
+            base = self.base_output_without_bias(x, result)
+        else:
+            x = self.dropout(adapter_name, x)
+            base = self.base_output_without_bias(x, None)
+        # The dropout is already applied above; lora_delta would apply it again.
+        delta = self.lora_delta(adapter_name, x, apply_dropout=False)
+        return result + (factor - 1) * base + factor * delta
+
+    def factor_view(self) -> tuple[int, ...]:
+        """How the per-output factor broadcasts over an output activation (channels last)."""
+        return (-1,)
+
+    # ---- merging --------------------------------------------------------------------------------
+    def merged_params(self, adapter_name: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        delta = self.delta_weight(adapter_name)
+        out = dict(params)
+        if self.use_dora[adapter_name]:
+            # The norm is the unmerged weight's, as in the forward, even when other adapters are merged.
+            norm = self.dora_norm(adapter_name, self.unmerged_base_params()["weight"], delta)
+            self._dora_merge_norm[adapter_name] = norm
+            out["weight"] = self._dora_weight_factor(adapter_name, norm) * (params["weight"] + delta)
+        else:
+            out["weight"] = params["weight"] + delta
+        if self.lora_bias[adapter_name]:
+            out["bias"] = self._base_bias(params) + self._lora_bias(adapter_name)
+        return out
+
+    def unmerged_params(self, adapter_name: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        delta = self.delta_weight(adapter_name)
+        out = dict(params)
+        if self.use_dora[adapter_name]:
+            factor = self._dora_weight_factor(adapter_name, self._dora_merge_norm[adapter_name])
+            out["weight"] = params["weight"] / factor - delta
+        else:
+            out["weight"] = params["weight"] - delta
+        if self.lora_bias[adapter_name]:
+            out["bias"] = self._base_bias(params) - self._lora_bias(adapter_name)
+        return out
+
+    def _dora_weight_factor(self, adapter_name: str, norm: torch.Tensor) -> torch.Tensor:
+        factor = (self.lora_magnitude_vector[adapter_name].detach().float() / norm).flatten()
+        ndim = self.get_base_layer().weight.dim()
+        return self.from_out_first(factor.view(-1, *[1] * (ndim - 1)))
+
+    def _lora_bias(self, adapter_name: str) -> torch.Tensor:
+        return self.lora_B[adapter_name].bias.detach().float() * self.scaling[adapter_name]
+
+    def _base_bias(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "bias" not in params:
+            raise ValueError(
+                "an adapter with lora_bias cannot be merged into a layer that has no bias "
+                f"({type(self.get_base_layer()).__name__} without bias)"
+            )
+        return params["bias"]
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Set the scaling to `scale` times its configured value (PEFT's `set_scale`)."""
+        if adapter_name not in self.scaling:
+            return
+        r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
+        self.scaling[adapter_name] = scale * alpha / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_merge_norm.pop(adapter_name, None)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
 
-def dispatch(target: nn.Module, adapter_name: str, config, module_name: str, **kwargs) -> AdapterLayer:
-    """The LoRA layer class for a base module, or a TypeError naming what is unsupported."""
-    if isinstance(target, nn.Linear):
-        return Linear(target, adapter_name, config, **kwargs)
+# ---- dispatch: which layer class wraps which base module ----------------------------------------
+
+# (base-layer type, LoRA layer class); the first isinstance match wins. Extended by `register_layer`.
+_LAYER_TYPES: list[tuple[type, type[LoraLayer]]] = []
+
+
+def register_layer(base_type: type, layer_cls: type[LoraLayer]) -> None:
+    """Make `layer_cls` the LoRA layer for base modules of `base_type` (e.g. a quantized linear);
+    it takes precedence over the built-in entries."""
+    _layer_types().insert(0, (base_type, layer_cls))
+
+
+def _layer_types() -> list[tuple[type, type[LoraLayer]]]:
+    if not _LAYER_TYPES:
+        from transformers.pytorch_utils import Conv1D
+
+        from peftctl.adapters.lora.conv import Conv1d, Conv2d, Conv3d
+        from peftctl.adapters.lora.embedding import Embedding
+        from peftctl.adapters.lora.linear import Linear
+
+        _LAYER_TYPES.extend([(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
+                             (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)])
+    return _LAYER_TYPES
+
+
+def dispatch(target: nn.Module, adapter_name: str, config, module_name: str) -> AdapterLayer:
+    """The LoRA layer for a base module, or a TypeError naming the module and its type."""
+    for base_type, cls in _layer_types():
+        if isinstance(target, base_type):
+            return cls(target, adapter_name, config, module_name=module_name)
+    supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in _layer_types()))
     raise TypeError(
         f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "
-        "LoRA here supports: torch.nn.Linear"
+        f"LoRA here supports: {supported}"
     )
+
+
+def __getattr__(name: str):
+    # `from peftctl.adapters.lora.layer import Linear` keeps working: the classes live in their
+    # own modules, which import this one.
+    modules = {"Linear": "linear", "Embedding": "embedding", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv"}
+    if name in modules:
+        import importlib
+
+        return getattr(importlib.import_module(f"peftctl.adapters.lora.{modules[name]}"), name)
+    raise AttributeError(name)

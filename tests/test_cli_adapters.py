@@ -1,0 +1,94 @@
+"""`peftctl inspect RUN_DIR` and `peftctl merge` over several runs, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import run, run_json
+from tiny import recipe_text
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir, chat_data):
+    """Two short training runs on the same base: one with a trained head, one with rsLoRA."""
+    folder = tmp_path_factory.mktemp("runs")
+    adapters = {
+        "a": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]},
+        "b": {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj"], "use_rslora": True},
+    }
+    for name, adapter in adapters.items():
+        recipe = folder / f"{name}.yaml"
+        recipe.write_text(recipe_text(tiny_model_dir, str(chat_data[0]), None, name,
+                                      adapter=adapter, train={"max_steps": 3, "log_every": 3}))
+        run_json("train", recipe)
+    return folder / "a", folder / "b"
+
+
+def test_inspect_describes_a_saved_adapter(two_runs):
+    res = run_json("inspect", two_runs[0])
+    assert res["method"] == "lora" and res["config"]["r"] == 4 and res["config"]["modules_to_save"] == ["lm_head"]
+    assert [m["module"] for m in res["modules"]] == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert all(m["rank"] == 4 and m["scaling"] == 2.0 for m in res["modules"])
+    assert res["other_tensors"] == {"lm_head.weight": [320, 64]}
+    # every saved number is counted once: 2 layers x (q: 4x64 + 64x4, v: 4x64 + 32x4) + the head
+    assert res["adapter_params"] == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4) + 320 * 64
+    assert res["run"]["status"] == "completed" and res["run"]["steps"] == 3
+    text = run("inspect", two_runs[0]).stdout
+    assert "model.layers.0.self_attn.q_proj" in text and "lm_head.weight" in text
+
+
+def test_merge_several_adapters_matches_peft(two_runs, tmp_path, tiny_model_dir):
+    peft = pytest.importorskip("peft", reason="peft is the reference for the combination")
+    from transformers import AutoModelForCausalLM
+
+    res = run_json("merge", *two_runs, "--weights", "0.7,0.3", "-o", tmp_path / "m")
+    assert res["mode"] == "model" and res["combination_type"] == "cat" and res["max_logit_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), two_runs[0], adapter_name="a")
+    ref.load_adapter(two_runs[1], adapter_name="b")
+    ref.add_weighted_adapter(["a", "b"], [0.7, 0.3], "mix", combination_type="cat")
+    # Deliberately unlike PEFT, the combination keeps the head run "a" trained (PEFT starts a
+    # fresh copy of the base head); give PEFT's combination that head too.
+    heads = ref.base_model.model.lm_head.modules_to_save
+    heads["mix"].load_state_dict(heads["a"].state_dict())
+    ref.set_adapter("mix")
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+
+
+def test_combine_into_an_adapter_and_resize(two_runs, tmp_path):
+    res = run_json("merge", *two_runs, "--adapter-only", "--combination", "svd", "--svd-rank", "2", "-o", tmp_path / "c")
+    assert res["mode"] == "adapter" and res["r"] == 2
+    described = run_json("inspect", tmp_path / "c")
+    assert {m["rank"] for m in described["modules"]} == {2} and len(described["modules"]) == 6
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["lora_alpha"] == 2
+    res = run_json("merge", two_runs[0], "--adapter-only", "--rank", "2", "-o", tmp_path / "small")
+    assert res["r"] == 2 and 0 < res["resize"]["max_relative_error"] < 1
+    assert {m["rank"] for m in run_json("inspect", tmp_path / "small")["modules"]} == {2}
+
+
+def test_merge_input_errors_exit_2(two_runs, tmp_path):
+    r = run("merge", *two_runs, "--weights", "1", "-o", tmp_path / "x", code=2)
+    assert "--weights has 1 values for 2 adapters" in r.stderr
+    r = run("merge", *two_runs, "--combination", "ties", "-o", tmp_path / "x", code=2)
+    assert "needs a density" in r.stderr
+    r = run("merge", two_runs[0], "--rank", "2", "-o", tmp_path / "x", code=2)
+    assert "--adapter-only" in r.stderr
+    assert not (tmp_path / "x").exists()
+    r = run("inspect", tmp_path, code=2)
+    assert "no adapter here" in r.stderr
+
+
+def test_recipe_adapter_options_validate_with_lines(make_recipe):
+    recipe = make_recipe(adapter={"use_dora": True, "init_lora_weights": "loftq", "rank_pattern": {"v_proj": 0}})
+    r = run("validate", recipe, code=2)
+    assert f"{recipe}:" in r.stderr and "adapter.init_lora_weights: init_lora_weights must be true, false" in r.stderr
+    assert "adapter.rank_pattern: rank_pattern ranks must be >= 1 (got 0 for 'v_proj')" in r.stderr
+    recipe = make_recipe(adapter={"use_dora": True, "rank_pattern": {"v_proj": 2}, "modules_to_save": ["lm_head"]})
+    res = run_json("inspect", recipe)
+    assert {m["module"]: list(m["rank"].values()) for m in res["modules"]}["model.layers.0.self_attn.v_proj"] == [2]
+    assert any(m["module"] == "lm_head" and m["trainable_params"] == 320 * 64 for m in res["modules"])
