@@ -304,8 +304,8 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
     for k in range(min(n, len(examples))):
         ex = examples[k]
         parts = [("", ex)] + ([("rejected", ex.rejected)] if ex.rejected is not None else [])
-        out.rule(f"#{k + 1} {ex.source} · {len(ex.input_ids)} tokens · {ex.num_loss_tokens} with loss"
-                 + (" · truncated" if ex.truncated else ""), style="dim", align="left")
+        out.print(f"── #{k + 1} {ex.source} · {len(ex.input_ids)} tokens · {ex.num_loss_tokens} with loss"
+                  + (" · truncated" if ex.truncated else ""), style="bold", markup=False)
         for name, e in parts:
             text = Text(f"[{name}]\n" if name else "")
             for ids, loss in report.runs(e):

@@ -728,6 +728,10 @@ def from_dict(data: dict[str, Any], base_dir: str | os.PathLike | None = None) -
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin is dict:
+        return f"dict[{', '.join(_type_name(a) for a in get_args(annotation))}]"
     if origin is Literal:
         return " | ".join(str(a) for a in get_args(annotation))
     if origin in (Union, types.UnionType):
@@ -762,14 +766,23 @@ def reference_markdown() -> str:
                 doc = (model.__doc__ or "").strip()
                 if doc:
                     out += [doc, ""]
-            out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+            out += _field_table(model)
+            # Sections listed inside this one (data sources): their own table.
             for fname, f in model.model_fields.items():
-                default = "required" if f.is_required() else (
-                    "(computed)" if f.default_factory is not None else repr(f.default)
-                )
-                desc = (f.description or "").replace("|", "\\|")
-                type_name = _type_name(f.annotation).replace("|", "\\|")
-                out.append(f"| `{fname}` | {type_name} | {default} | {desc} |")
-            out.append("")
+                if get_origin(f.annotation) is list and (item := _unwrap_model(f.annotation, None)):
+                    out += [f"### `{name}.{fname}` items: `{item.__name__}`", ""]
+                    out += ["A plain string is short for `{path: ...}`.", ""] + _field_table(item)
     return "\n".join(out)
+
+
+def _field_table(model: type[BaseModel]) -> list[str]:
+    out = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for fname, f in model.model_fields.items():
+        default = "required" if f.is_required() else (
+            "(computed)" if f.default_factory is not None else repr(f.default)
+        )
+        desc = (f.description or "").replace("|", "\\|")
+        type_name = _type_name(f.annotation).replace("|", "\\|")
+        out.append(f"| `{fname}` | {type_name} | {default} | {desc} |")
+    return out + [""]
 

@@ -311,3 +311,57 @@ def test_packing_refuses_an_attention_without_a_boundary_path(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}])
     with pytest.raises(InputError, match="not supported with packing"):
         data_lib.build(DataSection(train=str(path), format="text", packing=True), tok, attention="flex_attention")
+
+
+def run_cli(*args, code=0):
+    from typer.testing import CliRunner
+
+    from peftctl.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_data_and_prepare_commands(make_recipe, tmp_path, tiny_model_dir):
+    recipe = make_recipe(data={"cache_dir": str(tmp_path / "cache")})
+    first = json.loads(run_cli("prepare", recipe, "--json").stdout)
+    assert [t["split"] for t in first["tables"]] == ["train", "eval"]
+    assert first["stats"]["train"]["from_cache"] == 0 and first["stats"]["train"]["examples"] == 48
+    again = json.loads(run_cli("prepare", recipe, "--json").stdout)
+    assert again["stats"]["train"]["from_cache"] == 1 and again["stats"]["eval"]["from_cache"] == 1
+
+    shown = run_cli("data", recipe, "--show", "2").stdout
+    assert shown.count("── #") == 2 and "row 2 ·" in shown
+    first = shown.split("── #1")[1]
+    assert first.split("⟦")[1].split("⟧")[0].endswith("<|im_end|>\n")  # the answer, marked
+    listed = json.loads(run_cli("data", recipe, "--json", "--show", "3", "--split", "eval").stdout)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert listed["split"] == "eval" and len(listed["examples"]) == 3
+    for ex in listed["examples"]:
+        assert tok.decode(ex["input_ids"]) == ex["text"] and len(ex["labels"]) == len(ex["input_ids"])
+        assert tok.decode([t for t in ex["labels"] if t != -100]).endswith("<|im_end|>\n")
+    assert len(json.loads(run_cli("data", recipe, "--json").stdout)["examples"]) == 48  # all of them
+    stats = json.loads(run_cli("data", recipe, "--stats", "--json", "--set", "data.max_length=40",
+                               "--set", "data.truncation=drop").stdout)["stats"]
+    s = stats["train"]
+    assert s["dropped_too_long"] > 0 and s["examples"] + s["dropped_too_long"] == s["rows"] == 48
+    assert sum(b["count"] for b in s["histogram"]) == s["examples"] and s["length"]["max"] <= 40
+    text = run_cli("data", recipe, "--stats").stdout
+    assert "tokens per example" in text and "dropped too long 0" in text
+    bad = run_cli("data", recipe, "--set", f"data.train={tmp_path / 'missing.jsonl'}", code=2)
+    assert "missing.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_with_packing_saves_the_recipe_template(make_recipe, tmp_path):
+    recipe = make_recipe(data={"packing": True, "chat_template": "zephyr", "max_length": 256},
+                         train={"max_steps": None, "epochs": 1, "batch_size": 4})
+    summary = json.loads(run_cli("train", recipe, "--json").stdout)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "chat_template.jinja").read_text() == NAMED_TEMPLATES["zephyr"]
+    assert AutoTokenizer.from_pretrained(run_dir).chat_template == NAMED_TEMPLATES["zephyr"]
+    train = summary["data"]["train"]
+    assert train["examples"] == 48 and 0 < train["packed_sequences"] < 48 / 2
+    # one epoch sees every example once, and padding in the packed batches is not counted
+    assert summary["tokens_seen"] == train["tokens"]
+    assert summary["steps"] == -(-train["packed_sequences"] // 4) and summary["final_eval"]["eval_loss"] > 0

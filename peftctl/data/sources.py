@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,6 @@ READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parqu
 GLOB_CHARS = set("*?[")
 # A folder written by datasets' save_to_disk holds one of these.
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
-
-Progress = Callable[[int], None]  # called with the units done so far (bytes or rows)
 
 
 @dataclass
@@ -57,11 +55,20 @@ class Source:
         split = self.split or "train"
         return [f"{self.spec} ({'subset ' + self.subset + ', ' if self.subset else ''}split {split})"]
 
-    def total_units(self) -> int:
-        """What progress counts up to: bytes of files, or rows of a dataset."""
-        if self.kind == "files":
-            return sum(f.stat().st_size for f in self.files)
-        return len(self.dataset())
+    def estimated_rows(self) -> int:
+        """About how many rows there are, for progress: lines of text files, rows of the others."""
+        if self.kind != "files":
+            return len(self.dataset())
+        total = 0
+        for f in self.files:
+            if f.suffix.lower() == ".parquet":
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(f).metadata.num_rows
+            else:
+                with open(f, "rb") as fh:
+                    total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+        return total
 
     # ---- content hash ------------------------------------------------------------------------
 
@@ -84,17 +91,14 @@ class Source:
             self._dataset = _load_saved(self) if self.kind == "saved" else _load_hub(self)
         return self._dataset
 
-    def rows(self, progress: Progress | None = None) -> Iterator[Row]:
+    def rows(self) -> Iterator[Row]:
         if self.kind != "files":
-            yield from _dataset_rows(self.dataset(), progress)
+            yield from _dataset_rows(self.dataset())
             return
-        done = 0
         for i, path in enumerate(self.files):
-            reader = READERS[path.suffix.lower()]
-            for row in _READ[reader](path, self, lambda n, base=done: progress and progress(base + n)):
+            for row in _READ[READERS[path.suffix.lower()]](path, self):
                 row.file = i
                 yield row
-            done += path.stat().st_size
 
 
 def _file_digest(path: Path) -> bytes:
@@ -209,7 +213,7 @@ def _load_saved(src: Source):
 # ---- readers: each yields Row(file=0, number, value) ----------------------------------------
 
 
-def _utf8_lines(path: Path, progress: Progress | None) -> Iterator[tuple[int, str]]:
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) for each line; bytes that are not UTF-8 are an error naming the line."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -218,14 +222,10 @@ def _utf8_lines(path: Path, progress: Progress | None) -> Iterator[tuple[int, st
             except UnicodeDecodeError as e:
                 raise InputError(f"{path} row {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             yield number, line
-            if progress and number % 2048 == 0:
-                progress(f.tell())
-        if progress:
-            progress(f.tell())
 
 
-def _read_jsonl(path: Path, src: Source, progress: Progress | None) -> Iterator[Row]:
-    for number, line in _utf8_lines(path, progress):
+def _read_jsonl(path: Path, src: Source) -> Iterator[Row]:
+    for number, line in _utf8_lines(path):
         if not line.strip():
             continue
         try:
@@ -235,7 +235,7 @@ def _read_jsonl(path: Path, src: Source, progress: Progress | None) -> Iterator[
         yield Row(0, number, value)
 
 
-def _read_json(path: Path, src: Source, progress: Progress | None) -> Iterator[Row]:
+def _read_json(path: Path, src: Source) -> Iterator[Row]:
     # A JSON document is read whole (it cannot be streamed row by row); use JSONL for large data.
     raw = path.read_bytes()
     try:
@@ -251,12 +251,10 @@ def _read_json(path: Path, src: Source, progress: Progress | None) -> Iterator[R
         raise InputError(f"{path}: a .json file must hold a list of rows (objects); got {type(value).__name__}")
     for i, item in enumerate(value, start=1):
         yield Row(0, i, item)
-    if progress:
-        progress(len(raw))
 
 
-def _read_csv(path: Path, src: Source, progress: Progress | None) -> Iterator[Row]:
-    lines = (line for _, line in _utf8_lines(path, progress))
+def _read_csv(path: Path, src: Source) -> Iterator[Row]:
+    lines = (line for _, line in _utf8_lines(path))
     try:
         reader = csv.DictReader(lines)
         for number, row in enumerate(reader, start=1):
@@ -267,15 +265,15 @@ def _read_csv(path: Path, src: Source, progress: Progress | None) -> Iterator[Ro
         raise InputError(f"{path}: not valid CSV: {e}") from None
 
 
-def _read_text(path: Path, src: Source, progress: Progress | None) -> Iterator[Row]:
+def _read_text(path: Path, src: Source) -> Iterator[Row]:
     if src.text_sample_by == "document":
-        text = "".join(line for _, line in _utf8_lines(path, progress))
+        text = "".join(line for _, line in _utf8_lines(path))
         if text.strip():
             yield Row(0, 1, {"text": text})
         return
     block: list[str] = []
     count = 0
-    for number, line in _utf8_lines(path, progress):
+    for number, line in _utf8_lines(path):
         line = line.rstrip("\r\n")
         if src.text_sample_by == "line":
             if line.strip():
@@ -291,32 +289,27 @@ def _read_text(path: Path, src: Source, progress: Progress | None) -> Iterator[R
         yield Row(0, count + 1, {"text": "\n".join(block)})
 
 
-def _read_parquet(path: Path, src: Source, progress: Progress | None) -> Iterator[Row]:
+def _read_parquet(path: Path, src: Source) -> Iterator[Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
-        total, size, number = pf.metadata.num_rows, path.stat().st_size, 0
-        for batch in pf.iter_batches(batch_size=1024):
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for value in batch.to_pylist():
                 number += 1
                 yield Row(0, number, value)
-            if progress:
-                progress(size * number // max(total, 1))  # progress counts bytes
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot read it as Parquet: {str(e).splitlines()[0][:300]}") from None
 
 
-def _dataset_rows(ds, progress: Progress | None) -> Iterator[Row]:
+def _dataset_rows(ds) -> Iterator[Row]:
     number = 0
     for batch in ds.iter(batch_size=1024):
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns), strict=True):
             number += 1
             yield Row(0, number, dict(zip(columns, values, strict=True)))
-        if progress:
-            progress(number)
 
 
 _READ = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "text": _read_text, "parquet": _read_parquet}

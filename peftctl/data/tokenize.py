@@ -113,10 +113,11 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
 
     def batches() -> Iterator[list[tuple[Row, Rendered]]]:
         batch: list[tuple[Row, Rendered]] = []
-        total = src.total_units()
-        reporter.start(total or 0, f"tokenizing {label}")
-        for row in src.rows(lambda n: reporter.advance(n, {"rows": counts.rows})):
+        reporter.start(src.estimated_rows(), f"tokenizing {label}")
+        for row in src.rows():
             counts.rows += 1
+            if counts.rows % BATCH_ROWS == 0:
+                reporter.advance(counts.rows, {})
             try:
                 batch.append((row, formatter(row.value)))
             except RowError as e:
@@ -126,6 +127,7 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
             if len(batch) >= BATCH_ROWS:
                 yield batch
                 batch = []
+        reporter.advance(counts.rows, {})
         if batch:
             yield batch
 
