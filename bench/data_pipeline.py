@@ -1,7 +1,8 @@
 """Tokenizing chat data: the first build (render, tokenize, label, write the cache) and the second
-(a cache hit), on generated multi-turn conversations of about 300 tokens.
+(a cache hit), on generated multi-turn conversations of about 300 tokens, beside the floor: the
+same texts through the Rust tokenizer alone (rendered beforehand, untimed).
 
-    python bench/data_pipeline.py [--rows 100000] [--tokenizer FOLDER] [--json]
+    PYTHONPATH=. python bench/data_pipeline.py [--rows 100000] [--tokenizer FOLDER] [--json]
 
 The tokenizer defaults to the built-in model's (converted once into the peftctl cache). The data
 and the cache go to a temporary folder, removed at the end. Prints the wall times, rows and tokens
@@ -35,9 +36,9 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
         for _ in range(n):
             messages = [{"role": "system", "content": "You answer briefly."}] if rng.random() < 0.3 else []
             for _ in range(rng.choice((1, 1, 2))):
-                messages.append({"role": "user", "content": " ".join(sentence(rng, 12) for _ in range(rng.randint(2, 5)))})
+                messages.append({"role": "user", "content": " ".join(sentence(rng, 12) for _ in range(rng.randint(3, 6)))})
                 messages.append({"role": "assistant",
-                                 "content": " ".join(sentence(rng, 14) for _ in range(rng.randint(5, 11)))})
+                                 "content": " ".join(sentence(rng, 14) for _ in range(rng.randint(6, 12)))})
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
@@ -64,6 +65,13 @@ def main() -> None:
         write_rows(path, args.rows)
         cfg = DataSection(train=str(path), format="chat", max_length=1024, cache_dir=str(tmp / "cache"))
         load_before = os.getloadavg()
+        with open(path, encoding="utf-8") as f:
+            texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in f]
+        tb = time.perf_counter()
+        for i in range(0, len(texts), 1000):
+            tokenizer._tokenizer.encode_batch(texts[i : i + 1000], add_special_tokens=False)
+        tokenizer_alone = time.perf_counter() - tb
+        del texts
         t0 = time.perf_counter()
         first = build(cfg, tokenizer)
         t1 = time.perf_counter()
@@ -74,6 +82,7 @@ def main() -> None:
         result = {
             "rows": s.rows, "examples": s.examples, "tokens": s.tokens, "loss_tokens": s.loss_tokens,
             "tokens_per_example": round(s.tokens / max(s.examples, 1), 1),
+            "tokenizer_alone_s": round(tokenizer_alone, 2),
             "first_build_s": round(t1 - t0, 2), "second_build_s": round(t2 - t1, 3),
             "rows_per_s": round(s.rows / (t1 - t0)), "tokens_per_s": round(s.tokens / (t1 - t0)),
             "file_mb": round(path.stat().st_size / 2**20, 1), "cpus": os.cpu_count(),

@@ -307,6 +307,29 @@ def test_packing_leaves_the_eval_loss_unchanged(chat_data, tok, tiny_model_dir, 
     assert loss_p / n_p == pytest.approx(loss / n, rel=1e-4)
 
 
+def test_varlen_layout_gives_the_same_loss(chat_data, tok, tiny_model_dir):
+    """The flash-attention layout (one flat row, boundaries in the position ids only). Flash attention
+    needs a GPU; on CPU, SDPA without a cache reads the same boundaries from the position ids."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.train.loss import eval_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = dict(train=str(chat_data[1]), max_length=256)
+    plain = data_lib.build(DataSection(**cfg), tok).train
+    packed = data_lib.build(DataSection(**cfg, packing=True), tok, attention="flash_attention_2").train
+    loss, n = eval_loss(model, plain, 4, tok.pad_token_id, "cpu")
+    batch = data_lib.collate(list(packed), tok.pad_token_id)
+    assert set(batch) == {"input_ids", "position_ids", "labels"} and batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss_v = F.cross_entropy(logits[0, :-1], targets[0], ignore_index=-100, reduction="sum")
+    assert int((targets != -100).sum()) == n
+    assert float(loss_v) / n == pytest.approx(loss / n, rel=1e-4)
+
+
 def test_packing_refuses_an_attention_without_a_boundary_path(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}])
     with pytest.raises(InputError, match="not supported with packing"):
