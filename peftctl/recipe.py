@@ -80,7 +80,7 @@ class ModelSection(Section):
     )
 
 
-FormatName = Literal["text", "completion", "alpaca", "chat", "sharegpt", "preference", "classification"]
+FormatName = Literal[tuple(FORMAT_FIELDS)]  # type: ignore[valid-type]  # the names formats.py defines
 SOURCE = {"path": "source"}  # a path, glob or folder (resolved like a path) or a hub dataset id (kept)
 
 

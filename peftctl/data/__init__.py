@@ -18,7 +18,7 @@ _HOME = {
     "build": "pipeline", "Data": "pipeline", "DataStats": "pipeline",
     "Example": "store", "ExampleSet": "store", "IGNORE": "store",
     "collate": "batch", "count_input_tokens": "batch",
-    "pack": "packing", "Packed": "packing", "layout_for": "packing",
+    "pack": "packing", "Packed": "packing",
     "use_chat_template": "templates",
 }
 __all__ = sorted(_HOME)

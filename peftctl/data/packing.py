@@ -32,10 +32,6 @@ class Packed:
     position_ids: list[int]
     layout: str
 
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(1 for y in self.labels[1:] if y != IGNORE)
-
 
 def layout_for(attention: str | None) -> str:
     """How packed batches carry their boundaries for a model's attention implementation."""

@@ -133,9 +133,9 @@ def resolve(spec: str, *, split: str | None = None, subset: str | None = None,
         files = [p for p in matches if p.is_file()]
         if not files:
             raise InputError(f"data source {spec}: the pattern matches no files")
-        return Source(spec, "files", [_check_file(p, spec) for p in files], **kw)
+        return Source(spec, "files", [_check_file(p) for p in files], **kw)
     if path.is_file():
-        return Source(spec, "files", [_check_file(path, spec)], **kw)
+        return Source(spec, "files", [_check_file(path)], **kw)
     if path.is_dir():
         if any((path / m).exists() for m in SAVED_MARKERS):
             files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -153,7 +153,7 @@ def resolve(spec: str, *, split: str | None = None, subset: str | None = None,
     return Source(spec, "hub", **kw)
 
 
-def _check_file(path: Path, spec: str) -> Path:
+def _check_file(path: Path) -> Path:
     if path.suffix.lower() not in READERS:
         raise InputError(f"data file {path}: unknown type {path.suffix!r}; use one of {', '.join(READERS)}")
     return path

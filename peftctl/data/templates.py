@@ -89,6 +89,8 @@ def use_chat_template(tokenizer, name_or_jinja: str | None) -> str | None:
         compile_template(template)  # a syntax error is the recipe's, reported now
         tokenizer.chat_template = template
     current = getattr(tokenizer, "chat_template", None)
+    if isinstance(current, dict):  # several named templates: the default one renders conversations
+        current = current.get("default")
     return current if isinstance(current, str) else None
 
 
