@@ -9,6 +9,7 @@ several tables: the train or eval data of a recipe after mixing and splitting.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,22 +82,37 @@ class TableWriter:
         self.lengths[offsets].append(np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays)))
 
     def close(self, meta: dict[str, Any]) -> None:
+        """Finish the table; every file reaches the disk before meta.json, which marks it complete."""
         for f in self.files.values():
-            f.close()
+            _sync_close(f)
         offsets = ["offsets"] + (["prompt_offsets"] if self.prompts else []) + (["rejected_offsets"] if self.rejected else [])
         for name in offsets:
             arr = np.zeros(self.count + 1, dtype=np.int64)
             if self.lengths[name]:
                 np.cumsum(np.concatenate(self.lengths[name]), out=arr[1:])
-            np.save(self.folder / f"{name}.npy", arr)
+            self._save(f"{name}.npy", arr)
         for name, dtype in _PER_EXAMPLE_TYPES.items():
             parts = self.per_example[name]
-            np.save(self.folder / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
+            self._save(f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, dtype=dtype))
         if self.prompts:
-            (self.folder / "references.json").write_text(json.dumps(self.references), encoding="utf-8")
+            self._save("references.json", json.dumps(self.references).encode())
         meta = {**meta, "format_version": FORMAT_VERSION, "count": self.count, "prompts": self.prompts,
                 "rejected": self.rejected}
-        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        self._save("meta.json", json.dumps(meta, indent=1).encode())
+
+    def _save(self, name: str, data: np.ndarray | bytes) -> None:
+        f = open(self.folder / name, "wb")
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            np.save(f, data)
+        _sync_close(f)
+
+
+def _sync_close(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
 
 
 class Table:
