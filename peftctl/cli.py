@@ -275,7 +275,7 @@ def data_(
     if json_:
         head = {"split": split}
         if stats:
-            head["stats"] = report.stats(data, r.data.max_length)
+            head["stats"] = report.stats(data)
         if stats and show is None:
             sys.stdout.write(json.dumps(head) + "\n")
             return
@@ -289,7 +289,7 @@ def data_(
     if show is not None or not stats:
         _render_examples(out, data, tokenizer, split, 3 if show is None else show)
     if stats:
-        _render_stats(out, report.stats(data, r.data.max_length), split)
+        _render_stats(out, report.stats(data))
 
 
 def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
@@ -316,14 +316,17 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
             out.print(text)
 
 
-def _render_stats(out, stats: dict, split: str) -> None:
+def _render_stats(out, stats: dict) -> None:
     from rich.table import Table
 
     for name, s in stats.items():
-        out.print(f"[bold]{name}[/bold]: {s['examples']:,} examples from {s['rows']:,} rows of {s['sources']} "
-                  f"source(s); {s['tokens']:,} tokens, {s['loss_tokens']:,} with loss")
+        origin = (f"from {s['rows']:,} rows of {s['sources']} source(s)" if s["sources"]
+                  else "held out from the training examples (eval_split)")
+        out.print(f"[bold]{name}[/bold]: {s['examples']:,} examples {origin}; {s['tokens']:,} tokens, "
+                  f"{s['loss_tokens']:,} with loss")
         out.print(f"  truncated {s['truncated']:,} · dropped too long {s['dropped_too_long']:,} · dropped "
-                  f"without loss tokens {s['dropped_no_loss']:,} · from cache {s['from_cache']}/{s['sources']}")
+                  f"without loss tokens {s['dropped_no_loss']:,}"
+                  + (f" · from cache {s['from_cache']}/{s['sources']}" if s["sources"] else ""))
         if s.get("packed_sequences") is not None:
             out.print(f"  packed into {s['packed_sequences']:,} sequences, {100 * s['packing_fill']:.1f}% filled")
         if "length" in s:

@@ -69,14 +69,16 @@ def examples_json(data, tokenizer, split: str, n: int | None) -> Iterator[dict[s
         yield describe(examples[k], tokenizer)
 
 
-def histogram(lengths: np.ndarray, max_length: int, bins: int = 10) -> list[dict[str, int]]:
-    edges = np.linspace(0, max_length, bins + 1).round().astype(int)
-    counts, _ = np.histogram(np.minimum(lengths, max_length), bins=edges)
-    return [{"from": int(a) + (i > 0), "to": int(b), "count": int(c)}
-            for i, (a, b, c) in enumerate(zip(edges[:-1], edges[1:], counts, strict=True))]
+def histogram(lengths: np.ndarray, bins: int = 10) -> list[dict[str, int]]:
+    """Example counts over equal ranges of token length, from the shortest example to the longest."""
+    lo, hi = int(lengths.min()), int(lengths.max())
+    edges = np.unique(np.linspace(lo, hi + 1, min(bins, hi + 1 - lo) + 1).round().astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [{"from": int(a), "to": int(b) - 1, "count": int(c)}
+            for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)]
 
 
-def stats(data, max_length: int) -> dict[str, Any]:
+def stats(data) -> dict[str, Any]:
     """Counts per split and source, token-length percentiles and a histogram."""
     out: dict[str, Any] = {}
     for split, examples in data.examples.items():
@@ -86,7 +88,7 @@ def stats(data, max_length: int) -> dict[str, Any]:
             entry["length"] = {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
                                "median": int(np.median(lengths)), "p95": int(np.percentile(lengths, 95)),
                                "max": int(lengths.max())}
-            entry["histogram"] = histogram(lengths, max_length)
+            entry["histogram"] = histogram(lengths)
         entry["by_source"] = [{"source": name, **table.stats} for name, table in data.tables.get(split, [])]
         out[split] = entry
     return out
