@@ -314,6 +314,124 @@ def _render_adapter(res: dict[str, Any]) -> None:
         out.print(f"run: {run.get('status')}, {run.get('steps')} steps, train loss {run.get('train_loss')}")
 
 
+@app.command("data")
+@handled
+def data_(
+    recipe: RecipeArg,
+    show: Annotated[int | None, typer.Option("--show", help="Print the first N examples, loss tokens highlighted.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Counts, token lengths, truncated and dropped examples.")] = False,
+    split: Annotated[str, typer.Option("--split", help="train or eval.")] = "train",
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """See the data as the model will: rendered examples with their loss tokens, or statistics.
+
+    --json prints {"split", "examples": [{input_ids, labels (-100: no loss), text, ...}]} (every
+    example unless --show N) and/or "stats".
+    """
+    from peftctl.data import report
+    from peftctl.errors import InputError
+
+    if split not in ("train", "eval"):
+        raise InputError(f"--split must be train or eval, got {split!r}")
+    if show is not None and show < 0:
+        raise InputError("--show must be >= 0")
+    r = _load_recipe(recipe, set_)
+    data, tokenizer = report.load(r, _reporter())
+    report.split_examples(data, split)
+    if json_:
+        head = {"split": split}
+        if stats:
+            head["stats"] = report.stats(data)
+        if stats and show is None:
+            sys.stdout.write(json.dumps(head) + "\n")
+            return
+        # Streamed: every example of a large data set would not fit in one string.
+        sys.stdout.write(json.dumps(head)[:-1] + ', "examples": [')
+        for i, ex in enumerate(report.examples_json(data, tokenizer, split, show)):
+            sys.stdout.write(("," if i else "") + json.dumps(ex))
+        sys.stdout.write("]}\n")
+        return
+    out = _stdout()
+    if show is not None or not stats:
+        _render_examples(out, data, tokenizer, split, 3 if show is None else show)
+    if stats:
+        _render_stats(out, report.stats(data))
+
+
+def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
+    from rich.text import Text
+
+    from peftctl.data import report
+
+    examples = report.split_examples(data, split)
+    plain = not out.is_terminal
+    out.print(f"{split}: {len(examples):,} examples; loss tokens are shown "
+              + ("between ⟦ and ⟧" if plain else "[bold green]in green[/bold green], the rest dimmed"))
+    for k in range(min(n, len(examples))):
+        ex = examples[k]
+        parts = [("", ex)] + ([("rejected", ex.rejected)] if ex.rejected is not None else [])
+        out.print(f"── #{k + 1} {ex.source} · {len(ex.input_ids)} tokens · {ex.num_loss_tokens} with loss"
+                  + (" · truncated" if ex.truncated else ""), style="bold", markup=False)
+        for name, e in parts:
+            text = Text(f"[{name}]\n" if name else "")
+            for ids, loss in report.runs(e):
+                piece = tokenizer.decode(ids)
+                if plain and loss:
+                    piece = f"⟦{piece}⟧"
+                text.append(piece, style="bold green" if loss else "dim")
+            out.print(text)
+
+
+def _render_stats(out, stats: dict) -> None:
+    from rich.table import Table
+
+    for name, s in stats.items():
+        origin = (f"from {s['rows']:,} rows of {s['sources']} source(s)" if s["sources"]
+                  else "held out from the training examples (eval_split)")
+        out.print(f"[bold]{name}[/bold]: {s['examples']:,} examples {origin}; {s['tokens']:,} tokens, "
+                  f"{s['loss_tokens']:,} with loss")
+        out.print(f"  truncated {s['truncated']:,} · dropped too long {s['dropped_too_long']:,} · dropped "
+                  f"without loss tokens {s['dropped_no_loss']:,}"
+                  + (f" · from cache {s['from_cache']}/{s['sources']}" if s["sources"] else ""))
+        if s.get("packed_sequences") is not None:
+            out.print(f"  packed into {s['packed_sequences']:,} sequences, {100 * s['packing_fill']:.1f}% filled")
+        if "length" in s:
+            ln = s["length"]
+            out.print(f"  tokens per example: min {ln['min']} · median {ln['median']} · mean {ln['mean']} · "
+                      f"p95 {ln['p95']} · max {ln['max']}")
+            table = Table(box=None, show_header=True, pad_edge=False)
+            table.add_column("tokens", justify="right")
+            table.add_column("examples", justify="right")
+            table.add_column("")
+            peak = max(b["count"] for b in s["histogram"]) or 1
+            for b in s["histogram"]:
+                table.add_row(f"{b['from']}–{b['to']}", f"{b['count']:,}", "█" * round(30 * b["count"] / peak))
+            out.print(table)
+
+
+@app.command()
+@handled
+def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Tokenize a recipe's data into the cache ahead of training (no model weights loaded)."""
+    from peftctl.data.report import prepare as run_prepare
+
+    r = _load_recipe(recipe, set_)
+    result = run_prepare(r, _reporter())
+
+    def render(res):
+        out = _stdout()
+        for t in res["tables"]:
+            out.print(f"{t['split']}: {t['source']}: {t['examples']:,} examples"
+                      + (f" → {t['folder']}" if t["folder"] else ""))
+        cached = sum(s["from_cache"] for s in res["stats"].values())
+        total = sum(s["sources"] for s in res["stats"].values())
+        out.print(f"done in {res['seconds']:.1f}s ({cached} of {total} source(s) were already cached)"
+                  if res["cache"] else f"done in {res['seconds']:.1f}s (data.cache is off: nothing kept)")
+
+    _emit(result, json_, render)
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe reference (every field, its type, default and meaning) as Markdown."""

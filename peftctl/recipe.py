@@ -17,9 +17,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from peftctl.adapters.registry import METHODS, config_classes
+from peftctl.data.formats import FORMAT_FIELDS, ROLES
 from peftctl.errors import Problem, RecipeError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -70,33 +81,188 @@ class ModelSection(Section):
     )
 
 
-class DataSection(Section):
-    train: str = Field(
-        description="Training data file: .jsonl, .json, .csv or .parquet.", json_schema_extra=PATH
+FormatName = Literal[tuple(FORMAT_FIELDS)]  # type: ignore[valid-type]  # the names formats.py defines
+SOURCE = {"path": "source"}  # a path, glob or folder (resolved like a path) or a hub dataset id (kept)
+
+
+def _columns_problem(fmt: str, columns: dict[str, str] | None) -> str | None:
+    unknown = [k for k in columns or {} if k not in FORMAT_FIELDS[fmt]]
+    if not unknown:
+        return None
+    close = difflib.get_close_matches(unknown[0], FORMAT_FIELDS[fmt], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; its fields: {', '.join(FORMAT_FIELDS[fmt])}"
+    return f"format {fmt!r} has no field {unknown[0]!r}{hint}"
+
+
+def _roles_problem(roles: dict[str, str] | None) -> str | None:
+    bad = [v for v in (roles or {}).values() if v not in ROLES]
+    return f"roles map onto {', '.join(ROLES)}, not {bad[0]!r}" if bad else None
+
+
+class DataSource(Section):
+    path: str = Field(
+        description=(
+            "A data file (.jsonl, .json, .csv, .parquet, .txt), a folder of such files, a glob "
+            "(data/*.jsonl), a folder written by datasets' save_to_disk, or a hub dataset id (needs "
+            "the hub, or its datasets cache with HF_HUB_OFFLINE=1)."
+        ),
+        json_schema_extra=SOURCE,
     )
-    eval: str | None = Field(default=None, description="Evaluation data file.", json_schema_extra=PATH)
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Share in the training mix: each row is used `weight` times per epoch (2: twice; 0.5: a "
+            "seeded random half). Eval data uses every row once."
+        ),
+    )
+    split: str | None = Field(default=None, description="Split of a hub dataset or a save_to_disk DatasetDict (default: train).")
+    subset: str | None = Field(default=None, description="Configuration (subset) name of a hub dataset.")
+    format: FormatName | None = Field(default=None, description="This source's format (default: data.format).")
+    columns: dict[str, str] | None = Field(default=None, description="This source's column names (default: data.columns).")
+    roles: dict[str, str] | None = Field(default=None, description="This source's role names (default: data.roles).")
+
+
+def _as_sources(value: Any) -> Any:
+    # A single path (or mapping) is shorthand for a list of one source; a path item for {path: ...}.
+    if isinstance(value, str | dict):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+Sources = Annotated[list[DataSource], BeforeValidator(_as_sources), Field(min_length=1)]
+
+
+class DataSection(Section):
+    train: Sources = Field(
+        description=(
+            "Training data: one source (a path, glob, folder or hub id) or a list of sources, each a "
+            "path or a mapping {path, weight, split, subset, format, columns, roles}. Several sources "
+            "are mixed by weight."
+        ),
+        json_schema_extra=SOURCE,
+    )
+    eval: Sources | None = Field(
+        default=None, description="Evaluation data, given like `train`.", json_schema_extra=SOURCE
+    )
     eval_split: float | None = Field(
         default=None,
         gt=0,
         lt=1,
-        description="Hold out this fraction of the training rows for evaluation (instead of `eval`).",
+        description="Hold out this fraction of the training examples for evaluation (instead of `eval`).",
     )
-    format: Literal["text", "completion", "alpaca", "chat"] = Field(
+    format: FormatName = Field(
         default="chat",
         description=(
             "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
-            "input?, output}; chat: {messages: [{role, content}, ...]} rendered with the "
-            "tokenizer's chat template."
+            "input?, output}; chat: {messages: [{role, content}, ...]} with an optional system turn, "
+            "rendered with the chat template; sharegpt: {conversations: [{from, value}, ...]} with "
+            "roles mapped (human: user, gpt: assistant, ...); preference: {prompt, chosen, rejected} as "
+            "strings or message lists (trained on the chosen response; the rejected one is tokenized "
+            "alongside); classification: {text, label}: the text, a newline, then the label as the "
+            "response (exact match is then accuracy)."
         ),
     )
-    max_length: int = Field(default=1024, ge=8, description="Tokens per example; longer ones are truncated.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Column names, {format field: column}, e.g. {prompt: question, completion: answer}; chat "
+            "and sharegpt also map the message keys: {messages: dialog, role: from, content: value}."
+        ),
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Role names in the data mapped onto system, user, assistant, tool, e.g. {human: user, "
+            "bot: assistant}; added to the format's own (sharegpt: human, gpt, observation, "
+            "function_call)."
+        ),
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description=(
+            "Chat template: unset uses the tokenizer's; a name (chatml, llama3, zephyr, mistral, "
+            "gemma, phi3) or an inline Jinja template overrides it. The template used is saved with "
+            "the adapter's tokenizer."
+        ),
+    )
+    max_length: int = Field(default=1024, ge=8, description="Most tokens per example (and per packed sequence).")
+    truncation: Literal["truncate", "drop"] = Field(
+        default="truncate",
+        description=(
+            "Examples longer than max_length: truncate (cut the end) or drop them. Either is counted "
+            "in `peftctl data --stats` and the run's summary."
+        ),
+    )
     train_on: Literal["assistant", "all", "last"] = Field(
         default="assistant",
         description=(
-            "Which tokens carry loss. assistant: the responses (every assistant turn; the "
-            "completion or output); last: only the last assistant turn; all: every token."
+            "Which tokens carry loss. assistant: the responses (every assistant turn of a chat; the "
+            "completion, output or label; the chosen response); last: only the last assistant turn; "
+            "all: every token, prompts included."
         ),
     )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "Pack several training examples into each sequence of up to max_length tokens. They do not "
+            "attend to each other (a block-diagonal mask, or variable-length flash attention) and "
+            "their positions restart; `train.batch_size` then counts packed sequences."
+        ),
+    )
+    text_sample_by: Literal["line", "paragraph", "document"] = Field(
+        default="line", description="Rows of a .txt file: each non-empty line, each paragraph, or the whole file."
+    )
+    cache: bool = Field(
+        default=True,
+        description=(
+            "Keep tokenized data in the cache, keyed by the data files' content, the tokenizer, the "
+            "template and the options above; any change rebuilds it (`peftctl prepare` builds it ahead)."
+        ),
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Folder of the tokenized-data cache. Unset: $PEFTCTL_CACHE/data, else ~/.cache/peftctl/data.",
+        json_schema_extra=PATH,
+    )
+
+    @field_serializer("train", "eval")
+    def _compact(self, value: list[DataSource] | None) -> Any:
+        if value is None:
+            return None
+        items = [s.path if s == DataSource(path=s.path) else s.model_dump(exclude_defaults=True) for s in value]
+        return items[0] if len(items) == 1 and isinstance(items[0], str) else items
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if "format" in info.data and (p := _columns_problem(info.data["format"], value)):
+            raise ValueError(p)
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        if (p := _roles_problem(value)):
+            raise ValueError(p)
+        return value
+
+    @model_validator(mode="after")
+    def _source_columns_and_roles(self):
+        problems = []
+        for split in ("train", "eval"):
+            for i, s in enumerate(getattr(self, split) or []):
+                if s.columns is not None or s.format is not None:
+                    cols = s.columns if s.columns is not None else self.columns
+                    if (p := _columns_problem(s.format or self.format, cols)):
+                        problems.append(f"{split}.{i}.columns: {p}")
+                if (p := _roles_problem(s.roles)):
+                    problems.append(f"{split}.{i}.roles: {p}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TrainSection(Section):
@@ -296,6 +462,8 @@ def _unwrap_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
     origin = get_origin(annotation)
     if origin is Annotated:
         return _unwrap_model(get_args(annotation)[0], raw)
+    if origin is list:  # a list of sections (data sources): the model of its items
+        return _unwrap_model(get_args(annotation)[0], None)
     if origin in (Union, types.UnionType):
         models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(raw, dict) and "method" in raw:
@@ -310,6 +478,8 @@ def _model_at(path: Key, data: Any) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Recipe
     raw = data
     for part in path:
+        if isinstance(part, int) and model is not None:
+            continue  # an item of a list of sections: the same model
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
         raw = raw.get(part) if isinstance(raw, dict) else None
@@ -513,16 +683,40 @@ def loads(
     return recipe
 
 
+def _resolve_source(value: str, base: Path) -> str:
+    """A data source: a path (existing, a glob, or named like a data file) resolves; a hub id stays."""
+    from peftctl.data.sources import looks_like_path
+
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute() or not ((base / p).exists() or looks_like_path(value)):
+        return str(p) if p.is_absolute() else value
+    return str((base / p).resolve())
+
+
 def _resolve_paths(data: dict, base: Path, keys_from: set[Key] | None) -> None:
     for key in list(_path_fields(Recipe, data)):
-        if keys_from is not None and key not in keys_from:
+        if keys_from is not None and not any(key[:i] in keys_from for i in range(1, len(key) + 1)):
             continue
         parent = data
         for part in key[:-1]:
             parent = parent[part]
         value = parent[key[-1]]
-        if isinstance(value, str) and value:
+        if _field_at(key, data).json_schema_extra == SOURCE:
+            # One source or a list of them, each a path string or a mapping with `path`.
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, str) and item:
+                    items[i] = _resolve_source(item, base)
+                elif isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
+                    item["path"] = _resolve_source(item["path"], base)
+            if not isinstance(value, list):
+                parent[key[-1]] = items[0]
+        elif isinstance(value, str) and value:
             parent[key[-1]] = _resolve_path(value, base, must_exist_to_resolve=key in _PATH_OR_NAME)
+
+
+def _field_at(key: Key, data: Any):
+    return _model_at(key[:-1], data).model_fields[key[-1]]
 
 
 def from_dict(data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Recipe:
@@ -535,6 +729,10 @@ def from_dict(data: dict[str, Any], base_dir: str | os.PathLike | None = None) -
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin is dict:
+        return f"dict[{', '.join(_type_name(a) for a in get_args(annotation))}]"
     if origin is Literal:
         return " | ".join(str(a) for a in get_args(annotation))
     if origin in (Union, types.UnionType):
@@ -569,14 +767,23 @@ def reference_markdown() -> str:
                 doc = inspect.cleandoc(model.__doc__ or "")
                 if doc:
                     out += [doc, ""]
-            out += ["| field | type | default | meaning |", "|---|---|---|---|"]
+            out += _field_table(model)
+            # Sections listed inside this one (data sources): their own table.
             for fname, f in model.model_fields.items():
-                default = "required" if f.is_required() else (
-                    "(computed)" if f.default_factory is not None else repr(f.default)
-                )
-                desc = (f.description or "").replace("|", "\\|")
-                type_name = _type_name(f.annotation).replace("|", "\\|")
-                out.append(f"| `{fname}` | {type_name} | {default} | {desc} |")
-            out.append("")
+                if get_origin(f.annotation) is list and (item := _unwrap_model(f.annotation, None)):
+                    out += [f"### `{name}.{fname}` items: `{item.__name__}`", ""]
+                    out += ["A plain string is short for `{path: ...}`.", ""] + _field_table(item)
     return "\n".join(out)
+
+
+def _field_table(model: type[BaseModel]) -> list[str]:
+    out = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for fname, f in model.model_fields.items():
+        default = "required" if f.is_required() else (
+            "(computed)" if f.default_factory is not None else repr(f.default)
+        )
+        desc = (f.description or "").replace("|", "\\|")
+        type_name = _type_name(f.annotation).replace("|", "\\|")
+        out.append(f"| `{fname}` | {type_name} | {default} | {desc} |")
+    return out + [""]
 

@@ -13,22 +13,27 @@ from peftctl.errors import Problem, RecipeError
 
 def check_files(recipe, source: str) -> list[str]:
     from peftctl import models
-    from peftctl.data.sources import BUILDERS
+    from peftctl.data import sources
+    from peftctl.data.templates import resolve_template
     from peftctl.errors import InputError
     from peftctl.fsio import is_nonempty_dir
 
     problems: list[Problem] = []
     notes: list[str] = []
-    for field in ("train", "eval"):
-        value = getattr(recipe.data, field)
-        if value is None:
-            continue
-        path = Path(value)
-        if not path.is_file():
-            problems.append(Problem(source, None, f"data.{field}", f"file not found: {path}"))
-        elif path.suffix.lower() not in BUILDERS:
-            problems.append(Problem(source, None, f"data.{field}",
-                                    f"unknown file type {path.suffix!r}; use one of {', '.join(BUILDERS)}"))
+    for split in ("train", "eval"):
+        for i, spec in enumerate(getattr(recipe.data, split) or []):
+            where = f"data.{split}" if len(getattr(recipe.data, split)) == 1 else f"data.{split}.{i}"
+            try:
+                src = sources.resolve(spec.path)
+            except InputError as e:
+                problems.append(Problem(source, None, where, str(e)))
+                continue
+            if src.kind == "hub":
+                notes.append(f"{where} {spec.path}: a hub dataset; it must be reachable or in the datasets cache")
+    try:
+        resolve_template(recipe.data.chat_template)
+    except InputError as e:
+        problems.append(Problem(source, None, "data.chat_template", str(e)))
     name = recipe.model.name_or_path
     try:
         src = models.resolve(name, recipe.model.cache_dir, convert=False)

@@ -147,7 +147,7 @@ def test_bad_input_exits_2_with_a_message(make_recipe, tmp_path):
     assert "matches no module" in r.stderr and "q_proj" in r.stderr
     assert not (tmp_path / "run").exists()  # bad input leaves nothing behind
     r = run("validate", make_recipe(data={"train": str(tmp_path / "missing.jsonl")}), code=2)
-    assert "data.train: file not found" in r.stderr
+    assert f"data.train: data file {tmp_path / 'missing.jsonl'} not found" in r.stderr
     r = run("eval", make_recipe(), "--adapter", tmp_path, code=2)
     assert "no adapter here" in r.stderr
 

@@ -1,19 +1,37 @@
-"""Data: formats, label masking decoded back to text, truncation, bad rows named by file and row."""
+"""Data: formats and masking (decoded back to text, for several templates), sources, bad rows named by
+file and row, truncation, mixing, caching, and packing that leaves the loss unchanged."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from peftctl import data as data_lib
+from peftctl.data.templates import NAMED_TEMPLATES, ChatRenderer
 from peftctl.errors import InputError
 from peftctl.recipe import DataSection
 
+CHAT = {"messages": [
+    {"role": "user", "content": "First question"},
+    {"role": "assistant", "content": "First answer"},
+    {"role": "user", "content": "Second question"},
+    {"role": "assistant", "content": "Second answer"},
+]}
+# Zephyr-style, written out here rather than taken from the code under test: text around every
+# message, and a generation prompt that is not the whole assistant header ('\n' follows it).
+ZEPHYR_STYLE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}"
+)
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture
 def tok(tiny_model_dir):
+    # A fresh tokenizer per test: building data puts the recipe's chat template on it.
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
@@ -22,104 +40,351 @@ def write_jsonl(path, rows):
     return path
 
 
-def labelled_text(tok, example) -> str:
+def labelled(tok, example) -> str:
     return tok.decode([t for t in example.labels if t != -100])
 
 
-def section(path, **kw):
-    return DataSection(train=str(path), **kw)
+def build(tok, path, **kw):
+    return data_lib.build(DataSection(train=str(path), **kw), tok)
 
 
 def test_multi_turn_chat_labels_every_assistant_turn(tmp_path, tok):
-    rows = [{"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "First question"},
-        {"role": "assistant", "content": "First answer"},
-        {"role": "user", "content": "Second question"},
-        {"role": "assistant", "content": "Second answer"},
-    ]}]
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    (ex,) = data_lib.build(section(path, format="chat", max_length=256), tok).train
-    assert labelled_text(tok, ex) == "First answer<|im_end|>\nSecond answer<|im_end|>\n"
-    (last,) = data_lib.build(section(path, format="chat", max_length=256, train_on="last"), tok).train
-    assert labelled_text(tok, last) == "Second answer<|im_end|>\n"
-    (every,) = data_lib.build(section(path, format="chat", max_length=256, train_on="all"), tok).train
+    (ex,) = build(tok, path).train
+    assert labelled(tok, ex) == "First answer<|im_end|>\nSecond answer<|im_end|>\n"
+    (last,) = build(tok, path, train_on="last").train
+    assert labelled(tok, last) == "Second answer<|im_end|>\n"
+    (every,) = build(tok, path, train_on="all").train
     assert all(t != -100 for t in every.labels)
-    # the prompt for scoring ends where the last answer starts
-    assert tok.decode(ex.prompt_ids).endswith("Second question<|im_end|>\n<|im_start|>assistant\n")
-    assert ex.reference == "Second answer"
+    # eval data keeps the prompt for scoring: it ends where the last answer starts
+    (ev,) = data_lib.build(DataSection(train=str(path), eval=str(path)), tok).eval
+    assert tok.decode(ev.prompt_ids).endswith("Second question<|im_end|>\n<|im_start|>assistant\n")
+    assert ev.reference == "Second answer"
+    assert ev.source == f"{path} row 1"
 
 
-def test_completion_and_alpaca_mask_the_prompt(tmp_path, tok):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
-    (ex,) = data_lib.build(section(path, format="completion", max_length=64), tok).train
-    assert labelled_text(tok, ex) == " 4<|im_end|>"
-    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 2", "output": "4"}])
-    (ex,) = data_lib.build(section(path, format="alpaca", max_length=512), tok).train
-    assert labelled_text(tok, ex) == "4<|im_end|>"
-    assert "### Input:\n2 and 2" in tok.decode(ex.input_ids)
-
-
-def test_text_format_trains_on_everything(tmp_path, tok):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox"}])
-    (ex,) = data_lib.build(section(path, format="text", max_length=64), tok).train
-    assert labelled_text(tok, ex) == "The quick brown fox<|im_end|>"
-
-
-def test_truncation_to_max_length(tmp_path, tok):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox jumps over the lazy dog. " * 5}])
-    d = data_lib.build(section(path, format="text", max_length=10), tok)
-    assert len(d.train[0].input_ids) == 10 and d.stats["train"].truncated == 1
-
-
-def test_eval_split_is_deterministic_and_disjoint(tmp_path, tok):
-    rows = [{"text": f"row {i}"} for i in range(20)]
-    path = write_jsonl(tmp_path / "t.jsonl", rows)
-    d1 = data_lib.build(section(path, format="text", max_length=16, eval_split=0.25), tok, seed=3)
-    d2 = data_lib.build(section(path, format="text", max_length=16, eval_split=0.25), tok, seed=3)
-    assert len(d1.eval) == 5 and len(d1.train) == 15
-    assert [e.input_ids for e in d1.eval] == [e.input_ids for e in d2.eval]
-    assert not {tuple(e.input_ids) for e in d1.eval} & {tuple(e.input_ids) for e in d1.train}
-
-
-@pytest.mark.parametrize("rows, fmt, message", [
-    ([{"text": "ok"}, {"txt": "bad"}], "text", "row 2: missing field 'text'"),
-    ([{"prompt": "p", "completion": 5}], "completion", "row 1: field 'completion' must be a string, got int"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}], "chat", "row 1: messages has no assistant turn"),
-    ([{"messages": [{"role": "robot", "content": "hi"}]}], "chat", "row 1: messages[0].role must be one of"),
-    ([{"instruction": "x", "output": ""}], "alpaca", "row 1: field 'output' is empty"),
+@pytest.mark.parametrize("template, expected", [
+    (ZEPHYR_STYLE, "\nFirst answer<|im_end|>\nSecond answer<|im_end|>"),
+    ("llama3", "First answer<|eot_id|>Second answer<|eot_id|>"),
+    # phi3 ends a conversation with EOS, which the next message's '<|user|>' shares '<|' with
+    ("phi3", "First answer<|end|>\nSecond answer<|end|>\n<|im_end|>"),
+    ("mistral", "First answer<|im_end|>Second answer<|im_end|>"),
 ])
-def test_bad_rows_name_file_and_row(tmp_path, tok, rows, fmt, message):
+def test_masking_with_templates_that_add_text_around_messages(tmp_path, tok, template, expected):
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
+    (ex,) = build(tok, path, chat_template=template).train
+    assert labelled(tok, ex) == expected
+    assert tok.chat_template == NAMED_TEMPLATES.get(template, template)  # what gets saved with the adapter
+
+
+def test_fast_renderer_renders_as_apply_chat_template(tok):
+    messages = [{"role": "system", "content": "S"}, *CHAT["messages"]]
+    for template in [tok.chat_template, ZEPHYR_STYLE, *NAMED_TEMPLATES.values()]:
+        render = ChatRenderer(tok, template)
+        msgs = messages[1:] if "raise_exception" in template else messages
+        for gen in (False, True):
+            try:
+                ref = tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+            except Exception:  # the template refuses: ours must too
+                with pytest.raises(ValueError):
+                    render(msgs, gen)
+                continue
+            assert render(msgs, gen) == ref
+
+
+def test_completion_alpaca_classification_mask_the_prompt(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
+    (ex,) = build(tok, path, format="completion").train
+    assert labelled(tok, ex) == " 4<|im_end|>"
+    (ex,) = build(tok, path, format="completion", train_on="all").train
+    assert labelled(tok, ex) == "Q: 2+2?\nA: 4<|im_end|>"
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 2", "output": "4"}])
+    (ex,) = build(tok, path, format="alpaca", max_length=512).train
+    assert labelled(tok, ex) == "4<|im_end|>" and "### Input:\n2 and 2" in tok.decode(ex.input_ids)
+    path = write_jsonl(tmp_path / "k.jsonl", [{"text": "great fun", "label": "positive"}, {"text": "dull", "label": 0}])
+    d = data_lib.build(DataSection(train=str(path), eval=str(path), format="classification"), tok)
+    assert [labelled(tok, e) for e in d.train] == ["positive<|im_end|>", "0<|im_end|>"]
+    assert [e.reference for e in d.eval] == ["positive", "0"]
+    assert tok.decode(d.eval[0].prompt_ids) == "great fun\n"
+
+
+def test_sharegpt_roles_and_column_mapping(tmp_path, tok):
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello!"}]}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    (ex,) = build(tok, path, format="sharegpt", roles={"bot": "assistant"}).train
+    assert labelled(tok, ex) == "Hello!<|im_end|>\n"
+    assert tok.decode(ex.input_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q?", "answer": " A."}])
+    (ex,) = build(tok, path, format="completion", columns={"prompt": "question", "completion": "answer"}).train
+    assert labelled(tok, ex) == " A.<|im_end|>"
+
+
+def test_preference_pairs_tokenize_chosen_and_rejected(tmp_path, tok):
+    rows = [
+        {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Rome"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+         "rejected": [{"role": "assistant", "content": "Go away"}]},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    plain, chat = build(tok, path, format="preference").train
+    assert labelled(tok, plain) == " Paris<|im_end|>" and labelled(tok, plain.rejected) == " Rome<|im_end|>"
+    assert labelled(tok, chat) == "Hello<|im_end|>\n" and labelled(tok, chat.rejected) == "Go away<|im_end|>\n"
+    assert tok.decode(chat.rejected.input_ids).startswith("<|im_start|>user\nHi<|im_end|>\n")
+
+
+@pytest.mark.parametrize("rows, kw, message", [
+    ([{"text": "ok"}, {"txt": "bad"}], {"format": "text"}, "row 2: missing field 'text'"),
+    ([{"prompt": "p", "completion": 5}], {"format": "completion"}, "row 1: field 'completion' must be a string, got int"),
+    ([{"q": "p"}], {"format": "completion", "columns": {"prompt": "q", "completion": "a"}},
+     "row 1: missing column 'a' (the format's 'completion', mapped in data.columns)"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], {}, "row 1: no assistant message"),
+    ([{"messages": [{"role": "robot", "content": "hi"}]}], {}, "row 1: messages[0].role: unknown role 'robot'"),
+    ([{"messages": [{"role": " ", "content": "hi"}]}], {}, "row 1: messages[0].role is empty"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}], {},
+     "row 1: messages[1]: the assistant message is empty"),
+    ([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}],
+     {"chat_template": "mistral"}, "row 1: the chat template refused this conversation: Conversation roles must alternate"),
+    ([{"instruction": "x", "output": ""}], {"format": "alpaca"}, "row 1: field 'output' is empty"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, tok, rows, kw, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(InputError) as e:
-        data_lib.build(section(path, format=fmt, max_length=64), tok)
+        build(tok, path, **kw)
     assert str(e.value).startswith(f"{path} {message}")
 
 
-def test_invalid_json_line_and_non_utf8_are_named(tmp_path, tok):
+def test_bad_bytes_bad_json_and_several_bad_rows(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": oops}\n')
-    with pytest.raises(InputError, match=rf"{path}:2: invalid JSON"):
-        data_lib.build(section(path, format="text"), tok)
+    with pytest.raises(InputError, match=rf"{path} row 2: invalid JSON"):
+        build(tok, path, format="text")
     path.write_bytes(b'{"text": "fine"}\n{"text": "\xff\xfe"}\n')
-    with pytest.raises(InputError, match=rf"{path}:2: not UTF-8"):
-        data_lib.build(section(path, format="text"), tok)
+    with pytest.raises(InputError, match=rf"{path} row 2: not UTF-8"):
+        build(tok, path, format="text")
+    csv = tmp_path / "bad.csv"
+    csv.write_bytes(b"text\nfine\nbad \xe9 byte\n")
+    with pytest.raises(InputError, match=rf"{csv} row 3: not UTF-8"):
+        build(tok, csv, format="text")
+    path = write_jsonl(tmp_path / "many.jsonl", [{"text": "ok"}, {"text": 1}, {"text": "ok"}, {"nope": 2}])
+    with pytest.raises(InputError) as e:
+        build(tok, path, format="text")
+    assert str(e.value).splitlines()[:2] == [f"{path} row 2: field 'text' must be a string, got int",
+                                             f"{path} row 4: missing field 'text' (format: text)"]
 
 
-def test_csv_and_parquet_sources(tmp_path, tok):
+def test_sources_files_folders_globs_and_saved_datasets(tmp_path, tok):
     import datasets
 
     rows = [{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": " d"}]
-    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
-    (tmp_path / "d.csv").write_text("prompt,completion\na, b\nc, d\n")
-    for name in ("d.parquet", "d.csv"):
-        d = data_lib.build(section(tmp_path / name, format="completion", max_length=16), tok)
-        assert len(d.train) == 2
-
-
-def test_missing_file_and_unknown_type(tmp_path, tok):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
+    (folder / "d.csv").write_text("prompt,completion\na, b\nc, d\n")
+    (folder / "d.json").write_text(json.dumps(rows))
+    write_jsonl(folder / "d.jsonl", rows)
+    for name in ("d.parquet", "d.csv", "d.json", "d.jsonl"):
+        d = build(tok, folder / name, format="completion")
+        assert [labelled(tok, e) for e in d.train] == [" b<|im_end|>", " d<|im_end|>"], name
+    assert len(build(tok, folder, format="completion").train) == 8
+    assert len(build(tok, folder / "d.*s*", format="completion").train) == 6  # d.csv, d.json, d.jsonl
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    d = build(tok, tmp_path / "saved", format="completion")
+    assert len(d.train) == 2 and d.train[1].source.endswith("split train) row 2")
+    (tmp_path / "t.txt").write_text("one line\n\nsecond line\nsame paragraph\n")
+    assert len(build(tok, tmp_path / "t.txt", format="text").train) == 3
+    assert len(build(tok, tmp_path / "t.txt", format="text", text_sample_by="paragraph").train) == 2
+    with pytest.raises(InputError, match="matches no files"):
+        build(tok, tmp_path / "*.nothing", format="text")
     with pytest.raises(InputError, match="not found"):
-        data_lib.build(section(tmp_path / "nope.jsonl", format="text"), tok)
-    (tmp_path / "x.txt").write_text("hello")
+        build(tok, tmp_path / "nope.jsonl", format="text")
+    (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(InputError, match="unknown type"):
-        data_lib.build(section(tmp_path / "x.txt", format="text"), tok)
+        build(tok, tmp_path / "x.xml", format="text")
+
+
+def test_hub_dataset_offline_fails_fast_and_clearly(tok):
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="is not a local file, folder or glob, and not in the datasets cache") as e:
+        build(tok, "someorg/some-dataset")
+    assert time.perf_counter() - start < 10
+    assert "HF_HUB_OFFLINE=1" in str(e.value)
+
+
+def test_sources_mix_by_weight_after_the_eval_split(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(10)])
+    cfg = DataSection(train=[{"path": str(a), "weight": 2}, {"path": str(b), "weight": 0.5}], format="text",
+                      eval_split=0.2)
+    d = data_lib.build(cfg, tok, seed=1)
+    texts = [tok.decode(e.input_ids) for e in d.train]
+    held_out = {tok.decode(e.input_ids) for e in d.eval}
+    assert len(held_out) == 4 and not held_out & set(texts)  # repeats never leak into eval
+    n_a = sum(t.startswith("a") for t in texts)
+    n_b = sum(t.startswith("b") for t in texts)
+    kept_a = 10 - sum(t.startswith("a") for t in held_out)
+    kept_b = 10 - sum(t.startswith("b") for t in held_out)
+    assert n_a == 2 * kept_a and n_b == round(0.5 * kept_b)
+    assert d.stats["train"].examples == len(d.train) == n_a + n_b
+
+
+def test_too_long_examples_are_truncated_or_dropped_and_counted(tmp_path, tok):
+    rows = [{"text": "The quick brown fox jumps over the lazy dog. " * 5}, {"text": "short"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    d = build(tok, path, format="text", max_length=10)
+    assert [len(e.input_ids) for e in d.train][0] == 10 and d.train[0].truncated
+    assert (d.stats["train"].truncated, d.stats["train"].dropped_too_long) == (1, 0)
+    d = build(tok, path, format="text", max_length=10, truncation="drop")
+    assert len(d.train) == 1 and (d.stats["train"].truncated, d.stats["train"].dropped_too_long) == (0, 1)
+
+
+def test_cache_is_hit_and_rebuilt_on_any_change(tmp_path, tok, tiny_model_dir):
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    cfg = dict(train=str(path), cache_dir=str(tmp_path / "cache"))
+
+    def from_cache(**kw) -> bool:
+        return data_lib.build(DataSection(**{**cfg, **kw}), AutoTokenizer.from_pretrained(tiny_model_dir)) \
+            .stats["train"].from_cache == 1
+
+    assert not from_cache() and from_cache()
+    for change in ({"max_length": 100}, {"train_on": "last"}, {"chat_template": "llama3"},
+                   {"roles": {"bot": "assistant"}}, {"truncation": "drop"}):
+        assert not from_cache(**change) and from_cache(**change), change
+    write_jsonl(path, [CHAT, CHAT])  # new content, same file name
+    assert not from_cache()
+    other = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    assert data_lib.build(DataSection(**cfg), other).stats["train"].from_cache == 0
+    # a build that fails leaves nothing behind that a later run could take for finished
+    before = set((tmp_path / "cache").iterdir())
+    write_jsonl(path, [CHAT, {"messages": []}])
+    with pytest.raises(InputError):
+        data_lib.build(DataSection(**cfg), tok)
+    assert set((tmp_path / "cache").iterdir()) == before
+
+
+def test_packed_batches_keep_examples_apart(tmp_path, tok):
+    rows = [{"text": "one two"}, {"text": "three four five six"}, {"text": "seven"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    plain = build(tok, path, format="text")
+    lengths = [len(e.input_ids) for e in plain.train]
+    d = data_lib.build(DataSection(train=str(path), format="text", packing=True, max_length=sum(lengths)), tok)
+    (seq,) = d.train
+    assert sorted(seq.input_ids) == sorted(t for e in plain.train for t in e.input_ids)
+    batch = data_lib.collate([seq, d.train[0]], pad_id=tok.pad_token_id)
+    starts = [i for i, p in enumerate(seq.position_ids) if p == 0]
+    assert len(starts) == 3 and all(seq.labels[i] == -100 for i in starts)
+    mask = batch["attention_mask"][0, 0]
+    for a, b in zip(starts, [*starts[1:], len(seq.input_ids)], strict=True):
+        assert mask[a:b, a:b].equal(torch.ones(b - a, b - a, dtype=torch.bool).tril())  # causal inside
+        assert not mask[b:, a:b].any()  # nothing later sees this example
+    assert data_lib.count_input_tokens(batch) == 2 * sum(lengths)
+    # a shorter row in the batch is padded with one-token blocks, not counted as input
+    short = data_lib.collate([seq, data_lib.Packed(seq.input_ids[:2], seq.labels[:2], seq.position_ids[:2], "bool")],
+                             pad_id=tok.pad_token_id)
+    assert data_lib.count_input_tokens(short) == sum(lengths) + 2
+    assert short["attention_mask"][1, 0].diagonal().all()  # no empty mask row: no NaN in attention
+    varlen = data_lib.collate([data_lib.Packed(s.input_ids, s.labels, s.position_ids, "varlen") for s in (seq, seq)],
+                              pad_id=tok.pad_token_id)
+    assert "attention_mask" not in varlen and varlen["input_ids"].shape == (1, 2 * sum(lengths))
+    assert data_lib.count_input_tokens(varlen) == 2 * sum(lengths)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packing_leaves_the_eval_loss_unchanged(chat_data, tok, tiny_model_dir, attention):
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.train.loss import eval_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    cfg = dict(train=str(chat_data[1]), max_length=256)
+    plain = data_lib.build(DataSection(**cfg), tok).train
+    packed = data_lib.build(DataSection(**cfg, packing=True), tok, attention=attention).train
+    assert len(packed) < len(plain) / 2
+    loss, n = eval_loss(model, plain, 4, tok.pad_token_id, "cpu")
+    loss_p, n_p = eval_loss(model, packed, 2, tok.pad_token_id, "cpu")
+    assert n == n_p
+    assert loss_p / n_p == pytest.approx(loss / n, rel=1e-4)
+
+
+def test_varlen_layout_gives_the_same_loss(chat_data, tok, tiny_model_dir):
+    """The flash-attention layout (one flat row, boundaries in the position ids only). Flash attention
+    needs a GPU; on CPU, SDPA without a cache reads the same boundaries from the position ids."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.train.loss import eval_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cfg = dict(train=str(chat_data[1]), max_length=256)
+    plain = data_lib.build(DataSection(**cfg), tok).train
+    packed = data_lib.build(DataSection(**cfg, packing=True), tok, attention="flash_attention_2").train
+    loss, n = eval_loss(model, plain, 4, tok.pad_token_id, "cpu")
+    batch = data_lib.collate(list(packed), tok.pad_token_id)
+    assert set(batch) == {"input_ids", "position_ids", "labels"} and batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss_v = F.cross_entropy(logits[0, :-1], targets[0], ignore_index=-100, reduction="sum")
+    assert int((targets != -100).sum()) == n
+    assert float(loss_v) / n == pytest.approx(loss / n, rel=1e-4)
+
+
+def test_packing_refuses_an_attention_without_a_boundary_path(tmp_path, tok):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}])
+    with pytest.raises(InputError, match="not supported with packing"):
+        data_lib.build(DataSection(train=str(path), format="text", packing=True), tok, attention="flex_attention")
+
+
+def run_cli(*args, code=0):
+    from typer.testing import CliRunner
+
+    from peftctl.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_data_and_prepare_commands(make_recipe, tmp_path, tiny_model_dir):
+    recipe = make_recipe(data={"cache_dir": str(tmp_path / "cache")})
+    first = json.loads(run_cli("prepare", recipe, "--json").stdout)
+    assert [t["split"] for t in first["tables"]] == ["train", "eval"]
+    assert first["stats"]["train"]["from_cache"] == 0 and first["stats"]["train"]["examples"] == 48
+    again = json.loads(run_cli("prepare", recipe, "--json").stdout)
+    assert again["stats"]["train"]["from_cache"] == 1 and again["stats"]["eval"]["from_cache"] == 1
+
+    shown = run_cli("data", recipe, "--show", "2").stdout
+    assert shown.count("── #") == 2 and "row 2 ·" in shown
+    first = shown.split("── #1")[1]
+    assert first.split("⟦")[1].split("⟧")[0].endswith("<|im_end|>\n")  # the answer, marked
+    listed = json.loads(run_cli("data", recipe, "--json", "--show", "3", "--split", "eval").stdout)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert listed["split"] == "eval" and len(listed["examples"]) == 3
+    for ex in listed["examples"]:
+        assert tok.decode(ex["input_ids"]) == ex["text"] and len(ex["labels"]) == len(ex["input_ids"])
+        assert tok.decode([t for t in ex["labels"] if t != -100]).endswith("<|im_end|>\n")
+    assert len(json.loads(run_cli("data", recipe, "--json").stdout)["examples"]) == 48  # all of them
+    stats = json.loads(run_cli("data", recipe, "--stats", "--json", "--set", "data.max_length=40",
+                               "--set", "data.truncation=drop").stdout)["stats"]
+    s = stats["train"]
+    assert s["dropped_too_long"] > 0 and s["examples"] + s["dropped_too_long"] == s["rows"] == 48
+    assert sum(b["count"] for b in s["histogram"]) == s["examples"] and s["length"]["max"] <= 40
+    text = run_cli("data", recipe, "--stats").stdout
+    assert "tokens per example" in text and "dropped too long 0" in text
+    bad = run_cli("data", recipe, "--set", f"data.train={tmp_path / 'missing.jsonl'}", code=2)
+    assert "missing.jsonl not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_with_packing_saves_the_recipe_template(make_recipe, tmp_path):
+    recipe = make_recipe(data={"packing": True, "chat_template": "zephyr", "max_length": 256},
+                         train={"max_steps": None, "epochs": 1, "batch_size": 4})
+    summary = json.loads(run_cli("train", recipe, "--json").stdout)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "chat_template.jinja").read_text() == NAMED_TEMPLATES["zephyr"]
+    assert AutoTokenizer.from_pretrained(run_dir).chat_template == NAMED_TEMPLATES["zephyr"]
+    train = summary["data"]["train"]
+    assert train["examples"] == 48 and 0 < train["packed_sequences"] < 48 / 2
+    # one epoch sees every example once, and padding in the packed batches is not counted
+    assert summary["tokens_seen"] == train["tokens"]
+    assert summary["steps"] == -(-train["packed_sequences"] // 4) and summary["final_eval"]["eval_loss"] > 0

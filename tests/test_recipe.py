@@ -39,7 +39,7 @@ def test_good_recipe_loads_with_defaults_and_resolved_paths():
     r = recipe.loads(GOOD, source="r.yaml", base_dir="/base")
     assert r.adapter.r == 8 and r.adapter.lora_alpha == 16
     assert r.adapter.target_modules == ["q_proj", "v_proj"]
-    assert r.data.train == "/base/data/train.jsonl"
+    assert r.data.train[0].path == "/base/data/train.jsonl"
     assert r.output.dir == "/base/out"
     assert r.model.name_or_path == "smollm2-135m-instruct"  # an alias is not a path
     assert r.train.scheduler == "cosine" and r.train.batch_size == 4
@@ -52,7 +52,8 @@ def test_every_error_at_once_with_line_and_path():
     assert got == [
         "r.yaml:5 adapter.r: must be >= 1 (got 0)",
         "r.yaml:6 adapter.lora_alhpa: unknown field; did you mean 'lora_alpha'?",
-        "r.yaml:10 data.format: must be one of 'text', 'completion', 'alpaca' or 'chat' (got 'chatt')",
+        "r.yaml:10 data.format: must be one of 'text', 'completion', 'alpaca', 'chat', 'sharegpt', 'preference' "
+        "or 'classification' (got 'chatt')",
         "r.yaml:12 train.max_steps: must be an integer (got 'ten')",
     ]
 
@@ -100,7 +101,7 @@ def test_set_paths_resolve_against_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = recipe.loads(GOOD, source="r.yaml", base_dir="/base", overrides=["output.dir=elsewhere"])
     assert r.output.dir == str(tmp_path / "elsewhere")
-    assert r.data.train == "/base/data/train.jsonl"
+    assert r.data.train[0].path == "/base/data/train.jsonl"
 
 
 def test_recipe_file_paths_resolve_against_its_folder(tmp_path, monkeypatch):
@@ -108,7 +109,7 @@ def test_recipe_file_paths_resolve_against_its_folder(tmp_path, monkeypatch):
     (tmp_path / "sub" / "r.yaml").write_text(GOOD)
     monkeypatch.chdir("/")
     r = recipe.load(tmp_path / "sub" / "r.yaml")
-    assert r.data.train == str(tmp_path / "sub" / "data" / "train.jsonl")
+    assert r.data.train[0].path == str(tmp_path / "sub" / "data" / "train.jsonl")
 
 
 def test_cross_field_checks():

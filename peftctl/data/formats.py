@@ -2,14 +2,39 @@
 
 Masking works on characters, not tokens: a format returns the rendered text and the spans of the
 responses; tokenization then labels exactly the tokens that overlap those spans. This holds for any
-chat template, including ones that add text around each message, because each assistant span is
-found by rendering the conversation with and without that turn.
+chat template, including ones that add text around each message: each assistant span starts where
+the conversation rendered up to that turn's generation prompt stops matching the full rendering,
+and ends where the conversation rendered up to and including that turn stops matching it.
+
+Pure Python (no torch, no numpy): the recipe schema imports FORMAT_FIELDS from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
+
+# The fields each format reads; `data.columns` maps any of them onto another column name.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "role", "content"),
+    "sharegpt": ("messages", "role", "content"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "classification": ("text", "label"),
+}
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
+}
+# Role names in the data mapped onto the roles chat templates know; `data.roles` adds to these.
+DEFAULT_ROLES: dict[str, dict[str, str]] = {
+    "sharegpt": {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"},
+}
+ROLES = ("system", "user", "assistant", "tool")
+# Message keys besides role and content that templates use (tool calling); others are dropped.
+PASSED_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{inp_intro}. Write a response that appropriately "
@@ -24,119 +49,247 @@ class RowError(ValueError):
 @dataclass
 class Rendered:
     text: str
-    # (start, end) character spans that carry loss when training on responses.
-    response_spans: list[tuple[int, int]] = field(default_factory=list)
-    # The span of the last response, for `train_on: last`.
-    last_span: tuple[int, int] | None = None
-    # For scoring by generation: the prompt text and the reference answer.
-    prompt: str | None = None
-    reference: str | None = None
-    add_special_tokens: bool = True
+    spans: list[tuple[int, int]]  # (start, end) character spans that carry loss
+    prompt: str | None = None  # for scoring by generation: the prompt text ...
+    reference: str | None = None  # ... and the reference answer
+    add_special_tokens: bool = True  # False when a chat template already wrote them
+    rejected: Rendered | None = None  # preference data: the rejected response, rendered alike
 
 
-def _str_field(row: dict[str, Any], name: str, required: bool = True) -> str:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise RowError(f"missing field {name!r}")
-        return ""
-    if not isinstance(value, str):
-        raise RowError(f"field {name!r} must be a string, got {type(value).__name__}")
-    return value
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search on C-speed comparisons)."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(a[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
-def render_text(row: dict[str, Any], tokenizer) -> Rendered:
-    text = _str_field(row, "text")
-    if not text:
-        raise RowError("field 'text' is empty")
-    full = text + (tokenizer.eos_token or "")
-    return Rendered(full, [(0, len(full))], (0, len(full)))
+class Formatter:
+    """Renders the rows of one source: its format, column names, role map and `train_on`."""
 
+    def __init__(self, fmt: str, tokenizer, *, columns: dict[str, str] | None = None,
+                 roles: dict[str, str] | None = None, train_on: str = "assistant", chat=None,
+                 want_prompts: bool = False):
+        self.fmt = fmt
+        self.columns = {**DEFAULT_COLUMNS.get(fmt, {}), **(columns or {})}
+        self.roles = {**DEFAULT_ROLES.get(fmt, {}), **(roles or {})}
+        self.train_on = train_on
+        self.eos = tokenizer.eos_token or ""
+        self.chat = chat  # a templates.ChatRenderer, or None when the tokenizer has no template
+        self.want_prompts = want_prompts  # eval data: prompts for scoring by generation
+        # Special (added) tokens, longest first, to keep loss spans from cutting through one.
+        self.special_texts = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
+        self.specials = re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts else None
+        self._render = getattr(self, f"_{fmt}")
 
-def render_completion(row: dict[str, Any], tokenizer) -> Rendered:
-    prompt = _str_field(row, "prompt")
-    completion = _str_field(row, "completion")
-    if not completion:
-        raise RowError("field 'completion' is empty")
-    eos = tokenizer.eos_token or ""
-    span = (len(prompt), len(prompt) + len(completion) + len(eos))
-    return Rendered(prompt + completion + eos, [span], span, prompt=prompt, reference=completion)
+    def __call__(self, row: dict[str, Any]) -> Rendered:
+        if not isinstance(row, dict):
+            raise RowError(f"a row must be an object with named fields, got {type(row).__name__}")
+        return self._render(row)
 
+    # ---- fields ----------------------------------------------------------------------------
 
-def render_alpaca(row: dict[str, Any], tokenizer) -> Rendered:
-    instruction = _str_field(row, "instruction")
-    inp = _str_field(row, "input", required=False)
-    output = _str_field(row, "output")
-    if not instruction:
-        raise RowError("field 'instruction' is empty")
-    if not output:
-        raise RowError("field 'output' is empty")
-    prompt = ALPACA_PROMPT.format(
-        inp_intro=", paired with an input that provides further context" if inp else "",
-        instruction=instruction,
-        inp=f"### Input:\n{inp}\n\n" if inp else "",
-    )
-    eos = tokenizer.eos_token or ""
-    span = (len(prompt), len(prompt) + len(output) + len(eos))
-    return Rendered(prompt + output + eos, [span], span, prompt=prompt, reference=output)
+    def _col(self, field: str) -> str:
+        return self.columns.get(field, field)
 
+    def _missing(self, field: str) -> RowError:
+        col = self._col(field)
+        if col != field:
+            return RowError(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
+        return RowError(f"missing field {field!r}")
 
-ROLES = ("system", "user", "assistant", "tool")
+    def _str(self, row: dict[str, Any], field: str, required: bool = True, nonempty: bool = False) -> str:
+        col = self._col(field)
+        value = row.get(col)
+        if value is None:
+            if required:
+                raise self._missing(field)
+            return ""
+        if not isinstance(value, str):
+            raise RowError(f"field {col!r} must be a string, got {type(value).__name__}")
+        if nonempty and not value.strip():
+            raise RowError(f"field {col!r} is empty")
+        return value
 
+    # ---- plain-text formats ----------------------------------------------------------------
 
-def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    messages = row.get("messages")
-    if messages is None:
-        raise RowError("missing field 'messages'")
-    if not isinstance(messages, list) or not messages:
-        raise RowError("field 'messages' must be a non-empty list of {role, content}")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RowError(f"messages[{i}] must be an object with role and content")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise RowError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise RowError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise RowError("messages has no assistant turn: nothing to learn from")
-    return out
+    def _response(self, prompt: str, response: str) -> Rendered:
+        text = prompt + response + self.eos
+        span = (0, len(text)) if self.train_on == "all" else (len(prompt), len(text))
+        return Rendered(text, [span], prompt=prompt, reference=response)
 
+    def _text(self, row):
+        text = self._str(row, "text", nonempty=True) + self.eos
+        return Rendered(text, [(0, len(text))])
 
-def render_chat(row: dict[str, Any], tokenizer) -> Rendered:
-    if not getattr(tokenizer, "chat_template", None):
-        raise RowError("format 'chat' needs a tokenizer with a chat template, and this one has none")
-    messages = _messages(row)
+    def _completion(self, row):
+        return self._response(self._str(row, "prompt"), self._str(row, "completion", nonempty=True))
 
-    def render(msgs, gen_prompt=False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+    def _alpaca(self, row):
+        instruction = self._str(row, "instruction", nonempty=True)
+        inp = self._str(row, "input", required=False)
+        output = self._str(row, "output", nonempty=True)
+        prompt = ALPACA_PROMPT.format(
+            inp_intro=", paired with an input that provides further context" if inp else "",
+            instruction=instruction,
+            inp=f"### Input:\n{inp}\n\n" if inp else "",
+        )
+        return self._response(prompt, output)
 
-    text = render(messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:i], gen_prompt=True) if i else ""
-        upto = render(messages[: i + 1])
-        if not text.startswith(upto) or not upto.startswith(before):
-            raise RowError(
-                "the chat template renders a conversation differently from its prefixes, so the "
-                "assistant turns cannot be located"
-            )
-        spans.append((len(before), len(upto)))
-    last = spans[-1]
-    prompt = reference = None
-    if messages[-1]["role"] == "assistant":
-        prompt = render(messages[:-1], gen_prompt=True)
-        reference = messages[-1]["content"]
-    return Rendered(text, spans, last, prompt=prompt, reference=reference, add_special_tokens=False)
+    def _classification(self, row):
+        text = self._str(row, "text", nonempty=True)
+        col = self._col("label")
+        label = row.get(col)
+        if label is None:
+            raise self._missing("label")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise RowError(f"field {col!r} must be a string or an integer, got {type(label).__name__}")
+        if not str(label).strip():
+            raise RowError(f"field {col!r} is empty")
+        # The text, a newline, then the label as the response: exact match on it is accuracy.
+        return self._response(text + "\n", str(label))
 
+    # ---- conversations ---------------------------------------------------------------------
 
-FORMATS = {
-    "text": render_text,
-    "completion": render_completion,
-    "alpaca": render_alpaca,
-    "chat": render_chat,
-}
+    def _messages(self, value: Any, field: str = "messages") -> list[dict[str, Any]]:
+        col = self._col(field)
+        if not isinstance(value, list) or not value:
+            raise RowError(f"field {col!r} must be a non-empty list of messages")
+        role_key, content_key = self._col("role"), self._col("content")
+        out = []
+        for i, m in enumerate(value):
+            where = f"{col}[{i}]"
+            if not isinstance(m, dict):
+                raise RowError(f"{where} must be an object with {role_key!r} and {content_key!r}")
+            role = m.get(role_key)
+            if role is None:
+                raise RowError(f"{where} has no {role_key!r}")
+            if not isinstance(role, str) or not role.strip():
+                raise RowError(f"{where}.{role_key} is empty" if isinstance(role, str) else
+                               f"{where}.{role_key} must be a string, got {type(role).__name__}")
+            mapped = self.roles.get(role, role)
+            if mapped not in ROLES:
+                raise RowError(
+                    f"{where}.{role_key}: unknown role {role!r}; known: {', '.join(ROLES)} "
+                    "(map other names with data.roles, e.g. {human: user, gpt: assistant})"
+                )
+            content = self._content(m.get(content_key), f"{where}.{content_key}")
+            if mapped == "assistant" and not content.strip() and not m.get("tool_calls"):
+                raise RowError(f"{where}: the assistant message is empty")
+            msg = {"role": mapped, "content": content}
+            msg.update({k: m[k] for k in PASSED_MESSAGE_KEYS if m.get(k) is not None})
+            out.append(msg)
+        return out
+
+    @staticmethod
+    def _content(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            raise RowError(f"{where} is missing")
+        if isinstance(value, list):  # OpenAI-style content parts: text only
+            texts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise RowError(f"{where}: only text content parts ({{type: text, text: ...}}) are supported")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise RowError(f"{where} must be a string, got {type(value).__name__}")
+
+    def _conversation(self, messages: list[dict[str, Any]], first_trained: int = 0) -> Rendered:
+        """Render a conversation; loss on its assistant turns from index `first_trained` on."""
+        if self.chat is None:
+            raise RowError("this format needs a chat template, and the tokenizer has none: set data.chat_template")
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
+        if not trained:
+            raise RowError("no assistant message: nothing to learn from")
+        render = self.chat
+        text = render(messages)
+        last = len(messages) - 1
+        if self.train_on == "all":
+            spans, located = [(0, len(text))], []
+        else:
+            spans, located = [], trained[-1:] if self.train_on == "last" else trained
+        prompt = None
+        for i in located:
+            before = self._prompt_for(messages, i)
+            upto = text if i == last else render(messages[: i + 1])
+            start, end = _common_prefix(before, text), _common_prefix(upto, text)
+            if end < len(upto):
+                # The template ends a conversation with text (often EOS) that the next message's
+                # opening happens to share a few characters with: never end inside a special token.
+                end = min(self._outside_special(text, end), self._outside_special(upto, end))
+            if start < len(before):
+                start = self._outside_special(text, start)
+            content = messages[i]["content"].strip()
+            if end <= start or (content and content not in text[start:end]):
+                raise RowError(
+                    f"cannot locate assistant message {i} in the chat template's output: the template "
+                    "renders a conversation differently from its beginning (set data.chat_template to a "
+                    "template that does not)"
+                )
+            spans.append((start, end))
+            if i == last:
+                prompt = before
+        if prompt is None and self.want_prompts and messages[last]["role"] == "assistant":
+            prompt = self._prompt_for(messages, last)
+        reference = messages[last]["content"] if prompt is not None else None
+        return Rendered(text, spans, prompt=prompt, reference=reference, add_special_tokens=False)
+
+    def _outside_special(self, text: str, pos: int) -> int:
+        """`pos`, or the start of the special token whose text contains it."""
+        if self.specials is None:
+            return pos
+        window = max(len(t) for t in self.special_texts)
+        lo = max(0, pos - window)
+        for m in self.specials.finditer(text, lo, pos + window):
+            if m.start() < pos < m.end():
+                return m.start()
+        return pos
+
+    def _prompt_for(self, messages: list[dict[str, Any]], i: int) -> str:
+        """The text before message i's content: the conversation so far and the generation prompt."""
+        try:
+            return self.chat(messages[:i], add_generation_prompt=True)
+        except RowError:
+            if i:
+                raise
+            return ""  # a template that cannot render an empty conversation
+
+    def _chat(self, row):
+        value = row.get(self._col("messages"))
+        if value is None:
+            raise self._missing("messages")
+        return self._conversation(self._messages(value))
+
+    _sharegpt = _chat
+
+    # ---- preference pairs ------------------------------------------------------------------
+
+    def _preference(self, row):
+        values = {f: row.get(self._col(f)) for f in ("prompt", "chosen", "rejected")}
+        for f, v in values.items():
+            if v is None:
+                raise self._missing(f)
+        if any(isinstance(v, list) for v in values.values()):
+            # Conversational pairs (TRL's layout): prompt messages, then the chosen or rejected turns.
+            def turns(field: str, role: str) -> list[dict[str, Any]]:
+                v = values[field]
+                if isinstance(v, str):
+                    return self._messages([{self._col("role"): role, self._col("content"): v}], field)
+                return self._messages(v, field)
+
+            prompt = turns("prompt", "user")
+            chosen = self._conversation(prompt + turns("chosen", "assistant"), first_trained=len(prompt))
+            chosen.rejected = self._conversation(prompt + turns("rejected", "assistant"), first_trained=len(prompt))
+            return chosen
+        prompt = self._str(row, "prompt")
+        chosen = self._response(prompt, self._str(row, "chosen", nonempty=True))
+        chosen.rejected = self._response(prompt, self._str(row, "rejected", nonempty=True))
+        return chosen

@@ -102,7 +102,8 @@ def train(recipe, reporter: Reporter | None = None) -> dict[str, Any]:
     set_seed(recipe.train.seed)
     reporter.log(f"loading {recipe.model.name_or_path} ({resolved.model.dtype})")
     model, tokenizer = prepare_model(recipe, dtype=dtype)
-    dataset = data_lib.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    dataset = data_lib.build(recipe.data, tokenizer, seed=recipe.train.seed,
+                             attention=model.config._attn_implementation, reporter=reporter)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "

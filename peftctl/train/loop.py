@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from peftctl.data import Example, collate
+from peftctl.data import Example, collate, count_input_tokens
 from peftctl.train.loss import eval_loss, loss_sum
 from peftctl.train.optim import build_optimizer, build_scheduler
 from peftctl.ui import Reporter
@@ -118,7 +118,7 @@ def fit(model, train: list[Example], eval_examples: list[Example] | None, recipe
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        inputs = reduce(sum(int(b["attention_mask"].sum()) for b in micro))
+        inputs = reduce(sum(count_input_tokens(b) for b in micro))
         window_loss += reduce(step_loss)
         window_tokens += step_tokens
         window_inputs += inputs

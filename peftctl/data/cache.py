@@ -1,0 +1,78 @@
+"""The tokenized-data cache: one table folder per source, named by a hash of everything it depends on.
+
+The key covers the source's content (file hashes), the tokenizer (its full serialization and
+special tokens), the chat template, and every option that changes the tokens or labels (format,
+columns, roles, train_on, max_length, truncation, whether prompts are kept). Change any and the key
+changes, so a stale cache is never read. A table is built in a temporary folder and renamed into
+place, so an interrupted build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftctl.data.store import FORMAT_VERSION, Table
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())  # vocabulary, merges, normalizer, pre/post-processing
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in sorted(tokenizer.save_pretrained(tmp)):
+                h.update(Path(f).read_bytes())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    from peftctl import __version__
+
+    text = json.dumps({"format_version": FORMAT_VERSION, "peftctl": __version__, **parts}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def default_dir() -> Path:
+    from peftctl.models import cache_root
+
+    return cache_root() / "data"
+
+
+def load_or_build(key: str, cache_dir: Path | None, build: Callable[[Path], None]) -> tuple[Table, bool]:
+    """The table for `key`: from the cache, or built by `build(folder)` (and cached unless cache_dir is None).
+
+    Returns (table, came_from_cache).
+    """
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="peftctl-data-") as tmp:
+            build(Path(tmp))
+            return Table(Path(tmp), in_memory=True), False
+    final = cache_dir / key
+    if (final / "meta.json").exists():
+        return Table(final), True
+    if final.exists():  # a folder without meta.json is not a finished table (removed by hand?)
+        shutil.rmtree(final, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").exists():  # not another process finishing first: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Table(final), False
+

@@ -1,0 +1,174 @@
+"""`build(data_section, tokenizer)`: a recipe's train and eval examples, from the cache when it can.
+
+Each source becomes a table (cached under a content key); the train tables are then split (when
+`eval_split` is set), mixed by weight, and packed (when `packing` is set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from peftctl.data import cache, sources
+from peftctl.data.formats import Formatter
+from peftctl.data.packing import PackedSet, layout_for, pack
+from peftctl.data.store import ExampleSet, Table, TableWriter
+from peftctl.data.templates import ChatRenderer, use_chat_template
+from peftctl.data.tokenize import Counts, tokenize_source
+from peftctl.errors import InputError
+from peftctl.ui import Reporter
+
+CHAT_FORMATS = ("chat", "sharegpt")
+
+
+@dataclass
+class DataStats:
+    rows: int = 0  # rows read from the sources
+    examples: int = 0  # examples in this split (after weighting)
+    truncated: int = 0  # of those, cut to max_length
+    dropped_too_long: int = 0  # rows longer than max_length, dropped (`truncation: drop`)
+    dropped_no_loss: int = 0  # rows with no token to learn from (after truncation)
+    tokens: int = 0
+    loss_tokens: int = 0
+    from_cache: int = 0  # sources read from the cache
+    sources: int = 0
+    packed_sequences: int | None = None
+    packing_fill: float | None = None  # fraction of packed positions holding tokens
+
+
+@dataclass
+class Data:
+    train: ExampleSet | PackedSet  # what the training loop batches
+    eval: ExampleSet | None
+    stats: dict[str, DataStats] = field(default_factory=dict)
+    examples: dict[str, ExampleSet] = field(default_factory=dict)  # each split before packing
+    tables: dict[str, list[tuple[str, Table]]] = field(default_factory=dict)  # (source, table) per split
+
+
+class _Builder:
+    def __init__(self, cfg, tokenizer, reporter: Reporter):
+        self.cfg, self.tokenizer, self.reporter = cfg, tokenizer, reporter
+        # Put the recipe's template on the tokenizer: the run folder saves it with the adapter.
+        self.template = use_chat_template(tokenizer, cfg.chat_template)
+        self.chat = ChatRenderer(tokenizer, self.template) if self.template else None
+        self.tokenizer_fp = cache.tokenizer_fingerprint(tokenizer)
+        self.cache_dir = None
+        if cfg.cache:
+            self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
+
+    def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
+        cfg = self.cfg
+        fmt = spec.format or cfg.format
+        if fmt in CHAT_FORMATS and self.chat is None:
+            raise InputError(
+                f"data: format {fmt!r} renders conversations with a chat template, and the tokenizer has "
+                "none; set data.chat_template (a name such as chatml or llama3, or a Jinja template)"
+            )
+        formatter = Formatter(
+            fmt, self.tokenizer, columns=spec.columns if spec.columns is not None else cfg.columns,
+            roles=spec.roles if spec.roles is not None else cfg.roles, train_on=cfg.train_on, chat=self.chat,
+            want_prompts=prompts,
+        )
+        src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
+        key = cache.cache_key({
+            "source": src.fingerprint(), "tokenizer": self.tokenizer_fp, "template": self.template,
+            "format": fmt, "columns": formatter.columns, "roles": formatter.roles, "train_on": cfg.train_on,
+            "max_length": cfg.max_length, "truncation": cfg.truncation, "prompts": prompts,
+        })
+
+        def build(folder: Path) -> None:
+            writer = TableWriter(folder, prompts=prompts, rejected=fmt == "preference")
+            counts = tokenize_source(src, formatter, self.tokenizer, writer, max_length=cfg.max_length,
+                                     truncation=cfg.truncation, prompts=prompts, reporter=self.reporter,
+                                     label=f"{split} {spec.path}")
+            writer.close({"names": src.names, "key": key, "source": spec.path, "format": fmt,
+                          "stats": vars(counts)})
+
+        table, cached = cache.load_or_build(key, self.cache_dir, build)
+        table.names = src.names  # the same content may sit at another path now
+        c = table.stats
+        self.reporter.log(
+            f"{split}: {spec.path}: {c['examples']:,} examples of {c['rows']:,} rows"
+            + (" (from cache)" if cached else "")
+            + (f", {c['truncated']:,} truncated" if c["truncated"] else "")
+            + (f", {c['dropped_too_long']:,} dropped as too long" if c["dropped_too_long"] else "")
+            + (f", {c['dropped_no_loss']:,} without loss tokens dropped" if c["dropped_no_loss"] else "")
+        )
+        return table, cached
+
+
+def _stats(tables: list[tuple[Table, bool]], examples: ExampleSet, count_rows: bool = True) -> DataStats:
+    s = DataStats(sources=len(tables), from_cache=sum(c for _, c in tables))
+    if count_rows:
+        total = Counts()
+        for t, _ in tables:
+            total.add(Counts(**t.stats))
+        s.rows, s.dropped_too_long, s.dropped_no_loss = total.rows, total.dropped_too_long, total.dropped_no_loss
+    s.examples = len(examples)
+    s.tokens = int(examples.lengths().sum())
+    s.loss_tokens = int(examples.loss_counts().sum())
+    s.truncated = int(examples.truncated().sum())
+    return s
+
+
+def _weighted(examples: ExampleSet, weights: list[float], rng: np.random.Generator) -> ExampleSet:
+    """Repeat each source's examples `weight` times (a seeded random part for the fraction)."""
+    if all(w == 1.0 for w in weights):
+        return examples
+    chosen = []
+    for i, w in enumerate(weights):
+        idx = np.flatnonzero(examples.table == i)
+        whole, frac = int(w), w - int(w)
+        chosen.append(np.tile(idx, whole))
+        if frac:
+            chosen.append(np.sort(rng.choice(idx, size=round(frac * len(idx)), replace=False)))
+    return examples.take(np.concatenate(chosen))
+
+
+def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, reporter: Reporter | None = None) -> Data:
+    """Train and eval examples for a recipe's data section.
+
+    The tokenizer is given the recipe's chat template (when it names one), so that the tokenizer
+    saved with an adapter renders prompts as training did. `attention` is the model's attention
+    implementation; packing shapes its batches for it.
+    """
+    reporter = reporter or Reporter()
+    builder = _Builder(cfg, tokenizer, reporter)
+    layout = layout_for(attention) if cfg.packing else None
+    # Prompts (for scoring by generation) are kept for eval data only, which eval_split takes from train.
+    train_tables = [builder.table(s, "train", prompts=bool(cfg.eval_split)) for s in cfg.train]
+    eval_tables = [builder.table(s, "eval", prompts=True) for s in cfg.eval or []]
+    tables = [t for t, _ in train_tables]
+    train = ExampleSet.concat(tables)
+    rng = np.random.default_rng(seed)
+    eval_set = ExampleSet.concat([t for t, _ in eval_tables]) if eval_tables else None
+    if cfg.eval_split:
+        order = rng.permutation(len(train))
+        n_eval = max(1, round(len(train) * cfg.eval_split))
+        if n_eval >= len(train):
+            raise InputError(f"data.eval_split {cfg.eval_split} leaves no training examples ({len(train)} in all)")
+        eval_set = train.take(np.sort(order[:n_eval]))
+        train = train.take(np.sort(order[n_eval:]))
+    train = _weighted(train, [s.weight for s in cfg.train], rng)
+
+    stats = {"train": _stats(train_tables, train)}
+    if eval_set is not None:
+        stats["eval"] = _stats(eval_tables, eval_set, count_rows=bool(eval_tables))
+    for split, s in stats.items():
+        if s.examples == 0:
+            raise InputError(
+                f"{split} data: no example has any token to learn from (max_length {cfg.max_length}, "
+                f"{s.dropped_too_long} dropped as too long, {s.dropped_no_loss} without loss tokens)"
+            )
+    data = Data(train, eval_set, stats, {"train": train} | ({"eval": eval_set} if eval_set is not None else {}),
+                {"train": [(s.path, t) for s, (t, _) in zip(cfg.train, train_tables, strict=True)],
+                 "eval": [(s.path, t) for s, (t, _) in zip(cfg.eval or [], eval_tables, strict=True)]})
+    if layout is not None:
+        data.train = pack(train, cfg.max_length, layout)
+        stats["train"].packed_sequences = len(data.train)
+        stats["train"].packing_fill = round(data.train.fill(), 4)
+        reporter.log(f"packed {len(train):,} examples into {len(data.train):,} sequences of up to "
+                     f"{cfg.max_length} tokens ({100 * data.train.fill():.1f}% filled)")
+    return data

@@ -1,0 +1,109 @@
+"""`peftctl data` and `peftctl prepare`: build a recipe's data (no model weights) and show it.
+
+Library functions only; the CLI renders what they return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from peftctl.data.store import IGNORE, Example
+from peftctl.errors import InputError
+from peftctl.ui import Reporter
+
+
+def load(recipe, reporter: Reporter | None = None):
+    """(Data, tokenizer) for a recipe, built or read from the cache; loads the tokenizer only."""
+    from peftctl import models
+    from peftctl.data.pipeline import build
+
+    tokenizer = models.load_tokenizer(recipe.model)
+    data = build(recipe.data, tokenizer, seed=recipe.train.seed, attention=recipe.model.attn_implementation,
+                 reporter=reporter)
+    return data, tokenizer
+
+
+def split_examples(data, split: str):
+    if split not in data.examples:
+        raise InputError(f"no {split} data in this recipe (set data.eval or data.eval_split)")
+    return data.examples[split]
+
+
+def runs(example: Example) -> list[tuple[list[int], bool]]:
+    """The example's tokens in runs of equal loss state: [(token ids, carries loss), ...]."""
+    out: list[tuple[list[int], bool]] = []
+    for tok, label in zip(example.input_ids, example.labels, strict=True):
+        loss = label != IGNORE
+        if out and out[-1][1] == loss:
+            out[-1][0].append(tok)
+        else:
+            out.append(([tok], loss))
+    return out
+
+
+def describe(example: Example, tokenizer) -> dict[str, Any]:
+    """One example as `peftctl data --json` prints it."""
+    out = {
+        "source": example.source,
+        "input_ids": example.input_ids,
+        "labels": example.labels,
+        "text": tokenizer.decode(example.input_ids),
+        "tokens": len(example.input_ids),
+        "loss_tokens": example.num_loss_tokens,
+        "truncated": example.truncated,
+    }
+    if example.rejected is not None:
+        out["rejected"] = {k: v for k, v in describe(example.rejected, tokenizer).items()
+                           if k in ("input_ids", "labels", "text", "tokens", "loss_tokens")}
+    return out
+
+
+def examples_json(data, tokenizer, split: str, n: int | None) -> Iterator[dict[str, Any]]:
+    examples = split_examples(data, split)
+    for k in range(len(examples) if n is None else min(n, len(examples))):
+        yield describe(examples[k], tokenizer)
+
+
+def histogram(lengths: np.ndarray, bins: int = 10) -> list[dict[str, int]]:
+    """Example counts over equal ranges of token length, from the shortest example to the longest."""
+    lo, hi = int(lengths.min()), int(lengths.max())
+    edges = np.unique(np.linspace(lo, hi + 1, min(bins, hi + 1 - lo) + 1).round().astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
+    return [{"from": int(a), "to": int(b) - 1, "count": int(c)}
+            for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+
+
+def stats(data) -> dict[str, Any]:
+    """Counts per split and source, token-length percentiles and a histogram."""
+    out: dict[str, Any] = {}
+    for split, examples in data.examples.items():
+        lengths = examples.lengths()
+        entry = asdict(data.stats[split])
+        if len(lengths):
+            entry["length"] = {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                               "median": int(np.median(lengths)), "p95": int(np.percentile(lengths, 95)),
+                               "max": int(lengths.max())}
+            entry["histogram"] = histogram(lengths)
+        entry["by_source"] = [{"source": name, **table.stats} for name, table in data.tables.get(split, [])]
+        out[split] = entry
+    return out
+
+
+def prepare(recipe, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Build (or check) the cache for a recipe's data ahead of training."""
+    start = time.perf_counter()
+    data, _ = load(recipe, reporter)
+    tables = [{"split": split, "source": name, "examples": len(t),
+               "folder": str(t.folder) if recipe.data.cache else None}
+              for split, entries in data.tables.items() for name, t in entries]
+    return {
+        "seconds": round(time.perf_counter() - start, 3),
+        "cache": recipe.data.cache,
+        "tables": tables,
+        "stats": {split: asdict(s) for split, s in data.stats.items()},
+    }
