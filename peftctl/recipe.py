@@ -140,7 +140,8 @@ class TrainSection(Section):
         default="adamw",
         description=(
             "adamw (torch, fused on GPU); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit "
-            "(bitsandbytes; paged ones fall back to unpaged on CPU); adafactor (torch); sgd."
+            "(bitsandbytes; paged ones fall back to unpaged on CPU); adafactor (transformers', with the "
+            "recipe's lr); sgd."
         ),
     )
     weight_decay: float = Field(

@@ -161,6 +161,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 optimizer.step()
         elif state.skipped_steps < cfg.skip_nonfinite_steps:
             state.skipped_steps += 1
+            if scaler is not None:
+                scaler.update(scaler.get_scale())  # end the scaler's step, keeping its scale
             write_metrics({"step": step, "skipped": f"{bad} is not finite"})
             reporter.log(f"step {step}: {bad} is not finite; step skipped "
                          f"({state.skipped_steps} of {cfg.skip_nonfinite_steps} allowed)")

@@ -52,7 +52,11 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if name == "adafactor":
-        return torch.optim.Adafactor(groups, lr=cfg.lr)
+        from transformers.optimization import Adafactor
+
+        # As transformers' Trainer sets it up: the recipe's lr, no update scaled by the weight's own
+        # size (LoRA's B starts at zero and would never move).
+        return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     import bitsandbytes as bnb
 
     classes = {
