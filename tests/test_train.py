@@ -328,3 +328,31 @@ def test_tensorboard_and_mlflow_get_the_metrics(make_recipe, tmp_path):
     assert [(h.step, h.value) for h in history] == [(m["step"], pytest.approx(m["loss"])) for m in metrics(out) if "loss" in m]
     mrun = client.get_run(s["mlflow"]["run_id"])
     assert mrun.info.status == "FINISHED" and mrun.data.params["adapter.r"] == "4"
+
+
+def test_two_processes_over_gloo_match_one_process_and_resume(make_recipe, tmp_path):
+    """`--num-processes 2` (accelerate, gloo on CPU) with half the batch each: the same global batch,
+    so the same losses and adapter as one process; it checkpoints, and resumes, on two processes too."""
+    train = {"scheduler": "constant", "log_every": 1, "save_every": 3, "eval_every": 3}
+    one = tmp_path / "one"
+    run_json("train", make_recipe(out=str(one), train={**train, "max_steps": 6, "batch_size": 4}))
+
+    two = tmp_path / "two"
+    recipe = make_recipe(out=str(two), train={**train, "max_steps": 3, "batch_size": 2})
+    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("step 1/3 ") == 1  # only the main process logs
+    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2",
+                        "--resume", "auto", "--set", "train.max_steps=6", "--json"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(p.stdout)  # one JSON object, from the main process
+    assert s["num_processes"] == 2 and s["steps"] == 6 and s["resumed_from"].endswith("step-000003")
+
+    assert [m["step"] for m in metrics(two) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # written once each
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    a, b = adapter(one), adapter(two)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())

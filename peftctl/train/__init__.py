@@ -266,6 +266,8 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     last_checkpoint: list[Path | None] = [checkpoint.latest(run.path) if main else None]
 
     def write_metrics(record: dict[str, Any]) -> None:
+        if not main:
+            return
         run.write_metrics(record)
         for sink in sinks:
             sink.log(record)
