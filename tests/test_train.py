@@ -118,12 +118,14 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(make_recipe, tmp_pa
     assert res["status"] == "completed" and res["steps"] == s["steps"] + 2
 
 
-def test_a_second_signal_stops_at_once():
-    from peftctl.train.signals import StopNow, StopRequest
+def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not():
+    from peftctl.train.signals import SAME_EVENT_S, StopNow, StopRequest
 
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT  # the first only asks
+        os.kill(os.getpid(), signal.SIGTERM)  # the same event, forwarded by a launcher
+        time.sleep(SAME_EVENT_S)
         with pytest.raises(StopNow):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
@@ -330,27 +332,34 @@ def test_tensorboard_and_mlflow_get_the_metrics(make_recipe, tmp_path):
     assert mrun.info.status == "FINISHED" and mrun.data.params["adapter.r"] == "4"
 
 
-def test_two_processes_over_gloo_match_one_process_and_resume(make_recipe, tmp_path):
-    """`--num-processes 2` (accelerate, gloo on CPU) with half the batch each: the same global batch,
-    so the same losses and adapter as one process; it checkpoints, and resumes, on two processes too."""
-    train = {"scheduler": "constant", "log_every": 1, "save_every": 3, "eval_every": 3}
-    one = tmp_path / "one"
-    run_json("train", make_recipe(out=str(one), train={**train, "max_steps": 6, "batch_size": 4}))
-
+def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(make_recipe, tmp_path):
+    """`--num-processes 2` (accelerate; gloo on CPU) with half the batch each is the same global
+    batch: the same losses and adapter as one process. SIGTERM stops both after the same step with
+    a checkpoint, exit 143, and the run resumes on two processes."""
+    train = {"scheduler": "constant", "log_every": 1, "save_every": None, "eval_every": 1000}
     two = tmp_path / "two"
-    recipe = make_recipe(out=str(two), train={**train, "max_steps": 3, "batch_size": 2})
-    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stderr.count("step 1/3 ") == 1  # only the main process logs
-    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2",
-                        "--resume", "auto", "--set", "train.max_steps=6", "--json"],
+    recipe = make_recipe(out=str(two), train={**train, "max_steps": 100000, "batch_size": 2})
+    cmd = [sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (two / "metrics.jsonl").exists() and len(metrics(two)) >= 2, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.count("step 1/100000 ") == 1  # only the main process logs
+    stopped = summary(two)
+    n = stopped["steps"]
+    assert stopped["status"] == "interrupted" and stopped["num_processes"] == 2
+    assert stopped["last_checkpoint"] == f"checkpoints/step-{n:06d}"
+
+    p = subprocess.run([*cmd, "--resume", "auto", "--set", f"train.max_steps={n + 2}", "--json"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)  # one JSON object, from the main process
-    assert s["num_processes"] == 2 and s["steps"] == 6 and s["resumed_from"].endswith("step-000003")
+    assert s["status"] == "completed" and s["steps"] == n + 2 and s["resumed_from"].endswith(f"step-{n:06d}")
+    assert [m["step"] for m in metrics(two) if "loss" in m] == list(range(1, n + 3))  # each written once
 
-    assert [m["step"] for m in metrics(two) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # written once each
+    one = tmp_path / "one"
+    run_json("train", make_recipe(out=str(one), train={**train, "max_steps": n + 2, "batch_size": 4}))
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
     a, b = adapter(one), adapter(two)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

@@ -1,15 +1,22 @@
 """SIGTERM and SIGINT during training: the first asks the loop to stop after the current step (it
-then writes a checkpoint and the summary); a second one stops at once."""
+then writes a checkpoint and the summary); a second one stops at once.
+
+A signal that comes within a second of the first is the same event, not a second one: a batch
+system that signals a whole process group reaches each worker directly and again through the
+launcher (torchrun forwards what it receives), within milliseconds.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 from peftctl.errors import PeftctlError
 
 _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+SAME_EVENT_S = 1.0
 
 
 class Interrupted(PeftctlError):
@@ -34,6 +41,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -42,8 +50,10 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first_at < SAME_EVENT_S:
+                return
             raise StopNow(signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         # A plain write: safe inside a handler, whatever the main thread was printing.
         os.write(2, f"\n{_NAMES.get(signum, signum)}: stopping after this step (again to stop now)\n".encode())
 
