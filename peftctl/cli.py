@@ -161,14 +161,17 @@ def train(
         raise typer.Exit(launch(num_processes, args, Path(r.output.dir)))
 
     from peftctl.train import train as run_train
+    from peftctl.train.loop import Diverged
     from peftctl.train.signals import Interrupted
 
     # Under `accelerate launch`, only the main process reports.
     main = os.environ.get("RANK", "0") == "0"
     try:
         summary = run_train(r, reporter=_reporter(quiet=not main), resume=resume)
-    except Interrupted:
-        if json_ and main:
+    except (Interrupted, Diverged) as e:
+        if not main:  # every process stopped at the same step; the main one says so
+            raise typer.Exit(e.exit_code) from None
+        if json_:  # the summary says how it ended
             sys.stdout.write((Path(r.output.dir) / "summary.json").read_text(encoding="utf-8"))
         raise
     if not main:

@@ -147,10 +147,16 @@ def test_resume_refuses_a_recipe_that_became_another_run(make_recipe, tmp_path, 
     # without --resume a used folder is refused, and the message says how to resume
     r = run("train", recipe, code=2)
     assert "not empty" in r.stderr and "--resume auto" in r.stderr
-    # a change that keeps it the same run (more steps) is fine, and said
-    r = run("train", recipe, "--resume", "auto", "--set", "train.max_steps=6")
-    assert "train.max_steps: 4 -> 6" in r.stderr
+    # changes that keep it the same run (more steps, the same data elsewhere) are fine, and said
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(chat_data[0].read_text())
+    r = run("train", recipe, "--resume", "auto", "--set", "train.max_steps=6", "--set", f"data.train={moved}")
+    assert "train.max_steps: 4 -> 6" in r.stderr and "(same content)" in r.stderr
     assert summary(out)["steps"] == 6
+    # going back to an older checkpoint abandons the later ones
+    r = run("train", recipe, "--resume", out / "checkpoints" / "step-000004", "--set", "train.max_steps=6")
+    assert "removed the checkpoints after step 4: step-000006" in r.stderr
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [2, 4, 6]
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(make_recipe, tmp_path):

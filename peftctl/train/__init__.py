@@ -33,11 +33,12 @@ class RunFolder:
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
         (self.path / "metrics.jsonl").touch()
 
-    def reopen(self, recipe_yaml: str, step: int) -> None:
-        """Continue a run from its checkpoint at `step`: drop what a killed attempt logged after it."""
+    def reopen(self, recipe_yaml: str, step: int) -> list[str]:
+        """Continue a run from its checkpoint at `step`: drop what was written after it (metrics
+        lines, later checkpoints). Returns the names of the checkpoints removed."""
         from peftctl.train import checkpoint
 
-        checkpoint.remove_partial(self.path)
+        removed = checkpoint.clear_after(self.path, step)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
         metrics = self.path / "metrics.jsonl"
         lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
@@ -49,6 +50,7 @@ class RunFolder:
             except json.JSONDecodeError:
                 pass  # the half line a kill left behind
         atomic_write_text(metrics, "".join(x + "\n" for x in kept))
+        return removed
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -248,7 +250,9 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     recipe_yaml = run_recipe.to_yaml()
     if main:
         if ckpt is not None and run.path.exists():
-            run.reopen(recipe_yaml, state.step)
+            removed = run.reopen(recipe_yaml, state.step)
+            if removed:
+                reporter.log(f"removed the checkpoints after step {state.step}: {', '.join(removed)}")
         else:
             run.create(recipe_yaml)
     sinks: list[Any] = []

@@ -273,13 +273,20 @@ def prune(run_dir: Path, keep: int, best_step: int | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_partial(run_dir: Path) -> None:
-    """Delete temporary folders left by a process killed while writing a checkpoint."""
+def clear_after(run_dir: Path, step: int) -> list[str]:
+    """Before continuing from `step`: delete temporary folders a killed process left, and the
+    checkpoints of later steps (a resume from an older checkpoint abandons them; left in place,
+    `--resume auto` would pick them next time). Returns the names of the deleted checkpoints."""
     root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return []
+    for p in root.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            shutil.rmtree(p, ignore_errors=True)
+    later = [p for s, p in checkpoint_dirs(run_dir) if s > step]
+    for p in later:
+        shutil.rmtree(p)
+    return [p.name for p in later]
 
 
 def read_payload_files(ckpt: Path) -> dict[str, Any]:
@@ -318,6 +325,12 @@ def compare(saved: dict[str, Any], current: dict[str, Any], saved_hashes: dict[s
         matters = any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MUST_MATCH)
         (refusals if matters else notes).append(change)
     for name, digest in saved_hashes.items():
+        key = f"data.{name}"
         if name in current_hashes and current_hashes[name] != digest:
-            refusals.append(f"data.{name}: the file's content changed since the checkpoint")
+            refusals.append(f"{key}: the file's content changed since the checkpoint")
+        elif name in current_hashes and a.get(key) != b.get(key):
+            # The same content in another place (a moved folder): the same data.
+            moved = next(r for r in refusals if r.startswith(f"{key}: "))
+            refusals.remove(moved)
+            notes.append(f"{moved} (same content)")
     return refusals, notes
