@@ -371,3 +371,67 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())
+
+
+def _fsdp2_worker(rank: int, world: int, model_dir: str, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import LoraConfig, get_peft_model
+    from peftctl.train import checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def build():
+            torch.manual_seed(0)
+            return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                  LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+        def adam(model):
+            return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+        def step(model, opt, seed):
+            torch.manual_seed(seed)
+            ids = torch.randint(0, 300, (2, 8))
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        plain, sharded = build(), build()
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in sharded.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        plain_opt, sharded_opt = adam(plain), adam(sharded)
+        step(plain, plain_opt, 1)
+        step(sharded, sharded_opt, 1)
+        # The optimizer state round trip a checkpoint makes, into a fresh optimizer.
+        state = checkpoint.optimizer_state(sharded, sharded_opt, fsdp=True)
+        sharded_opt = adam(sharded)
+        checkpoint.load_optimizer_state(sharded, sharded_opt, state, fsdp=True)
+        step(plain, plain_opt, 2)
+        step(sharded, sharded_opt, 2)
+        gathered = checkpoint.adapter_state(sharded)  # every process takes part
+        expected = checkpoint.adapter_state(plain)
+        assert gathered.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(gathered[k], expected[k], atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_checkpoint_state_gathers_and_round_trips(tiny_model_dir):
+    """The FSDP2 paths of checkpoints (adapter gathered from DTensor shards, optimizer state as a
+    full state dict and back) on two CPU processes over gloo. (accelerate's FSDP launch itself
+    needs GPUs: bench/ddp_check.py runs it.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp2_worker, args=(2, str(tiny_model_dir), port), nprocs=2)
