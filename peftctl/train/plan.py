@@ -28,17 +28,20 @@ def memory_estimate(config, dtype: str, trainable: int, total: int, cfg, micro_t
     layers = getattr(config, "num_hidden_layers", 0) or 0
     vocab = getattr(config, "vocab_size", 0) or 0
     optim = _OPTIMIZER_BYTES[cfg.optimizer] if cfg.optimizer != "sgd" or cfg.momentum else 0
-    # Saved for backward per token and layer, with SDPA (no attention matrix): the layer input,
-    # q/k/v, attention output, the norms' outputs (about 6 × hidden) and the MLP's gate, up, its
-    # activation and the down projection's input (about 4 × intermediate). Checkpointing keeps
-    # only each layer's input, plus one layer's full set during its recomputation.
-    per_layer_token = (6 * hidden + 4 * inter) * bytes_
+    # Saved for backward per token and layer (SDPA: no attention matrix), in the model's dtype:
+    # about 10 × hidden (norm outputs, q/k/v, rotary, attention output, LoRA inputs) and
+    # 6 × intermediate (gate, up, the activation and its input, the down projection's input), plus
+    # the float32 inputs of the two RMSNorms. Calibrated on Llama-3.1-8B, LoRA r=16 on all linear
+    # layers, batch 4 × 2048 on an H200: 95 GiB estimated, 101 GiB measured (PEFT); with
+    # checkpointing, which keeps only each layer's input plus one layer during its recomputation,
+    # 29 GiB estimated, 31 GiB measured; Llama-3.2-1B, batch 8 × 2048: 61 GiB estimated, 69 measured.
+    per_layer_token = (10 * hidden + 6 * inter) * bytes_ + 2 * 4 * hidden
     if cfg.gradient_checkpointing:
         activations = micro_tokens * (layers * hidden * bytes_ + per_layer_token)
     else:
         activations = micro_tokens * layers * per_layer_token
-    # float32 logits of the loss positions, and their gradient.
-    logits = int(micro_tokens * loss_fraction * vocab * 4 * 2)
+    # Logits of the loss positions: in the model's dtype, upcast to float32, and their gradient.
+    logits = int(micro_tokens * loss_fraction * vocab * (bytes_ + 4 + 4))
     out = {
         "base_weights": (total - trainable) * bytes_,
         "adapter_weights_grads_optimizer": int(trainable * (4 + 4 + optim)),
