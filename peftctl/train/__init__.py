@@ -166,6 +166,25 @@ def _enable_gradient_checkpointing(peft_model) -> None:
     base.config.use_cache = False
 
 
+def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, main: bool, reporter: Reporter) -> None:
+    """The run's adapter (the last, or the best evaluation's with load_best_at_end) and tokenizer."""
+    from peftctl.train import checkpoint
+
+    use_best = cfg.load_best_at_end and state.best_step is not None
+    # Under FSDP every process takes part in gathering the adapter; the main one writes it.
+    tensors = checkpoint.adapter_state(peft_model) if fsdp and not use_best else None
+    if not main:
+        return
+    if use_best:
+        checkpoint.copy_adapter(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(state.best_step), run_dir)
+        reporter.log(f"the run's adapter is the best one, from step {state.best_step}")
+    elif tensors is not None:
+        checkpoint.save_adapter(peft_model, tensors, run_dir)
+    else:
+        peft_model.save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+
+
 def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run a recipe: load, attach, read data, train, save. Returns the summary.
 
@@ -226,23 +245,7 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     unwrapped = accelerator.unwrap_model(model)
 
     if ckpt is not None:
-        state = checkpoint.read_state(ckpt)
-        files = checkpoint.read_payload_files(ckpt)
-        checkpoint.load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
-        base_lrs = list(scheduler.base_lrs)  # the recipe's lr wins over the checkpoint's
-        scheduler.load_state_dict(files["scheduler"])
-        scheduler.base_lrs = base_lrs
-        for group, base, fn in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * fn(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        if scaler is not None and files["scaler"] is not None:
-            scaler.load_state_dict(files["scaler"])
-        rngs = files["rng"]
-        if len(rngs) != accelerator.num_processes:
-            reporter.log(f"the checkpoint was written by {len(rngs)} processes, this run has "
-                         f"{accelerator.num_processes}: random streams (dropout) restart from its first")
-        checkpoint.set_rng_state(rngs[min(accelerator.process_index, len(rngs) - 1)])
-        state.world_size = accelerator.num_processes
+        state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter)
         reporter.log(f"resuming from {ckpt} at step {state.step} of {steps}")
     else:
         state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes)
@@ -317,19 +320,7 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
                                   f"{where_to_resume()}; continue with --resume auto")
-            use_best = cfg.load_best_at_end and state.best_step is not None
-            # Under FSDP every process takes part in gathering the adapter; the main one writes it.
-            tensors = checkpoint.adapter_state(unwrapped) if fsdp and not use_best else None
-            if main:
-                if use_best:
-                    checkpoint.copy_adapter(run.path / checkpoint.CHECKPOINTS / checkpoint.step_name(state.best_step),
-                                            run.path)
-                    reporter.log(f"the run's adapter is the best one, from step {state.best_step}")
-                elif tensors is not None:
-                    checkpoint.save_adapter(unwrapped, tensors, run.path)
-                else:
-                    unwrapped.save_pretrained(run.path)
-                tokenizer.save_pretrained(run.path)
+            save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
             summary.update(status="completed", stop_reason=ended)
     except StopNow as e:
         summary.update(status="interrupted", stop_reason=f"{e} (second signal)")

@@ -298,6 +298,30 @@ def read_payload_files(ckpt: Path) -> dict[str, Any]:
             "scaler": load("scaler.pt"), "rng": load("rng_state.pt")}
 
 
+def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter) -> TrainState:
+    """Load a checkpoint's optimizer, schedule, loss scaler and RNG states (the adapter weights
+    are loaded before the model is prepared: `load_adapter`). Returns its TrainState."""
+    state = read_state(ckpt)
+    files = read_payload_files(ckpt)
+    load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
+    # The schedule continues from the checkpoint's step, with the recipe's own peak lr.
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(files["scheduler"])
+    scheduler.base_lrs = base_lrs
+    for group, base, fn in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if scaler is not None and files["scaler"] is not None:
+        scaler.load_state_dict(files["scaler"])
+    rngs, world = files["rng"], accelerator.num_processes
+    if len(rngs) != world:
+        reporter.log(f"the checkpoint was written by {len(rngs)} processes, this run has {world}: "
+                     "random streams (dropout) restart from its first")
+    set_rng_state(rngs[min(accelerator.process_index, len(rngs) - 1)])
+    state.world_size = world
+    return state
+
+
 # ---- what a resumed recipe may change ----------------------------------------------------------------
 
 # Changing these makes the checkpoint a different run: refused.
