@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,16 @@ class MLflow:
             exp_id = exp.experiment_id if exp else self.client.create_experiment(tracking.mlflow_experiment)
             run = self.client.create_run(exp_id, run_name=run_name)
             run_id = run.info.run_id
-            for key, value in params.items():
-                self.client.log_param(run_id, key, str(value)[:500])
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:500]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=items[i : i + 100])
         else:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
 
     def log(self, record: dict[str, Any]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
