@@ -245,7 +245,7 @@ def test_optimizers_schedules_precision_and_checkpointing_train(make_recipe, tmp
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_llama):
     from peftctl import LoraConfig, get_peft_model
-    from peftctl.train import _enable_gradient_checkpointing
+    from peftctl.train import enable_gradient_checkpointing
     from peftctl.train.loss import loss_sum
 
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_lla
         model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                         init_lora_weights=False))
         if checkpointing:
-            _enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         model.train()
         calls.append(0)
         model.get_base_model().model.layers[0].self_attn.register_forward_hook(

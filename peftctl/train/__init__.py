@@ -155,7 +155,7 @@ def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str], rep
         reporter.log(f"resuming from {ckpt.name} with recipe changes: " + "; ".join(notes))
 
 
-def _enable_gradient_checkpointing(peft_model) -> None:
+def enable_gradient_checkpointing(peft_model) -> None:
     base = peft_model.get_base_model()
     # Non-reentrant checkpointing needs no inputs that require grad; transformers still hooks the
     # input embeddings to require grad (frozen embeddings otherwise cut the graph for the reentrant
@@ -232,7 +232,7 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
         f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
     )
     if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
@@ -300,17 +300,18 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
         return f"last checkpoint {last_checkpoint[0]}"
 
     try:
-        if main:
-            if recipe.tracking.tensorboard:
-                sinks.append(trackers.TensorBoard(run.path / "tensorboard", state.step))
-            if recipe.tracking.mlflow:
-                mlf = trackers.MLflow(recipe.tracking, run.path, recipe.tracking.run_name or run.path.name,
-                                      trackers.flat_params(run_recipe.model_dump(mode="json")),
-                                      state.trackers.get("mlflow_run_id"))
-                state.trackers["mlflow_run_id"] = mlf.run_id
-                summary["mlflow"] = {"tracking_uri": mlf.uri, "run_id": mlf.run_id}
-                sinks.append(mlf)
         with StopRequest() as stop:
+            if main:
+                if recipe.tracking.tensorboard:
+                    sinks.append(trackers.TensorBoard(run.path / "tensorboard", state.step))
+                    summary["tensorboard"] = str(run.path / "tensorboard")
+                if recipe.tracking.mlflow:
+                    mlf = trackers.MLflow(recipe.tracking, run.path, recipe.tracking.run_name or run.path.name,
+                                          trackers.flat_params(run_recipe.model_dump(mode="json")),
+                                          state.trackers.get("mlflow_run_id"))
+                    state.trackers["mlflow_run_id"] = mlf.run_id
+                    summary["mlflow"] = {"tracking_uri": mlf.uri, "run_id": mlf.run_id}
+                    sinks.append(mlf)
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
