@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from peftctl.data import Example, collate
 from peftctl.errors import RuntimeFailure
@@ -104,8 +105,15 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     def run_eval(step: int) -> bool:
         """Evaluate; record the metrics; return whether eval_loss improved on the best so far."""
         model.eval()
-        shard = eval_examples[accelerator.process_index :: world]
-        loss, n = reduce(*eval_loss(model, shard, recipe.eval.batch_size, pad_id, device))
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # Every forward of a sharded model is collective: each process runs the same batches.
+            loss, n = eval_loss(model, eval_examples, recipe.eval.batch_size, pad_id, device)
+        else:
+            # Each process its share, through the unwrapped model (DDP's forward would sync
+            # buffers: a collective, which shares of unequal batch counts would deadlock).
+            shard = eval_examples[accelerator.process_index :: world]
+            loss, n = reduce(*eval_loss(accelerator.unwrap_model(model), shard, recipe.eval.batch_size,
+                                        pad_id, device))
         model.train()
         record = {"step": step, "eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)),
                   "eval_tokens": int(n)}
