@@ -124,25 +124,123 @@ def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> 
     _emit(result, json_, render)
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 @app.command()
 @handled
-def train(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Train an adapter as the recipe says; the run folder gets the adapter, metrics and summary."""
-    from peftctl.train import train as run_train
-
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue a run: 'auto' (the latest checkpoint in output.dir; a new run when there is "
+             "none) or a checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Resolve everything (recipe, data, model on the meta device), print the plan, "
+                          "train nothing.")] = False,
+    num_processes: Annotated[int, typer.Option(
+        "--num-processes", min=1, help="Run on N processes through accelerate (one per GPU; gloo on CPU).")] = 1,
+    json_: JsonOpt = False,
+) -> None:
+    """Train an adapter as the recipe says; the run folder gets the adapter, checkpoints, metrics and summary."""
     r = _load_recipe(recipe, set_)
-    summary = run_train(r, reporter=_reporter())
+    if dry_run:
+        from peftctl.train.plan import plan
+
+        _emit(plan(r, num_processes=num_processes, resume=resume), json_, _render_plan)
+        return
+    if num_processes > 1:
+        from peftctl.train.launch import launch
+        from peftctl.train.plan import plan
+
+        plan(r, num_processes=num_processes, resume=resume)  # input errors exit 2 here, not in N workers
+        args = [str(recipe), *(f"--set={s}" for s in set_ or [])]
+        args += [f"--resume={resume}"] if resume else []
+        args += ["--json"] if json_ else []
+        raise typer.Exit(launch(num_processes, args, Path(r.output.dir)))
+
+    from peftctl.train import train as run_train
+    from peftctl.train.loop import Diverged
+    from peftctl.train.signals import Interrupted
+
+    # Under `accelerate launch`, only the main process reports.
+    main = os.environ.get("RANK", "0") == "0"
+    try:
+        summary = run_train(r, reporter=_reporter(quiet=not main), resume=resume)
+    except (Interrupted, Diverged) as e:
+        if not main:  # every process stopped at the same step; the main one says so
+            raise typer.Exit(e.exit_code) from None
+        if json_:  # the summary says how it ended
+            sys.stdout.write((Path(r.output.dir) / "summary.json").read_text(encoding="utf-8"))
+        raise
+    if not main:
+        return
 
     def render(s):
         out = _stdout()
-        out.print(f"[green]done[/green]: {s['steps']} steps in {s['wall_time_s']:.1f}s, "
-                  f"train loss {s['train_loss']:.4f}" if s.get("train_loss") is not None else "done")
+        loss = f", train loss {s['train_loss']:.4f}" if s.get("train_loss") is not None else ""
+        why = " (early stopping)" if s.get("stop_reason") == "early_stopping" else ""
+        out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
         if s.get("final_eval"):
             ev = s["final_eval"]
             out.print(f"eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.3f}")
+        if s.get("best_eval"):
+            b = s["best_eval"]
+            out.print(f"best eval loss {b['eval_loss']:.4f} at step {b['step']}")
         out.print(f"run folder: {s['run_dir']}")
 
     _emit(summary, json_, render)
+
+
+def _render_plan(p: dict[str, Any]) -> None:
+    out = _stdout()
+    mem = p["memory_estimate_bytes"]
+    out.print(f"[bold]plan[/bold] (dry run: nothing trained, nothing written) for {p['output_dir']}")
+    out.print(f"  model        {p['model']} ({p['model_type']}, {p['dtype']}), {p['method']} on "
+              f"{p['adapted_modules']} modules")
+    out.print(f"  parameters   {p['trainable_params']:,} trainable of {p['total_params']:,} "
+              f"({p['trainable_percent']:.3f}%)")
+    out.print(f"  data         {p['train_examples']} training examples, {p['eval_examples']} eval, "
+              f"{p['mean_example_tokens']} tokens each on average")
+    out.print(f"  steps        {p['steps']} (global batch {p['global_batch']} on {p['num_processes']} "
+              f"process(es), {p['epochs']} epochs, {p['warmup_steps']} warmup)")
+    out.print(f"  tokens       about {p['tokens']:,}")
+    out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
+    out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
+              f"adapter+grads+optimizer {_gib(mem['adapter_weights_grads_optimizer'])}, "
+              f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
+
+
+@app.command()
+@handled
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.", show_default=False)],
+    image: Annotated[bool, typer.Option(help="Write RUN_DIR/curves.png (needs matplotlib).")] = True,
+    json_: JsonOpt = False,
+) -> None:
+    """A run's summary and its loss and eval curves, drawn in the terminal (and as a PNG)."""
+    from peftctl.train.report import report as run_report
+
+    result = run_report(run_dir, image=image)
+
+    def render(res):
+        out = _stdout()
+        s = res["summary"] or {}
+        out.print(f"[bold]{res['run_dir']}[/bold]: {s.get('status', 'no summary.json')}, "
+                  f"{s.get('steps', '?')} steps", markup=True)
+        if s.get("final_eval"):
+            out.print(f"  final eval loss {s['final_eval']['eval_loss']:.4f}")
+        if s.get("best_eval"):
+            out.print(f"  best eval loss  {s['best_eval']['eval_loss']:.4f} at step {s['best_eval']['step']}")
+        if s.get("tokens_per_s"):
+            out.print(f"  {s['tokens_seen']:,} tokens at {s['tokens_per_s']:.0f} tokens/s; "
+                      f"peak memory {_gib(s['peak_memory_bytes'])}")
+        out.print(res["chart"], markup=False)
+        if res["image"]:
+            out.print(f"image: {res['image']}")
+
+    _emit(result, json_, render)
 
 
 @app.command("eval")

@@ -54,7 +54,8 @@ class ModelSection(Section):
         default="auto",
         description=(
             "Dtype of the frozen base weights. auto: bfloat16 on a GPU that supports it, else "
-            "float32. Adapter weights are kept in float32 and computed in the activations' dtype."
+            "float32. Adapter weights are kept in float32 and computed in the activations' dtype; "
+            "training in float16 uses dynamic loss scaling."
         ),
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
@@ -265,6 +266,9 @@ class DataSection(Section):
         return self
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(
         default=None, ge=1, description="Optimizer steps. Unset: `epochs` passes over the data."
@@ -273,31 +277,125 @@ class TrainSection(Section):
         default=None, gt=0, description="Passes over the training data (used when max_steps is unset; default 1)."
     )
     batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch (per device).")
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Micro-batches per optimizer step. The loss is normalised by the loss tokens of the whole "
+            "step, so accumulating equals one large batch."
+        ),
+    )
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
-    scheduler: Literal["constant", "linear", "cosine"] = Field(
-        default="cosine", description="Learning-rate schedule after warmup (decays to 0 at the last step)."
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = Field(
+        default="cosine",
+        description=(
+            "Learning-rate schedule after warmup. linear and cosine decay to 0 at the last step; "
+            "cosine_with_min_lr decays to lr × min_lr_ratio; constant stays at lr."
+        ),
+    )
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, lt=1, description="For cosine_with_min_lr: the final lr as a fraction of lr."
     )
     warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warmup from 0 to `lr`.")
-    optimizer: Literal["adamw"] = Field(default="adamw", description="Optimizer.")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Warmup as a fraction of the total steps (rounded up), instead of warmup_steps.",
+    )
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        default="adamw",
+        description=(
+            "adamw (torch, fused on GPU); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit "
+            "(bitsandbytes; paged ones fall back to unpaged on CPU); adafactor (transformers', with the "
+            "recipe's lr); sgd."
+        ),
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="Decoupled weight decay; never applied to biases and norm weights."
+    )
     adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum.")
+    loraplus_lr_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "LoRA+: the B matrices (lora_B, lora_embedding_B) learn at lr × this ratio (the paper "
+            "suggests 16); unset: one lr for all."
+        ),
+    )
     max_grad_norm: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm to this value; unset: no clipping."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each layer's activations in the backward pass: much less memory, about 30% slower.",
     )
     seed: int = Field(default=42, description="Seed for adapter init, data order and dropout.")
     log_every: int = Field(default=10, ge=1, description="Write a metrics line every N steps.")
     eval_every: int | None = Field(
         default=None, ge=1, description="Evaluate on the eval data every N steps (and at the end)."
     )
+    save_every: int | None = Field(
+        default=500,
+        ge=1,
+        description=(
+            "Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N "
+            "steps and at the end, under RUN_DIR/checkpoints/step-NNNNNN. Unset: no checkpoints "
+            "(a signal still writes one)."
+        ),
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Keep the last N step checkpoints (the best one is kept besides)."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Stop when eval_loss has not improved for this many evaluations in a row; unset: never. "
+            "Needs eval_every."
+        ),
+    )
+    early_stopping_threshold: float = Field(
+        default=0.0, ge=0, description="An eval_loss counts as better only when lower by more than this."
+    )
+    load_best_at_end: bool = Field(
+        default=False,
+        description="Save the adapter of the best evaluation (lowest eval_loss) as the run's adapter, not the last.",
+    )
+    skip_nonfinite_steps: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Steps whose loss or gradient is NaN or inf may be skipped (no update) this many times; "
+            "one more stops the run as diverged. 0: the first one stops it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set max_steps or epochs, not both")
+        if self.warmup_steps and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every")
         return self
+
+
+class TrackingSection(Section):
+    tensorboard: bool = Field(
+        default=False, description="Write TensorBoard event files to RUN_DIR/tensorboard (needs `tensorboard`)."
+    )
+    mlflow: bool = Field(default=False, description="Log params and metrics to MLflow (needs `mlflow` or `mlflow-skinny`).")
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI. Unset: a local file store in RUN_DIR/mlruns (works offline).",
+    )
+    mlflow_experiment: str = Field(default="peftctl", description="MLflow experiment name.")
+    run_name: str | None = Field(default=None, description="Run name for the trackers; unset: the run folder's name.")
 
 
 class EvalSection(Section):
@@ -316,7 +414,10 @@ class EvalSection(Section):
 
 class OutputSection(Section):
     dir: str = Field(
-        description="Run folder. Must not exist or be empty: nothing in it is ever overwritten.",
+        description=(
+            "Run folder. Must not exist or be empty (nothing in it is ever overwritten), unless the run "
+            "resumes from one of its checkpoints (`peftctl train --resume`)."
+        ),
         json_schema_extra=PATH,
     )
 
@@ -339,6 +440,9 @@ class Recipe(Section):
     data: DataSection = Field(description="Training and evaluation data.")
     train: TrainSection = Field(default_factory=TrainSection, description="The training loop.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation (`peftctl eval`).")
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection, description="Experiment trackers besides metrics.jsonl."
+    )
     output: OutputSection = Field(description="Where the run writes.")
 
     @model_validator(mode="before")

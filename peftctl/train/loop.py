@@ -2,7 +2,12 @@
 
 Each optimizer step takes `grad_accum` micro-batches and divides the summed token losses by the
 number of loss tokens in the whole step (all micro-batches, all processes), so the gradient equals
-the one of a single large batch whatever the accumulation or padding.
+the one of a single large batch whatever the accumulation, padding or number of processes.
+
+Per step: forward and backward of each micro-batch, unscale (float16), clip, check that loss and
+gradient are finite, update, schedule, log, maybe evaluate, maybe checkpoint, maybe stop (signal,
+early stopping). Everything the loop counts lives in a `TrainState`, which checkpoints save, so a
+resumed run continues exactly where the checkpoint was.
 """
 
 from __future__ import annotations
@@ -11,16 +16,23 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from peftctl.data import Example, collate, count_input_tokens
-from peftctl.train.loss import eval_loss, loss_sum
-from peftctl.train.optim import build_optimizer, build_scheduler
+from peftctl.errors import RuntimeFailure
+from peftctl.train.checkpoint import TrainState
+from peftctl.train.loss import IGNORE, eval_loss, loss_sum
 from peftctl.ui import Reporter
+
+
+class Diverged(RuntimeFailure):
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step}: {what}")
+        self.step, self.what = step, what
 
 
 def total_steps(cfg, n_examples: int, world: int) -> int:
@@ -30,78 +42,93 @@ def total_steps(cfg, n_examples: int, world: int) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * n_examples / per_step))
 
 
-def batch_stream(examples: list[Example], batch_size: int, seed: int, rank: int, world: int,
-                 pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches: each epoch a fresh seeded shuffle, this process's share of it."""
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(seed + epoch).shuffle(order)
-        usable = len(order) - len(order) % world if len(order) >= world else len(order)
-        mine = order[rank:usable:world]
-        for i in range(0, len(mine), batch_size):
-            yield collate([examples[j] for j in mine[i : i + batch_size]], pad_id)
-        epoch += 1
+class DataStream:
+    """Endless micro-batches: each epoch a fresh seeded shuffle of all examples.
+
+    A global micro-batch is the next `world × batch_size` examples of the epoch's order; process
+    `rank` takes every `world`-th of them. The position is counted in examples over all processes,
+    so a checkpoint's position means the same with another batch size or number of processes.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int,
+                 pad_id: int, epoch: int = 0, position: int = 0):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.rank, self.world, self.pad_id = rank, world, pad_id
+        self.epoch, self.position = epoch, position
+        # Every process gets the same number of examples: the epoch's last len % world are dropped.
+        self.usable = len(examples) - len(examples) % world
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.usable:
+            self.epoch, self.position = self.epoch + 1, 0
+        chunk = self.order(self.epoch)[self.position : min(self.position + self.world * self.batch_size, self.usable)]
+        self.position += len(chunk)
+        return collate([self.examples[j] for j in chunk[self.rank :: self.world]], self.pad_id)
 
 
-@dataclass
-class LoopResult:
-    steps: int
-    tokens_seen: int
-    loss_tokens_seen: int
-    train_loss: float | None
-    wall_time_s: float
-    tokens_per_s: float
-    evals: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def fit(model, train: list[Example], eval_examples: list[Example] | None, recipe, accelerator,
-        pad_id: int, write_metrics, reporter: Reporter) -> LoopResult:
+def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples: list[Example] | None,
+        recipe, accelerator, pad_id: int, state: TrainState, steps: int, *,
+        write_metrics: Callable[[dict[str, Any]], None],
+        checkpoint: Callable[[TrainState], None],
+        stop_signal: Callable[[], bool],
+        reporter: Reporter) -> str:
+    """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted."""
     cfg = recipe.train
     world = accelerator.num_processes
-    steps = total_steps(cfg, len(train), world)
-    optimizer = build_optimizer(model.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    stream = batch_stream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id)
     device = accelerator.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
+                        state.epoch, state.position)
+    keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
-    def reduce(x: float) -> float:
+    def reduce(*values: float) -> list[float]:
         if world == 1:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        return float(accelerator.reduce(t, reduction="sum").item())
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        return accelerator.reduce(t, reduction="sum").tolist()
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int) -> bool:
+        """Evaluate; record the metrics; return whether eval_loss improved on the best so far."""
         model.eval()
-        shard = eval_examples[accelerator.process_index :: world]
-        loss, n = eval_loss(model, shard, recipe.eval.batch_size, pad_id, device)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # Every forward of a sharded model is collective: each process runs the same batches.
+            loss, n = eval_loss(model, eval_examples, recipe.eval.batch_size, pad_id, device)
+        else:
+            # Each process its share, through the unwrapped model (DDP's forward would sync
+            # buffers: a collective, which shares of unequal batch counts would deadlock).
+            shard = eval_examples[accelerator.process_index :: world]
+            loss, n = reduce(*eval_loss(accelerator.unwrap_model(model), shard, recipe.eval.batch_size,
+                                        pad_id, device))
         model.train()
-        loss, n = reduce(loss), reduce(n)
         record = {"step": step, "eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)),
                   "eval_tokens": int(n)}
         write_metrics(record)
+        state.evals.append(record)
         reporter.log(f"step {step}: eval_loss {record['eval_loss']:.4f}  perplexity {record['eval_perplexity']:.3f}")
-        return record
+        best = state.best_eval_loss
+        if best is None or record["eval_loss"] < best - cfg.early_stopping_threshold:
+            state.best_eval_loss, state.best_step, state.evals_since_best = record["eval_loss"], step, 0
+            return True
+        state.evals_since_best += 1
+        return False
 
     reporter.start(steps, "train")
+    reporter.advance(state.step, {"loss": state.last_loss})
     model.train()
-    start = time.perf_counter()
-    window_loss = window_tokens = window_inputs = 0.0
-    window_start = start
-    tokens_seen = loss_tokens_seen = 0
-    last_loss: float | None = None
-    evals: list[dict[str, Any]] = []
-    for step in range(1, steps + 1):
-        micro = [_to(next(stream), device) for _ in range(cfg.grad_accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_tokens = reduce(local_tokens)
-        step_loss = 0.0
+    start = window_start = time.perf_counter()
+    time_before = state.train_time_s
+    for step in range(state.step + 1, steps + 1):
+        micro = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(cfg.grad_accum)]
+        (step_tokens,) = reduce(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
+        local_loss = 0.0
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
@@ -109,47 +136,88 @@ def fit(model, train: list[Example], eval_examples: list[Example] | None, recipe
                 loss, _ = loss_sum(model, batch)
                 # DDP averages gradients over processes; multiplying by `world` turns that average
                 # into the sum over all loss tokens divided by their global count.
-                accelerator.backward(loss * (world / step_tokens))
-            step_loss += float(loss.detach())
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-        optimizer.step()
+                scaled = loss * (world / max(step_tokens, 1))
+                if scaler is not None:
+                    scaled = scaler.scale(scaled)
+                accelerator.backward(scaled)
+            local_loss += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        if type(grad_norm).__name__ == "DTensor":  # FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        step_loss, inputs, stopping = reduce(local_loss, sum(count_input_tokens(b) for b in micro),
+                                             float(stop_signal()))
+
+        # A float16 loss scaler skips steps with inf gradients by itself (and lowers its scale);
+        # otherwise a non-finite loss or gradient means the run has diverged.
+        bad = "loss" if not math.isfinite(step_loss) else (
+            "gradient norm" if scaler is None and not math.isfinite(grad_norm) else None)
+        if bad is None:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        elif state.skipped_steps < cfg.skip_nonfinite_steps:
+            state.skipped_steps += 1
+            if scaler is not None:
+                scaler.update(scaler.get_scale())  # end the scaler's step, keeping its scale
+            write_metrics({"step": step, "skipped": f"{bad} is not finite"})
+            reporter.log(f"step {step}: {bad} is not finite; step skipped "
+                         f"({state.skipped_steps} of {cfg.skip_nonfinite_steps} allowed)")
+        else:
+            raise Diverged(step, f"the {bad} is not finite (loss {step_loss / max(step_tokens, 1):.4g}, "
+                                 f"gradient norm {grad_norm:.4g})")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        inputs = reduce(sum(count_input_tokens(b) for b in micro))
-        window_loss += reduce(step_loss)
-        window_tokens += step_tokens
-        window_inputs += inputs
-        tokens_seen += int(inputs)
-        loss_tokens_seen += int(step_tokens)
+        state.step, state.epoch, state.position = step, stream.epoch, stream.position
+        if bad is None:
+            state.window_loss += step_loss
+            state.window_tokens += step_tokens
+            state.tokens_seen += int(inputs)
+            state.loss_tokens_seen += int(step_tokens)
+        state.window_inputs += inputs
         if step % cfg.log_every == 0 or step == steps:
             now = time.perf_counter()
-            last_loss = window_loss / max(window_tokens, 1)
+            state.last_loss = state.window_loss / max(state.window_tokens, 1)
             record = {
                 "step": step,
-                "loss": last_loss,
+                "epoch": round(stream.epoch + stream.position / max(stream.usable, 1), 4),
+                "loss": state.last_loss,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
-                "tokens_per_s": window_inputs / max(now - window_start, 1e-9),
-                "loss_tokens": int(window_tokens),
-                "elapsed_s": now - start,
+                "tokens_per_s": state.window_inputs / max(now - window_start, 1e-9),
+                "loss_tokens": int(state.window_tokens),
+                "elapsed_s": time_before + now - start,
             }
             write_metrics(record)
-            reporter.advance(step, {"loss": last_loss, "lr": record["lr"], "tok/s": round(record["tokens_per_s"])})
-            reporter.log(
-                f"step {step}/{steps}  loss {last_loss:.4f}  lr {record['lr']:.3g}  "
-                f"tok/s {record['tokens_per_s']:.0f}"
-            )
-            window_loss = window_tokens = window_inputs = 0.0
+            reporter.advance(step, {"loss": state.last_loss, "lr": record["lr"], "tok/s": round(record["tokens_per_s"])})
+            reporter.log(f"step {step}/{steps}  loss {state.last_loss:.4f}  lr {record['lr']:.3g}  "
+                         f"tok/s {record['tokens_per_s']:.0f}")
+            state.window_loss = state.window_tokens = state.window_inputs = 0.0
             window_start = now
         else:
-            reporter.advance(step, {"loss": last_loss})
-        if eval_examples and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps):
-            evals.append(run_eval(step))
+            reporter.advance(step, {"loss": state.last_loss})
+
+        improved = False
+        if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            improved = run_eval(step)
+        patience_out = (cfg.early_stopping_patience is not None
+                        and state.evals_since_best >= cfg.early_stopping_patience)
+        state.train_time_s = time_before + time.perf_counter() - start
+        if ((cfg.save_every is not None and (step % cfg.save_every == 0 or step == steps))
+                or stopping or (improved and keep_best) or (patience_out and keep_best)):
+            checkpoint(state)
+        if stopping:
+            reporter.stop()
+            return "interrupted"
+        if patience_out:
+            reporter.log(f"step {step}: eval_loss has not improved for {state.evals_since_best} "
+                         f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step}); stopping")
+            reporter.stop()
+            return "early_stopping"
     reporter.stop()
-    if eval_examples and not cfg.eval_every:
-        evals.append(run_eval(steps))
-    wall = time.perf_counter() - start
-    return LoopResult(steps, tokens_seen, loss_tokens_seen, last_loss, wall, tokens_seen / max(wall, 1e-9), evals)
+    return "completed"

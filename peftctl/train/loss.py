@@ -25,7 +25,9 @@ def _accepts_logits_to_keep(forward) -> bool:
 
 
 def _inner_forward(model):
-    # Through peftctl's wrappers to the transformers model's own forward.
+    # Through DDP's wrapper (`module`) and peftctl's to the transformers model's own forward.
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
     while hasattr(model, "base_model") and hasattr(model.base_model, "model"):
         model = model.base_model.model
     return type(model).forward
