@@ -11,7 +11,6 @@ code runs on loading them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -89,14 +88,6 @@ def read_state(ckpt: Path) -> TrainState:
         return TrainState.from_dict(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise InputError(f"{ckpt}: not a readable checkpoint ({e})") from None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- RNG states ---------------------------------------------------------------------------------
