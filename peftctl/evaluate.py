@@ -61,7 +61,7 @@ def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = N
     }
     scored = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
     if cfg.exact_match and scored:
-        reporter.start(len(scored), "generate")
+        reporter.start(len(scored), "generate", unit="answers")
         answers = generate(model, tokenizer, [e.prompt_ids for e in scored], cfg.batch_size,
                            cfg.max_new_tokens, device, reporter)
         reporter.stop()

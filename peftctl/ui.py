@@ -12,7 +12,7 @@ from typing import Any
 class Reporter:
     """Silent base reporter: the library's default."""
 
-    def start(self, total: int, description: str) -> None: ...
+    def start(self, total: int, description: str, unit: str = "steps") -> None: ...
 
     def advance(self, step: int, fields: dict[str, Any]) -> None: ...
 
@@ -39,11 +39,11 @@ class RichReporter(Reporter):
         self._progress = None
         self._task = None
 
-    def start(self, total: int, description: str) -> None:
+    def start(self, total: int, description: str, unit: str = "steps") -> None:
         if self.quiet:
             return
         if not self.console.is_terminal:
-            self.console.print(f"{description}: {total} steps")
+            self.console.print(f"{description}: {total:,} {unit}")
             return
         from rich.progress import (
             BarColumn,

@@ -113,7 +113,7 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
 
     def batches() -> Iterator[list[tuple[Row, Rendered]]]:
         batch: list[tuple[Row, Rendered]] = []
-        reporter.start(src.estimated_rows(), f"tokenizing {label}")
+        reporter.start(src.estimated_rows(), f"tokenizing {label}", unit="rows")
         for row in src.rows():
             counts.rows += 1
             if counts.rows % BATCH_ROWS == 0:
