@@ -208,8 +208,38 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  tokens       about {p['tokens']:,}")
     out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
-              f"adapter+grads+optimizer {_gib(mem['adapter_weights_grads_optimizer'])}, "
+              f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
+
+
+def _render_memory(out, mem: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    w = mem["workload"]
+    gc = mem["gradient_checkpointing"]
+    table = Table(title=f"peak training memory per device, batch {w['batch']} × {w['seq_len']} tokens "
+                        f"({'with' if gc else 'without'} gradient checkpointing)", title_justify="left")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for kind, n in mem["weights"].items():
+        table.add_row(f"base weights, {kind}", _size(n))
+    table.add_row("adapter weights", _size(mem["adapter_weights"]))
+    table.add_row("adapter gradients", _size(mem["gradients"]))
+    table.add_row("optimizer states", _size(mem["optimizer_states"]))
+    for on in (True, False):
+        mark = " (this recipe)" if on == gc else ""
+        key = "activations_with_checkpointing" if on else "activations_without_checkpointing"
+        table.add_row(f"activations, checkpointing {'on' if on else 'off'}{mark}", _size(mem[key]))
+    table.add_row("logits and loss", _size(mem["logits"]))
+    table.add_row("[bold]total[/bold]", f"[bold]{_size(mem['total'])}[/bold]")
+    out.print(table)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 @app.command()
@@ -357,6 +387,10 @@ def export(
 def inspect(
     target: Annotated[Path, typer.Argument(help="A recipe (what it would train) or a run / adapter folder (what it holds).",
                                           show_default=False)],
+    memory: Annotated[bool, typer.Option(
+        "--memory", help="Also estimate peak training memory for train.batch_size × data.max_length tokens "
+                         "(weights by dtype and quantization, adapter, gradients, optimizer, activations with "
+                         "and without checkpointing, logits).")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -369,12 +403,16 @@ def inspect(
         _emit(inspect_adapter(target), json_, _render_adapter)
         return
     from peftctl.inspect import inspect_recipe
+    from peftctl.memory import Workload
 
     r = _load_recipe(target, set_)
-    result = inspect_recipe(r)
+    # Every position of a full-length sequence may carry loss: the estimate is for the worst batch.
+    result = inspect_recipe(r, Workload(r.train.batch_size, r.data.max_length) if memory else None)
 
     def render(res):
-        table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']})")
+        q = res["quantization"]
+        quant = "" if q is None else (f", {q['bits']}-bit {q['quant_type']}" if q["bits"] == 4 else ", 8-bit")
+        table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant})")
         for col in ("module", "type", "shape", "rank", "trainable"):
             table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
         for row in res["modules"]:
@@ -385,6 +423,8 @@ def inspect(
         out.print(table)
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
                   f"|| trainable%: {res['trainable_percent']:.4f}")
+        if "memory" in res:
+            _render_memory(out, res["memory"])
 
     _emit(result, json_, render)
 
