@@ -321,30 +321,44 @@ def merge(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the (combined) adapter, not a merged model.")] = False,
     rank: Annotated[int | None, typer.Option(help="With --adapter-only: resize the adapter to this rank (SVD to shrink).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Saved dtype: float32, bfloat16 or float16 (default: the run's).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="Re-quantize the merged model with bitsandbytes: nf4 or fp4 (4-bit, double quantization) or "
+             "int8; it loads quantized with from_pretrained.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file of the merged model.")] = "5GB",
     json_: JsonOpt = False,
 ) -> None:
     """Merge adapters into their base model (a plain transformers folder with the tokenizer), or
-    combine several into one adapter (--adapter-only)."""
+    combine several into one adapter (--adapter-only). An adapter trained on a quantized base is
+    merged into the base in its original precision, and compared with the model as trained."""
     from peftctl.merge import merge_runs
 
     _check_dtype(dtype)
     result = merge_runs(run_dirs, output, weights=_floats(weights, "--weights"), combination_type=combination,
                         density=density, svd_rank=svd_rank, adapter_only=adapter_only, rank=rank, dtype=dtype,
-                        reporter=_reporter())
+                        quantize=quantize, max_shard_size=max_shard_size, reporter=_reporter())
+    _emit(result, json_, _render_merge)
 
-    def render(res):
-        out = _stdout()
-        how = f" ({res['combination_type']}, weights {res['weights']})" if res["combination_type"] else ""
-        if res["mode"] == "adapter":
-            out.print(f"adapter (r={res['r']}){how} in {res['output']}")
-        else:
-            out.print(f"merged model{how} in {res['output']} ({res['dtype']}); max logit difference vs the "
-                      f"adapter model: {res['max_logit_diff']:.3g}")
-        if "resize" in res:
-            out.print(f"resized to rank {res['resize']['r']}: largest relative error "
-                      f"{res['resize']['max_relative_error']:.3g}")
 
-    _emit(result, json_, render)
+def _render_merge(res: dict[str, Any]) -> None:
+    out = _stdout()
+    how = f" ({res['combination_type']}, weights {res['weights']})" if res["combination_type"] else ""
+    if res["mode"] == "adapter":
+        out.print(f"adapter (r={res['r']}){how} in {res['output']}")
+    else:
+        out.print(f"merged model{how} in {res['output']} ({res['dtype']}); max logit difference vs the "
+                  f"adapter model: {res['max_logit_diff']:.3g}")
+    if "vs_quantized_training_model" in res:
+        d = res["vs_quantized_training_model"]
+        out.print(f"vs the quantized model it was trained as: top-1 agreement {d['top1_agreement']:.1%}, KL "
+                  f"{d['kl_nats_per_token']:.3g} nats/token, mean |logit difference| {d['mean_abs_logit_diff']:.3g} "
+                  f"(largest {d['max_abs_logit_diff']:.3g}) over {d['tokens']} probe tokens")
+    if "quantized" in res:
+        d = res["quantized"]["vs_merged"]
+        out.print(f"quantized ({res['quantized']['type']}); vs the unquantized merged model: top-1 agreement "
+                  f"{d['top1_agreement']:.1%}, KL {d['kl_nats_per_token']:.3g} nats/token")
+    if "resize" in res:
+        out.print(f"resized to rank {res['resize']['r']}: largest relative error "
+                  f"{res['resize']['max_relative_error']:.3g}")
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -369,17 +383,31 @@ def _check_dtype(dtype: str | None) -> None:
 @handled
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with the adapter.", show_default=False)],
-    format_: Annotated[str, typer.Option("--format", "-f", help="peft (adapter and model card) or merged.")] = "peft",
+    format_: Annotated[str, typer.Option(
+        "--format", "-f", help="peft (adapter and model card), merged (transformers folder) or gguf "
+                               "(one file for llama.cpp and Ollama; llama-family models).")] = "peft",
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (new or empty).")] = ...,  # type: ignore[assignment]
-    dtype: Annotated[str | None, typer.Option(help="For merged: float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="For merged and gguf: float32, bfloat16 or float16 (gguf default: float16).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="For merged: largest safetensors file.")] = "5GB",
     json_: JsonOpt = False,
 ) -> None:
-    """Export a run: the PEFT adapter with a model card, or a merged transformers model."""
+    """Export a run: the PEFT adapter with a model card, a merged transformers model, or a GGUF file."""
     from peftctl.export import export as run_export
 
     _check_dtype(dtype)
-    result = run_export(run_dir, format_, output, dtype=dtype, reporter=_reporter())
-    _emit(result, json_, lambda res: _stdout().print(f"exported ({res['format']}) to {res['output']}"))
+    result = run_export(run_dir, format_, output, dtype=dtype, max_shard_size=max_shard_size, reporter=_reporter())
+
+    def render(res):
+        out = _stdout()
+        if res["format"] == "gguf":
+            out.print(f"exported (gguf, {res['dtype']}) to {res['file']} ({res['bytes'] / 2**20:.1f} MiB)")
+        elif res["format"] == "merged":
+            _render_merge(res)
+        else:
+            out.print(f"exported (peft) to {res['output']}")
+
+    _emit(result, json_, render)
 
 
 @app.command()
