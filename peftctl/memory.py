@@ -6,7 +6,8 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
 
 - weights: every frozen parameter at its dtype's size; a bitsandbytes 4-bit linear at half a byte
   per weight plus its block scales (one per 64 weights: a uint8 with double quantization, and a
-  float32 per 256 blocks; a float32 without), an 8-bit one at one byte plus a float32 per row.
+  float32 per 256 blocks; a float32 without) and code books, an 8-bit one at one byte plus a
+  float32 per row: bitsandbytes' storage exactly.
 - adapter: the trainable parameters, their gradients (same dtype) and the optimizer's state.
 - activations: what autograd keeps for the backward pass, per token and layer of a pre-norm decoder
   with SDPA attention (no attention matrix is kept), in the activations' dtype (b bytes) unless
@@ -74,9 +75,10 @@ def _quantized_bytes(module) -> tuple[str, int, int]:
         return "int8", n + 4 * module.out_features, n
     blocks = math.ceil(n / 64)
     double = bool(getattr(module.weight, "compress_statistics", False))
-    scales = blocks + 4 * math.ceil(blocks / 256) if double else 4 * blocks
+    # Scales, and the code books: 16 float32 values, and with double quantization 256 more and an offset.
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 1) if double else 4 * blocks
     kind = getattr(module.weight, "quant_type", "nf4") + ("+dq" if double else "")
-    return kind, n // 2 + scales, n
+    return kind, n // 2 + scales + 4 * 16, n
 
 
 def _dims(config) -> tuple[int, int, int, int]:

@@ -190,6 +190,24 @@ def resolve_dtype(name: str):
     return getattr(torch, name)
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_once = _Once()
+
+
 def quantization_config(quantization, dtype):
     """transformers' BitsAndBytesConfig for a recipe's `model.quantization` (dtype: the model's)."""
     import torch
@@ -319,6 +337,8 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
         kw["quantization_config"] = quantization_config(spec.quantization, dtype)
         if device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}
+        # bitsandbytes' 8-bit matmul logs the same warning (inputs cast to float16) at every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_once)
     if source.kind != "gguf":
         kw["use_safetensors"] = None if spec.allow_pickle else True
     if spec.attn_implementation:

@@ -231,6 +231,9 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and not getattr(accelerator, "is_fsdp2", False):
         raise InputError("FSDP runs need fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
+    if fsdp and recipe.model.quantization is not None:
+        raise InputError("model.quantization: a quantized base is not sharded by FSDP here; train it on one GPU "
+                         "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     run = RunFolder(Path(recipe.output.dir))
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
