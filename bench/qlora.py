@@ -211,7 +211,7 @@ def table(rows: list[dict], args, header: str) -> str:
                    f"{'estimate':>10}{'est/meas':>10}{'load s':>8}"]
     for r in rows:
         if "error" in r:
-            out.append(f"{r['setup']:9}{r['impl']:9}  failed: {r['error'][:100]}")
+            out.append(f"{r['setup']:9}{r['impl']:9}  {r['error'][:110]}")
             continue
         ref = next((x for x in rows if x["setup"] == r["setup"] and x["impl"] == "peft" and "error" not in x), None)
         sx = f"{r['tokens_per_s'] / ref['tokens_per_s']:9.2f}" if ref else f"{'-':>9}"
@@ -234,6 +234,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--workdir", default="/tmp/peftctl-qlora-bench", help="where the random checkpoint is written")
     ap.add_argument("--child-timeout", type=float, default=240.0, help="seconds one measurement (or writing the checkpoint) may take")
+    ap.add_argument("--budget", type=float, default=540.0,
+                    help="seconds for the whole script: runs that would start too late are skipped, so the table "
+                         "is printed within one 10-minute device call")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
@@ -253,8 +256,9 @@ def main() -> int:
         return 0
 
     started = time.perf_counter()
+    deadline = started + args.budget
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    made, err = child(args, "--make-checkpoint", timeout=args.child_timeout)
+    made, err = child(args, "--make-checkpoint", timeout=min(args.child_timeout, args.budget))
     if made is None:
         print(f"writing the random checkpoint failed: {err}", file=sys.stderr)
         return 1
@@ -263,8 +267,12 @@ def main() -> int:
     rows = []
     for item in args.runs.split(","):
         setup, impl = item.split(":")
-        row, err = child(args, "--setup", setup, "--impl", impl, timeout=args.child_timeout)
-        rows.append(row if row is not None else {"setup": setup, "impl": impl, "error": err})
+        left = deadline - time.perf_counter()
+        if left < 60:
+            rows.append({"setup": setup, "impl": impl, "error": f"skipped: {left:.0f} s of the --budget left"})
+            continue
+        row, err = child(args, "--setup", setup, "--impl", impl, timeout=min(args.child_timeout, left))
+        rows.append(row if row is not None else {"setup": setup, "impl": impl, "error": f"failed: {err}"})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (peak = RSS)"
     header = (f"\n{args.model}, batch {args.batch} x {args.seq}, LoRA r=16 on {','.join(TARGETS)}, gradient "

@@ -103,7 +103,7 @@ def _has(step: dict, values: dict) -> bool:
     return all(step.get(k, v) == v for k, v in values.items())
 
 
-def _vocabulary(tokenizer, tj: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+def _vocabulary(tj: dict, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) as llama.cpp's `gpt2` tokenizer model reads them."""
     ids = dict(tj["model"]["vocab"])
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
@@ -223,7 +223,7 @@ def write(model, tokenizer, path: str | Path, dtype: str = "float16", name: str 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
 
-    tokens, types, merges = _vocabulary(tokenizer, tj, config.vocab_size)
+    tokens, types, merges = _vocabulary(tj, config.vocab_size)
     pre = pre_tokenizer_name(tj)
     writer.add_tokenizer_model("gpt2")
     if pre is not None:
