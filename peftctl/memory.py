@@ -129,7 +129,7 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     hidden, inter, kv, layers = _dims(config)
     # Layers in the decoder blocks whose input autograd keeps: the adapted ones (their A needs it
     # for its gradient) and bitsandbytes' 8-bit ones (its backward reads its input).
-    keepers = {name.rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
+    keepers = {name.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
                if _LAYER_INDEX.search(name) and (isinstance(m, AdapterLayer) or type(m).__name__ == "Linear8bitLt")}
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in inner.named_modules())
     rms = any("RMSNorm" in type(m).__name__ for m in inner.modules())

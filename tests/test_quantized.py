@@ -137,10 +137,12 @@ def _storage_bytes(model) -> dict[str, int]:
 
 def test_memory_estimate_counts_quantized_weights_as_stored_and_checkpointing(make_recipe, tiny_model_dir):
     plain = run_json("inspect", make_recipe(adapter={"target_modules": "all-linear"}), "--memory")["memory"]
+    activations = {}
     for bits in (4, 8):
         res = run_json("inspect", make_recipe(model={"quantization": {"bits": bits}},
                                               adapter={"target_modules": "all-linear"}), "--memory")
         mem = res["memory"]
+        activations[bits] = mem["activations_without_checkpointing"]
         stored = _storage_bytes(quantized(tiny_model_dir, bits))
         kind = next(iter(stored))
         assert mem["weights"][kind] == stored[kind]
@@ -150,6 +152,9 @@ def test_memory_estimate_counts_quantized_weights_as_stored_and_checkpointing(ma
         assert {r["type"] for r in res["modules"]} == {"Linear4bit" if bits == 4 else "Linear8bitLt"}
         # r=4 on q, k, v, o, gate, up, down of 2 layers: r × (in + out) each
         assert res["trainable_params"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    # Every linear is adapted, so 8-bit layers keep no input the adapters do not keep already; a
+    # quantized base adds one dequantized weight (the largest, 128 x 64, in float32) to the backward.
+    assert activations[4] == activations[8] == plain["activations_without_checkpointing"] + 4 * 128 * 64
     assert mem["gradient_checkpointing"] and not plain["gradient_checkpointing"]  # on by default when quantized
     assert mem["activations"] == mem["activations_with_checkpointing"] < mem["activations_without_checkpointing"]
     parts = ("base_weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits")
