@@ -208,8 +208,38 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  tokens       about {p['tokens']:,}")
     out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
-              f"adapter+grads+optimizer {_gib(mem['adapter_weights_grads_optimizer'])}, "
+              f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
+
+
+def _render_memory(out, mem: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    w = mem["workload"]
+    gc = mem["gradient_checkpointing"]
+    table = Table(title=f"peak training memory per device, batch {w['batch']} × {w['seq_len']} tokens "
+                        f"({'with' if gc else 'without'} gradient checkpointing)", title_justify="left")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for kind, n in mem["weights"].items():
+        table.add_row(f"base weights, {kind}", _size(n))
+    table.add_row("adapter weights", _size(mem["adapter_weights"]))
+    table.add_row("adapter gradients", _size(mem["gradients"]))
+    table.add_row("optimizer states", _size(mem["optimizer_states"]))
+    for on in (True, False):
+        mark = " (this recipe)" if on == gc else ""
+        key = "activations_with_checkpointing" if on else "activations_without_checkpointing"
+        table.add_row(f"activations, checkpointing {'on' if on else 'off'}{mark}", _size(mem[key]))
+    table.add_row("logits and loss", _size(mem["logits"]))
+    table.add_row("[bold]total[/bold]", f"[bold]{_size(mem['total'])}[/bold]")
+    out.print(table)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 @app.command()
@@ -291,30 +321,44 @@ def merge(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the (combined) adapter, not a merged model.")] = False,
     rank: Annotated[int | None, typer.Option(help="With --adapter-only: resize the adapter to this rank (SVD to shrink).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Saved dtype: float32, bfloat16 or float16 (default: the run's).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="Re-quantize the merged model with bitsandbytes: nf4 or fp4 (4-bit, double quantization) or "
+             "int8; it loads quantized with from_pretrained.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file of the merged model.")] = "5GB",
     json_: JsonOpt = False,
 ) -> None:
     """Merge adapters into their base model (a plain transformers folder with the tokenizer), or
-    combine several into one adapter (--adapter-only)."""
+    combine several into one adapter (--adapter-only). An adapter trained on a quantized base is
+    merged into the base in its original precision, and compared with the model as trained."""
     from peftctl.merge import merge_runs
 
     _check_dtype(dtype)
     result = merge_runs(run_dirs, output, weights=_floats(weights, "--weights"), combination_type=combination,
                         density=density, svd_rank=svd_rank, adapter_only=adapter_only, rank=rank, dtype=dtype,
-                        reporter=_reporter())
+                        quantize=quantize, max_shard_size=max_shard_size, reporter=_reporter())
+    _emit(result, json_, _render_merge)
 
-    def render(res):
-        out = _stdout()
-        how = f" ({res['combination_type']}, weights {res['weights']})" if res["combination_type"] else ""
-        if res["mode"] == "adapter":
-            out.print(f"adapter (r={res['r']}){how} in {res['output']}")
-        else:
-            out.print(f"merged model{how} in {res['output']} ({res['dtype']}); max logit difference vs the "
-                      f"adapter model: {res['max_logit_diff']:.3g}")
-        if "resize" in res:
-            out.print(f"resized to rank {res['resize']['r']}: largest relative error "
-                      f"{res['resize']['max_relative_error']:.3g}")
 
-    _emit(result, json_, render)
+def _render_merge(res: dict[str, Any]) -> None:
+    out = _stdout()
+    how = f" ({res['combination_type']}, weights {res['weights']})" if res["combination_type"] else ""
+    if res["mode"] == "adapter":
+        out.print(f"adapter (r={res['r']}){how} in {res['output']}")
+    else:
+        out.print(f"merged model{how} in {res['output']} ({res['dtype']}); max logit difference vs the "
+                  f"adapter model: {res['max_logit_diff']:.3g}")
+    if "vs_quantized_training_model" in res:
+        d = res["vs_quantized_training_model"]
+        out.print(f"vs the quantized model it was trained as: top-1 agreement {d['top1_agreement']:.1%}, KL "
+                  f"{d['kl_nats_per_token']:.3g} nats/token, mean |logit difference| {d['mean_abs_logit_diff']:.3g} "
+                  f"(largest {d['max_abs_logit_diff']:.3g}) over {d['tokens']} probe tokens")
+    if "quantized" in res:
+        d = res["quantized"]["vs_merged"]
+        out.print(f"quantized ({res['quantized']['type']}); vs the unquantized merged model: top-1 agreement "
+                  f"{d['top1_agreement']:.1%}, KL {d['kl_nats_per_token']:.3g} nats/token")
+    if "resize" in res:
+        out.print(f"resized to rank {res['resize']['r']}: largest relative error "
+                  f"{res['resize']['max_relative_error']:.3g}")
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -339,17 +383,31 @@ def _check_dtype(dtype: str | None) -> None:
 @handled
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with the adapter.", show_default=False)],
-    format_: Annotated[str, typer.Option("--format", "-f", help="peft (adapter and model card) or merged.")] = "peft",
+    format_: Annotated[str, typer.Option(
+        "--format", "-f", help="peft (adapter and model card), merged (transformers folder) or gguf "
+                               "(one file for llama.cpp and Ollama; llama-family models).")] = "peft",
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (new or empty).")] = ...,  # type: ignore[assignment]
-    dtype: Annotated[str | None, typer.Option(help="For merged: float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="For merged and gguf: float32, bfloat16 or float16 (gguf default: float16).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="For merged: largest safetensors file.")] = "5GB",
     json_: JsonOpt = False,
 ) -> None:
-    """Export a run: the PEFT adapter with a model card, or a merged transformers model."""
+    """Export a run: the PEFT adapter with a model card, a merged transformers model, or a GGUF file."""
     from peftctl.export import export as run_export
 
     _check_dtype(dtype)
-    result = run_export(run_dir, format_, output, dtype=dtype, reporter=_reporter())
-    _emit(result, json_, lambda res: _stdout().print(f"exported ({res['format']}) to {res['output']}"))
+    result = run_export(run_dir, format_, output, dtype=dtype, max_shard_size=max_shard_size, reporter=_reporter())
+
+    def render(res):
+        out = _stdout()
+        if res["format"] == "gguf":
+            out.print(f"exported (gguf, {res['dtype']}) to {res['file']} ({res['bytes'] / 2**20:.1f} MiB)")
+        elif res["format"] == "merged":
+            _render_merge(res)
+        else:
+            out.print(f"exported (peft) to {res['output']}")
+
+    _emit(result, json_, render)
 
 
 @app.command()
@@ -357,6 +415,10 @@ def export(
 def inspect(
     target: Annotated[Path, typer.Argument(help="A recipe (what it would train) or a run / adapter folder (what it holds).",
                                           show_default=False)],
+    memory: Annotated[bool, typer.Option(
+        "--memory", help="Also estimate peak training memory for train.batch_size × data.max_length tokens "
+                         "(weights by dtype and quantization, adapter, gradients, optimizer, activations with "
+                         "and without checkpointing, logits).")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -369,12 +431,16 @@ def inspect(
         _emit(inspect_adapter(target), json_, _render_adapter)
         return
     from peftctl.inspect import inspect_recipe
+    from peftctl.memory import Workload
 
     r = _load_recipe(target, set_)
-    result = inspect_recipe(r)
+    # Every position of a full-length sequence may carry loss: the estimate is for the worst batch.
+    result = inspect_recipe(r, Workload(r.train.batch_size, r.data.max_length) if memory else None)
 
     def render(res):
-        table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']})")
+        q = res["quantization"]
+        quant = "" if q is None else (f", {q['bits']}-bit {q['quant_type']}" if q["bits"] == 4 else ", 8-bit")
+        table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant})")
         for col in ("module", "type", "shape", "rank", "trainable"):
             table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
         for row in res["modules"]:
@@ -385,6 +451,8 @@ def inspect(
         out.print(table)
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
                   f"|| trainable%: {res['trainable_percent']:.4f}")
+        if "memory" in res:
+            _render_memory(out, res["memory"])
 
     _emit(result, json_, render)
 

@@ -1,4 +1,6 @@
-"""`peftctl export`: a run in a form to ship: the PEFT adapter with a model card, or merged."""
+"""`peftctl export`: a run in a form to ship: the PEFT adapter with a model card (`peft`), the
+merged model as a transformers folder (`merged`), or as one GGUF file for llama.cpp and Ollama
+(`gguf`, llama-family models)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from peftctl.errors import InputError
 from peftctl.fsio import atomic_dir
 from peftctl.ui import Reporter
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf")
+GGUF_FILE = "model.gguf"
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -35,9 +38,15 @@ def model_card(run, summary: dict | None) -> str:
         "| setting | value |",
         "|---|---|",
     ]
-    for key in ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "task_type"):
+    for key in ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
+                "task_type"):
         if key in cfg:
             lines.append(f"| {key} | {cfg[key]} |")
+    quantization = run.recipe.model.quantization if run.recipe is not None else None
+    if quantization is not None:
+        how = (f"{quantization.bits}-bit {quantization.quant_type}" + (" (double quantization)" if quantization.double_quant else "")
+               if quantization.bits == 4 else "8-bit (LLM.int8)")
+        lines.append(f"| base model quantized in training | {how}, bitsandbytes |")
     if summary:
         lines += ["", "## Training", ""]
         for key in ("steps", "train_loss", "tokens_seen", "train_time_s"):
@@ -57,13 +66,20 @@ def model_card(run, summary: dict | None) -> str:
         "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
         "```",
     ]
+    if quantization is not None:
+        lines += [
+            "",
+            "The adapter was trained on the base quantized as above. It loads on the base in its original "
+            "precision as well (the outputs differ by the quantization error); to deploy, `peftctl merge` folds "
+            "it into the full-precision base and reports how far the result is from the model as trained.",
+        ]
     if run.recipe is not None:
         lines += ["", "## Recipe", "", "```yaml", run.recipe.to_yaml().rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
 def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None = None,
-           reporter: Reporter | None = None) -> dict[str, Any]:
+           max_shard_size: str = "5GB", reporter: Reporter | None = None) -> dict[str, Any]:
     from peftctl import runs
 
     if fmt not in FORMATS:
@@ -71,7 +87,10 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
     if fmt == "merged":
         from peftctl.merge import merge_run
 
-        return {"format": fmt, **merge_run(run_dir, out_dir, dtype=dtype, reporter=reporter)}
+        return {"format": fmt, **merge_run(run_dir, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+                                           reporter=reporter)}
+    if fmt == "gguf":
+        return _export_gguf(run_dir, out_dir, dtype or "float16", reporter or Reporter())
     run = runs.read_run(run_dir)
     files = []
     with atomic_dir(out_dir) as tmp:
@@ -82,3 +101,31 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
         (tmp / "README.md").write_text(model_card(run, run.summary), encoding="utf-8")
         files.append("README.md")
     return {"format": fmt, "output": str(out_dir), "files": files}
+
+
+def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, Any]:
+    """Merge (into the base in its original precision) and write OUT_DIR/model.gguf."""
+    from peftctl import gguf_writer, models, runs
+    from peftctl.fsio import refuse_nonempty
+    from peftctl.merge import merged_model
+
+    if dtype not in gguf_writer.DTYPES:
+        raise InputError(f"--dtype for gguf must be one of {', '.join(gguf_writer.DTYPES)}, got {dtype!r}")
+    refuse_nonempty(Path(out_dir))
+    run = runs.read_run(run_dir)
+    # What the file cannot hold is refused before any weights load.
+    gguf_writer.check_config(models.load_config(run.model_section), run.model_section.name_or_path)
+    gguf_writer.check_tokenizer(runs.load_tokenizer(run))
+    merged, tokenizer, report = merged_model([run_dir], reporter=reporter)
+    reporter.log(f"writing {GGUF_FILE} ({dtype})")
+    with atomic_dir(out_dir) as tmp:
+        info = gguf_writer.write(merged, tokenizer, tmp / GGUF_FILE, dtype=dtype, name=Path(run_dir).resolve().name)
+        size = (tmp / GGUF_FILE).stat().st_size
+    if info["pre_tokenizer"] is None:
+        reporter.log("the tokenizer's pre-tokenizer is not one llama.cpp knows by name: llama.cpp will split text "
+                     "with its default rule, which may tokenize some text differently")
+    result = {"format": "gguf", "output": str(out_dir), "file": str(Path(out_dir) / GGUF_FILE), "dtype": dtype,
+              "bytes": size, "max_logit_diff": report["max_logit_diff"], **info}
+    if "vs_quantized_training_model" in report:
+        result["vs_quantized_training_model"] = report["vs_quantized_training_model"]
+    return result

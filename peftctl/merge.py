@@ -1,9 +1,19 @@
 """`peftctl merge`: fold one run's adapter, or a weighted combination of several runs' adapters,
 into the base model and save a plain transformers folder; or save the combined adapter itself
-(`adapter_only`), optionally at another rank."""
+(`adapter_only`), optionally at another rank.
+
+An adapter trained on a quantized base (`model.quantization`) is merged into the base loaded in
+its original precision, never into the 4-bit or 8-bit weights (that is refused: rounding the
+merged weights back would erase most of the update). The merged model's outputs are then compared
+with those of the model as it was trained (quantized base plus adapter) on a few probe texts, and
+`quantize` re-quantizes the merged model for deployment.
+"""
 
 from __future__ import annotations
 
+import gc
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +22,24 @@ from peftctl.fsio import atomic_dir, refuse_nonempty
 from peftctl.ui import Reporter
 
 COMBINED = "combined"
+QUANTIZE = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
 
-
-def _probe_ids(tokenizer, device):
-    import torch
-
-    text = "The quick brown fox jumps over the lazy dog. 1, 2, 3."
-    return torch.tensor([tokenizer(text)["input_ids"][:32]], device=device)
+# A few inputs of different kinds: prose, a chat turn, numbers and code.
+PROBES = (
+    "The quick brown fox jumps over the lazy dog. 1, 2, 3.",
+    "User: What is the capital of France?\nAssistant: The capital of France is Paris.",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon; 2 of them walked on it.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+)
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-              reporter: Reporter | None = None) -> dict[str, Any]:
+              reporter: Reporter | None = None, **options) -> dict[str, Any]:
     """Merge the adapter of `run_dir` into its base; write `out_dir` (which must not hold anything)."""
-    return merge_runs([run_dir], out_dir, dtype=dtype, reporter=reporter)
+    return merge_runs([run_dir], out_dir, dtype=dtype, reporter=reporter, **options)
 
 
-def _check_options(n: int, weights, combination_type, rank, adapter_only) -> tuple[list[float], str]:
+def _check_options(n: int, weights, combination_type, rank, adapter_only, quantize) -> tuple[list[float], str]:
     from peftctl.adapters.lora.combine import COMBINATION_TYPES
 
     weights = [1.0] * n if weights is None else list(weights)
@@ -38,23 +50,27 @@ def _check_options(n: int, weights, combination_type, rank, adapter_only) -> tup
         raise InputError(f"--combination must be one of {', '.join(COMBINATION_TYPES)}, got {combination_type!r}")
     if rank is not None and not adapter_only:
         raise InputError("--rank resizes an adapter: use it with --adapter-only")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise InputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize is not None and adapter_only:
+        raise InputError("--quantize quantizes a merged model: it does not go with --adapter-only")
     return weights, combination_type
 
 
-def _load_adapters(runs_: list, dtype, reporter: Reporter):
+def _load_adapters(runs_: list, spec, reporter: Reporter):
     """The base model with every run's adapter loaded (names a0, a1, ...), and the first tokenizer."""
     from peftctl import models, runs
     from peftctl.adapters import PeftModel
 
-    spec = runs_[0].model_section
     for run in runs_[1:]:
         if run.model_section.name_or_path != spec.name_or_path:
             raise InputError(
                 f"{run.path} was trained on {run.model_section.name_or_path}, {runs_[0].path} on "
                 f"{spec.name_or_path}: adapters on different base models cannot be merged"
             )
-    reporter.log(f"loading {spec.name_or_path} and {len(runs_)} adapter(s)")
-    base = models.load_model(spec, dtype=dtype)
+    how = "" if spec.quantization is None else f", quantized to {spec.quantization.bits} bits as in training"
+    reporter.log(f"loading {spec.name_or_path}{how} and {len(runs_)} adapter(s)")
+    base = models.load_model(spec)
     names = [f"a{i}" for i in range(len(runs_))]
     try:
         model = PeftModel.from_pretrained(base, runs_[0].path, adapter_name=names[0])
@@ -65,53 +81,135 @@ def _load_adapters(runs_: list, dtype, reporter: Reporter):
     return model, names, runs.load_tokenizer(runs_[0])
 
 
+def _combined(runs_: list, spec, weights, combination_type, density, svd_rank, reporter: Reporter):
+    """(model with the one adapter to merge active, its name, tokenizer)."""
+    model, names, tokenizer = _load_adapters(runs_, spec, reporter)
+    model.eval()
+    if len(names) == 1 and weights == [1.0]:
+        return model, names[0], tokenizer
+    try:
+        model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination_type,
+                                   density=density, svd_rank=svd_rank)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    model.set_adapter(COMBINED, inference_mode=True)
+    for source in names:
+        model.delete_adapter(source)
+    return model, COMBINED, tokenizer
+
+
+def probe_logits(model, tokenizer) -> list:
+    """float32 logits (on the CPU) of the model on each probe text."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for text in PROBES:
+            ids = torch.tensor([tokenizer(text)["input_ids"][:64]], device=device)
+            out.append(model(input_ids=ids).logits.float().cpu()[0])
+    return out
+
+
+def distance(reference: list, other: list) -> dict[str, float]:
+    """How far `other`'s logits are from `reference`'s over the probes' positions: the largest and
+    mean absolute difference, the mean KL divergence of other's next-token distribution from the
+    reference's (nats per token), and how often both predict the same next token."""
+    import torch
+
+    ref, oth = torch.cat(reference), torch.cat(other)
+    kl = torch.nn.functional.kl_div(oth.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    return {
+        "max_abs_logit_diff": float((ref - oth).abs().max()),
+        "mean_abs_logit_diff": float((ref - oth).abs().mean()),
+        "kl_nats_per_token": float(kl),
+        "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).float().mean()),
+        "tokens": int(ref.shape[0]),
+    }
+
+
+def _release_memory() -> None:
+    """Give back what models no longer referenced held (before the next large one loads)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _trained_logits(runs_: list, spec, weights, combination_type, density, svd_rank, reporter: Reporter) -> list:
+    """Probe logits of the model as it was trained: the quantized base with the adapter."""
+    model, _, tokenizer = _combined(runs_, spec, weights, combination_type, density, svd_rank, reporter)
+    return probe_logits(model, tokenizer)
+
+
+def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = None,
+                 combination_type: str | None = None, density: float | None = None,
+                 svd_rank: int | None = None, reporter: Reporter | None = None):
+    """(merged transformers model, tokenizer, report): the runs' adapters folded into their base in
+    its original precision; the report says how far it is from the adapter model, and from the
+    quantized model the adapter was trained on when it was."""
+    from peftctl import runs
+
+    reporter = reporter or Reporter()
+    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, None, False, None)
+    runs_ = [runs.read_run(d) for d in run_dirs]
+    spec = runs_[0].model_section
+    report: dict[str, Any] = {}
+    trained = None
+    if spec.quantization is not None:
+        trained = _trained_logits(runs_, spec, weights, combination_type, density, svd_rank, reporter)
+        _release_memory()
+        spec = spec.model_copy(update={"quantization": None})
+        reporter.log("merging into the base in its original precision")
+    model, _, tokenizer = _combined(runs_, spec, weights, combination_type, density, svd_rank, reporter)
+    before = probe_logits(model, tokenizer)
+    merged = model.merge_and_unload(safe_merge=True)
+    after = probe_logits(merged, tokenizer)
+    report["max_logit_diff"] = distance(before, after)["max_abs_logit_diff"]
+    if trained is not None:
+        report["vs_quantized_training_model"] = distance(trained, after)
+        q = report["vs_quantized_training_model"]
+        reporter.log(f"merged vs the quantized model as trained: top-1 agreement {q['top1_agreement']:.1%}, "
+                     f"KL {q['kl_nats_per_token']:.3g} nats/token, largest logit difference "
+                     f"{q['max_abs_logit_diff']:.3g}")
+    report["probe_logits"] = after
+    return merged, tokenizer, report
+
+
 def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list[float] | None = None,
                combination_type: str | None = None, density: float | None = None, svd_rank: int | None = None,
                adapter_only: bool = False, rank: int | None = None, dtype: str | None = None,
+               quantize: str | None = None, max_shard_size: str = "5GB",
                reporter: Reporter | None = None) -> dict[str, Any]:
-    """Combine the runs' adapters (`add_weighted_adapter`; one run: itself) and write `out_dir`.
-
-    A merged model's logits are compared with the adapter model's on a probe sentence, and the
-    largest difference is reported.
-    """
-    import torch
-
+    """Combine the runs' adapters (`add_weighted_adapter`; one run: itself) and write `out_dir`:
+    the merged model (sharded safetensors, tokenizer, generation config), re-quantized with
+    `quantize` (nf4 | fp4 | int8), or with `adapter_only` the adapter."""
     from peftctl import models, runs
 
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     refuse_nonempty(out_dir)
-    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only)
-    runs_ = [runs.read_run(d) for d in run_dirs]
-    load_dtype = models.resolve_dtype(runs_[0].model_section.dtype)
-    model, names, tokenizer = _load_adapters(runs_, load_dtype, reporter)
-    model.eval()
-    single = len(names) == 1 and weights == [1.0]
-    name = names[0] if single else COMBINED
-    if not single:
-        try:
-            model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination_type,
-                                       density=density, svd_rank=svd_rank)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        model.set_adapter(COMBINED, inference_mode=True)
-        for source in names:
-            model.delete_adapter(source)
+    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize)
+    models._quiet_transformers()
     result: dict[str, Any] = {
         "output": str(out_dir),
-        "base_model": runs_[0].model_section.name_or_path,
         "adapters": [str(d) for d in run_dirs],
         "weights": weights,
-        "combination_type": None if single else combination_type,
+        "combination_type": None if len(run_dirs) == 1 and weights == [1.0] else combination_type,
     }
-    if rank is not None:
-        try:
-            report = model.resize_adapter_rank(name, rank)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        result["resize"] = {"r": rank, "max_relative_error": report["max_relative_error"]}
-        reporter.log(f"rank {rank}: largest relative error {report['max_relative_error']:.3g}")
     if adapter_only:
+        runs_ = [runs.read_run(d) for d in run_dirs]
+        model, name, tokenizer = _combined(runs_, runs_[0].model_section, weights, combination_type, density,
+                                           svd_rank, reporter)
+        result["base_model"] = runs_[0].model_section.name_or_path
+        if rank is not None:
+            try:
+                resized = model.resize_adapter_rank(name, rank)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            result["resize"] = {"r": rank, "max_relative_error": resized["max_relative_error"]}
+            reporter.log(f"rank {rank}: largest relative error {resized['max_relative_error']:.3g}")
         with atomic_dir(out_dir) as tmp:
             model.save_adapter(name, tmp)
             tokenizer.save_pretrained(tmp)
@@ -119,22 +217,51 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
         config = model.peft_config[name]
         return {**result, "mode": "adapter", "r": config.r, "lora_alpha": config.lora_alpha}
 
-    device = next(model.parameters()).device
-    probe = _probe_ids(tokenizer, device)
-    with torch.no_grad():
-        before = model(input_ids=probe).logits.float()
-        merged = model.merge_and_unload(safe_merge=True)
-        after = merged(input_ids=probe).logits.float()
-    out_dtype = models.resolve_dtype(dtype) if dtype else load_dtype
+    merged, tokenizer, report = merged_model(run_dirs, weights=weights, combination_type=combination_type,
+                                             density=density, svd_rank=svd_rank, reporter=reporter)
+    spec = runs.read_run(run_dirs[0]).model_section
+    out_dtype = models.resolve_dtype(dtype or spec.dtype)
     merged = merged.to(out_dtype)
+    result.update(base_model=spec.name_or_path, mode="model", dtype=str(out_dtype).removeprefix("torch."),
+                  parameters=sum(p.numel() for p in merged.parameters()), max_logit_diff=report["max_logit_diff"])
+    if "vs_quantized_training_model" in report:
+        result["vs_quantized_training_model"] = report["vs_quantized_training_model"]
+    if quantize is None:
+        with atomic_dir(out_dir) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(tmp)
+        reporter.log(f"merged model written to {out_dir}")
+        return result
+    # bitsandbytes quantizes as transformers loads a folder: write the merged model next to
+    # out_dir, load it back quantized, and remove it.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".unquantized"))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        del merged
+        _release_memory()
+        result["quantized"] = _write_quantized(staging, tokenizer, report["probe_logits"], out_dir, quantize,
+                                               out_dtype, max_shard_size, reporter)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _write_quantized(folder: Path, tokenizer, merged_logits, out_dir: Path, quantize: str, dtype,
+                     max_shard_size: str, reporter: Reporter) -> dict[str, Any]:
+    """Load the merged model in `folder` quantized, say how far its outputs moved, and save it
+    (transformers reads the quantization config back from config.json)."""
+    from peftctl import models
+    from peftctl.recipe import ModelSection, QuantizationSection
+
+    spec = ModelSection(name_or_path=str(folder), dtype=str(dtype).removeprefix("torch."),
+                        quantization=QuantizationSection(**QUANTIZE[quantize]))
+    reporter.log(f"quantizing the merged model ({quantize})")
+    quantized = models.load_model(spec)
+    moved = distance(merged_logits, probe_logits(quantized, tokenizer))
     with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        quantized.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-    reporter.log(f"merged model written to {out_dir}")
-    return {
-        **result,
-        "mode": "model",
-        "dtype": str(out_dtype).removeprefix("torch."),
-        "parameters": sum(p.numel() for p in merged.parameters()),
-        "max_logit_diff": float((before - after).abs().max()),
-    }
+    reporter.log(f"quantized merged model ({quantize}) written to {out_dir}; vs unquantized: top-1 agreement "
+                 f"{moved['top1_agreement']:.1%}, KL {moved['kl_nats_per_token']:.3g} nats/token")
+    return {"type": quantize, "vs_merged": moved}

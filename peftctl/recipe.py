@@ -41,6 +41,52 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class QuantizationSection(Section):
+    bits: Literal[4, 8] = Field(
+        description=(
+            "4: QLoRA, the base model's linear layers stored in 4 bits (bitsandbytes Linear4bit, about "
+            "0.52 bytes per weight with double_quant); 8: LLM.int8 (Linear8bitLt, 1 byte per weight)."
+        ),
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4",
+        description="4-bit only: the 4-bit data type. nf4 (NormalFloat, QLoRA's) suits normally distributed weights.",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description=(
+            "4-bit only: quantize the per-block scales too (about 0.37 bits per weight less: 3 GB for a 65B "
+            "model), at no measurable cost in quality."
+        ),
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "4-bit only: the dtype the quantized layers compute in (the 4-bit weight is dequantized to it "
+            "for each matmul). auto: model.dtype as resolved."
+        ),
+    )
+    int8_threshold: float = Field(
+        default=6.0,
+        ge=0,
+        description=(
+            "8-bit only: activations larger than this in magnitude go through a float16 matmul (LLM.int8's "
+            "outlier decomposition); 0 turns it off."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_the_other_width(self):
+        # A value other than the default for the other width is a mistake worth saying (defaults are
+        # written out in a run's resolved recipe, so their presence alone is not).
+        other = ("quant_type", "double_quant", "compute_dtype") if self.bits == 8 else ("int8_threshold",)
+        given = [f for f in other if getattr(self, f) != type(self).model_fields[f].default]
+        if given:
+            which = "4" if self.bits == 8 else "8"
+            raise ValueError(f"{', '.join(given)} applies to bits: {which}, and this is bits: {self.bits}")
+        return self
+
+
 class ModelSection(Section):
     name_or_path: str = Field(
         default="smollm2-135m-instruct",
@@ -75,10 +121,22 @@ class ModelSection(Section):
     cache_dir: str | None = Field(
         default=None,
         description=(
-            "Where built-in models are converted and kept. Unset: $PEFTCTL_CACHE, else "
-            "~/.cache/peftctl."
+            "Where built-in models (and .gguf bases to quantize) are converted and kept. Unset: "
+            "$PEFTCTL_CACHE, else ~/.cache/peftctl."
         ),
         json_schema_extra=PATH,
+    )
+    quantization: QuantizationSection | None = Field(
+        default=None,
+        description=(
+            "Load the base model's linear layers quantized by bitsandbytes (`{bits: 4}` is QLoRA) and "
+            "train the adapter over them. The output head, the embeddings and the norms stay unquantized "
+            "in model.dtype, and nothing is copied to float32 but the adapter weights (with their "
+            "gradients and optimizer state), which are float32 always: unlike PEFT's "
+            "prepare_model_for_kbit_training, which upcasts every unquantized weight (2 GB more for an 8B "
+            "Llama 3) and with them the activations. The norms already compute in float32 internally. "
+            "Unset: not quantized. On a GPU the weights are quantized as they load onto it."
+        ),
     )
 
 
@@ -329,9 +387,12 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm to this value; unset: no clipping."
     )
-    gradient_checkpointing: bool = Field(
-        default=False,
-        description="Recompute each layer's activations in the backward pass: much less memory, about 30% slower.",
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description=(
+            "Recompute each layer's activations in the backward pass: much less memory, about 30% slower. "
+            "Unset: on when the base model is quantized (model.quantization), off otherwise."
+        ),
     )
     seed: int = Field(default=42, description="Seed for adapter init, data order and dropout.")
     log_every: int = Field(default=10, ge=1, description="Write a metrics line every N steps.")
@@ -459,6 +520,12 @@ class Recipe(Section):
         if self.train.eval_every is not None and self.data.eval is None and self.data.eval_split is None:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_split")
         return self
+
+    def uses_gradient_checkpointing(self) -> bool:
+        """train.gradient_checkpointing, or when unset: whether the base model is quantized."""
+        if self.train.gradient_checkpointing is not None:
+            return self.train.gradient_checkpointing
+        return self.model.quantization is not None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

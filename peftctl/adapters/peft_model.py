@@ -120,7 +120,7 @@ class PeftModel(nn.Module):
         trainable = total = 0
         for p in self.parameters():
             n = p.numel()
-            if p.__class__.__name__ == "Params4bit":
+            if p.__class__.__name__ == "Params4bit" and getattr(p, "bnb_quantized", True):
                 n *= 2 * p.element_size()  # 4-bit weights pack two values per stored byte
             total += n
             if p.requires_grad:

@@ -101,13 +101,20 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
 
 
 def resolved(recipe):
-    """The recipe as it runs: `model.dtype: auto` replaced by the dtype this machine gives it."""
+    """The recipe as it runs: `auto` dtypes replaced by the dtype this machine gives them, and
+    `train.gradient_checkpointing` decided (unset: on for a quantized base)."""
     from peftctl import models
 
-    dtype = models.resolve_dtype(recipe.model.dtype)
-    return recipe.model_copy(
-        update={"model": recipe.model.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})}
-    )
+    dtype = str(models.resolve_dtype(recipe.model.dtype)).removeprefix("torch.")
+    model = {"dtype": dtype}
+    q = recipe.model.quantization
+    if q is not None and q.bits == 4 and q.compute_dtype == "auto":
+        model["quantization"] = q.model_copy(update={"compute_dtype": dtype})
+    checkpointing = recipe.uses_gradient_checkpointing()
+    return recipe.model_copy(update={
+        "model": recipe.model.model_copy(update=model),
+        "train": recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
+    })
 
 
 def data_hashes(data_cfg) -> dict[str, str]:
@@ -224,11 +231,13 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and not getattr(accelerator, "is_fsdp2", False):
         raise InputError("FSDP runs need fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
+    if fsdp and recipe.model.quantization is not None:
+        raise InputError("model.quantization: a quantized base is not sharded by FSDP here; train it on one GPU "
+                         "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     run = RunFolder(Path(recipe.output.dir))
-    cfg = recipe.train
-
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
+    cfg = run_recipe.train
     hashes = data_hashes(recipe.data)
     ckpt = find_resume_checkpoint(resume, run.path)
     if ckpt is not None:

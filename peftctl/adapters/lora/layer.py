@@ -8,14 +8,15 @@ weight norm is the exception the method itself needs, computed without gradient)
 the one place a fused kernel would replace.
 
 The layer classes: `Linear` (torch Linear and transformers' Conv1D, stored transposed),
-`Embedding`, `Conv1d`, `Conv2d`, `Conv3d`. Other base-layer types (bitsandbytes' quantized
-linears, for QLoRA) join with `register_layer`.
+`Embedding`, `Conv1d`, `Conv2d`, `Conv3d`; bitsandbytes' quantized linears (QLoRA) in `quantized.py`.
+Other base-layer types join with `register_layer`.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+import sys
 
 import torch
 from torch import nn
@@ -92,6 +93,14 @@ class LoraLayer(AdapterLayer):
         """W x for DoRA, from the running result when the input is what the base layer saw."""
         raise TypeError(f"DoRA is not available on {type(self.get_base_layer()).__name__} layers")
 
+    def reads_base_weight(self) -> bool:
+        """Whether `base_weight` can give the base weight's values (a quantized layer class says how)."""
+        return self.get_base_layer().weight.is_floating_point()
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight's values in float32, detached (DoRA's norm; PiSSA and OLoRA)."""
+        return self.get_base_layer().weight.detach().float()
+
     # ---- creating an adapter ------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, module_name: str = "", r: int | None = None,
                      lora_alpha: float | None = None) -> None:
@@ -104,11 +113,12 @@ class LoraLayer(AdapterLayer):
         init = config.init_lora_weights
         if isinstance(init, str) and init != "gaussian" and not any(init.startswith(k) for k in self.base_weight_inits):
             raise ValueError(
-                f"init_lora_weights={init!r} applies to linear layers; {module_name} is a "
-                f"{type(self.get_base_layer()).__name__}"
+                f"init_lora_weights={init!r} rewrites the base weight of a float linear layer; {module_name} "
+                f"is a {type(self.get_base_layer()).__name__}"
             )
-        if config.use_dora and not self.get_base_layer().weight.is_floating_point():
-            raise ValueError(f"DoRA needs a float base weight; {module_name} is quantized")
+        if config.use_dora and not self.reads_base_weight():
+            raise ValueError(f"DoRA needs the base weight's values; {module_name} holds a "
+                             f"{self.get_base_layer().weight.dtype} weight that this layer cannot read")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = config.use_rslora
@@ -182,7 +192,7 @@ class LoraLayer(AdapterLayer):
                   delta: torch.Tensor | None = None) -> torch.Tensor:
         """Row norms of W + scaling B A (output dimension first), float32, without gradient."""
         with torch.no_grad():
-            w = self.get_base_layer().weight.detach().float() if base_weight is None else base_weight
+            w = self.base_weight() if base_weight is None else base_weight
             d = self.delta_weight(adapter_name) if delta is None else delta
             norm = (self.to_out_first(w) + self.to_out_first(d)).flatten(1).norm(dim=1)
         return norm.view(self.magnitude_shape())
@@ -269,6 +279,7 @@ class LoraLayer(AdapterLayer):
 
 # (base-layer type, LoRA layer class); the first isinstance match wins. Extended by `register_layer`.
 _LAYER_TYPES: list[tuple[type, type[LoraLayer]]] = []
+_QUANTIZED_REGISTERED: list[bool] = [False]
 
 
 def register_layer(base_type: type, layer_cls: type[LoraLayer]) -> None:
@@ -287,6 +298,14 @@ def _layer_types() -> list[tuple[type, type[LoraLayer]]]:
 
         _LAYER_TYPES.extend([(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
                              (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)])
+    if not _QUANTIZED_REGISTERED[0] and "bitsandbytes" in sys.modules:
+        # A model with bitsandbytes layers has imported it; without them it is never imported here.
+        # Its linears subclass nn.Linear, so they must come first.
+        from peftctl.adapters.lora.quantized import layer_types
+
+        _QUANTIZED_REGISTERED[0] = True
+        for base_type, cls in layer_types():
+            register_layer(base_type, cls)
     return _LAYER_TYPES
 
 

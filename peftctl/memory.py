@@ -1,0 +1,176 @@
+"""Peak training memory per device, estimated from the model's structure: the one estimator behind
+`peftctl train --dry-run` and `peftctl inspect RECIPE --memory`.
+
+The model is the one a run trains, built on the meta device (no weights): the adapter attached and,
+for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
+
+- weights: every frozen parameter at its dtype's size; a bitsandbytes 4-bit linear at half a byte
+  per weight plus its block scales (one per 64 weights: a uint8 with double quantization, and a
+  float32 per 256 blocks; a float32 without) and code books, an 8-bit one at one byte plus a
+  float32 per row: bitsandbytes' storage exactly.
+- adapter: the trainable parameters, their gradients (same dtype) and the optimizer's state.
+- activations: what autograd keeps for the backward pass, per token and layer of a pre-norm decoder
+  with SDPA attention (no attention matrix is kept), in the activations' dtype (b bytes) unless
+  said: each RMSNorm's float32 copy of its input (4h; a LayerNorm keeps its input, bh); the rotated
+  query, keys and values and the attention output (b(2h + 2kv); o_proj's adapter reads that same
+  output tensor); the MLP's gate output, activation output and up output (3bi; 1bi without a
+  gate); and the inputs of the adapted projections, once per shared input (q/k/v: bh; gate/up: bh;
+  down: bi; other adapted layers: their input width), plus the r-wide adapter intermediates.
+  Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
+  its 8-bit ones keep their input like an adapted layer.
+  With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
+  it is recomputed. Either way the backward of one layer adds its gradients (about b(3i + 2h)), and
+  a quantized layer dequantizes one weight at a time (the largest, in the compute dtype).
+  All of it is added up, a little above the true peak: the loss's chunk is freed before the
+  backward's layer workspace is taken.
+- logits: Llama-family heads go through `kernels.linear_cross_entropy` (one chunk of float32
+  logits, its budget, plus the head input and its gradient for the loss tokens); other heads
+  materialise the loss positions' logits, their float32 copy and its gradient.
+
+The per-layer count is the autograd graph of transformers' Llama written out. The same count with
+PEFT's float32 copies of each adapted layer's input (PEFT upcasts them; peftctl computes the adapter
+in the activations' dtype) gives 72 GiB of activations for Llama-3.1-8B, LoRA r=16 on all linear
+layers, batch 4 x 2048, where PEFT measured 74.5 (ENVIRONMENT.md: 101.3 GiB peak less weights and
+logits); with Liger-Kernel's fused norm and SwiGLU, 61.0 GiB against 61.5 measured.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# Suffixes of adapted projections that read the same input tensor within a layer (Llama naming).
+_ATTN_INPUT = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+_MLP_INPUT = ("gate_proj", "up_proj", "gate_up_proj")
+_MLP_MIDDLE = ("down_proj",)
+_ATTN_OUTPUT = ("o_proj",)  # reads the attention output, which SDPA keeps anyway
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int  # sequences per micro-batch
+    seq_len: int  # tokens per sequence (padded)
+    loss_fraction: float = 1.0  # share of positions that predict a loss token
+
+
+def optimizer_state_bytes(optimizer: str, momentum: float, numel: int, shape: tuple[int, ...], element: int) -> int:
+    """Bytes of optimizer state for one trainable parameter."""
+    if optimizer == "adamw":
+        return 2 * numel * element  # exp_avg, exp_avg_sq in the parameter's dtype
+    if optimizer == "paged_adamw_32bit":
+        return 8 * numel
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2 * numel if numel >= 4096 else 8 * numel  # bitsandbytes keeps small tensors in 32 bits
+    if optimizer == "adafactor":  # factored second moment, no first moment
+        return 4 * (shape[0] + math.prod(shape[1:])) if len(shape) >= 2 else 4 * numel
+    return numel * element if momentum else 0  # sgd
+
+
+def _quantized_bytes(module) -> tuple[str, int, int]:
+    """(storage name, bytes, weights) of a bitsandbytes linear layer's weight."""
+    n = module.in_features * module.out_features
+    if type(module).__name__ == "Linear8bitLt":
+        return "int8", n + 4 * module.out_features, n
+    blocks = math.ceil(n / 64)
+    double = bool(getattr(module.weight, "compress_statistics", False))
+    # Scales, and the code books: 16 float32 values, and with double quantization 256 more and an offset.
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 1) if double else 4 * blocks
+    kind = getattr(module.weight, "quant_type", "nf4") + ("+dq" if double else "")
+    return kind, n // 2 + scales + 4 * 16, n
+
+
+def _dims(config) -> tuple[int, int, int, int]:
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return hidden, inter, kv, config.num_hidden_layers
+
+
+def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: bool, optimizer: str,
+             momentum: float = 0.0) -> dict:
+    """Bytes per device: weights (by storage), adapter state, activations (both ways), logits."""
+    import torch
+
+    from peftctl.adapters.layer import AdapterLayer
+    from peftctl.train.loss import _inner_model, plain_head
+
+    inner = _inner_model(peft_model)
+    act_dtype = inner.get_input_embeddings().weight.dtype
+    b = torch.empty((), dtype=act_dtype).element_size()
+
+    weights: dict[str, int] = {}
+    quantized_ids: set[int] = set()
+    largest_quantized = 0
+    for module in inner.modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            kind, nbytes, n = _quantized_bytes(module)
+            weights[kind] = weights.get(kind, 0) + nbytes
+            quantized_ids.add(id(module.weight))
+            largest_quantized = max(largest_quantized, n)
+    adapter = grads = states = 0
+    seen: set[int] = set()
+    for p in inner.parameters():
+        if id(p) in seen or id(p) in quantized_ids:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        if p.requires_grad:
+            adapter += nbytes
+            grads += nbytes
+            states += optimizer_state_bytes(optimizer, momentum, p.numel(), tuple(p.shape), p.element_size())
+        else:
+            name = str(p.dtype).removeprefix("torch.")
+            weights[name] = weights.get(name, 0) + nbytes
+
+    hidden, inter, kv, layers = _dims(config)
+    # Layers in the decoder blocks whose input autograd keeps: the adapted ones (their A needs it
+    # for its gradient) and bitsandbytes' 8-bit ones (its backward reads its input).
+    keepers = {name.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
+               if _LAYER_INDEX.search(name) and (isinstance(m, AdapterLayer) or type(m).__name__ == "Linear8bitLt")}
+    gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in inner.named_modules())
+    rms = any("RMSNorm" in type(m).__name__ for m in inner.modules())
+    norm = 4 * hidden if rms else b * hidden
+    per_layer = 2 * norm + b * (2 * hidden + 2 * kv) + b * inter * (3 if gated else 1)
+    per_layer += b * hidden * (bool(keepers.keys() & set(_ATTN_INPUT)) + bool(keepers.keys() & set(_MLP_INPUT)))
+    per_layer += b * inter * bool(keepers.keys() & set(_MLP_MIDDLE))
+    for suffix in keepers.keys() - set(_ATTN_INPUT + _MLP_INPUT + _MLP_MIDDLE + _ATTN_OUTPUT):
+        per_layer += b * getattr(keepers[suffix], "in_features", hidden)
+    adapted = [m for name, m in inner.named_modules() if isinstance(m, AdapterLayer) and _LAYER_INDEX.search(name)]
+    per_layer += int(b * sum(sum(getattr(m, "r", {}).values()) for m in adapted) / max(layers, 1))
+    tokens = workload.batch * workload.seq_len
+    loss_tokens = max(1, int(tokens * workload.loss_fraction))
+    # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients
+    # during its backward, one dequantized weight.
+    always = tokens * (norm + b * (3 * inter + 2 * hidden)) + largest_quantized * b
+    without = tokens * layers * per_layer + always
+    with_ = tokens * (layers * b * hidden + per_layer) + always
+
+    vocab = config.vocab_size
+    if plain_head(inner) is not None:
+        from peftctl.kernels.linear_cross_entropy import _chunk_rows
+
+        rows = min(_chunk_rows(vocab), loss_tokens)
+        logits = rows * vocab * 8 + 2 * loss_tokens * hidden * b
+    else:
+        logits = loss_tokens * vocab * (b + 4 + 4)
+
+    activations = with_ if gradient_checkpointing else without
+    out = {
+        "weights": dict(sorted(weights.items())),
+        "base_weights": sum(weights.values()),
+        "adapter_weights": adapter,
+        "gradients": grads,
+        "optimizer_states": states,
+        "activations": activations,
+        "activations_with_checkpointing": with_,
+        "activations_without_checkpointing": without,
+        "gradient_checkpointing": gradient_checkpointing,
+        "logits": logits,
+        "tokens": tokens,
+    }
+    out["total"] = out["base_weights"] + adapter + grads + states + activations + logits
+    return out
