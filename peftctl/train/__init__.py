@@ -246,7 +246,9 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
 
     set_seed(cfg.seed)
     reporter.log(f"loading {recipe.model.name_or_path} ({run_recipe.model.dtype})")
-    model, tokenizer = prepare_model(recipe, dtype=dtype)
+    # Straight onto this process's GPU (no full copy in host memory first); FSDP shards from the host.
+    device_map = {"": accelerator.device} if accelerator.device.type == "cuda" and not fsdp else None
+    model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
                              attention=model.config._attn_implementation, reporter=reporter)
     if len(dataset.train) < accelerator.num_processes:
