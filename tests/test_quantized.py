@@ -19,8 +19,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def quantized(folder, bits: int, dtype: str = "float32"):
+    # Pinned to the CPU: these tests compare with CPU references (on a GPU machine the product would
+    # otherwise place a quantized base on the GPU).
     return models.load_model(ModelSection(name_or_path=str(folder), dtype=dtype,
-                                          quantization=QuantizationSection(bits=bits)))
+                                          quantization=QuantizationSection(bits=bits)), device_map={"": "cpu"})
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -84,7 +86,7 @@ def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_th
     grads, calls = [], []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model, _ = prepare_model(r)
+        model, _ = prepare_model(r, device_map={"": "cpu"})
         float32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
         assert float32 == {n for n, p in model.named_parameters() if p.requires_grad}  # the adapter only
         assert {p.dtype for n, p in model.named_parameters() if n not in float32} == {torch.bfloat16, torch.uint8}
@@ -193,8 +195,8 @@ def test_a_qlora_run_trains_and_records_how(qlora_run):
 
 def _probe(model, tokenizer, texts) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(input_ids=torch.tensor([tokenizer(t)["input_ids"][:64]])).logits[0].float()
-                          for t in texts])
+        return torch.cat([model(input_ids=torch.tensor([tokenizer(t)["input_ids"][:64]], device=model.device))
+                          .logits[0].float().cpu() for t in texts])
 
 
 def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path, tiny_model_dir):
@@ -216,7 +218,7 @@ def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path,
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32)
     trained = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q), run_dir)
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q, device_map={"": "cpu"}), run_dir)
     trained_logits = _probe(trained, tok, PROBES)
     report = res["vs_quantized_training_model"]
     assert report["tokens"] == merged_logits.shape[0]
@@ -237,7 +239,8 @@ def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path):
     res = run_json("merge", run_dir, "--quantize", "nf4", "-o", tmp_path / "q")
     assert res["quantized"]["type"] == "nf4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "q"]  # the staging folder is gone
-    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # the config says how to load it
+    # the config says how to load it
+    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map={"": "cpu"})
     assert isinstance(requantized.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     tok = AutoTokenizer.from_pretrained(tmp_path / "q")
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
