@@ -104,11 +104,6 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     if not base:
-        from peftctl.adapters import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (ValueError, TypeError) as e:
-            raise InputError(f"{adapter}: {e}") from None
+        model = runs.attach_saved_adapter(model, adapter)
     result = score(model, tokenizer, examples, recipe.eval, device, reporter)
     return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

@@ -286,15 +286,15 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
 def load_tokenizer(spec, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
-    source = source or resolve(spec.name_or_path, spec.cache_dir)
-    kw = _common_kwargs(spec, source)
-    where = source.path
-    if spec.tokenizer:
+    if spec.tokenizer:  # its own location: the model need not be resolved (or converted) for it
         where, kw = spec.tokenizer, {"trust_remote_code": spec.trust_remote_code}
+    else:
+        source = source or resolve(spec.name_or_path, spec.cache_dir)
+        where, kw = source.path, _common_kwargs(spec, source)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except OSError as e:
-        if source.kind == "hub" and not spec.tokenizer:
+        if not spec.tokenizer and source.kind == "hub":
             raise _hub_failure(where, e) from None
         raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:

@@ -54,24 +54,17 @@ def load_tokenizer(run: RunInfo):
     """The run's own tokenizer when it saved one, else the base model's."""
     from peftctl import models
 
+    spec = run.model_section
     if (run.path / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(run.path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
-    return models.load_tokenizer(run.model_section)
+        spec = spec.model_copy(update={"tokenizer": str(run.path)})
+    return models.load_tokenizer(spec)
 
 
-def load_adapter_model(run: RunInfo, *, dtype=None, is_trainable: bool = False):
-    """The base model with the run's adapter loaded, and the tokenizer."""
-    from peftctl import models
+def attach_saved_adapter(base, folder: str | Path, is_trainable: bool = False):
+    """`base` with the adapter saved in `folder`; an adapter that does not fit is an input error."""
     from peftctl.adapters import PeftModel
 
-    base = models.load_model(run.model_section, dtype=dtype)
     try:
-        model = PeftModel.from_pretrained(base, run.path, is_trainable=is_trainable)
+        return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
     except (ValueError, TypeError) as e:
-        raise InputError(f"{run.path}: {e}") from None
-    return model, load_tokenizer(run)
+        raise InputError(f"{folder}: {e}") from None

@@ -74,31 +74,25 @@ def test_quantized_adapters_move_both_ways_with_peft(tiny_model_dir, tmp_path, b
 def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_the_same_gradients(make_recipe):
     """The training model of a 4-bit recipe: nothing in float32 but the adapter, checkpointing on by
     default and recomputing each layer, gradients as without it."""
+    from tiny import checkpointing_runs
+
     from peftctl import recipe as recipe_lib
-    from peftctl.train import enable_gradient_checkpointing, prepare_model, resolved
-    from peftctl.train.loss import loss_sum
+    from peftctl.train import prepare_model, resolved
 
     r = resolved(recipe_lib.load(make_recipe(model={"dtype": "bfloat16", "quantization": {"bits": 4}},
                                              adapter={"target_modules": "all-linear"})))
     assert r.train.gradient_checkpointing is True and r.model.quantization.compute_dtype == "bfloat16"
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    grads, calls = [], []
-    for checkpointing in (False, True):
-        torch.manual_seed(1)
+
+    def make_model():
         model, _ = prepare_model(r, device_map={"": "cpu"})
         float32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
         assert float32 == {n for n, p in model.named_parameters() if p.requires_grad}  # the adapter only
         assert {p.dtype for n, p in model.named_parameters() if n not in float32} == {torch.bfloat16, torch.uint8}
-        if checkpointing:
-            enable_gradient_checkpointing(model)
-        model.train()
-        calls.append(0)
-        model.get_base_model().model.layers[0].self_attn.register_forward_hook(
-            lambda *a: calls.__setitem__(-1, calls[-1] + 1))
-        loss, _ = loss_sum(model, batch)
-        loss.backward()
-        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+        return model
+
+    calls, grads = checkpointing_runs(make_model, batch)
     assert calls == [1, 2]
     assert all(grads[0][n].abs().sum() > 0 for n in grads[0] if "lora_B" in n)
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=0.02, atol=1e-4) for n in grads[0])

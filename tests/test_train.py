@@ -244,27 +244,16 @@ def test_optimizers_schedules_precision_and_checkpointing_train(make_recipe, tmp
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_llama):
+    from tiny import checkpointing_runs
+
     from peftctl import LoraConfig, get_peft_model
-    from peftctl.train import enable_gradient_checkpointing
-    from peftctl.train.loss import loss_sum
 
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    grads, calls = [], []  # calls: forward passes of layer 0's attention, per run
-    for checkpointing in (False, True):
-        torch.manual_seed(1)
-        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False))
-        if checkpointing:
-            enable_gradient_checkpointing(model)
-        model.train()
-        calls.append(0)
-        model.get_base_model().model.layers[0].self_attn.register_forward_hook(
-            lambda *a: calls.__setitem__(-1, calls[-1] + 1))
-        loss, _ = loss_sum(model, batch)
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    calls, grads = checkpointing_runs(
+        lambda: get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False)), batch)
     assert calls == [1, 2]  # the layer ran again in the backward pass
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
 

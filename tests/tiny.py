@@ -95,3 +95,30 @@ def recipe_text(model_dir: Path, train_path: str, eval_path: str | None, out_dir
     for name, fields in sections.items():
         recipe.setdefault(name, {}).update(fields)
     return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def checkpointing_runs(make_model, batch):
+    """Train-mode forward and backward of `batch` without, then with, gradient checkpointing.
+
+    Returns (calls, grads): how often layer 0's attention ran in each run (1, then 2 when the
+    backward pass recomputes it) and each run's float32 gradients of the trainable parameters.
+    """
+    import torch
+
+    from peftctl.train import enable_gradient_checkpointing
+    from peftctl.train.loss import loss_sum
+
+    calls, grads = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = make_model()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        calls.append(0)
+        model.get_base_model().model.layers[0].self_attn.register_forward_hook(
+            lambda *a: calls.__setitem__(-1, calls[-1] + 1))
+        loss, _ = loss_sum(model, batch)
+        loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    return calls, grads
