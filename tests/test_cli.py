@@ -10,21 +10,7 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from peftctl.cli import app
-
-runner = CliRunner()
-
-
-def run(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def run_json(*args):
-    return json.loads(run(*args, "--json").stdout)
+from clirun import run, run_json
 
 
 @pytest.fixture(scope="module")

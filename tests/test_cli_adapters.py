@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import run, run_json
+from clirun import run, run_json
 from tiny import recipe_text
 
 

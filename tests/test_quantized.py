@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_cli import run, run_json
+from clirun import run, run_json
 
 from peftctl import LoraConfig, PeftModel, get_peft_model, models
 from peftctl.adapters.lora.quantized import dequantize

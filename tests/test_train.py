@@ -14,23 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run, run_json
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from peftctl.cli import app
-
-runner = CliRunner()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def run(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
-def run_json(*args, code=0):
-    return json.loads(run(*args, "--json", code=code).stdout)
 
 
 def spawn(*args) -> subprocess.Popen:
