@@ -49,7 +49,11 @@ class AdapterConfig(BaseModel):
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(
         default=None,
-        description="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json.",
+        description=(
+            "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json, where it tells "
+            "PEFT's AutoPeftModel which model class to load. A recipe trains a causal language model: "
+            "unset, its run records CAUSAL_LM."
+        ),
     )
     target_modules: list[str] | str | None = Field(
         default=None,

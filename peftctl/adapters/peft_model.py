@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftctl.adapters import io
@@ -73,7 +75,8 @@ class PeftModel(nn.Module):
 
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **kwargs: Any) -> None:
-        """Add a new adapter (inactive, frozen until `set_adapter`)."""
+        """Add a new adapter (inactive, frozen until `set_adapter`). The name must be a plain name
+        (no path separator, no dot): it names the adapter's subfolder when saved."""
         self.base_model.inject_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -133,12 +136,15 @@ class PeftModel(nn.Module):
 
     # ---- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: bool = False,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True, **kwargs: Any) -> None:
         """Write each adapter in PEFT's format (a non-default one in a subfolder of its name).
 
-        `save_embedding_layers=True` also writes the input and output embedding matrices, for a
-        model whose vocabulary was resized.
+        `save_embedding_layers` (PEFT's option and default): "auto" also writes the input and output
+        embedding matrices when the vocabulary differs from the base model's (the embeddings were
+        resized: the adapter is useless without their new rows), or the adapted ones when an
+        embedding layer is among target_modules, and warns that it does; True writes them always,
+        False never. Each matrix is written with its bias, if it has one.
         """
         if not safe_serialization:
             raise ValueError("peftctl writes adapter weights as safetensors only")
@@ -147,20 +153,42 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         names = selected_adapters or list(self.peft_config)
+        for name in names:
+            io.check_adapter_name(name)
         self.base_model._check_names(names)
         for name in names:
             self.save_adapter(name, io.adapter_folder(save_directory, name), save_embedding_layers)
 
-    def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool = False) -> None:
-        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition)."""
+    def adapter_tensors_to_save(self, adapter_name: str, save_embedding_layers: bool | str = "auto",
+                                warn: bool = True) -> dict[str, torch.Tensor]:
+        """Saved key -> live tensor: what `save_pretrained` writes for one adapter (its weights, the
+        base biases its `bias` option trains, modules_to_save copies, and embedding matrices as
+        `save_embedding_layers` decides)."""
         self.base_model._check_names([adapter_name])
+        model = self.base_model.model
+        config = self.peft_config[adapter_name]
+        tensors = io.adapter_tensors(model, adapter_name, getattr(config, "bias", "none"))
+        base_vocab = None
+        if save_embedding_layers == "auto":
+            base_vocab = self.base_model.base_vocab_size
+            if base_vocab is None:
+                base_vocab = io.base_vocab_size(config.base_model_name_or_path or getattr(model, "name_or_path", None),
+                                                config.revision)
+        names, why = io.embeddings_to_save(model, config, save_embedding_layers, base_vocab)
+        if why and warn:
+            warnings.warn(f"save_embedding_layers='auto': {why}", stacklevel=3)
+        if names:
+            tensors.update(io.embedding_tensors(model, names))
+        return tensors
+
+    def save_adapter(self, adapter_name: str, folder: str | os.PathLike,
+                     save_embedding_layers: bool | str = "auto") -> None:
+        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition)."""
+        tensors = self.adapter_tensors_to_save(adapter_name, save_embedding_layers)
         model = self.base_model.model
         config = self.peft_config[adapter_name]
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = io.adapter_tensors(model, adapter_name, getattr(config, "bias", "none"))
-        if save_embedding_layers is True:
-            tensors.update(io.embedding_tensors(model))
         io.save_tensors(tensors, folder)
         update: dict[str, Any] = {"inference_mode": True}
         if config.base_model_name_or_path is None:
@@ -173,6 +201,7 @@ class PeftModel(nn.Module):
                         subfolder: str | None = None, allow_pickle: bool = False, revision: str | None = None,
                         **kwargs: Any) -> PeftModel:
         """`model` with the adapter saved at `model_id` (a folder, or a hub id when the hub is reachable)."""
+        io.check_adapter_name(adapter_name)
         folder = adapter_dir(model_id, subfolder, revision)
         config = (config or AdapterConfig.from_pretrained(folder)).model_copy(update={"inference_mode": not is_trainable})
         peft_model = cls(model, config, adapter_name)
@@ -187,6 +216,7 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, allow_pickle: bool = False, revision: str | None = None,
                      **kwargs: Any) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (not activated: see `set_adapter`)."""
+        io.check_adapter_name(adapter_name)
         folder = adapter_dir(model_id, subfolder, revision)
         config = AdapterConfig.from_pretrained(folder).model_copy(update={"inference_mode": not is_trainable})
         self.base_model.inject_adapter(adapter_name, config)
@@ -298,10 +328,9 @@ class AutoPeftModelForFeatureExtraction(AutoPeftModel):
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict=None, adapter_name: str = "default",
-                              **kwargs: Any) -> dict[str, Any]:
-    """One adapter's tensors under the keys PEFT saves them with."""
-    config = model.peft_config[adapter_name]
-    live = io.adapter_tensors(model.base_model.model, adapter_name, getattr(config, "bias", "none"))
+                              save_embedding_layers: bool | str = "auto", **kwargs: Any) -> dict[str, Any]:
+    """One adapter's tensors under the keys PEFT saves them with (what `save_pretrained` writes)."""
+    live = model.adapter_tensors_to_save(adapter_name, save_embedding_layers)
     return {k: t.detach() for k, t in live.items()}
 
 
