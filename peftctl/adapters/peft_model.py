@@ -289,12 +289,15 @@ class AutoPeftModel:
 
 
 def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    if base_ref.endswith(".gguf"):
-        # A base model peftctl read from a GGUF file: its own loader converts it.
-        from peftctl import models
+    from peftctl import models
+
+    if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
+        # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
+        # hub id, and means that built-in here): its own loader converts it.
         from peftctl.recipe import ModelSection
 
-        return models.load_model(ModelSection(name_or_path=base_ref), dtype=kwargs.get("dtype"))
+        name = models.builtin_for_hub_id(base_ref) or base_ref
+        return models.load_model(ModelSection(name_or_path=name), dtype=kwargs.get("dtype"))
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(base_ref, revision=revision, **kwargs)
