@@ -146,7 +146,7 @@ def test_combined_adapter_keeps_layer_ranks_and_biases(tmp_path, tiny_model_dir,
                        "--combination", combination, "-o", out)
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert res["r"] == cfg["r"] == rank and cfg["lora_bias"] is True
-        assert cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.v_proj": rank // 4 for i in (0, 1)}
+        assert cfg["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.v_proj": rank // 4 for i in (0, 1)}
         assert torch.allclose(outputs(out), expected, atol=1e-4), combination
 
 

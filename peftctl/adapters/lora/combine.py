@@ -24,6 +24,7 @@ weighted (PEFT refuses them too).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -113,7 +114,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     _check(model, adapters, weights, combination_type, density)
     ranks = _layer_ranks(model, adapters, combination_type, svd_rank)
     r = max(ranks.values())
-    pattern = {name: k for name, k in ranks.items() if k != r}
+    pattern = {re.escape(name): k for name, k in ranks.items() if k != r}  # exact paths, as resize_rank writes
     configs = [model.peft_config[a] for a in adapters]
     saved = sorted({m for c in configs for m in c.modules_to_save or []})
     config = configs[0].model_copy(update={
