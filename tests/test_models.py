@@ -118,6 +118,13 @@ def test_a_run_on_a_builtin_records_the_original_model(fake_builtin, tmp_path, c
     card = (tmp_path / "shared" / "README.md").read_text()
     assert "base_model: test-org/tiny-model" in card and "built-in `tiny-builtin`" in card
     assert "tiny.gguf" in card and "dequantized" in card and str(fake_builtin / "models") not in card
+    # A run trained before runs recorded these (this machine's cache path, no task type) exports them right.
+    config_path = tmp_path / "run" / "adapter_config.json"
+    config_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(fake_builtin / "models" / "tiny-builtin"),
+                                       "task_type": None}))
+    run_json("export", tmp_path / "run", "--format", "peft", "-o", tmp_path / "old")
+    old = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    assert old == cfg and "base_model: test-org/tiny-model" in (tmp_path / "old" / "README.md").read_text()
     # The exported folder has no recipe: its base name leads back to the built-in, for the
     # commands and for AutoPeftModel.
     assert runs.read_run(tmp_path / "shared").model_section.name_or_path == "tiny-builtin"
