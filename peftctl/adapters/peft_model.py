@@ -176,7 +176,7 @@ class PeftModel(nn.Module):
                                                 config.revision)
         names, why = io.embeddings_to_save(model, config, save_embedding_layers, base_vocab)
         if why and warn:
-            warnings.warn(f"save_embedding_layers='auto': {why}", stacklevel=3)
+            warnings.warn(f"save_embedding_layers='auto': {why}", stacklevel=4)
         if names:
             tensors.update(io.embedding_tensors(model, names))
         return tensors
