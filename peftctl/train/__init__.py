@@ -238,8 +238,8 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
+    ckpt = find_resume_checkpoint(resume, run.path)  # --resume is checked before any data is read
     hashes = data_hashes(recipe.data)
-    ckpt = find_resume_checkpoint(resume, run.path)
     if ckpt is not None:
         check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
     trackers.check_installed(recipe.tracking)
