@@ -991,16 +991,32 @@ def loads(
     def locate(key: Key, message: str) -> Problem:
         return _locate(key, message, source, lines, overridden)
 
+    huge = [locate(key, f"must be between -2**63 and 2**63 - 1, the integers torch and numpy hold (got {v})")
+            for key, v in _huge_ints(data)]
+    problems += huge
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems_from_validation(exc, data, locate))
+        said = {p.path for p in huge}
+        problems.extend(p for p in _problems_from_validation(exc, data, locate) if p.path not in said)
         problems.sort(key=lambda p: (p.line is None, p.line or 0))
         raise RecipeError(problems) from None
     if problems:
         raise RecipeError(problems)
     recipe._origin = (source, lines, overridden)
     return recipe
+
+
+def _huge_ints(data: Any, key: Key = ()):
+    """(key, value) of every integer beyond int64 anywhere in the data (torch and numpy overflow)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _huge_ints(v, (*key, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _huge_ints(v, (*key, i))
+    elif isinstance(data, int) and not isinstance(data, bool) and not -(2**63) <= data < 2**63:
+        yield key, data
 
 
 def _locate(key: Key, message: str, source: str, lines: dict[Key, int], overridden: dict[Key, str]) -> Problem:
@@ -1091,7 +1107,7 @@ def reference_markdown() -> str:
         f"keys win, then earlier merged mappings). Top-level keys starting with `{EXTENSION_PREFIX}` are not fields: they",
         "hold anchors to reuse, e.g. `x-defaults: &defaults {...}`. A recipe may nest at most",
         f"{MAX_DEPTH} levels and hold at most {MAX_VALUES:,} values once aliases are expanded; no float field takes",
-        "inf or NaN.",
+        "inf or NaN, and no integer exceeds int64.",
         "",
     ]
     for name, field in Recipe.model_fields.items():

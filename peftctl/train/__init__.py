@@ -96,7 +96,7 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     try:
         peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
     return peft_model, tokenizer
 
 
