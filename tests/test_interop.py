@@ -136,3 +136,68 @@ def test_options_peftctl_does_not_implement_are_refused(tiny_llama, tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"layer_replication=\[\[0, 2\]\]"):
         peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+# ---- task types that train the model's head in full (PEFT's PeftModelForSequenceClassification etc.) ----
+
+
+def _classifier(kind):
+    from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
+                              BertForTokenClassification, LlamaConfig, LlamaForSequenceClassification,
+                              LlamaForTokenClassification)
+
+    torch.manual_seed(0)
+    if kind.startswith("llama"):
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100, num_labels=3, pad_token_id=0)
+        return {"llama-seq": LlamaForSequenceClassification, "llama-token": LlamaForTokenClassification}[kind](config)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, num_labels=2 if kind == "bert-qa" else 3)
+    return {"bert-seq": BertForSequenceClassification, "bert-token": BertForTokenClassification,
+            "bert-qa": BertForQuestionAnswering}[kind](config)
+
+
+def _task_outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else torch.cat([out.start_logits, out.end_logits])
+
+
+@pytest.mark.parametrize(("kind", "task", "head"), [
+    ("llama-seq", "SEQ_CLS", "score"), ("bert-seq", "SEQ_CLS", "classifier"), ("llama-token", "TOKEN_CLS", "score"),
+    ("bert-token", "TOKEN_CLS", "classifier"), ("bert-qa", "QUESTION_ANS", "qa_outputs")])
+def test_task_heads_are_trained_and_saved_as_in_peft(kind, task, head, tmp_path):
+    """PEFT adds `classifier` and `score` (QA: `qa_outputs`) to modules_to_save for these tasks; so
+    does peftctl, so that each library loads the other's adapter with identical outputs."""
+    ids = torch.randint(1, 100, (2, 7))
+    kw = {"task_type": task, "r": 4, "lora_alpha": 8, "init_lora_weights": False}
+    torch.manual_seed(3)
+    ours = peftctl.get_peft_model(_classifier(kind), peftctl.LoraConfig(**kw)).eval()
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_classifier(kind), peft.LoraConfig(**kw)).eval()
+    assert type(ours.base_model.model.get_submodule(head)).__name__ == "ModulesToSaveWrapper"
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():  # a trained head and adapter on each side, different on each
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert f"base_model.model.{head}.weight" in keys_and_shapes(tmp_path / "ours")
+    assert keys_and_shapes(tmp_path / "ours") == keys_and_shapes(tmp_path / "theirs")
+    saved = [json.loads((tmp_path / w / "adapter_config.json").read_text())["modules_to_save"] for w in ("ours", "theirs")]
+    assert saved[0] == saved[1]
+    in_peft = peft.PeftModel.from_pretrained(_classifier(kind), tmp_path / "ours").eval()
+    assert torch.allclose(_task_outputs(in_peft, ids), _task_outputs(ours, ids), atol=1e-5)
+    in_ours = peftctl.PeftModel.from_pretrained(_classifier(kind), tmp_path / "theirs")
+    assert torch.allclose(_task_outputs(in_ours, ids), _task_outputs(theirs, ids), atol=1e-5)
+    # The head trained is the adapter's own copy: disabling the adapter gives the base model's head.
+    with ours.disable_adapter():
+        assert torch.equal(_task_outputs(ours, ids), _task_outputs(_classifier(kind).eval(), ids))
+
+
+def test_a_task_head_the_model_lacks_is_skipped_with_a_warning(tiny_llama):
+    with pytest.warns(UserWarning, match="task_type SEQ_CLS trains the model's head in full.*classifier or score"):
+        model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]  # recorded as PEFT records it

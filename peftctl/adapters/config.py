@@ -45,6 +45,34 @@ class AdapterConfig(BaseModel):
     # PEFT config keys this method does not implement, with the values that mean "off". An adapter
     # file carrying another value is refused on load, since ignoring it would change the numbers.
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+    # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
+    # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
+    inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
+
+    def __init__(self, **data: Any):
+        """PEFT's keyword arguments, checked as PEFT's config classes check theirs: an unknown name
+        is a TypeError (with the closest field names); a PEFT option this method does not implement
+        is a ValueError naming it unless it holds the value that leaves it off; inert PEFT keys
+        (see `inert_peft_keys`) are accepted and dropped."""
+        cls = type(self)
+        extra = [k for k in data if k not in cls.model_fields]
+        if extra:
+            import difflib
+
+            refused = []
+            for key in extra:
+                value = data.pop(key)
+                if key == "peft_type" and value not in (cls.peft_type, None):
+                    refused.append(f"peft_type={value!r} (this is a {cls.peft_type} config)")
+                elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
+                    refused.append(f"{key}={value!r}")
+                elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
+                    close = difflib.get_close_matches(key, list(cls.model_fields), n=2)
+                    raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}"
+                                    + (f"; did you mean {' or '.join(close)}?" if close else ""))
+            if refused:
+                raise ValueError(f"{cls.__name__}: PEFT options peftctl does not implement: {', '.join(refused)}")
+        super().__init__(**data)
 
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(
@@ -127,17 +155,24 @@ class AdapterConfig(BaseModel):
         """
         known = set(cls.model_fields) - {"method"}
         kwargs: dict[str, Any] = {}
-        refused = []
+        refused, unknown = [], []
         for key, value in d.items():
             if key in known:
                 kwargs[key] = value
             elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
                 refused.append(f"{key}={value!r}")
+            elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
+                unknown.append(key)
         if refused:
             raise ValueError(
                 f"this {cls.peft_type} adapter uses options peftctl does not implement: "
                 + ", ".join(refused)
             )
+        if unknown:  # PEFT likewise warns about keys of a newer version and ignores them
+            import warnings
+
+            warnings.warn(f"adapter_config.json keys unknown to peftctl are ignored: {', '.join(unknown)}",
+                          UserWarning, stacklevel=3)
         return cls(**kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -147,9 +182,12 @@ class AdapterConfig(BaseModel):
         atomic_write_text(path, json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> AdapterConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        subfolder: str | None = None) -> AdapterConfig:
+        """The config in a local adapter folder (PEFT's hub keywords are not taken: TypeError)."""
         from peftctl.adapters.registry import config_from_peft_dict
 
+        path = pretrained_model_name_or_path
         folder = Path(path) / subfolder if subfolder else Path(path)
         with open(folder / CONFIG_NAME, encoding="utf-8") as f:
             d = json.load(f)

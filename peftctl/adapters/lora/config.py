@@ -39,6 +39,11 @@ class LoraConfig(AdapterConfig):
         "megatron_config": (None,),
         "ensure_weight_tying": (False, None),
     }
+    # PEFT's settings of features refused here (loftq/eva/corda/lora_ga inits, QALoRA, Megatron).
+    inert_peft_keys: ClassVar[tuple[str, ...]] = (
+        *AdapterConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "qalora_group_size", "megatron_core",
+    )
 
     method: Literal["lora"] = Field(default="lora", description="Adapter method.")
     r: int = Field(default=8, ge=1, description="Rank of the update matrices A (r x in) and B (out x r).")
