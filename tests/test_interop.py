@@ -201,3 +201,68 @@ def test_a_task_head_the_model_lacks_is_skipped_with_a_warning(tiny_llama):
     with pytest.warns(UserWarning, match="task_type SEQ_CLS trains the model's head in full.*classifier or score"):
         model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))
     assert model.peft_config["default"].modules_to_save == ["classifier", "score"]  # recorded as PEFT records it
+
+
+# ---- PiSSA / OLoRA saved as plain LoRA for the original base ----------------------------------------
+
+
+@pytest.mark.parametrize("kw", [
+    {"init_lora_weights": "pissa"},
+    {"init_lora_weights": "olora"},
+    {"init_lora_weights": "pissa_niter_4", "modules_to_save": ["lm_head"]},
+    # PEFT refuses rsLoRA with patterns here; peftctl keeps each module's scaling (alpha * sqrt(2)).
+    {"init_lora_weights": "pissa", "use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 3}},
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_pissa_converted_on_save_loads_on_the_original_base(kw, tiny_llama, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) writes a rank-2r LoRA whose outputs
+    on the original base equal the PiSSA / OLoRA model's (both are float32 sums of the same terms in
+    another order: about 1e-6 apart on logits of size ~1), in PEFT and in peftctl."""
+    ids = torch.randint(0, 300, (2, 10))
+    model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                    **kw))
+    model.save_pretrained(tmp_path / "init")
+    with torch.no_grad():  # "training"
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    want = logits(model, ids)
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 8
+    assert saved["rank_pattern"] == {k: 2 * v for k, v in kw.get("rank_pattern", {}).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    in_ours = peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    for loaded in (in_peft, in_ours):
+        assert (logits(loaded, ids) - want).abs().max() < 1e-5
+    with in_ours.disable_adapter():  # an ordinary LoRA: off, it is the original base model
+        assert torch.equal(logits(in_ours, ids), logits(tiny_llama(), ids))
+    # The same conversion as PEFT's: PEFT, converting from the same tensors, writes the same ones.
+    if not kw.get("use_rslora") and "modules_to_save" not in kw:
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                   **kw))
+        theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter loads as it is
+        theirs.save_pretrained(tmp_path / "theirs-init")
+        peft.set_peft_model_state_dict(theirs, peftctl.get_peft_model_state_dict(model))
+        theirs.save_pretrained(tmp_path / "theirs", path_initial_model_for_weight_conversion=str(tmp_path / "theirs-init"))
+        with safe_open(str(tmp_path / "theirs" / "adapter_model.safetensors"), "pt") as f, \
+                safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), "pt") as g:
+            assert set(f.keys()) == set(g.keys())
+            for k in f.keys():
+                assert torch.allclose(f.get_tensor(k), g.get_tensor(k), atol=1e-6), k
+
+
+def test_conversion_refuses_what_it_cannot_convert(tiny_llama, tmp_path):
+    model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    other = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"other: .*lora_A.weight has shape \(2, 64\) there and \(4, 64\) here"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
+    dora = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                   init_lora_weights="pissa", use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapter cannot be converted"):
+        dora.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
