@@ -120,3 +120,19 @@ def test_export_of_a_pissa_run_is_plain_lora_for_the_original_base(make_recipe, 
         as_trained = peft.PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-5
     assert (as_trained - want).abs().max() > 1e-3  # the unconverted file, in PEFT: its own init, another base
+
+
+def test_misspelt_pattern_keys_are_refused_before_any_work(make_recipe, tmp_path):
+    """{q_porj: 16} was ignored by validate, inspect, the dry run and training alike."""
+    recipe = make_recipe(adapter={"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_porj": 16}})
+    for command in (["validate"], ["inspect"], ["train", "--dry-run"]):
+        r = run(*command, recipe, code=2)
+        assert "rank_pattern key 'q_porj' matches no module that target_modules selects (q_proj, v_proj); " \
+               "did you mean q_proj" in r.stderr, command
+    # With the model's default targets only the model says which modules are adapted: inspect, the
+    # dry run and train check against it (validate loads no model).
+    recipe = make_recipe(adapter={"r": 4, "target_modules": None, "alpha_pattern": {"q_porj": 16}})
+    for command in (["inspect"], ["train", "--dry-run"], ["train"]):
+        r = run(*command, recipe, code=2)
+        assert "alpha_pattern key(s) 'q_porj' match no module this adapter adapts; did you mean: q_proj" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ and keys that match nothing are errors naming them."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -210,12 +211,20 @@ def test_a_file_whose_patterns_peft_reads_otherwise_is_refused(tiny_llama, tmp_p
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
 def test_misspelt_pattern_keys_are_errors_naming_the_key(field, tiny_llama):
-    with pytest.raises(ValueError, match=rf"{field} key\(s\) 'q_porj' match no module this adapter adapts; "
-                                         r"did you mean: q_proj\?"):
-        peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(target_modules=["q_proj"], **{field: {"q_porj": 16}}))
-    # A key for a module that exists but is not adapted does nothing either.
-    with pytest.raises(ValueError, match=rf"{field} key\(s\) 'k_proj' match no module this adapter adapts"):
-        peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(target_modules=["q_proj"], **{field: {"k_proj": 2}}))
+    # Against a list of target names, a plain key is checked with the config, before any model loads.
+    with pytest.raises(ValueError, match=rf"{field} key 'q_porj' matches no module that target_modules selects "
+                                         r"\(q_proj, v_proj\); did you mean q_proj"):
+        peftctl.LoraConfig(target_modules=["q_proj", "v_proj"], **{field: {"q_porj": 16}})
+    with pytest.raises(ValueError, match=rf"{field} key 'k_proj' matches no module"):  # exists, but not adapted
+        peftctl.LoraConfig(target_modules=["q_proj"], **{field: {"k_proj": 2}})
+    # Otherwise against the adapted modules, when the adapter is created.
+    for kw, key in [({"target_modules": None}, "q_porj"), ({"target_modules": r".*\.self_attn\.(q|v)_proj"}, "q_porj"),
+                    ({"target_modules": ["q_proj"], "layers_to_transform": [0]}, "layers.1.self_attn.q_proj"),
+                    ({"target_modules": ["q_proj"]}, "(k|o)_proj"), ({"target_modules": ["q_proj"]}, "mlp.*")]:
+        config = peftctl.LoraConfig(**kw, **{field: {key: 16}})
+        with pytest.raises(ValueError, match=rf"{field} key\(s\) '{re.escape(key)}' match no module this adapter "
+                                             r"adapts(; did you mean: q_proj.*)? \(adapted: q_proj"):
+            peftctl.get_peft_model(tiny_llama(), config)
 
 
 def test_a_saved_adapter_with_an_unused_pattern_key_loads_with_a_warning(tiny_llama, tmp_path):

@@ -6,6 +6,7 @@ into them directly (one schema, two front doors: YAML and Python), and `peftctl 
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import os
@@ -15,6 +16,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_NAME = "adapter_config.json"
+# True while a config is built from a saved adapter_config.json (`from_peft_dict`): validators that
+# only judge a new config (e.g. pattern keys that match no target) let a saved file through, as PEFT does.
+READING_SAVED: contextvars.ContextVar[bool] = contextvars.ContextVar("peftctl_reading_saved", default=False)
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -77,15 +81,20 @@ class AdapterConfig(BaseModel):
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(
         default=None,
-        description="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json.",
+        description=(
+            "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json. SEQ_CLS and "
+            "TOKEN_CLS also train and save the model's head in full (modules named classifier or score), "
+            "QUESTION_ANS its qa_outputs, as PEFT does."
+        ),
     )
     target_modules: list[str] | str | None = Field(
         default=None,
         description=(
-            "Modules to adapt: a list of names (a name matches a module whose dotted path equals it "
-            "or ends with '.' + it), a regular expression string (full match against the dotted "
-            "path), or 'all-linear' (every linear layer except the output head). Empty: the "
-            "default for the model type (q_proj and v_proj for Llama-style models)."
+            "Modules to adapt: a list of names (a name matches a module whose dotted path equals it, "
+            "whatever layers_to_transform says, or ends with '.' + it), a regular expression string "
+            "(full match against the dotted path), or 'all-linear' (every linear layer except the "
+            "output head). Empty: PEFT's default for the model type (q_proj and v_proj for "
+            "Llama-style models)."
         ),
     )
     exclude_modules: list[str] | str | None = Field(
@@ -96,7 +105,8 @@ class AdapterConfig(BaseModel):
         default=None,
         description=(
             "Adapt only these layer indices (the number after layers_pattern, or after the first "
-            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'."
+            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'; "
+            "a target given as a module's full path is adapted whatever its layer (PEFT's rule)."
         ),
     )
     layers_pattern: str | list[str] | None = Field(
@@ -106,8 +116,9 @@ class AdapterConfig(BaseModel):
     modules_to_save: list[str] | None = Field(
         default=None,
         description=(
-            "Modules trained in full and saved with the adapter (e.g. 'lm_head', 'score'), matched "
-            "by name or dotted suffix. Each adapter gets its own copy; the original stays frozen."
+            "Modules trained in full and saved with the adapter (e.g. 'lm_head', 'score'): every "
+            "module whose dotted path ends with a name (a plain suffix, as in PEFT: 'norm' also "
+            "selects 'input_layernorm'). Each adapter gets its own copy; the original stays frozen."
         ),
     )
     inference_mode: bool = Field(
@@ -173,7 +184,12 @@ class AdapterConfig(BaseModel):
 
             warnings.warn(f"adapter_config.json keys unknown to peftctl are ignored: {', '.join(unknown)}",
                           UserWarning, stacklevel=3)
-        return cls(**kwargs)
+        # A saved adapter: checks that only a new config needs (see `LoraConfig`) are skipped.
+        token = READING_SAVED.set(True)
+        try:
+            return cls(**kwargs)
+        finally:
+            READING_SAVED.reset(token)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         from peftctl.fsio import atomic_write_text
