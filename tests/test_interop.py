@@ -142,9 +142,15 @@ def test_options_peftctl_does_not_implement_are_refused(tiny_llama, tmp_path):
 
 
 def _classifier(kind):
-    from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
-                              BertForTokenClassification, LlamaConfig, LlamaForSequenceClassification,
-                              LlamaForTokenClassification)
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
 
     torch.manual_seed(0)
     if kind.startswith("llama"):

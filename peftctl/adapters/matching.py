@@ -399,15 +399,25 @@ def check_patterns(config, names: list[str], model: nn.Module, loading: bool = F
                 raise ValueError(message)
             warnings.warn(message + "; those keys are ignored", UserWarning, stacklevel=4)
         for name in names:
-            key = pattern_key(patterns, name, field)
             if loading:
-                first = peft_pattern_key(patterns, name)
-                if first is not None and patterns[first] != patterns[key]:
-                    raise ValueError(
-                        f"{field} keys {first!r} and {key!r} both match module {name} with different values; "
-                        f"PEFT applies the first in the file ({first!r}: {patterns[first]}), peftctl the more "
-                        f"specific ({key!r}: {patterns[key]}), and the file cannot say which one the adapter was "
-                        "trained with; rewrite the pattern so that no two keys match one module")
+                saved_pattern_value(patterns, name, None, field)
+            else:
+                pattern_key(patterns, name, field)
+
+
+def saved_pattern_value(patterns, name: str, default, field: str = "pattern"):
+    """The value a saved adapter's pattern gives module `name`: PEFT's first match in the file's
+    order and the most specific key must agree, since the file cannot say which one the adapter was
+    trained with; ValueError otherwise."""
+    key = pattern_key(patterns, name, field)
+    first = peft_pattern_key(patterns, name)
+    if first is not None and patterns[first] != patterns[key]:
+        raise ValueError(
+            f"{field} keys {first!r} and {key!r} both match module {name} with different values; "
+            f"PEFT applies the first in the file ({first!r}: {patterns[first]}), peftctl the more "
+            f"specific ({key!r}: {patterns[key]}), and the file cannot say which one the adapter was "
+            "trained with; rewrite the pattern so that no two keys match one module")
+    return patterns[key] if key is not None else default
 
 
 def peft_safe_patterns(config, names: list[str]) -> dict:
