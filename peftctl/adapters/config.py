@@ -39,26 +39,14 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
 
 
-class AdapterConfig(BaseModel):
-    """Fields shared by all methods. Subclasses set `method` (a Literal) and `peft_type`."""
+class _ConfigCall(type(BaseModel)):
+    """Checks the keyword arguments of a direct call, `LoraConfig(...)`, as PEFT's dataclasses do:
+    an unknown name is a TypeError (with the closest field names); a PEFT option the method does not
+    implement is a ValueError naming it, unless it holds the value that leaves it off; inert PEFT
+    keys (`inert_peft_keys`) are accepted and dropped. A recipe's `adapter` section, validated as a
+    nested model, does not pass through here and gets pydantic's errors with line numbers."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
-
-    # The PEFT `peft_type` string written to adapter_config.json (e.g. "LORA").
-    peft_type: ClassVar[str]
-    # PEFT config keys this method does not implement, with the values that mean "off". An adapter
-    # file carrying another value is refused on load, since ignoring it would change the numbers.
-    unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
-    # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
-    # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
-    inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
-
-    def __init__(self, **data: Any):
-        """PEFT's keyword arguments, checked as PEFT's config classes check theirs: an unknown name
-        is a TypeError (with the closest field names); a PEFT option this method does not implement
-        is a ValueError naming it unless it holds the value that leaves it off; inert PEFT keys
-        (see `inert_peft_keys`) are accepted and dropped."""
-        cls = type(self)
+    def __call__(cls, *args: Any, **data: Any):
         extra = [k for k in data if k not in cls.model_fields]
         if extra:
             import difflib
@@ -76,7 +64,23 @@ class AdapterConfig(BaseModel):
                                     + (f"; did you mean {' or '.join(close)}?" if close else ""))
             if refused:
                 raise ValueError(f"{cls.__name__}: PEFT options peftctl does not implement: {', '.join(refused)}")
-        super().__init__(**data)
+        return super().__call__(*args, **data)
+
+
+class AdapterConfig(BaseModel, metaclass=_ConfigCall):
+    """Fields shared by all methods. Subclasses set `method` (a Literal) and `peft_type`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+    # The PEFT `peft_type` string written to adapter_config.json (e.g. "LORA").
+    peft_type: ClassVar[str]
+    # PEFT config keys this method does not implement, with the values that mean "off". An adapter
+    # file carrying another value is refused on load, since ignoring it would change the numbers.
+    unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+    # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
+    # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
+    inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
+
 
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(

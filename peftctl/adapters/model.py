@@ -190,13 +190,14 @@ class AdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters: {', '.join(unknown)}")
         modules = list(self.wrappers())
+        before = [module.batch_adapter_names for module in modules]
         for module in modules:
             module.batch_adapter_names = list(adapter_names)
         try:
             yield
-        finally:
-            for module in modules:
-                module.batch_adapter_names = None
+        finally:  # as they were (a nested block leaves the outer one's names)
+            for module, names in zip(modules, before, strict=True):
+                module.batch_adapter_names = names
 
     # ---- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

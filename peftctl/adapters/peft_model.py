@@ -215,13 +215,8 @@ class PeftModel(nn.Module):
         `initial`: the tensors of the adapter right after a PiSSA / OLoRA init, to write it as the
         equivalent plain LoRA (see `save_pretrained`)."""
         self.base_model._check_names([adapter_name])
-        model = self.base_model.model
-        config = self.peft_config[adapter_name]
+        config = self.saved_config(adapter_name)
         tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers is True)
-        # Rank / alpha patterns written so that PEFT, which takes the first matching key in the
-        # file's order, resolves every module as peftctl does.
-        names = [n for n, m in io.wrappers(model) if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names]
-        config = config.model_copy(update=peft_safe_patterns(config, names))
         if initial is not None:
             from peftctl.adapters.lora.init import as_plain_lora
 
@@ -232,10 +227,19 @@ class PeftModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         io.save_tensors(tensors, folder)
-        update: dict[str, Any] = {"inference_mode": True}
+        config.save_pretrained(folder)
+
+    def saved_config(self, adapter_name: str) -> AdapterConfig:
+        """The adapter's config as adapter_config.json records it: inference_mode on, the base model
+        named, and rank / alpha patterns written so that PEFT, which takes the first matching key in
+        the file's order, resolves every module as peftctl does (`matching.peft_safe_patterns`)."""
+        model = self.base_model.model
+        config = self.peft_config[adapter_name]
+        names = [n for n, m in io.wrappers(model) if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names]
+        update: dict[str, Any] = {"inference_mode": True, **peft_safe_patterns(config, names)}
         if config.base_model_name_or_path is None:
             update["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
-        config.model_copy(update=update).save_pretrained(folder)
+        return config.model_copy(update=update)
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> None:
         """Not implemented; defined so that the call does not reach the base model's `push_to_hub`
