@@ -19,6 +19,7 @@ from peftctl.adapters.layer import AdapterLayer
 from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets, resolve_targets
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
+from peftctl.bnb import keep_plain_layout
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
@@ -37,6 +38,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject_adapter(adapter_name, config)
