@@ -68,11 +68,20 @@ def inspect_recipe(recipe, workload=None) -> dict[str, Any]:
     }
     if workload is not None:
         from peftctl import memory
+        from peftctl.train import budget
 
+        # As the run on this machine would train: fused kernels per train.kernels, checkpointing
+        # per train.memory_budget (its plan) or train.gradient_checkpointing.
+        device = budget.device_of_this_machine()
+        cfg = recipe.train
+        chosen = budget.plan(peft_model, config, cfg, workload, device) if cfg.memory_budget is not None else None
         result["memory"] = memory.estimate(
             peft_model, config, workload=workload, gradient_checkpointing=recipe.uses_gradient_checkpointing(),
-            optimizer=recipe.train.optimizer, momentum=recipe.train.momentum,
+            optimizer=cfg.optimizer, momentum=cfg.momentum, fused=budget.kernels_on(cfg.kernels, device),
+            checkpoint_layers=None if chosen is None else chosen["checkpoint_layers"],
+            offload=chosen is not None and chosen["offload"],
         )
+        result["memory"]["memory_plan"] = chosen
         result["memory"]["workload"] = {"batch": workload.batch, "seq_len": workload.seq_len,
                                         "loss_fraction": workload.loss_fraction}
     return result

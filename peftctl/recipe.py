@@ -399,6 +399,25 @@ class TrainSection(Section):
             "Unset: on when the base model is quantized (model.quantization), off otherwise."
         ),
     )
+    memory_budget: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        default=None,
+        description=(
+            "GiB of device memory the run may use, or auto (the GPU's memory less 5% and 1 GiB). From "
+            "the memory estimate, the run checkpoints as few decoder layers as fit (the first ones) and, "
+            "when even all do not, keeps their inputs in pinned host memory (copies overlapped with "
+            "compute); the choice is in the dry run and summary.json (memory_plan). Replaces "
+            "gradient_checkpointing (set one of them). Unset: gradient_checkpointing decides."
+        ),
+    )
+    kernels: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Fused forward and backward for Llama-family blocks (RMSNorm, the LoRA SwiGLU MLP, q/k/v "
+            "with one shared A matmul, RoPE; Triton kernels on a GPU) and a fused cross-entropy: less "
+            "memory and time, the same function. auto: on with a CUDA GPU; true: also on other devices "
+            "(plain PyTorch versions of the same functions); false: the model's own modules."
+        ),
+    )
     seed: int = Field(
         default=42,
         ge=0,
@@ -453,6 +472,9 @@ class TrainSection(Section):
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("train.early_stopping_patience needs train.eval_every")
+        if self.memory_budget is not None and self.gradient_checkpointing is not None:
+            raise ValueError("set train.memory_budget or train.gradient_checkpointing, not both (the budget "
+                             "decides which layers are checkpointed)")
         return self
 
 
@@ -554,6 +576,8 @@ class Recipe(Section):
         """train.gradient_checkpointing, or when unset: whether the base model is quantized."""
         if self.train.gradient_checkpointing is not None:
             return self.train.gradient_checkpointing
+        if self.train.memory_budget is not None:
+            return False  # decided by the budget at run time (train.budget)
         return self.model.quantization is not None
 
     def to_yaml(self) -> str:

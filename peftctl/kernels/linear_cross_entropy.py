@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from peftctl.kernels.backend import use_triton
+
 IGNORE = -100
 
 
@@ -24,34 +26,51 @@ def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
     return max(16, budget_bytes // (8 * vocab))
 
 
+def _fused_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """Per-row float32 losses of a (rows, vocab) logits chunk; with write_grad the chunk is
+    overwritten by d loss / d logits (softmax - one_hot, zero on ignored rows) in its own dtype."""
+    from peftctl.kernels import _triton
+
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _triton.cross_entropy[(logits.shape[0],)](logits, logits.stride(0), targets, losses, IGNORE, n_cols=logits.shape[1],
+                                              BLOCK=4096, WRITE_GRAD=write_grad, num_warps=8)
+    return losses
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
         need_h = hidden.requires_grad
         need_w = weight.requires_grad
         acc = torch.promote_types(hidden.dtype, torch.float32)  # at least float32, float64 stays
+        fused = use_triton(hidden) and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
-            valid = t != IGNORE
-            logits = (h @ weight.T).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(valid, t, 0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if need_h or need_w:
-                # d loss / d logits = softmax - one_hot, zero on ignored rows; reuse the buffer.
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad.mul_(valid[:, None])
-                grad = grad.to(hidden.dtype)
-                if need_h:
-                    grad_h[start : start + chunk_rows] = grad @ weight
-                if need_w:
-                    grad_w += (grad.T @ h).to(acc)
+            if fused:
+                # One kernel: the rows' losses, and the logits overwritten by their gradient.
+                grad = h @ weight.T
+                total += _fused_rows(grad, t, need_h or need_w).sum()
+            else:
+                valid = t != IGNORE
+                logits = (h @ weight.T).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                safe_t = torch.where(valid, t, 0)
+                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += torch.where(valid, lse - picked, 0.0).sum()
+                if need_h or need_w:
+                    # d loss / d logits = softmax - one_hot, zero on ignored rows; reuse the buffer.
+                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                    grad.mul_(valid[:, None])
+                    grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_h[start : start + chunk_rows] = grad @ weight
+            if need_w:
+                grad_w += (grad.T @ h).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
 from peftctl.train.checkpoint import TrainState
-from peftctl.train.loss import IGNORE, eval_loss, loss_sum
+from peftctl.train.loss import eval_loss, loss_sum, prepare
 from peftctl.ui import Reporter
 
 
@@ -126,28 +126,30 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     start = window_start = time.perf_counter()
     time_before = state.train_time_s
     for step in range(state.step + 1, steps + 1):
-        micro = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(cfg.grad_accum)]
-        (step_tokens,) = reduce(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
-        local_loss = 0.0
-        for i, batch in enumerate(micro):
+        # Counted on the host batches and moved with their loss plans: nothing here waits for the device.
+        host = [stream.next() for _ in range(cfg.grad_accum)]
+        micro = [prepare(b, device) for b in host]
+        (step_tokens,) = reduce(sum(plan.n_tokens for _, plan in micro))
+        local_loss = torch.zeros((), dtype=torch.float32, device=device)
+        for i, (batch, plan) in enumerate(micro):
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
             with ctx:
-                loss, _ = loss_sum(model, batch)
+                loss, _ = loss_sum(model, batch, plan)
                 # DDP averages gradients over processes; multiplying by `world` turns that average
                 # into the sum over all loss tokens divided by their global count.
                 scaled = loss * (world / max(step_tokens, 1))
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 accelerator.backward(scaled)
-            local_loss += float(loss.detach())
+            local_loss += loss.detach().float()
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         if type(grad_norm).__name__ == "DTensor":  # FSDP2
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        step_loss, inputs, stopping = reduce(local_loss, sum(count_input_tokens(b) for b in micro),
+        step_loss, inputs, stopping = reduce(float(local_loss), sum(count_input_tokens(b) for b in host),
                                              float(stop_signal()))
 
         # A float16 loss scaler skips steps with inf gradients by itself (and lowers its scale);

@@ -18,7 +18,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import data as data_lib
     from peftctl import models
     from peftctl.inspect import inspect_recipe
-    from peftctl.memory import Workload
+    from peftctl.train import budget
     from peftctl.train import check_resume_fits, data_hashes, find_resume_checkpoint, resolved, trackers
     from peftctl.train.loop import total_steps
     from peftctl.train.optim import warmup_steps
@@ -37,9 +37,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     lengths = [len(e.input_ids) for e in dataset.train]
     mean_len = sum(lengths) / len(lengths)
-    loss_fraction = sum(e.num_loss_tokens for e in dataset.train) / max(sum(lengths), 1)
     # The longest micro-batch pads every row to its longest example.
-    workload = Workload(cfg.batch_size, max(lengths), loss_fraction)
+    workload = budget.workload(dataset.train, cfg.batch_size)
     # The model on the meta device, with the adapter attached, and the memory estimate.
     inspected = inspect_recipe(recipe, workload)
     checkpoints = 0 if cfg.save_every is None else math.ceil(steps / cfg.save_every)
@@ -65,5 +64,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "checkpoints": checkpoints,
         "resume_from": str(ckpt) if ckpt else None,
         "memory_estimate_bytes": inspected["memory"],
+        "memory_plan": inspected["memory"]["memory_plan"],
+        "kernels": budget.kernels_on(cfg.kernels, budget.device_of_this_machine()),
         "output_dir": str(Path(recipe.output.dir).resolve()),
     }

@@ -80,7 +80,20 @@ class LoraLayer(AdapterLayer):
 
     @abc.abstractmethod
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
-        """B(A(dropout(x))) * scaling, in the compute dtype."""
+        """B(A(dropout(x))) * scaling, in the compute dtype: `apply_b(name, A(x), B's apply)`."""
+
+    def apply_b(self, adapter_name: str, h: torch.Tensor, b_forward) -> torch.Tensor:
+        """B(h * s) + s * b_B: the r-wide intermediate h = A(dropout(x)) scaled by s (the scaling
+        multiplies the small tensor, never the output), B's bias (`lora_bias`) scaled likewise, then B
+        applied by `b_forward(h, weight, bias)` (a linear map or a 1x1 convolution), with B's weight
+        and bias cast to h's dtype. The one place each layer type's low-rank output is formed
+        (`kernels.lora` fuses the same sequence for linear layers on the training fast path)."""
+        b = self.lora_B[adapter_name]
+        scale = self.scaling[adapter_name]
+        if scale != 1.0:
+            h = h * scale
+        bias = None if b.bias is None else (b.bias * scale).to(h.dtype)
+        return b_forward(h, b.weight.to(h.dtype), bias)
 
     def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight, viewed with the output dimension first."""
@@ -127,14 +140,20 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
         weight = self.get_base_layer().weight
+        meta = weight.device.type == "meta"
         # Adapter weights live in float32 (stable optimizer updates) on the base weight's device.
         # They are created with the layer's own default init first, as PEFT does, so that a seed
-        # gives PEFT's numbers (and init_lora_weights=false keeps those random values).
-        self.create_weights(adapter_name, r, config.lora_bias, {"device": weight.device, "dtype": torch.float32})
-        if weight.device.type != "meta":
+        # gives PEFT's numbers (and init_lora_weights=false keeps those random values). Random
+        # values are drawn on the CPU and then moved: a seed gives the same adapter wherever the
+        # base sits (loaded onto a GPU, or in host memory for FSDP to shard; CUDA's generator
+        # draws other numbers than the CPU's).
+        self.create_weights(adapter_name, r, config.lora_bias, {"device": "meta" if meta else "cpu",
+                                                                "dtype": torch.float32})
+        if not meta:
             if init is True or init == "gaussian":
                 self.reset_weights(adapter_name, init)
-            elif isinstance(init, str):
+            self._move_adapter(adapter_name, weight.device)
+            if isinstance(init, str) and init != "gaussian":
                 lora_init.from_base_weight(self, adapter_name, init)
             if config.use_dora:
                 self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.dora_norm(adapter_name))
@@ -143,6 +162,17 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(torch.empty(shape, device="meta"))
         self.set_adapter(self.active_adapters, trainable=False)
         self.match_mode(adapter_name)
+
+    def _move_adapter(self, adapter_name: str, device: torch.device) -> None:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.data.to(device), requires_grad=item.requires_grad)
+            else:
+                item.to(device)
 
     # ---- forward ------------------------------------------------------------------------------
     def dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
