@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ddp-check"))
     ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (ddp, np2, fsdp, resumed)")
+    ap.add_argument("--fsdp-repeats", type=int, default=1, help="run the FSDP2 training this many times")
     args = ap.parse_args()
     import torch
 
@@ -158,8 +159,10 @@ def main() -> None:
         "np2": peftctl("train", recipe, "--num-processes", 2, *sets(runs / "np2", 4)),
         "fsdp": accelerate("fsdp.yaml", "train", recipe, *sets(runs / "fsdp", 4)),
     }
+    for k in range(2, args.fsdp_repeats + 1):
+        plans[f"fsdp{k}"] = accelerate("fsdp.yaml", "train", recipe, *sets(runs / f"fsdp{k}", 4))
     for name, cmd in plans.items():
-        if name not in args.skip:
+        if name.rstrip("0123456789") not in args.skip:
             times[name] = run(name, cmd, runs / f"{name}.log")
     if "resumed" not in args.skip:
         cmd = accelerate("ddp.yaml", "train", recipe, *sets(runs / "resumed", 4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import os
 import types
 from pathlib import Path
@@ -332,6 +333,25 @@ MAX_SEED = 2**32 - 1
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
 
 
+def _gib_or_auto(value: Any) -> Any:
+    """train.memory_budget: a positive finite number of GiB, or auto."""
+    if value is None or value == "auto":
+        return value
+    number = value
+    if isinstance(value, str):  # as pydantic reads numbers written as strings ("1e400" is one in YAML)
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ValueError(f"must be a number of GiB or auto (got {value!r})")
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number (got {value!r})")
+    if number <= 0:
+        raise ValueError(f"must be > 0 (got {value!r})")
+    return float(number)
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(
         default=None, ge=1, description="Optimizer steps. Unset: `epochs` passes over the data."
@@ -399,7 +419,7 @@ class TrainSection(Section):
             "Unset: on when the base model is quantized (model.quantization), off otherwise."
         ),
     )
-    memory_budget: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+    memory_budget: Annotated[float | Literal["auto"] | None, BeforeValidator(_gib_or_auto)] = Field(
         default=None,
         description=(
             "GiB of device memory the run may use, or auto (the GPU's memory less 5% and 1 GiB). From "

@@ -332,3 +332,56 @@ def test_train_with_fused_kernels_and_a_memory_budget(make_recipe, tmp_path):
     refused = run("train", recipe, "--set", "train.memory_budget=8", "--set", "train.gradient_checkpointing=true",
                   code=2)
     assert "memory_budget" in refused.stderr
+
+
+def test_packed_batches_with_boundaries_give_the_unpacked_loss_and_gradients(chat_data, tiny_model_dir):
+    """The "cu_seqlens" packed layout (one row, boundaries computed at collation, no mask) through
+    the fused attention (`kernels.varlen`; on the CPU SDPA per sequence): the loss and adapter
+    gradients of the same examples unpacked (float32: 1e-5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftctl import data as data_lib
+    from peftctl.data.packing import FUSED_VARLEN
+    from peftctl.recipe import DataSection
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = dict(train=str(chat_data[1]), max_length=256, cache=False)
+    plain = list(data_lib.build(DataSection(**cfg), tok).train)[:12]
+    packed = data_lib.build(DataSection(**cfg, packing=True), tok, attention=FUSED_VARLEN).train
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert fused.varlen_supported(model.get_base_model(), torch.device("cpu"))
+    model.train()
+    # The packed sequences that hold exactly the first examples' token streams, in their order.
+    seqs = [packed[i] for i in range(len(packed))]
+    batch = data_lib.collate(seqs[:2], tok.pad_token_id)
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["attention_mask"].shape == (1, 1, 1, 1)
+    n_seq = len(batch["cu_seq_lens_q"]) - 1
+    starts = batch["cu_seq_lens_q"].tolist()
+    ids = batch["input_ids"][0].tolist()
+    examples = [e for e in data_lib.build(DataSection(**cfg), tok).train]
+    by_ids = {tuple(e.input_ids): e for e in examples}
+    members = [by_ids[tuple(ids[a:b])] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert len(members) == n_seq > 2 and plain  # the packed row holds whole examples
+    unpacked = data_lib.collate(members, tok.pad_token_id)
+    unpacked["labels"][:, 0] = -100  # a packed example's first token carries no loss either
+
+    def step(b, with_fused):
+        model.zero_grad()
+        if with_fused:
+            fused.enable_fused(model)
+        try:
+            moved, plan = prepare(b, torch.device("cpu"))
+            loss, n = loss_sum(model, moved, plan)
+            loss.backward()
+        finally:
+            fused.disable_fused(model)
+        return float(loss.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    lp, n_p, gp = step(batch, True)
+    lu, n_u, gu = step(unpacked, False)
+    assert n_p == n_u
+    assert lp == pytest.approx(lu, rel=1e-5)
+    for k, g in gu.items():
+        assert float((gp[k] - g).norm() / g.norm()) < 1e-4, k

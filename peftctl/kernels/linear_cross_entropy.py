@@ -2,14 +2,16 @@
 
 `linear_cross_entropy_sum(hidden, weight, targets)` equals
 `F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")` but walks the
-tokens in chunks: each chunk's logits (float32, chunk x vocabulary) live only while its loss and
-its gradient with respect to `hidden` (and `weight`, when that trains) are computed, in the forward
-pass. For a 128k vocabulary and 16k tokens this replaces about 12 GiB of logits, their float32
-copy and their gradient by one chunk of a few hundred MiB; the matrix products are the same ones
-the plain head and its backward do, so the arithmetic is unchanged.
+tokens in chunks: each chunk's logits (chunk x vocabulary) live only while its loss and its
+gradient with respect to `hidden` (and `weight`, when that trains) are computed, in the forward
+pass (so the backward only scales the kept gradients by the incoming one). For a 128k vocabulary
+and 16k tokens this replaces about 12 GiB of logits, their float32 copy and their gradient by one
+chunk of 512 MiB; the matrix products are the same ones the plain head and its backward do.
 
-Plain PyTorch (so it runs on CPU and any GPU); the forward computes the gradients, as Liger-Kernel's
-fused linear cross-entropy does.
+Per chunk, the softmax and its gradient are one Triton kernel on a GPU (`_triton.cross_entropy`:
+log-sum-exp in float32 over the logits in their own dtype, which it overwrites with softmax -
+one-hot), plain PyTorch elsewhere (float32 logits, several passes), as Liger-Kernel's fused linear
+cross-entropy does.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from peftctl.kernels.backend import use_triton
 IGNORE = -100
 
 
-def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
-    # float32 logits plus their softmax/gradient in place: about 8 bytes per (row, vocab entry).
-    return max(16, budget_bytes // (8 * vocab))
+def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20, bytes_per_logit: int = 8) -> int:
+    # Plain: float32 logits plus their softmax/gradient in place, about 8 bytes per (row, vocab
+    # entry). Fused: the logits in their own dtype, overwritten by their gradient (2 bytes in bf16).
+    return max(16, budget_bytes // (bytes_per_logit * vocab))
 
 
 def _fused_rows(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor:
@@ -91,5 +94,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """
     if hidden.dim() != 2 or targets.dim() != 1:
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows or _chunk_rows(weight.shape[0])
+    half = hidden.dtype in (torch.bfloat16, torch.float16)
+    rows = chunk_rows or _chunk_rows(weight.shape[0], bytes_per_logit=2 if half and use_triton(hidden) else 8)
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows)

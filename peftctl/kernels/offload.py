@@ -42,6 +42,8 @@ class OffloadedCheckpoint:
     def __init__(self, device: torch.device | str, min_bytes: int = 1 << 20, force: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # as tensors name it
         self.active = self.cuda or force
         self.min_bytes = min_bytes
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None

@@ -193,6 +193,21 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base.config.use_cache = False
 
 
+def packed_attention(peft_model, cfg, device) -> str:
+    """The attention name packed batches are laid out for (`data.packing.layout_for`): the fused
+    forward's own variable-length attention where it runs, else the model's implementation."""
+    from peftctl.train import budget
+
+    attention = peft_model.config._attn_implementation
+    if budget.kernels_on(cfg.kernels, device):
+        from peftctl.adapters.lora.fused import varlen_supported
+        from peftctl.data.packing import FUSED_VARLEN
+
+        if varlen_supported(peft_model.get_base_model(), device):
+            return FUSED_VARLEN
+    return attention
+
+
 def speed_settings(peft_model, cfg, examples, device, reporter: Reporter) -> dict[str, Any]:
     """Fused kernels (train.kernels) and checkpointing (train.memory_budget, else
     train.gradient_checkpointing) applied to the model; returns what was chosen, for summary.json."""
@@ -277,7 +292,7 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     device_map = {"": accelerator.device} if accelerator.device.type == "cuda" and not fsdp else None
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
-                             attention=model.config._attn_implementation, reporter=reporter)
+                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter)
     if len(dataset.train) < accelerator.num_processes:
         raise InputError(f"{len(dataset.train)} training examples cannot feed {accelerator.num_processes} processes")
     trainable, total = model.get_nb_trainable_parameters()

@@ -27,11 +27,15 @@ PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "
 
 
 @cache
-def _accepts_logits_to_keep(forward) -> bool:
+def _accepts(forward, name: str) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(forward).parameters
+        return name in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_logits_to_keep(forward) -> bool:
+    return _accepts(forward, "logits_to_keep")
 
 
 def _inner_model(model):
@@ -117,6 +121,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], plan: LossPlan | None = None
     # Every key but the labels is a model input (input_ids, attention_mask, position_ids, ...).
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
     inner = _inner_model(model)
+    if _accepts(type(inner).forward, "use_cache"):
+        kwargs["use_cache"] = False  # a loss needs no KV cache (transformers builds one by default)
     if not _accepts_logits_to_keep(type(inner).forward):
         logits = model(**kwargs).logits
         return _cross_entropy(logits, plan.targets), plan.n_tokens
@@ -160,7 +166,7 @@ def eval_loss(model, examples, batch_size: int, pad_id: int, device) -> tuple[fl
     total, count = 0.0, 0
     for i in range(0, len(order), batch_size):
         batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
-        loss, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        loss, n = loss_sum(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         total += float(loss)
         count += n
     return total, count

@@ -9,7 +9,9 @@ the same function with fewer kernels and less memory kept for the backward (`pef
   silu(gate) * up is recomputed in the backward, not kept);
 - Llama attention: q, k and v from one `kernels.lora.project` call (one `x @ [A_q; A_k; A_v]^T`),
   the rotary embedding in one pass (`kernels.rope`), transformers' attention function for the
-  model's attention implementation, o_proj through `project`.
+  model's attention implementation, o_proj through `project`; a packed batch that carries its
+  sequence boundaries (`cu_seq_lens_q`, `max_length_q`) is attended sequence by sequence by
+  `kernels.varlen` instead, with no mask.
 
 Each fused forward checks, per call, that its modules are in a state the fused function computes
 exactly: a projection is a plain `nn.Linear` (or bitsandbytes `Linear4bit`) with a frozen weight,
@@ -33,6 +35,7 @@ from peftctl.adapters.layer import AdapterLayer
 from peftctl.kernels.lora import Projection, lora_mlp, project
 from peftctl.kernels.norm import rms_norm
 from peftctl.kernels.rope import apply_rope
+from peftctl.kernels.varlen import varlen_attention
 
 NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
@@ -119,42 +122,67 @@ def _mlp_forward(self, x):
 
 
 def _attention_forward(self, hidden_states, *args, **kwargs):
-    def plain():
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-
-    if args or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        return plain()
-    if kwargs.get("output_attentions") or (self.training and self.attention_dropout > 0):
-        return plain()
+    impl = self.config._attn_implementation or "eager"
+    # A packed batch given by its boundaries (`data.packing`'s "cu_seqlens" layout) is attended
+    # here, sequence by sequence (flash attention implementations take them themselves).
+    packed = kwargs.get("cu_seq_lens_q") is not None and "flash" not in impl
     embeddings = kwargs.get("position_embeddings")
-    if embeddings is None or embeddings[0].dim() != 3 or embeddings[0].dtype != hidden_states.dtype:
-        return plain()
-    qkv = [projection(m, hidden_states) for m in (self.q_proj, self.k_proj, self.v_proj)]
-    out_proj = projection(self.o_proj, hidden_states)
-    if any(p is None for p in qkv) or out_proj is None:
-        return plain()
+    unsupported = (args or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+                   or kwargs.get("output_attentions") or (self.training and self.attention_dropout > 0)
+                   or embeddings is None or embeddings[0].dim() != 3 or embeddings[0].dtype != hidden_states.dtype)
+    if unsupported:
+        if packed:
+            raise ValueError("a packed batch with cu_seq_lens needs training without a KV cache, attention "
+                             "weights or attention dropout")
+        return type(self).forward(self, hidden_states, *args, **kwargs)
 
     kwargs = dict(kwargs)
     for key in ("position_embeddings", "past_key_values", "cache"):
         kwargs.pop(key, None)
     attention_mask = kwargs.pop("attention_mask", None)
     lead = hidden_states.shape[:-1]
-    q, k, v = project(hidden_states, tuple(qkv))
-    cos, sin = embeddings
-    q = apply_rope(q.view(*lead, -1, self.head_dim), cos, sin).transpose(1, 2)
-    k = apply_rope(k.view(*lead, -1, self.head_dim), cos, sin).transpose(1, 2)
-    v = v.view(*lead, -1, self.head_dim).transpose(1, 2)
-    impl = self.config._attn_implementation
-    if impl == "eager" or impl is None:
-        attend = sys.modules[type(self).__module__].eager_attention_forward
+    qkv = [projection(m, hidden_states) for m in (self.q_proj, self.k_proj, self.v_proj)]
+    if all(p is not None for p in qkv):
+        q, k, v = project(hidden_states, tuple(qkv))
     else:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    cos, sin = embeddings
+    q = apply_rope(q.view(*lead, -1, self.head_dim), cos, sin)
+    k = apply_rope(k.view(*lead, -1, self.head_dim), cos, sin)
+    v = v.view(*lead, -1, self.head_dim)
+    weights = None
+    if packed:
+        if lead[0] != 1:
+            raise ValueError(f"a packed batch with cu_seq_lens is one row; got {lead[0]}")
+        out = varlen_attention(q[0], k[0], v[0], kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"]), self.scaling)
+    else:
+        if impl == "eager":
+            attend = sys.modules[type(self).__module__].eager_attention_forward
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        attend = ALL_ATTENTION_FUNCTIONS[impl]
-    out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                          scaling=self.scaling, **kwargs)
-    (out,) = project(out.reshape(*lead, -1).contiguous(), (out_proj,))
+            attend = ALL_ATTENTION_FUNCTIONS[impl]
+        out, weights = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                              dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+                              **kwargs)
+    out = out.reshape(*lead, -1).contiguous()
+    out_proj = projection(self.o_proj, out)
+    if out_proj is None:
+        return self.o_proj(out), weights
+    (out,) = project(out, (out_proj,))
     return out, weights
+
+
+def varlen_supported(model: nn.Module, device) -> bool:
+    """Whether a model with the fused forwards attends packed batches by their boundaries on
+    `device` (`kernels.varlen`): Llama attention under SDPA, and on a GPU PyTorch's variable-length
+    flash attention (on a CPU a loop over the sequences, for tests)."""
+    from peftctl.kernels.varlen import available
+
+    config = getattr(model, "config", None)
+    has = any(type(m).__name__ in ATTENTIONS for m in model.modules())
+    return has and getattr(config, "_attn_implementation", None) == "sdpa" and (
+        device.type != "cuda" or available(device))
 
 
 _FORWARDS = ((NORMS, _norm_forward, "rms_norm"), (MLPS, _mlp_forward, "mlp"), (ATTENTIONS, _attention_forward,
