@@ -106,8 +106,13 @@ def in_process_model(args):
     config = config_of(args.shape, args.seq)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 (an 8B model in float32 first would take 32 GB)
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
@@ -219,6 +224,15 @@ def setup_peftctl(args, setup: str, kernels: bool):
     examples = [SimpleNamespace(input_ids=row.tolist(), num_loss_tokens=args.seq - 1) for row in host["input_ids"]]
     device = torch.device(args.device)
     chosen = speed_settings(model, recipe.train, examples, device, Reporter())
+    from peftctl import memory
+    from peftctl.train import budget as budget_lib
+
+    plan = chosen["memory_plan"]
+    est = memory.estimate(model, model.get_base_model().config, workload=budget_lib.workload(examples, args.batch),
+                          gradient_checkpointing=bool(recipe.train.gradient_checkpointing), optimizer="adamw",
+                          fused=budget_lib.kernels_on(recipe.train.kernels, device),
+                          checkpoint_layers=None if plan is None else plan["checkpoint_layers"],
+                          offload=plan is not None and plan["offload"])
     model.train()
     opt = build_optimizer(model, recipe.train)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +246,7 @@ def setup_peftctl(args, setup: str, kernels: bool):
         opt.zero_grad(set_to_none=True)
         return loss / n
 
-    return model, step, {"kernels": chosen["kernels"], "memory_plan": chosen["memory_plan"]}
+    return model, step, {"kernels": chosen["kernels"], "memory_plan": plan, "estimate_gib": est["total"] / 2**30}
 
 
 def measure(args, impl: str, setup: str, profile: bool = False) -> dict:
@@ -418,7 +432,8 @@ def table(rows: list[dict], args, peak: float) -> str:
                 ref = next((x for x in rows if x["impl"] == p and x["setup"] == base and "error" not in x), None)
                 mem = r["peak_gib"] / ref["peak_gib"] if ref and ref["peak_gib"] else float("nan")
                 ratios += f"{r['tokens_per_s'] / ref['tokens_per_s']:8.2f}x {mem:6.2f}x" if ref else f"{'-':>17}"
-        out.append(f"{r['setup']:15}{r['impl']:14}{r['tokens_per_s']:9.0f}{r['peak_gib']:7.1f}{mfu:6.2f}  {ratios}")
+        est = f"  (estimate {r['estimate_gib']:.1f} GiB)" if "estimate_gib" in r else ""
+        out.append(f"{r['setup']:15}{r['impl']:14}{r['tokens_per_s']:9.0f}{r['peak_gib']:7.1f}{mfu:6.2f}  {ratios}{est}")
     out.append("ratios: peftctl tokens/s and peak memory over the peer's, same setup (offload rows against -gc)")
     return "\n".join(out)
 

@@ -67,7 +67,7 @@ def run(device: str) -> list[tuple[str, str, float, float]]:
         w = (1 + 0.1 * randn(48, dtype=torch.float32)).to(dtype)
         dy = randn(6, 3, 48, dtype=dtype)
 
-        def rms():
+        def rms(x=x, w=w, dy=dy):
             xr = x.clone().requires_grad_()
             y = norm.rms_norm(xr, w, 1e-6)
             y.backward(dy)
@@ -79,7 +79,7 @@ def run(device: str) -> list[tuple[str, str, float, float]]:
         # SwiGLU over a length that is not a multiple of the block.
         g, u, dp = (randn(7, 300, dtype=dtype) for _ in range(3))
 
-        def glu():
+        def glu(g=g, u=u, dp=dp):
             p = swiglu.swiglu(g, u)
             dg, du = swiglu.swiglu_backward_(dp, g.clone(), u.clone())
             return p, dg, du
@@ -94,7 +94,7 @@ def run(device: str) -> list[tuple[str, str, float, float]]:
             cos, sin = randn(cos_batch, 5, 8, dtype=dtype), randn(cos_batch, 5, 8, dtype=dtype)
             dout = randn(2, 5, 3, 8, dtype=dtype)
 
-            def rot():
+            def rot(q=q, cos=cos, sin=sin, dout=dout):
                 qr = q.clone().requires_grad_()
                 o = rope.apply_rope(qr, cos, sin)
                 o.backward(dout)
@@ -110,7 +110,7 @@ def run(device: str) -> list[tuple[str, str, float, float]]:
         t = torch.randint(0, 50, (37,), generator=gen).to(device)
         t[::5] = -100
 
-        def ce():
+        def ce(h=h, weight=weight, t=t):
             hr = h.clone().requires_grad_()
             loss = lce.linear_cross_entropy_sum(hr, weight, t, chunk_rows=8)
             loss.backward()

@@ -180,7 +180,7 @@ def test_fused_model_under_qlora_equals_the_module_graph(tiny_llama):
     from peftctl.models import quantize_skeleton  # noqa: F401  (the same layer types a run gets)
 
     model = tiny_llama()
-    for name, module in list(model.model.named_modules()):
+    for module in list(model.model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,

@@ -47,6 +47,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = k.shape[1] != q.shape[1]
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    return per_sequence(q, k, v, cu_seqlens, scale)
+
+
+def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """The same function as SDPA over one sequence at a time (the reference, and the CPU path)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     groups = q.shape[1] // k.shape[1]

@@ -18,8 +18,14 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import data as data_lib
     from peftctl import models
     from peftctl.inspect import inspect_recipe
-    from peftctl.train import budget
-    from peftctl.train import check_resume_fits, data_hashes, find_resume_checkpoint, resolved, trackers
+    from peftctl.train import (
+        budget,
+        check_resume_fits,
+        data_hashes,
+        find_resume_checkpoint,
+        resolved,
+        trackers,
+    )
     from peftctl.train.loop import total_steps
     from peftctl.train.optim import warmup_steps
     from peftctl.ui import Reporter
