@@ -486,7 +486,7 @@ def main() -> int:
             versions[name] = None
     print(f"bf16 matmul {peak:.0f} TFLOP/s; checkpoint folder {folder_s:.0f} s; {versions}", flush=True)
     rows: list[dict] = []
-    for impl in args.impls.split(","):
+    for impl in filter(None, args.impls.split(",")):
         setups = args.setups if impl.startswith("peftctl") else ",".join(
             s for s in args.setups.split(",") if s in ("bf16", "bf16-gc", "qlora-gc"))
         if impl == "peft-liger":
