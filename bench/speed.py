@@ -326,11 +326,13 @@ def train_e2e(args, kind: str, timeout: float) -> dict:
 
     work = Path(args.workdir) / f"train-{kind}"
     work.mkdir(parents=True, exist_ok=True)
+    kind, _, procs = kind.partition("-np")  # unpacked-np2: the same on two processes (DDP)
+    procs = int(procs or 1)
     rng = random.Random(0)
     vocab = SHAPES[args.shape]["vocab_size"]
     steps = args.warmup + args.steps + 2
     rows = []
-    need = args.batch * steps * (3 if kind == "packed" else 1) + 64
+    need = procs * args.batch * steps * (3 if kind == "packed" else 1) + 64
     for _ in range(need):
         n = args.seq + 8 if kind == "unpacked" else rng.randint(100, 1500)
         rows.append({"text": " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n))})
@@ -349,15 +351,19 @@ def train_e2e(args, kind: str, timeout: float) -> dict:
     path.write_text(yaml.safe_dump(recipe))
     subprocess.run(["rm", "-rf", str(work / "run")], check=False)
     start = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(path), "--json"], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+    cmd = [sys.executable, "-m", "peftctl", "train", str(path), "--json"]
+    if procs > 1:
+        cmd += ["--num-processes", str(procs)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     wall = time.perf_counter() - start
     if p.returncode != 0:
-        return {"impl": "peftctl train", "setup": kind, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        return {"impl": "peftctl train", "setup": work.name.removeprefix("train-"),
+                "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
     summary = json.loads(p.stdout)
     metrics = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m and m["step"] > args.warmup + 1]
-    return {"impl": "peftctl train", "setup": kind, "shape": args.shape, "batch": args.batch, "seq": args.seq,
+    return {"impl": "peftctl train", "setup": work.name.removeprefix("train-"), "processes": procs,
+            "shape": args.shape, "batch": args.batch, "seq": args.seq,
             "tokens_per_s": statistics.median(rates), "peak_gib": summary["peak_memory_bytes"] / 2**30,
             "steps": summary["steps"], "wall_s": wall, "data": summary.get("data"), "kernels": summary.get("kernels")}
 
@@ -446,7 +452,7 @@ def main() -> int:
     ap.add_argument("--setups", default="bf16")
     ap.add_argument("--impls", default="peftctl,peft,peft-liger,unsloth",
                     help="comma list of peftctl, peftctl-plain, peft, peft-liger, unsloth")
-    ap.add_argument("--train", default="", help="also `peftctl train` end to end: packed, unpacked")
+    ap.add_argument("--train", default="", help="also `peftctl train` end to end: packed, unpacked; -npN: on N GPUs")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 warm-up and 4 timed steps")
