@@ -162,7 +162,7 @@ def main() -> None:
     for k in range(2, args.fsdp_repeats + 1):
         plans[f"fsdp{k}"] = accelerate("fsdp.yaml", "train", recipe, *sets(runs / f"fsdp{k}", 4))
     for name, cmd in plans.items():
-        if name.rstrip("0123456789") not in args.skip:
+        if name not in args.skip and not (name.startswith("fsdp") and "fsdp" in args.skip):
             times[name] = run(name, cmd, runs / f"{name}.log")
     if "resumed" not in args.skip:
         cmd = accelerate("ddp.yaml", "train", recipe, *sets(runs / "resumed", 4))
