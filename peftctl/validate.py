@@ -43,6 +43,15 @@ def check_files(recipe, source: str) -> list[str]:
             notes.append(f"model {name}: a hub id; it must be reachable or in the hub cache")
     except InputError as e:
         problems.append(Problem(source, None, "model.name_or_path", str(e)))
+    else:
+        # Every token has an embedding row (train checks the tokenizer it loads the same way).
+        try:
+            found = models.vocabulary_from_files(recipe.model, src)
+            if found is not None:
+                models.check_token_ids(*found, models.tokenizer_name(recipe.model))
+        except InputError as e:
+            problems.append(Problem(source, None, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path",
+                                    str(e)))
     if is_nonempty_dir(Path(recipe.output.dir)):
         notes.append(f"output.dir {recipe.output.dir} is not empty: `train` will refuse it")
     if problems:

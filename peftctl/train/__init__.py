@@ -177,6 +177,42 @@ def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str], rep
         reporter.log(f"resuming from {ckpt.name} with recipe changes: " + "; ".join(notes))
 
 
+# The checks `train` makes before it creates the run folder, shared with `train --dry-run` (plan.py),
+# which calls them in the same order (with the model on the meta device): what one refuses before
+# the first step, the other refuses with the same message and exit code.
+
+
+def check_start(recipe, resume: str | None, reporter: Reporter, digests: bool = True):
+    """The data sources, the output folder or the checkpoint to resume (and whether the recipe still
+    fits it), the trackers. Returns (the resolved recipe, the data's digests, the checkpoint or None);
+    `digests=False` (the dry run) hashes the data only to compare it with a checkpoint's."""
+    from peftctl.data.sources import resolve
+    from peftctl.train import trackers
+
+    run_recipe = resolved(recipe)
+    for spec in [*recipe.data.train, *(recipe.data.eval or [])]:  # each source exists (hashing reads them)
+        resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=recipe.data.text_sample_by)
+    ckpt = find_resume_checkpoint(resume, Path(recipe.output.dir))
+    hashes = data_hashes(recipe.data) if digests or ckpt is not None else {}
+    if ckpt is not None:
+        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
+    trackers.check_installed(recipe.tracking)
+    return run_recipe, hashes, ckpt
+
+
+def check_model(recipe, model, tokenizer) -> None:
+    """The model with its adapter (loaded, or on the meta device) against the tokenizer: every token
+    has an embedding row."""
+    from peftctl import models
+
+    models.check_tokenizer_fits(tokenizer, model, recipe.model)
+
+
+def check_data(dataset, num_processes: int) -> None:
+    if len(dataset.train) < num_processes:
+        raise InputError(f"{len(dataset.train)} training examples cannot feed {num_processes} processes")
+
+
 def enable_gradient_checkpointing(peft_model) -> None:
     base = peft_model.get_base_model()
     # Non-reentrant checkpointing needs no inputs that require grad; transformers still hooks the
@@ -236,23 +272,18 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
                          "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     run = RunFolder(Path(recipe.output.dir))
     dtype = models.resolve_dtype(recipe.model.dtype)
-    run_recipe = resolved(recipe)
+    run_recipe, hashes, ckpt = check_start(recipe, resume, reporter)
     cfg = run_recipe.train
-    hashes = data_hashes(recipe.data)
-    ckpt = find_resume_checkpoint(resume, run.path)
-    if ckpt is not None:
-        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
-    trackers.check_installed(recipe.tracking)
 
     set_seed(cfg.seed)
     reporter.log(f"loading {recipe.model.name_or_path} ({run_recipe.model.dtype})")
     # Straight onto this process's GPU (no full copy in host memory first); FSDP shards from the host.
     device_map = {"": accelerator.device} if accelerator.device.type == "cuda" and not fsdp else None
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
+    check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
                              attention=model.config._attn_implementation, reporter=reporter)
-    if len(dataset.train) < accelerator.num_processes:
-        raise InputError(f"{len(dataset.train)} training examples cannot feed {accelerator.num_processes} processes")
+    check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "
