@@ -438,6 +438,20 @@ def test_every_message_key_reaches_the_template_or_the_row_is_refused(tmp_path, 
         assert refused in tok.decode(ex.input_ids)
 
 
+def test_a_rows_tools_reach_the_template_or_the_row_is_refused(tmp_path, tok):
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    row = {"messages": [USER, {"role": "assistant", "content": "yo"}], "functions": tools}
+    path = write_jsonl(tmp_path / "t.jsonl", [row])
+    with pytest.raises(InputError, match=r"row 1: field 'functions': the chat template ignores the tool definitions"):
+        build(tok, path, columns={"tools": "functions"})
+    listing = ("{% for t in tools or [] %}<tool>{{ t.function.name }}</tool>\n{% endfor %}"
+               "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (ex,) = build(tok, path, columns={"tools": "functions"}, chat_template=listing).train
+    assert tok.decode(ex.input_ids).startswith("<tool>add</tool>\n<|im_start|>user")
+    assert labelled(tok, ex) == "yo<|im_end|>\n"
+
+
 def test_a_message_key_shadowed_by_a_column_mapping_is_refused(tmp_path, tok):
     rows = [{"conversations": [{"from": "human", "value": "Hi", "role": "system"}, {"from": "gpt", "value": "Yo"}]}]
     path = write_jsonl(tmp_path / "s.jsonl", rows)

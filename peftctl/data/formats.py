@@ -20,9 +20,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages", "role", "content"),
-    "sharegpt": ("messages", "role", "content"),
-    "preference": ("prompt", "chosen", "rejected"),
+    "chat": ("messages", "role", "content", "tools"),
+    "sharegpt": ("messages", "role", "content", "tools"),
+    "preference": ("prompt", "chosen", "rejected", "tools"),
     "classification": ("text", "label"),
 }
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
@@ -213,21 +213,38 @@ class Formatter:
             return "".join(texts)
         raise RowError(f"{where} must be a string, got {type(value).__name__}")
 
-    def _conversation(self, messages: list[dict[str, Any]], wheres: list[str], first_trained: int = 0) -> Rendered:
-        """Render a conversation; loss on its assistant turns from index `first_trained` on."""
+    def _tools(self, row: dict[str, Any]) -> list | None:
+        """The row's tool definitions (for templates that render them, as apply_chat_template's tools)."""
+        col = self._col("tools")
+        tools = row.get(col)
+        if tools is not None and not isinstance(tools, list):
+            raise RowError(f"field {col!r} must be a list of tool definitions, got {type(tools).__name__}")
+        return tools or None
+
+    def _conversation(self, messages: list[dict[str, Any]], wheres: list[str], first_trained: int = 0,
+                      tools: list | None = None) -> Rendered:
+        """Render a conversation (with the row's tools); loss on its assistant turns from index
+        `first_trained` on."""
         if self.chat is None:
             raise RowError("this format needs a chat template, and the tokenizer has none: set data.chat_template")
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
         if not trained:
             raise RowError("no assistant message: nothing to learn from")
-        render = self.chat
+
+        def render(msgs: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+            return self.chat(msgs, add_generation_prompt, tools=tools)
+
         text = render(messages)
-        self._unrendered(messages, wheres, text)
+        self._unrendered(messages, wheres, text, render)
+        if tools and self.chat(messages) == text:
+            raise RowError(f"field {self._col('tools')!r}: the chat template ignores the tool definitions (it "
+                           "renders the same text without them), so the row would be trained as if it had "
+                           "none; remove them, or use a template that renders them (data.chat_template)")
         last = len(messages) - 1
         every = self.train_on == "all"
         spans, boundaries, prompt_end, differs = [], [], None, False
         for i in trained[-1:] if self.train_on == "last" else trained:
-            before = self._prompt_for(messages, i)
+            before = self._prompt_for(messages, i, render)
             upto = text if i == last else render(messages[: i + 1])
             start, end = _common_prefix(before, text), _common_prefix(upto, text)
             if end < len(upto):
@@ -257,7 +274,7 @@ class Formatter:
         return Rendered(text, spans, boundaries=boundaries, prompt_end=prompt_end, reference=reference,
                         add_special_tokens=False, prompt_differs=differs)
 
-    def _unrendered(self, messages: list[dict[str, Any]], wheres: list[str], text: str) -> None:
+    def _unrendered(self, messages: list[dict[str, Any]], wheres: list[str], text: str, render) -> None:
         """Refuse a conversation whose rendering dropped part of it: a message's content that is not in
         the text, or a key of a message (beyond role and content) without which the template renders
         the very same text. An empty value ("", [], {}) carries nothing and is not checked."""
@@ -273,7 +290,7 @@ class Formatter:
                     continue
                 without = [*messages[:i], {k: v for k, v in m.items() if k != key}, *messages[i + 1 :]]
                 try:
-                    ignored = self.chat(without) == text
+                    ignored = render(without) == text
                 except RowError:  # the template cannot do without the key: it reads it
                     ignored = False
                 if ignored:
@@ -296,10 +313,10 @@ class Formatter:
                 return m.start()
         return pos
 
-    def _prompt_for(self, messages: list[dict[str, Any]], i: int) -> str:
+    def _prompt_for(self, messages: list[dict[str, Any]], i: int, render) -> str:
         """The text before message i's content: the conversation so far and the generation prompt."""
         try:
-            return self.chat(messages[:i], add_generation_prompt=True)
+            return render(messages[:i], add_generation_prompt=True)
         except RowError:
             if i:
                 raise
@@ -309,7 +326,7 @@ class Formatter:
         value = row.get(self._col("messages"))
         if value is None:
             raise self._missing("messages")
-        return self._conversation(*self._messages(value))
+        return self._conversation(*self._messages(value), tools=self._tools(row))
 
     _sharegpt = _chat
 
@@ -331,9 +348,14 @@ class Formatter:
 
             prompt, where = turns("prompt", "user")
             pairs = [turns(f, "assistant") for f in ("chosen", "rejected")]
-            chosen, rejected = (self._conversation(prompt + m, where + w, first_trained=len(prompt)) for m, w in pairs)
+            tools = self._tools(row)
+            chosen, rejected = (self._conversation(prompt + m, where + w, first_trained=len(prompt), tools=tools)
+                                for m, w in pairs)
             chosen.rejected = rejected
             return chosen
+        if self._tools(row):
+            raise RowError(f"field {self._col('tools')!r}: tool definitions go with conversations (prompt, chosen "
+                           "and rejected as message lists), not plain text")
         prompt = self._str(row, "prompt")
         chosen = self._response(prompt, self._str(row, "chosen", nonempty=True))
         chosen.rejected = self._response(prompt, self._str(row, "rejected", nonempty=True))
