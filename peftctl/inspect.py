@@ -24,7 +24,6 @@ def meta_model(recipe):
 
     spec = recipe.model
     source = models.resolve(spec.name_or_path, spec.cache_dir, convert=False)
-    models._check_weights_format(source, spec.allow_pickle)  # as loading does
     config = models.load_config(spec, source)
     dtype = models.resolve_dtype(spec.dtype)
     # The attention implementation loading gives (packing shapes its batches for it).

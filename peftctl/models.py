@@ -273,14 +273,25 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
     if source.kind != "folder":
         return
     folder = Path(source.path)
-    if any(folder.glob("*.safetensors")) or allow_pickle:
+    if any(folder.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles and allow_pickle:
+        return
     if pickles:
         raise InputError(
             f"model {folder}: only pickle weights ({', '.join(pickles[:3])}); pickle files can run "
             "code when loaded. Set model.allow_pickle: true if you trust them, or convert to safetensors"
         )
+    # Checked here, not left to from_pretrained, so that the dry run (no weights loaded) refuses it too.
+    raise InputError(f"model {folder}: no weights in this folder (model.safetensors, or shards "
+                     "model-00001-of-0000N.safetensors)")
+
+
+def check_weights(spec) -> None:
+    """What loading refuses of a model folder's weight files before reading them (none there, or
+    pickles only without model.allow_pickle), for the dry run, which loads no weights."""
+    _check_weights_format(resolve(spec.name_or_path, spec.cache_dir, convert=False), spec.allow_pickle)
 
 
 def load_tokenizer(spec, source: ModelSource | None = None):

@@ -34,11 +34,19 @@ def outgrown_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pickle_model_dir(tmp_path_factory, tiny_model_dir):
-    folder = tmp_path_factory.mktemp("pickle-only")
+def weightless_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model's folder without its weights (config, tokenizer, template)."""
+    folder = tmp_path_factory.mktemp("weightless")
     for f in tiny_model_dir.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pickle_model_dir(tmp_path_factory, weightless_dir):
+    folder = tmp_path_factory.mktemp("pickle-only")
+    shutil.copytree(weightless_dir, folder, dirs_exist_ok=True)
     (folder / "pytorch_model.bin").write_bytes(b"not loaded: refused before")
     return folder
 
@@ -49,7 +57,7 @@ def _error(result) -> str:
     return "\n".join(lines[start:])
 
 
-def _cases(outgrown, pickle_only, tmp_path):
+def _cases(outgrown, pickle_only, weightless, tmp_path):
     weighted = tmp_path / "weighted.jsonl"
     weighted.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                  {"role": "assistant", "content": "yo", "weight": 0}]}) + "\n")
@@ -67,14 +75,17 @@ def _cases(outgrown, pickle_only, tmp_path):
          "data.packing: the attention implementation 'flex_attention' is not supported with packing"),
         ("pickle-only weights", {"model": {"name_or_path": str(pickle_only)}}, None,
          f"model {pickle_only}: only pickle weights (pytorch_model.bin)"),
+        ("no weights", {"model": {"name_or_path": str(weightless)}}, None,
+         f"model {weightless}: no weights in this folder"),
         ("a message key the template ignores", {"data": {"train": str(weighted), "eval": None}}, 0,
          f"{weighted} row 1: messages[1].weight: the chat template ignores this key"),
     ]
 
 
 def test_train_and_dry_run_refuse_alike_and_train_writes_nothing(make_recipe, tmp_path, outgrown_model_dir,
-                                                                  pickle_model_dir):
-    for name, sections, validate_code, message in _cases(outgrown_model_dir, pickle_model_dir, tmp_path):
+                                                                  pickle_model_dir, weightless_dir):
+    for name, sections, validate_code, message in _cases(outgrown_model_dir, pickle_model_dir, weightless_dir,
+                                                         tmp_path):
         recipe = make_recipe(out="run", **sections)
         dry = run("train", recipe, "--dry-run", code=2)
         real = run("train", recipe, code=2)

@@ -42,6 +42,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     cfg = recipe.train
     _, _, ckpt = check_start(recipe, resume, Reporter(), digests=False)
     tokenizer = models.load_tokenizer(recipe.model)
+    models.check_weights(recipe.model)  # what loading them would refuse
     # The model on the meta device, with the adapter attached; then what train checks of it.
     built = meta_model(recipe)
     check_model(recipe, built[0], tokenizer)
