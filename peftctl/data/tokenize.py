@@ -142,12 +142,13 @@ class Tokenizer:
         split: list[tuple[int, list[int], int]] = []  # (row, piece bounds, index of its first piece)
         for k, (r, enc) in enumerate(zip(rendered, whole, strict=True)):
             cuts = sorted({b for b in r.boundaries if 0 < b < len(r.text)})
-            if self.around is not None and any(_straddling(enc, b) is not None for b in cuts):
+            straddled = any(_straddling(enc, b) is not None for b in cuts)
+            if straddled and self.around is not None:
                 bounds = [0, *cuts, len(r.text)]
                 split.append((k, bounds, len(pieces)))
                 pieces += [r.text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-            else:
-                out[k] = self._whole(r, enc)
+            else:  # (without knowing what encoding adds around a text, pieces cannot be joined)
+                out[k] = self._whole(r, enc, merged=straddled)
         if pieces:
             encoded = self.backend.encode_batch(pieces, add_special_tokens=False)
             for k, bounds, first in split:
