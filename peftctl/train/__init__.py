@@ -177,27 +177,9 @@ def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str], rep
         reporter.log(f"resuming from {ckpt.name} with recipe changes: " + "; ".join(notes))
 
 
-# The checks `train` makes before it creates the run folder, shared with `train --dry-run` (plan.py),
-# which calls them in the same order (with the model on the meta device): what one refuses before
-# the first step, the other refuses with the same message and exit code.
-
-
-def check_start(recipe, resume: str | None, reporter: Reporter, digests: bool = True):
-    """The data sources, the output folder or the checkpoint to resume (and whether the recipe still
-    fits it), the trackers. Returns (the resolved recipe, the data's digests, the checkpoint or None);
-    `digests=False` (the dry run) hashes the data only to compare it with a checkpoint's."""
-    from peftctl.data.sources import resolve
-    from peftctl.train import trackers
-
-    run_recipe = resolved(recipe)
-    for spec in [*recipe.data.train, *(recipe.data.eval or [])]:  # each source exists (hashing reads them)
-        resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=recipe.data.text_sample_by)
-    ckpt = find_resume_checkpoint(resume, Path(recipe.output.dir))
-    hashes = data_hashes(recipe.data) if digests or ckpt is not None else {}
-    if ckpt is not None:
-        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
-    trackers.check_installed(recipe.tracking)
-    return run_recipe, hashes, ckpt
+# Checks `train` makes before it creates the run folder, shared with `train --dry-run` (plan.py),
+# which makes train's checks in train's order (with the model on the meta device): what one refuses
+# before the first step, the other refuses with the same message and exit code.
 
 
 def check_model(recipe, model, tokenizer) -> None:
@@ -272,8 +254,13 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
                          "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     run = RunFolder(Path(recipe.output.dir))
     dtype = models.resolve_dtype(recipe.model.dtype)
-    run_recipe, hashes, ckpt = check_start(recipe, resume, reporter)
+    run_recipe = resolved(recipe)
     cfg = run_recipe.train
+    hashes = data_hashes(recipe.data)
+    ckpt = find_resume_checkpoint(resume, run.path)
+    if ckpt is not None:
+        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
+    trackers.check_installed(recipe.tracking)
 
     set_seed(cfg.seed)
     reporter.log(f"loading {recipe.model.name_or_path} ({run_recipe.model.dtype})")

@@ -1,8 +1,8 @@
 """`peftctl train --dry-run`: resolve everything a run needs, load no weights, say what it would do.
 
 It makes the checks `train` makes before its first step, in the same order and with the same
-messages (the same functions: `train.check_start`, `train.check_model`, `train.check_data`), with
-the model built on the meta device instead of loaded: what `train` would refuse before it writes
+messages (the same functions, `train.check_model` and `train.check_data` among them), with the
+model built on the meta device instead of loaded: what `train` would refuse before it writes
 anything, the dry run refuses alike. The tokenizer and the data are read (so bad rows fail here as
 they would in the run), and the plan gives the steps, tokens, trainable parameters and a memory
 estimate per device (`peftctl.memory`, for the longest micro-batch the data can make).
@@ -34,13 +34,27 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import models
     from peftctl.inspect import inspect_recipe, meta_model
     from peftctl.memory import Workload
-    from peftctl.train import check_data, check_model, check_start
+    from peftctl.train import (
+        check_data,
+        check_model,
+        check_resume_fits,
+        data_hashes,
+        find_resume_checkpoint,
+        resolved,
+        trackers,
+    )
     from peftctl.train.loop import total_steps
     from peftctl.train.optim import warmup_steps
     from peftctl.ui import Reporter
 
     cfg = recipe.train
-    _, _, ckpt = check_start(recipe, resume, Reporter(), digests=False)
+    # As train does, in train's order.
+    run_recipe = resolved(recipe)
+    hashes = data_hashes(recipe.data)
+    ckpt = find_resume_checkpoint(resume, Path(recipe.output.dir))
+    if ckpt is not None:
+        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, Reporter())
+    trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
     models.check_weights(recipe.model)  # what loading them would refuse
     # The model on the meta device, with the adapter attached; then what train checks of it.
