@@ -44,16 +44,25 @@ def check_files(recipe, source: str) -> list[str]:
     except InputError as e:
         problems.append(Problem(source, None, "model.name_or_path", str(e)))
     else:
-        # Every token has an embedding row (train checks the tokenizer it loads the same way).
-        try:
-            found = models.vocabulary_from_files(recipe.model, src)
-            if found is not None:
-                models.check_token_ids(*found, models.tokenizer_name(recipe.model))
-        except InputError as e:
-            problems.append(Problem(source, None, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path",
-                                    str(e)))
+        problems += token_problems(recipe, src, source)
     if is_nonempty_dir(Path(recipe.output.dir)):
         notes.append(f"output.dir {recipe.output.dir} is not empty: `train` will refuse it")
     if problems:
         raise RecipeError(problems)
     return notes
+
+
+def token_problems(recipe, model_source, source: str) -> list[Problem]:
+    """Every token of the tokenizer has a row in the model's embedding matrix: train's check
+    (`models.check_token_ids`), made from config.json and tokenizer.json where the model is a
+    local folder that has them."""
+    from peftctl import models
+    from peftctl.errors import InputError
+
+    try:
+        found = models.vocabulary_from_files(recipe.model, model_source)
+        if found is not None:
+            models.check_token_ids(*found, models.tokenizer_name(recipe.model))
+    except InputError as e:
+        return [Problem(source, None, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path", str(e))]
+    return []
