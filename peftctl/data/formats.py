@@ -6,6 +6,12 @@ chat template, including ones that add text around each message: each assistant 
 the conversation rendered up to that turn's generation prompt stops matching the full rendering,
 and ends where the conversation rendered up to and including that turn stops matching it.
 
+A format also says where each response starts (`Rendered.boundaries`): tokenization keeps every
+token on one side of it, so the tokens before a response are the prompt's own. A conversation is
+rendered with every key of every message (and the row's tools); a row whose rendering leaves out
+part of it (a message's content, or a key without which the template renders the same text) is
+refused, naming the message and key.
+
 Pure Python (no torch, no numpy): the recipe schema imports FORMAT_FIELDS from here.
 """
 
