@@ -106,7 +106,9 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     if not base:
         model = runs.attach_saved_adapter(model, adapter)
     # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).
-    models.check_token_ids(tokenizer.get_vocab(), models.embedding_rows(model),
-                           models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
+    rows = models.embedding_rows(model)
+    if rows is not None:
+        models.check_token_ids(tokenizer.get_vocab(), rows,
+                               models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
     result = score(model, tokenizer, examples, recipe.eval, device, reporter)
     return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

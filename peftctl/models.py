@@ -410,13 +410,20 @@ def check_token_ids(vocab: dict[str, int], rows: int, where: str) -> None:
     )
 
 
-def embedding_rows(model) -> int:
+def embedding_rows(model) -> int | None:
     """The token ids a model takes and predicts: its input embeddings' rows (and its output head's,
-    when that has fewer). Works on the meta device too."""
-    rows = model.get_input_embeddings().num_embeddings
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return min(rows, weight.shape[0]) if weight is not None else rows
+    when that has fewer); None for a model that does not say. Works on the meta device too."""
+    counts = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            weight = getattr(getattr(model, getter)(), "weight", None)
+        except (AttributeError, NotImplementedError):
+            weight = None
+        if weight is not None and weight.dim() == 2:
+            counts.append(int(weight.shape[0]))
+        elif getter == "get_input_embeddings":
+            return None
+    return min(counts)
 
 
 def tokenizer_name(spec) -> str:
@@ -426,7 +433,9 @@ def tokenizer_name(spec) -> str:
 
 def check_tokenizer_fits(tokenizer, model, spec) -> None:
     """`check_token_ids` for a recipe's tokenizer against its (loaded or meta-device) model."""
-    check_token_ids(tokenizer.get_vocab(), embedding_rows(model), tokenizer_name(spec))
+    rows = embedding_rows(model)
+    if rows is not None:
+        check_token_ids(tokenizer.get_vocab(), rows, tokenizer_name(spec))
 
 
 def vocabulary_from_files(spec, source: ModelSource) -> tuple[dict[str, int], int] | None:

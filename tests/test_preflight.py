@@ -96,6 +96,8 @@ def test_train_and_dry_run_refuse_alike_and_train_writes_nothing(make_recipe, tm
             checked = run("validate", recipe, code=validate_code)
             if validate_code == 2:
                 assert message in checked.stderr, (name, checked.stderr)
+        if message.startswith("adapter: "):  # inspect builds the same meta-device model
+            assert _error(run("inspect", recipe, code=2)) == _error(real), name
 
 
 def test_eval_refuses_a_tokenizer_that_outgrew_the_model(make_recipe, outgrown_model_dir):
