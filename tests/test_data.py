@@ -424,6 +424,11 @@ CALL = [{"name": "add", "arguments": {"a": 1}}]
     ([USER, {"role": "assistant", "content": "", "tool_calls": CALL}], TOOL_TEMPLATE, '<call>add({"a": 1})</call>'),
     ([USER, {"role": "assistant", "content": "a"}, USER, {"role": "assistant", "content": "b", "reasoning_content": "r2"}],
      REASONING_TEMPLATE, "<think>r2</think>b"),
+    # a tool result written as a JSON string (Llama 3.1's template pipes tool content through tojson)
+    ([USER, {"role": "tool", "content": '{"t": "20 °C"}'}, {"role": "assistant", "content": "yo"}],
+     "{% for m in messages %}{{ m.role }}: {% if m.role == 'tool' %}{{ m.content | tojson }}{% else %}"
+     "{{ m.content }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+     'tool: "{\\"t\\": \\"20 °C\\"}"'),
     # null and empty values carry nothing (datasets fills missing keys with null)
     ([{**USER, "name": None, "tool_calls": []}, {"role": "assistant", "content": "yo"}], None, "assistant\nyo"),
 ])

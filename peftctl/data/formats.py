@@ -17,6 +17,7 @@ Pure Python (no torch, no numpy): the recipe schema imports FORMAT_FIELDS from h
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,7 +287,8 @@ class Formatter:
         the very same text. An empty value ("", [], {}) carries nothing and is not checked."""
         for i, m in enumerate(messages):
             content = m["content"].strip()
-            if content and content not in text:
+            # As written, or as a JSON string (Llama 3.1's template writes tool results with tojson).
+            if content and content not in text and json.dumps(content, ensure_ascii=False)[1:-1] not in text:
                 raise RowError(
                     f"{wheres[i]}: the chat template leaves out this {m['role']} message's content, so the "
                     "row would be trained without it; use a template that renders it (data.chat_template)"
