@@ -73,10 +73,10 @@ def _cases(outgrown, pickle_only, weightless, tmp_path):
         ("packing with an attention that cannot keep examples apart",
          {"model": {"attn_implementation": "flex_attention"}, "data": {"packing": True}}, 0,
          "data.packing: the attention implementation 'flex_attention' is not supported with packing"),
-        ("pickle-only weights", {"model": {"name_or_path": str(pickle_only)}}, None,
+        ("pickle-only weights", {"model": {"name_or_path": str(pickle_only)}}, 2,
          f"model {pickle_only}: only pickle weights (pytorch_model.bin)"),
-        ("no weights", {"model": {"name_or_path": str(weightless)}}, None,
-         f"model {weightless}: no weights in this folder"),
+        ("no weights", {"model": {"name_or_path": str(weightless)}}, 2,
+         f"model {weightless}: no weights (model.safetensors or model-*-of-*.safetensors)"),
         ("a message key the template ignores", {"data": {"train": str(weighted), "eval": None}}, 0,
          f"{weighted} row 1: messages[1].weight: the chat template ignores this key"),
     ]
