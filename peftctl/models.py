@@ -8,17 +8,18 @@ built under a temporary name and renamed, so an interrupted conversion leaves no
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
+from peftctl.fsio import temp_dir
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,11 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
 
     _quiet_transformers()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_dir(final.parent, final.name)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _reading_gguf(gguf):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -283,6 +285,94 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
         )
 
 
+# Files that hold a tokenizer (fast: tokenizer.json; slow: a vocabulary or a SentencePiece model);
+# JSON ones among them are checked one by one when a tokenizer fails to load, to name the bad one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+
+
+def check_model_folder(source: ModelSource, weights: bool = True) -> None:
+    """Check a local model folder's files without loading any weights: config.json is a JSON object,
+    and (`weights`) every safetensors file it loads from is complete (its header is read; the
+    shards an index names must be plain file names in the folder). An empty folder, a missing or bad
+    file is an input error naming it (`BadFileError`). Other sources pass unchecked."""
+    from peftctl.userfiles import BadFileError, read_json, reading, safetensors_keys
+
+    if source.kind == "gguf":
+        path = Path(source.path) / str(source.gguf_file)
+        with reading(path, "a GGUF file"), open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError("it does not start with the GGUF magic bytes")
+        return
+    if source.kind != "folder":
+        return
+    folder = Path(source.path)
+    if not any(folder.iterdir()):
+        raise InputError(f"model {folder}: the folder is empty (a model folder holds config.json and the weights)")
+    read_json(folder / "config.json", "a model config")
+    if not weights:
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise BadFileError(index, "not a safetensors index: weight_map must map tensor names to file names")
+        shards = sorted(set(weight_map.values()))
+        outside = [f for f in shards if Path(f).name != f or f in ("", ".", "..")]
+        if outside:
+            raise BadFileError(index, f"names a weights file outside the model folder ({outside[0]!r})")
+        files = [folder / f for f in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for path in files:
+        safetensors_keys(path)
+
+
+# What transformers' GGUF reader raises for a damaged or unsupported file (bytes that do not decode,
+# arrays that do not reshape, unknown architectures); other failures (memory, devices) pass.
+_GGUF_ERRORS = (ValueError, KeyError, IndexError, TypeError, EOFError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def _reading_gguf(path: Path | None):
+    """Errors transformers' GGUF reader raises for `path` (None: not a GGUF source) become an input
+    error naming the file."""
+    from peftctl.errors import PeftctlError
+    from peftctl.userfiles import BadFileError
+
+    if path is None:
+        yield
+        return
+    try:
+        yield
+    except PeftctlError:
+        raise
+    except _GGUF_ERRORS as e:
+        if "trust_remote_code" in str(e):
+            raise
+        first = (str(e).splitlines() or [""])[0].strip() or type(e).__name__
+        raise BadFileError(path, f"not a GGUF model transformers can read ({first})") from None
+
+
+def _gguf_path(source: ModelSource) -> Path | None:
+    return Path(source.path) / source.gguf_file if source.kind == "gguf" and source.gguf_file else None
+
+
+def _tokenizer_failure(where: str, err: Exception) -> InputError:
+    """A local tokenizer that failed to load: the bad file when one is (JSON that does not parse),
+    else the loader's own first line."""
+    from peftctl.userfiles import read_json
+
+    folder = Path(where)
+    for name in _TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, "a tokenizer file (JSON)", expect=None)
+    first = (str(err).splitlines() or [""])[0].strip() or type(err).__name__
+    return InputError(f"tokenizer {where}: cannot load it ({first})")
+
+
 def load_tokenizer(spec, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
@@ -290,13 +380,27 @@ def load_tokenizer(spec, source: ModelSource | None = None):
         where, kw = spec.tokenizer, {"trust_remote_code": spec.trust_remote_code}
     else:
         source = source or resolve(spec.name_or_path, spec.cache_dir)
+        check_model_folder(source, weights=False)
         where, kw = source.path, _common_kwargs(spec, source)
+    local = Path(where).expanduser().is_dir() and (spec.tokenizer or source.kind == "folder")
+    if local and not any((Path(where).expanduser() / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{'tokenizer' if spec.tokenizer else 'model'} {where}: no tokenizer files here "
+            f"({', '.join(TOKENIZER_FILES[:5])}, ...); set model.tokenizer to a folder or hub id that has them"
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
+        with _reading_gguf(None if spec.tokenizer else _gguf_path(source)):
+            tok = AutoTokenizer.from_pretrained(where, **kw)
     except OSError as e:
         if not spec.tokenizer and source.kind == "hub":
             raise _hub_failure(where, e) from None
+        if local:
+            raise _tokenizer_failure(where, e) from None
         raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types for bad files
+        if not local or "trust_remote_code" in str(e):
+            raise
+        raise _tokenizer_failure(where, e) from None
     if tok.pad_token is None:
         # Padding positions never carry loss or attention, so any token id serves.
         tok.pad_token = tok.eos_token
@@ -307,8 +411,10 @@ def load_config(spec, source: ModelSource | None = None):
     from transformers import AutoConfig
 
     source = source or resolve(spec.name_or_path, spec.cache_dir)
+    check_model_folder(source, weights=False)
     try:
-        return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
+        with _reading_gguf(_gguf_path(source)):
+            return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
@@ -331,6 +437,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if quantized and source.kind == "gguf":
         source = gguf_folder(source, spec.cache_dir)
     _check_weights_format(source, spec.allow_pickle)
+    check_model_folder(source)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
     if quantized:
@@ -346,7 +453,8 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if device_map is not None:
         kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+        with _reading_gguf(_gguf_path(source)):
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
@@ -366,6 +474,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
 def load(spec, *, dtype=None, device_map: Any = None):
     """(model, tokenizer) for a recipe's model section."""
     source = resolve(spec.name_or_path, spec.cache_dir)
+    check_model_folder(source)  # the folder's own files first: an empty folder is said as such
     tok = load_tokenizer(spec, source)
     model = load_model(spec, source, dtype=dtype, device_map=device_map)
     return model, tok
