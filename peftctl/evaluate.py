@@ -85,6 +85,8 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     from peftctl.adapters.io import has_adapter
 
     reporter = reporter or Reporter()
+    if recipe.data.eval is None and recipe.data.eval_split is None:  # before anything loads
+        raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
     if not base and adapter is None:
         adapter = recipe.output.dir
         if not has_adapter(adapter):
@@ -92,7 +94,7 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
                 f"no adapter in {adapter} (the recipe's output.dir); pass --adapter RUN_DIR, or --base"
             )
     # The base model's files before the data is read (a truncated weights file is an error now).
-    models.check_model_folder(models.resolve(recipe.model.name_or_path, recipe.model.cache_dir))
+    models.check_model_files(recipe.model, models.resolve(recipe.model.name_or_path, recipe.model.cache_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if base:
         tokenizer = models.load_tokenizer(recipe.model)

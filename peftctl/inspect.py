@@ -23,7 +23,7 @@ def meta_model(recipe):
     from peftctl.adapters import attach
 
     source = models.resolve(recipe.model.name_or_path, recipe.model.cache_dir, convert=False)
-    models.check_model_folder(source)  # headers only: a truncated weights file shows before a real run
+    models.check_model_files(recipe.model, source)  # headers only: a truncated weights file shows before a real run
     config = models.load_config(recipe.model, source)
     dtype = models.resolve_dtype(recipe.model.dtype)
     with torch.device("meta"):
@@ -33,7 +33,7 @@ def meta_model(recipe):
     try:
         return attach(model, recipe.adapter), config, dtype
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
 
 def inspect_recipe(recipe, workload=None) -> dict[str, Any]:

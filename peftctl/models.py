@@ -285,49 +285,143 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
         )
 
 
-# Files that hold a tokenizer (fast: tokenizer.json; slow: a vocabulary or a SentencePiece model);
-# JSON ones among them are checked one by one when a tokenizer fails to load, to name the bad one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+def _remote_code_refused(where: str) -> InputError:
+    return InputError(
+        f"model {where} needs its own code to run (its config's auto_map names Python files in the model); "
+        "set model.trust_remote_code: true if you trust that code"
+    )
+
+
+def check_remote_code(spec, source: ModelSource) -> None:
+    """The one check that a local model needs no code of its own, unless `model.trust_remote_code`.
+
+    A folder whose config.json has an `auto_map` and a `model_type` transformers does not know can
+    only be built by running the folder's Python files: an input error (exit 2) naming the folder,
+    before anything loads. (With a known model_type, transformers uses its own classes and runs
+    none.) A hub model's config is not read here: its loaders' refusal is turned into the same error.
+    """
+    from peftctl.userfiles import read_json
+
+    if spec.trust_remote_code or source.kind != "folder":
+        return
+    path = Path(source.path) / "config.json"
+    if not path.is_file():
+        return
+    config = read_json(path, "a model config (JSON)")
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise _remote_code_refused(source.description)
+
+
+def _is_remote_code_refusal(err: Exception) -> bool:
+    return isinstance(err, ValueError) and ("trust_remote_code" in str(err) or "custom code" in str(err))
+
+
+# ---- a local model's files, checked without loading them (validate, and before every load) -------
+
+# Files one of which a transformers tokenizer is built from (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+# JSON files of a tokenizer folder, checked one by one when a tokenizer fails to load, to name the bad one.
 _TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def check_model_folder(source: ModelSource, weights: bool = True) -> None:
-    """Check a local model folder's files without loading any weights: config.json is a JSON object,
-    and (`weights`) every safetensors file it loads from is complete (its header is read; the
-    shards an index names must be plain file names in the folder). An empty folder, a missing or bad
-    file is an input error naming it (`BadFileError`). Other sources pass unchecked."""
-    from peftctl.userfiles import BadFileError, read_json, reading, safetensors_keys
+def _model_file_errors(spec, source: ModelSource, weights: bool = True):
+    """Yield an InputError for each thing wrong with a local model (a folder or a GGUF file), read
+    without loading any weights: a config.json that is missing or not a JSON object, code it needs
+    (model.trust_remote_code), and with `weights`: a shard index that names files missing or outside
+    the folder, safetensors files whose header cannot be read (truncated, not safetensors), pickle
+    weights only (model.allow_pickle), no weights at all. A GGUF file must start with GGUF."""
+    from peftctl.userfiles import BadFileError, check_readable, read_json, safetensors_keys
 
     if source.kind == "gguf":
         path = Path(source.path) / str(source.gguf_file)
-        with reading(path, "a GGUF file"), open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError("it does not start with the GGUF magic bytes")
+        try:
+            check_readable(path, "a GGUF file")
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except (BadFileError, OSError) as e:
+            yield e if isinstance(e, InputError) else BadFileError(path, f"not readable ({e})")
+            return
+        if magic != b"GGUF":
+            yield BadFileError(path, "not a GGUF file (it does not start with GGUF)")
         return
     if source.kind != "folder":
         return
     folder = Path(source.path)
-    if not any(folder.iterdir()):
-        raise InputError(f"model {folder}: the folder is empty (a model folder holds config.json and the weights)")
-    read_json(folder / "config.json", "a model config")
+    try:
+        read_json(folder / "config.json", "a model config (JSON)")
+        check_remote_code(spec, source)
+    except InputError as e:
+        yield e
     if not weights:
         return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index, "a safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise BadFileError(index, "not a safetensors index: weight_map must map tensor names to file names")
-        shards = sorted(set(weight_map.values()))
-        outside = [f for f in shards if Path(f).name != f or f in ("", ".", "..")]
-        if outside:
-            raise BadFileError(index, f"names a weights file outside the model folder ({outside[0]!r})")
-        files = [folder / f for f in shards]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    for path in files:
-        safetensors_keys(path)
+    index = folder / SAFETENSORS_INDEX
+    shards = sorted(folder.glob("*.safetensors"))
+    try:
+        if index.exists():
+            weight_map = read_json(index, "a safetensors index (JSON)").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise BadFileError(index, "not a safetensors index (no weight_map of tensor names to file names)")
+            named = sorted(set(weight_map.values()))
+            outside = [f for f in named if Path(f).name != f or f in ("", ".", "..")]
+            if outside:  # names are never used as paths
+                raise BadFileError(index, f"names a weights file outside the model folder ({outside[0]!r})")
+            missing = [f for f in named if not (folder / f).is_file()]
+            if missing:
+                raise BadFileError(index, f"names shard(s) missing from the folder: {', '.join(missing[:3])}")
+        for shard in shards:
+            safetensors_keys(shard)  # the header only
+        _check_weights_format(source, spec.allow_pickle)
+    except InputError as e:
+        yield e
+        return
+    if not shards and not (spec.allow_pickle and any(folder.glob(p) for p in ("*.bin", "*.pt"))):
+        yield InputError(f"model {folder}: no weights (model.safetensors or model-*-of-*.safetensors)"
+                         + (" nor pickle weights (*.bin)" if spec.allow_pickle else ""))
+
+
+def model_file_problems(spec, source: ModelSource, weights: bool = True) -> list[str]:
+    """Every problem `_model_file_errors` finds, as messages (validate reports them all at once)."""
+    return [str(e) for e in _model_file_errors(spec, source, weights)]
+
+
+def check_model_files(spec, source: ModelSource, weights: bool = True) -> None:
+    """Raise the first problem with a local model's files (an InputError naming the file): called
+    before anything loads, so a truncated weights file is a clear error, not a library's exception."""
+    for e in _model_file_errors(spec, source, weights):
+        raise e
+
+
+def _tokenizer_file_errors(folder: Path, source: ModelSource | None = None):
+    """Yield an InputError for what is wrong with a tokenizer folder, read without building the
+    tokenizer: no tokenizer file, a tokenizer_config.json that is not JSON, an unreadable file. A GGUF
+    model carries its tokenizer."""
+    from peftctl.userfiles import check_readable, read_json
+
+    if source is not None and source.kind == "gguf":
+        return
+    try:
+        if (folder / "tokenizer_config.json").exists():
+            read_json(folder / "tokenizer_config.json", "a tokenizer config (JSON)")
+        present = [folder / n for n in TOKENIZER_FILES if (folder / n).exists()]
+        if not present:
+            yield InputError(f"tokenizer {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set "
+                             "model.tokenizer to a folder that has them")
+            return
+        for path in present:
+            check_readable(path, "a tokenizer file")
+    except InputError as e:
+        yield e
+
+
+def tokenizer_file_problems(folder: Path, source: ModelSource | None = None) -> list[str]:
+    return [str(e) for e in _tokenizer_file_errors(folder, source)]
 
 
 # What transformers' GGUF reader raises for a damaged or unsupported file (bytes that do not decode,
@@ -350,7 +444,7 @@ def _reading_gguf(path: Path | None):
     except PeftctlError:
         raise
     except _GGUF_ERRORS as e:
-        if "trust_remote_code" in str(e):
+        if _is_remote_code_refusal(e):
             raise
         first = (str(e).splitlines() or [""])[0].strip() or type(e).__name__
         raise BadFileError(path, f"not a GGUF model transformers can read ({first})") from None
@@ -380,14 +474,12 @@ def load_tokenizer(spec, source: ModelSource | None = None):
         where, kw = spec.tokenizer, {"trust_remote_code": spec.trust_remote_code}
     else:
         source = source or resolve(spec.name_or_path, spec.cache_dir)
-        check_model_folder(source, weights=False)
+        check_model_files(spec, source, weights=False)
         where, kw = source.path, _common_kwargs(spec, source)
     local = Path(where).expanduser().is_dir() and (spec.tokenizer or source.kind == "folder")
-    if local and not any((Path(where).expanduser() / name).is_file() for name in TOKENIZER_FILES):
-        raise InputError(
-            f"{'tokenizer' if spec.tokenizer else 'model'} {where}: no tokenizer files here "
-            f"({', '.join(TOKENIZER_FILES[:5])}, ...); set model.tokenizer to a folder or hub id that has them"
-        )
+    if local:
+        for e in _tokenizer_file_errors(Path(where).expanduser()):
+            raise e
     try:
         with _reading_gguf(None if spec.tokenizer else _gguf_path(source)):
             tok = AutoTokenizer.from_pretrained(where, **kw)
@@ -398,7 +490,9 @@ def load_tokenizer(spec, source: ModelSource | None = None):
             raise _tokenizer_failure(where, e) from None
         raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types for bad files
-        if not local or "trust_remote_code" in str(e):
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(where) from None
+        if not local:
             raise
         raise _tokenizer_failure(where, e) from None
     if tok.pad_token is None:
@@ -411,7 +505,7 @@ def load_config(spec, source: ModelSource | None = None):
     from transformers import AutoConfig
 
     source = source or resolve(spec.name_or_path, spec.cache_dir)
-    check_model_folder(source, weights=False)
+    check_model_files(spec, source, weights=False)  # config.json, and no code of its own
     try:
         with _reading_gguf(_gguf_path(source)):
             return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
@@ -419,6 +513,10 @@ def load_config(spec, source: ModelSource | None = None):
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
+        raise
 
 
 def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_map: Any = None):
@@ -436,8 +534,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     quantized = spec.quantization is not None
     if quantized and source.kind == "gguf":
         source = gguf_folder(source, spec.cache_dir)
-    _check_weights_format(source, spec.allow_pickle)
-    check_model_folder(source)
+    check_model_files(spec, source)  # config, remote code, weights (headers, pickle rule)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
     if quantized:
@@ -460,11 +557,8 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise InputError(
-                f"model {source.description} needs its own code to run; set model.trust_remote_code: "
-                "true if you trust it"
-            ) from None
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
         raise RuntimeFailure(f"model {source.description}: {e}") from e
     if source.kind == "gguf":
         _strip_gguf_quantizer(model)
@@ -474,7 +568,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
 def load(spec, *, dtype=None, device_map: Any = None):
     """(model, tokenizer) for a recipe's model section."""
     source = resolve(spec.name_or_path, spec.cache_dir)
-    check_model_folder(source)  # the folder's own files first: an empty folder is said as such
+    check_model_files(spec, source)  # the model's own files first, then its tokenizer
     tok = load_tokenizer(spec, source)
     model = load_model(spec, source, dtype=dtype, device_map=device_map)
     return model, tok

@@ -150,7 +150,7 @@ def _damage_model(folder: Path, kind: str) -> Path | str:
     if kind == "empty":
         for p in folder.iterdir():
             p.unlink()
-        return f"model {folder}: the folder is empty"
+        return folder / "config.json"
     if kind == "truncated_weights":
         w = folder / "model.safetensors"
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
@@ -167,7 +167,7 @@ def _damage_model(folder: Path, kind: str) -> Path | str:
     if kind == "no_tokenizer":
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (folder / name).unlink()
-        return f"model {folder}: no tokenizer files here"
+        return f"tokenizer {folder}: no tokenizer files"
     if kind == "tokenizer_not_json":
         (folder / "tokenizer.json").write_text('{"version": ')
         return folder / "tokenizer.json"

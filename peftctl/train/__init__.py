@@ -96,7 +96,7 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     try:
         peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
     return peft_model, tokenizer
 
 
@@ -236,8 +236,8 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
+    ckpt = find_resume_checkpoint(resume, run.path)  # --resume is checked before any data is read
     hashes = data_hashes(recipe.data)
-    ckpt = find_resume_checkpoint(resume, run.path)
     if ckpt is not None:
         check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
     trackers.check_installed(recipe.tracking)
