@@ -48,7 +48,8 @@ def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Run the body that parses `path`; any failure becomes `BadFileError` naming it.
 
     `what` says what the file should be ("an adapter config", "a safetensors file"). Errors that
-    are already peftctl's pass through unchanged; so do `KeyboardInterrupt` and `MemoryError`.
+    are already peftctl's pass through unchanged; so do `KeyboardInterrupt`, `MemoryError` and
+    torch's `OutOfMemoryError` (the machine's limits, not the file's fault).
     """
     from peftctl.errors import PeftctlError
 
@@ -65,6 +66,8 @@ def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - every parser's own exception type ends here
+        if type(e).__name__ == "OutOfMemoryError":  # torch's (a RuntimeError): the machine, not the file
+            raise
         raise BadFileError(path, f"not {what} ({_reason(e)})") from e
 
 

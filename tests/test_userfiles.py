@@ -424,3 +424,16 @@ def test_temporaries_of_killed_processes_are_removed_by_the_next_run(trained, tm
     stale = _killed_mid_build(cache, "0123abcd")
     run(*_commands(trained, cache)["prepare"])
     assert not stale.exists() and any(p.name != stale.name for p in cache.iterdir())
+
+
+def test_reading_blames_the_file_but_not_for_the_machines_limits(tmp_path):
+    import torch
+
+    from peftctl.userfiles import BadFileError, reading
+
+    with pytest.raises(BadFileError, match=r"x\.bin: not a thing \(boom\)"), reading(tmp_path / "x.bin", "a thing"):
+        raise RuntimeError("boom")
+    with pytest.raises(torch.OutOfMemoryError), reading(tmp_path / "x.bin", "a thing"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(MemoryError), reading(tmp_path / "x.bin", "a thing"):
+        raise MemoryError()
