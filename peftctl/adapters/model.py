@@ -26,6 +26,7 @@ from peftctl.adapters.matching import (
 )
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
+from peftctl.bnb import keep_plain_layout
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
@@ -45,6 +46,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject_adapter(adapter_name, config, loading=loading)
