@@ -93,6 +93,8 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
             raise InputError(
                 f"no adapter in {adapter} (the recipe's output.dir); pass --adapter RUN_DIR, or --base"
             )
+    # The base model's files before the data is read (a truncated weights file is an error now).
+    models.check_model_files(recipe.model, models.resolve(recipe.model.name_or_path, recipe.model.cache_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if base:
         tokenizer = models.load_tokenizer(recipe.model)

@@ -2,13 +2,25 @@
 
 Every file is written to a temporary name in the same folder and renamed into place; folders are
 built under a temporary name and renamed whole.
+
+Temporary folders (`temp_dir`: the one place every atomic folder builder gets them) are named
+`.NAME.PID@HOST.XXXX.tmp`: the process that made them and a hash of the machine's name. A process
+killed mid-build (SIGKILL, power loss) cannot remove its own; the next `temp_dir` in the same folder
+removes every such folder whose process, on this machine, no longer runs. Folders of live processes,
+of other machines (a shared file system) and names peftctl did not make are never touched.
+
+Output paths are checked before any work (`check_output_dir`): a path below a regular file or a
+dangling symbolic link is an input error naming it; a symbolic link to an empty folder is that folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,14 +63,84 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# .NAME.PID@HOST.XXXXXXXX<suffix>, as temp_dir names them (mkdtemp's part: letters, digits, "_").
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[0-9a-f]{8})\.[a-z0-9_]+\.[a-z]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temporaries(parent: str | os.PathLike) -> list[str]:
+    """Remove the temporary folders (and files) `temp_dir` made in `parent` for processes of this
+    machine that no longer run. Returns their names."""
+    parent = Path(parent)
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m["host"] != _HOST or _pid_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry.name)
+    return removed
+
+
+def temp_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
+    """A new hidden folder `.NAME.PID@HOST.XXXX<suffix>` in `parent`, to be renamed into place as
+    NAME; the stale ones of dead processes in `parent` are removed first. `suffix` is a dot and
+    lowercase letters."""
+    parent = Path(parent)
+    clean_stale_temporaries(parent)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.{os.getpid()}@{_HOST}.", suffix=suffix))
+
+
+def _link_target(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink(path)
+    return "?"
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that `path` can be an output folder: it is a folder or does not exist,
+    no folder above it is a regular file, and neither it nor a folder above it is a symbolic link to
+    nothing. An input error naming the path and the culprit otherwise. A link to a folder is fine."""
+    path = Path(path)
+    for p in (path, *path.absolute().parents):
+        if p.is_symlink() and not p.exists():
+            which = "" if p == path else f": {p}"
+            raise InputError(f"{what} {path}{which} is a symbolic link to {_link_target(p)}, which does not exist; "
+                             "create that folder or give another path")
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{what} {path} exists and is not a folder" if p == path else
+                                 f"{what} {path}: {p} is a file, not a folder")
+            break
+    return path
+
+
 def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
 def refuse_nonempty(path: Path, what: str = "output folder", hint: str = "choose another or remove it") -> None:
-    """Refuse to write into a folder that holds anything: nothing the user had is overwritten."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path} exists and is not a folder")
+    """Refuse to write into a folder that holds anything: nothing the user had is overwritten
+    (and any path `check_output_dir` refuses)."""
+    check_output_dir(path, what)
     if is_nonempty_dir(path):
         raise InputError(f"{what} {path} is not empty; {hint}")
 
@@ -67,12 +149,15 @@ def refuse_nonempty(path: Path, what: str = "output folder", hint: str = "choose
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temporary name beside `path`, then rename it into place.
 
-    `path` must not exist or be an empty folder (checked before and again at the rename).
+    `path` must not exist or be an empty folder (checked before and again at the rename). A
+    symbolic link to an empty folder is that folder: the folder is replaced, the link kept.
     """
     path = Path(path)
     refuse_nonempty(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = temp_dir(path.parent, path.name)
     try:
         yield tmp
         if path.is_dir():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, PeftctlError, RuntimeFailure
-from peftctl.fsio import atomic_write_text, is_nonempty_dir, refuse_nonempty
+from peftctl.fsio import atomic_write_text, check_output_dir, is_nonempty_dir, refuse_nonempty
 from peftctl.ui import Reporter
 
 
@@ -147,6 +147,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint to continue from (None: start fresh), or an input error saying why not."""
     from peftctl.train import checkpoint
 
+    check_output_dir(run_dir, "output.dir")
     if resume is None:
         refuse_nonempty(run_dir, "output.dir", hint="resume it with --resume auto, choose another "
                         "(--set output.dir=...) or remove it")
@@ -167,12 +168,9 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str], reporter: Reporter) -> None:
-    import yaml
-
     from peftctl.train import checkpoint
 
-    state = checkpoint.read_state(ckpt)
-    saved = yaml.safe_load((ckpt / "recipe.yaml").read_text(encoding="utf-8"))
+    state, saved = checkpoint.check(ckpt)  # every file it holds, before anything loads
     refusals, notes = checkpoint.compare(saved, recipe_dump, state.data_sha256, hashes)
     if refusals:
         raise InputError(f"cannot resume from {ckpt}: the recipe changed in ways that make it another run:\n"

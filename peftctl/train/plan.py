@@ -56,7 +56,6 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, Reporter())
     trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
-    models.check_weights(recipe.model)  # what loading them would refuse
     # The model on the meta device, with the adapter attached; then what train checks of it.
     built = meta_model(recipe)
     check_model(recipe, built[0], tokenizer)
