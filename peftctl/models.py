@@ -13,12 +13,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
+from peftctl.fsio import temp_dir
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
 
     _quiet_transformers()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_dir(final.parent, final.name)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_write_text
+from peftctl.fsio import atomic_write_text, temp_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -41,6 +40,7 @@ class TrainState:
     tokens_seen: int = 0
     loss_tokens_seen: int = 0
     skipped_steps: int = 0
+    collapsed_steps: int = 0  # consecutive steps with the signature of a collapsed model (loop.py)
     last_loss: float | None = None
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -219,17 +219,17 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(payload.step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_dir(root, final.name)
     try:
         if payload.adapter is None:
             peft_model.save_pretrained(tmp)
         else:
             save_adapter(peft_model, payload.adapter, tmp)
-        torch.save(payload.optimizer, tmp / "optimizer.pt")
-        torch.save(payload.scheduler, tmp / "scheduler.pt")
+        _save(payload.optimizer, tmp / "optimizer.pt")
+        _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
-            torch.save(payload.scaler, tmp / "scaler.pt")
-        torch.save(payload.rng, tmp / "rng_state.pt")
+            _save(payload.scaler, tmp / "scaler.pt")
+        _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a trainer_state.json is complete.
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
@@ -247,6 +247,13 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
             shutil.rmtree(tmp, ignore_errors=True)
     prune(run_dir, keep, payload.state.best_step)
     return final
+
+
+def _save(obj: Any, path: Path) -> None:
+    # Through a Python file object: a failed write then carries its OSError (a full disk, the
+    # file-size limit) as the context of torch's "unexpected pos" error (fsio.disk_full_reason).
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(path: Path) -> None:
