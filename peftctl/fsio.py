@@ -49,6 +49,17 @@ def temp_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path
     return tmp
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file, or a folder and everything in it, the mode the user's umask gives new files and
+    folders: some writers make theirs private (safetensors writes 0600 files, by a temporary file of
+    its own). Only for what peftctl has just written."""
+    path = Path(path)
+    mask = umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def disk_full_reason(exc: BaseException) -> str | None:
     """Why a write failed, when `exc` or an exception behind it says the disk is full (ENOSPC), a
     quota is used up (EDQUOT) or a file outgrew the size limit (EFBIG); else None. Recognises
@@ -104,6 +115,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask(tmp)  # the writer may have replaced the file with a private one of its own
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -134,6 +146,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_dir(path.parent, path.name)
     try:
         yield tmp
+        apply_umask(tmp)
         if path.is_dir():
             path.rmdir()  # empty (checked above); fails loudly if something appeared meanwhile
         os.replace(tmp, path)

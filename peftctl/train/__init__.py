@@ -35,15 +35,20 @@ def _entries(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
 
 
+def refuse_in_use(path: Path) -> None:
+    """Refuse a folder whose lock another process holds (a run in progress: its files are not final)."""
+    holder = RunLock.holder(path)
+    if holder is not None:
+        raise InputError(f"output.dir {path} is in use by another peftctl train (pid {holder}); "
+                         "wait for it to end, or stop it, before starting another run there")
+
+
 def _refuse_used(path: Path, hint: str) -> None:
     """Refuse a folder that holds anything: nothing the user had is overwritten."""
     if path.exists() and not path.is_dir():
         raise InputError(f"output.dir {path} exists and is not a folder")
     if _entries(path):
-        holder = RunLock.holder(path)
-        if holder is not None:
-            raise InputError(f"output.dir {path} is in use by another peftctl train (pid {holder}); "
-                             "wait for it to end, or stop it, before starting another run there")
+        refuse_in_use(path)
         raise InputError(f"output.dir {path} is not empty; {hint}")
 
 
@@ -412,6 +417,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
     hashes = data_hashes(recipe.data)
+    refuse_in_use(run.path)  # before anything is read: a run in progress has not said how it ends
     ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
     if finished is None and _entries(run.path):
         # A run continues (or starts again) here: the folder is locked before it is read again for
@@ -513,7 +519,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     def where_to_resume(before: int | None = None) -> str:
         if before is not None:  # the checkpoints written since step `before` hold the collapsed model
             good = [p for s, p in checkpoint.checkpoint_dirs(run.path) if s < before] if main else []
-            return f"last checkpoint before it {good[-1]}" if good else "no checkpoint before it is kept"
+            return f"last checkpoint before the collapse {good[-1]}" if good else \
+                "no checkpoint from before the collapse is left"
         if last_checkpoint[0] is None:
             return "no checkpoint was written"
         return f"last checkpoint {last_checkpoint[0]}"
@@ -548,7 +555,10 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                           f"{where_to_resume()}") from None
     except Diverged as e:
         summary.update(status="diverged", stop_reason=e.reason, error=str(e))
-        raise Diverged(e.step, f"{e.what}; {where_to_resume(e.since)}", e.reason, e.since) from None
+        # A collapse first seen at step `since` was made by the update of the step before: the
+        # checkpoints from that step on hold the collapsed model.
+        before = e.since - 1 if e.since is not None else None
+        raise Diverged(e.step, f"{e.what}; {where_to_resume(before)}", e.reason, e.since) from None
     except PeftctlError as e:
         if summary["status"] == "running":
             summary.update(status="failed", error=str(e))
@@ -561,7 +571,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         if reason is None:
             summary.update(status="failed", error=f"{type(e).__name__}: {e}")
             raise RuntimeFailure(f"training failed: {type(e).__name__}: {e}") from e
-        message = (f"training failed at step {state.step + 1}: {reason} (writing into {run.path}); "
+        message = (f"training failed after step {state.step}: {reason} (writing into {run.path}); "
                    f"{where_to_resume()}; make room and continue with --resume auto")
         summary.update(status="failed", error=message)
         raise RuntimeFailure(message) from None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_write_text, temp_dir
+from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -233,6 +233,7 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a trainer_state.json is complete.
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
+        apply_umask(tmp)
         _fsync_dir(tmp)
         if final.exists():  # the same step again (a resumed run that had already finished)
             old = root / f".{final.name}.old"

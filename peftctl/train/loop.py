@@ -273,15 +273,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if bad is None and step_tokens and vocab_size and looks_collapsed(grad_norm, step_loss / step_tokens, vocab_size):
+        if bad is None and step_tokens and vocab_size and looks_collapsed(grad_norm, step_loss / step_tokens,
+                                                                          vocab_size):
             state.collapsed_steps += 1
-            if state.collapsed_steps >= COLLAPSE_STEPS:
-                since = step - state.collapsed_steps + 1
-                raise Diverged(step, f"the model collapsed: since step {since} the gradient norm has been exactly 0 "
-                                     f"and the loss {step_loss / step_tokens:.4f} = ln({vocab_size}), every token "
-                                     f"equally likely, for {state.collapsed_steps} steps; the learning rate "
-                                     f"(train.lr {cfg.lr:g}) is most likely far too high",
-                               reason="collapsed", since=since)
         else:
             state.collapsed_steps = 0
 
@@ -318,14 +312,24 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         else:
             reporter.advance(step, {"loss": state.last_loss})
 
+        if state.collapsed_steps >= COLLAPSE_STEPS:  # the step is done and logged; the run ends here
+            since = step - state.collapsed_steps + 1
+            raise Diverged(step, f"since step {since} the gradient norm has been exactly 0 and the loss "
+                                 f"{step_loss / step_tokens:.4f} = ln({vocab_size}) (every token equally likely): "
+                                 f"the model collapsed; the learning rate (train.lr {cfg.lr:g}) is most likely "
+                                 "far too high", reason="collapsed", since=since)
+
         improved = False
         if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
             improved = run_eval(step)
         patience_out = (cfg.early_stopping_patience is not None
                         and state.evals_since_best >= cfg.early_stopping_patience)
         state.train_time_s = time_before + time.perf_counter() - start
-        if ((cfg.save_every is not None and (step % cfg.save_every == 0 or step == steps))
-                or stopping or (improved and keep_best) or (patience_out and keep_best)):
+        # While the model looks collapsed no periodic checkpoint is written: pruning would otherwise
+        # delete the last good ones before the collapse is certain.
+        periodic = cfg.save_every is not None and (step % cfg.save_every == 0 or step == steps)
+        if ((periodic and not state.collapsed_steps) or stopping or (improved and keep_best)
+                or (patience_out and keep_best)):
             checkpoint(state)
         if stopping:
             reporter.stop()
