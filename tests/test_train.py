@@ -80,6 +80,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(make_recipe
     steps = [m["step"] for m in metrics(killed) if "loss" in m]
     assert steps == list(range(1, 41))
     assert losses(killed) == losses(whole)
+    assert [m["lr"] for m in metrics(killed) if "loss" in m] == [m["lr"] for m in metrics(whole) if "loss" in m]
     # keep_checkpoints: the last two (plus the best eval's), and no temporary folder left over
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     best = f"step-{summary(killed)['best_eval']['step']:06d}"

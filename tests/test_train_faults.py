@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from clirun import run, run_json
 
 from peftctl.fsio import disk_full_reason
@@ -423,6 +424,35 @@ def test_data_stream_draws_each_example_once_per_epoch_on_any_number_of_processe
                 assert b.loss_tokens == b.input_tokens == 0
     assert sorted(drawn) == sorted(list(range(3, 10)) * 2)
     assert count == micro_batches_between(7, 6, 0, 14) == 4  # 6 + 1 per epoch
+
+
+def test_two_processes_train_an_odd_epoch_as_one_process_does(tmp_path, tiny_model_dir):
+    """49 examples, one epoch, batch 2 on each of 2 processes: the last global micro-batch holds one
+    example, so the second process runs a stand-in of weight 0. Every example counts once: the
+    same losses and adapter as one process with batch 4 (float32 sums in another order: 1e-5)."""
+    from safetensors.torch import load_file
+    from tiny import recipe_text, write_chat_data
+
+    data = write_chat_data(tmp_path / "train49.jsonl", 49, seed=4)
+    train = {"max_steps": None, "epochs": 1, "scheduler": "constant", "save_every": None, "log_every": 1}
+    outs = {}
+    for world, batch in ((1, 4), (2, 2)):
+        outs[world] = out = tmp_path / f"w{world}"
+        recipe = tmp_path / f"w{world}.yaml"
+        recipe.write_text(recipe_text(tiny_model_dir, str(data), None, str(out), train={**train, "batch_size": batch}))
+        if world == 1:
+            s = run_json("train", recipe)
+        else:
+            p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2", "--json"],
+                               env={**os.environ}, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr[-3000:]
+            s = json.loads(p.stdout)
+        assert s["steps"] == 13 and s["epochs"] == 1.0 and s["examples_seen"] == 49
+    one, two = train_records(outs[1]), train_records(outs[2])
+    assert [m["loss_tokens"] for m in one] == [m["loss_tokens"] for m in two]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    a, b = (load_file(outs[w] / "adapter_model.safetensors") for w in (1, 2))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_resume_with_another_batch_geometry_trains_each_example_exactly_once(tmp_path, tiny_model_dir, monkeypatch):
