@@ -85,6 +85,8 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     from peftctl.adapters.io import has_adapter
 
     reporter = reporter or Reporter()
+    if recipe.data.eval is None and recipe.data.eval_split is None:  # before anything loads
+        raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
     if not base and adapter is None:
         adapter = recipe.output.dir
         if not has_adapter(adapter):

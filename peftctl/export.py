@@ -79,11 +79,15 @@ def model_card(run, summary: dict | None) -> str:
 
 
 def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None = None,
-           max_shard_size: str = "5GB", reporter: Reporter | None = None) -> dict[str, Any]:
+           max_shard_size: str | int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     from peftctl import runs
 
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if max_shard_size is not None and fmt != "merged":
+        raise InputError(f"--max-shard-size applies to --format merged, not {fmt}")
+    if dtype is not None and fmt == "peft":
+        raise InputError("--dtype applies to --format merged or gguf; --format peft copies the adapter as saved")
     if fmt == "merged":
         from peftctl.merge import merge_run
 

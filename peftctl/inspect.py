@@ -32,7 +32,7 @@ def meta_model(recipe):
     try:
         return attach(model, recipe.adapter), config, dtype
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
 
 def inspect_recipe(recipe, workload=None) -> dict[str, Any]:

@@ -284,6 +284,41 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
         )
 
 
+def _remote_code_refused(where: str) -> InputError:
+    return InputError(
+        f"model {where} needs its own code to run (its config's auto_map names Python files in the model); "
+        "set model.trust_remote_code: true if you trust that code"
+    )
+
+
+def check_remote_code(spec, source: ModelSource) -> None:
+    """The one check that a local model needs no code of its own, unless `model.trust_remote_code`.
+
+    A folder whose config.json has an `auto_map` and a `model_type` transformers does not know can
+    only be built by running the folder's Python files: an input error (exit 2) naming the folder,
+    before anything loads. (With a known model_type, transformers uses its own classes and runs
+    none.) A hub model's config is not read here: its loaders' refusal is turned into the same error.
+    """
+    from peftctl.userfiles import read_json
+
+    if spec.trust_remote_code or source.kind != "folder":
+        return
+    path = Path(source.path) / "config.json"
+    if not path.is_file():
+        return
+    config = read_json(path, "a model config (JSON)")
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise _remote_code_refused(source.description)
+
+
+def _is_remote_code_refusal(err: Exception) -> bool:
+    return isinstance(err, ValueError) and ("trust_remote_code" in str(err) or "custom code" in str(err))
+
+
 def load_tokenizer(spec, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
@@ -298,6 +333,10 @@ def load_tokenizer(spec, source: ModelSource | None = None):
         if not spec.tokenizer and source.kind == "hub":
             raise _hub_failure(where, e) from None
         raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(where) from None
+        raise
     if tok.pad_token is None:
         # Padding positions never carry loss or attention, so any token id serves.
         tok.pad_token = tok.eos_token
@@ -308,12 +347,17 @@ def load_config(spec, source: ModelSource | None = None):
     from transformers import AutoConfig
 
     source = source or resolve(spec.name_or_path, spec.cache_dir)
+    check_remote_code(spec, source)
     try:
         return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
+        raise
 
 
 def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_map: Any = None):
@@ -332,6 +376,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if quantized and source.kind == "gguf":
         source = gguf_folder(source, spec.cache_dir)
     _check_weights_format(source, spec.allow_pickle)
+    check_remote_code(spec, source)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
     if quantized:
@@ -353,11 +398,8 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise InputError(
-                f"model {source.description} needs its own code to run; set model.trust_remote_code: "
-                "true if you trust it"
-            ) from None
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
         raise RuntimeFailure(f"model {source.description}: {e}") from e
     if source.kind == "gguf":
         _strip_gguf_quantizer(model)

@@ -75,7 +75,7 @@ def test_merge_input_errors_exit_2(two_runs, tmp_path):
     r = run("merge", *two_runs, "--weights", "1", "-o", tmp_path / "x", code=2)
     assert "--weights has 1 values for 2 adapters" in r.stderr
     r = run("merge", *two_runs, "--combination", "ties", "-o", tmp_path / "x", code=2)
-    assert "needs a density" in r.stderr
+    assert "--combination ties needs --density" in r.stderr
     r = run("merge", two_runs[0], "--rank", "2", "-o", tmp_path / "x", code=2)
     assert "--adapter-only" in r.stderr
     assert not (tmp_path / "x").exists()

@@ -38,7 +38,8 @@ class PeftType(str, enum.Enum):
 class AdapterConfig(BaseModel):
     """Fields shared by all methods. Subclasses set `method` (a Literal) and `peft_type`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+    # No field takes inf or NaN (a scaling of inf would silently poison every output).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True, allow_inf_nan=False)
 
     # The PEFT `peft_type` string written to adapter_config.json (e.g. "LORA").
     peft_type: ClassVar[str]

@@ -135,6 +135,10 @@ def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, report
     implementation; packing shapes its batches for it.
     """
     reporter = reporter or Reporter()
+    # Every source is found, and its files checked readable, before any is read: a bad eval file
+    # stops the build before the training data is tokenized.
+    for s in [*cfg.train, *(cfg.eval or [])]:
+        sources.resolve(s.path, split=s.split, subset=s.subset, text_sample_by=cfg.text_sample_by)
     builder = _Builder(cfg, tokenizer, reporter)
     layout = layout_for(attention) if cfg.packing else None
     # Prompts (for scoring by generation) are kept for eval data only, which eval_split takes from train.

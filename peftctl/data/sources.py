@@ -147,16 +147,20 @@ def resolve(spec: str, *, split: str | None = None, subset: str | None = None,
                 f"data source {spec}: the folder holds no data files ({', '.join(READERS)}) and was "
                 "not written by datasets' save_to_disk"
             )
-        return Source(spec, "files", files, **kw)
+        return Source(spec, "files", [_check_file(p) for p in files], **kw)
     if looks_like_path(spec):
         raise InputError(f"data file {spec} not found")
     return Source(spec, "hub", **kw)
 
 
 def _check_file(path: Path) -> Path:
+    """A data file of a known type that can be opened (checked when it is found, so an unreadable
+    file stops `validate`, a dry run or a run before anything loads)."""
+    from peftctl.userfiles import check_readable
+
     if path.suffix.lower() not in READERS:
         raise InputError(f"data file {path}: unknown type {path.suffix!r}; use one of {', '.join(READERS)}")
-    return path
+    return check_readable(path, "a data file")
 
 
 def _hub_reachable() -> bool:

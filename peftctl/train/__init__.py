@@ -10,12 +10,14 @@ and logs; it holds the folder's lock (`lock.py`) while it does, so two runs neve
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import re
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +187,7 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     try:
         peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
     return peft_model, tokenizer
 
 
@@ -300,10 +302,11 @@ def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> s
     return f"it completed {steps} steps ({done / n:.4g} epochs)"
 
 
-def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: dict[str, str]):
+def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: Callable[[], dict[str, str]]):
     """(checkpoint to continue from or None, recipe changes allowed, why the run is finished or None).
 
-    Reads files only: an input error if the folder or checkpoint cannot be used."""
+    Reads files only: an input error if the folder or checkpoint cannot be used. `hashes` gives the
+    data's digests (`data_hashes`), called only when there is a checkpoint to compare them with."""
     from peftctl.train import checkpoint
 
     if resume == "auto" and checkpoint.latest(run_dir) is None and \
@@ -314,7 +317,7 @@ def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: dict[str
                              "unset), so it cannot train on; start a new run in another output.dir")
         return None, [], finished
     ckpt = find_resume_checkpoint(resume, run_dir)
-    notes = check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes) if ckpt is not None else []
+    notes = check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes()) if ckpt is not None else []
     return ckpt, notes, finished_run(resume, run_dir, run_recipe.train, ckpt)
 
 
@@ -416,8 +419,9 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
-    hashes = data_hashes(recipe.data)
     refuse_in_use(run.path)  # before anything is read: a run in progress has not said how it ends
+    # --resume is checked before any data is read (the data's digests only when a checkpoint needs them)
+    hashes = functools.cache(lambda: data_hashes(recipe.data))
     ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
     if finished is None and _entries(run.path):
         # A run continues (or starts again) here: the folder is locked before it is read again for
@@ -464,7 +468,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter)
         reporter.log(f"resuming from {ckpt} at step {state.step} of {steps}")
     else:
-        state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes)
+        state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes())
 
     recipe_yaml = run_recipe.to_yaml()
 

@@ -24,7 +24,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl.train.optim import warmup_steps
 
     cfg = recipe.train
-    ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe), data_hashes(recipe.data))
+    ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe),
+                                    lambda: data_hashes(recipe.data))
     trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed)
