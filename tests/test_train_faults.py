@@ -126,6 +126,8 @@ def test_a_second_train_on_a_folder_in_use_is_refused_naming_the_holder(make_rec
     assert f"output.dir {out} is in use by another peftctl train (pid {holder.pid})" in r.stderr
     r = run("train", recipe, code=2)  # without --resume: the same reason, not "not empty"
     assert f"(pid {holder.pid})" in r.stderr
+    r = run("train", recipe, "--resume", "auto", "--dry-run", code=2)  # the dry run refuses alike
+    assert f"(pid {holder.pid})" in r.stderr
     holder.send_signal(signal.SIGTERM)
     holder.communicate(timeout=120)
     assert holder.returncode == 143

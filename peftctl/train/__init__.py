@@ -423,7 +423,10 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     # --resume is checked before any data is read (the data's digests only when a checkpoint needs them)
     hashes = functools.cache(lambda: data_hashes(recipe.data))
     ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
-    if finished is None and _entries(run.path):
+    if finished is not None:
+        return already_finished(run.path, finished, reporter)
+    hashes()  # the data files found and read (digested) before the model loads
+    if _entries(run.path):
         # A run continues (or starts again) here: the folder is locked before it is read again for
         # good, so that two processes never pick the same checkpoint and write the same files.
         _on_main(accelerator, run.lock.acquire)

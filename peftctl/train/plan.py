@@ -19,11 +19,12 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import models
     from peftctl.inspect import inspect_recipe
     from peftctl.memory import Workload
-    from peftctl.train import checkpoint, data_hashes, resolved, resume_point, trackers
+    from peftctl.train import checkpoint, data_hashes, refuse_in_use, resolved, resume_point, trackers
     from peftctl.train.loop import examples_in_steps, total_steps
     from peftctl.train.optim import warmup_steps
 
     cfg = recipe.train
+    refuse_in_use(Path(recipe.output.dir))  # as train would
     ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe),
                                     lambda: data_hashes(recipe.data))
     trackers.check_installed(recipe.tracking)
