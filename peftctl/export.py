@@ -4,6 +4,7 @@ merged model as a transformers folder (`merged`), or as one GGUF file for llama.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ _TOKENIZER_FILES = (
 )
 
 
-def model_card(run, summary: dict | None) -> str:
+def model_card(run, summary: dict | None, converted_from: str | None = None) -> str:
     cfg = run.adapter_config
     lines = [
         "---",
@@ -66,6 +67,13 @@ def model_card(run, summary: dict | None) -> str:
         "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
         "```",
     ]
+    if converted_from is not None:
+        lines += [
+            "",
+            f"Trained with `init_lora_weights: {converted_from}`, which moves part of the base weights into the "
+            "adapter. This folder holds the equivalent plain LoRA (rank 2r, `init_lora_weights: true`) for the "
+            "original base model: load it on the unchanged base, as any LoRA adapter.",
+        ]
     if quantization is not None:
         lines += [
             "",
@@ -96,15 +104,64 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
     if fmt == "gguf":
         return _export_gguf(run_dir, out_dir, dtype or "float16", reporter or Reporter())
     run = runs.read_run(run_dir)
+    converted = _plain_lora(run, reporter or Reporter()) if _changes_base_weights(run) else None
     files = []
     with atomic_dir(out_dir) as tmp:
+        if converted is not None:
+            from peftctl.adapters import io
+
+            tensors, config = converted
+            io.save_tensors(tensors, tmp)
+            config.save_pretrained(tmp)
+            files += ["adapter_config.json", "adapter_model.safetensors"]
         for name in ("adapter_config.json", "adapter_model.safetensors", *_TOKENIZER_FILES):
-            if (run.path / name).exists():
+            if (run.path / name).exists() and name not in files:
                 shutil.copy2(run.path / name, tmp / name)
                 files.append(name)
-        (tmp / "README.md").write_text(model_card(run, run.summary), encoding="utf-8")
+        card = model_card(run, run.summary) if converted is None else model_card(
+            dataclasses.replace(run, adapter_config=converted[1].to_peft_dict()), run.summary,
+            converted_from=run.adapter_config.get("init_lora_weights"))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         files.append("README.md")
-    return {"format": fmt, "output": str(out_dir), "files": files}
+    result = {"format": fmt, "output": str(out_dir), "files": files}
+    if converted is not None:
+        result["converted_from"] = run.adapter_config.get("init_lora_weights")
+    return result
+
+
+def _changes_base_weights(run) -> bool:
+    init = run.adapter_config.get("init_lora_weights")
+    return run.adapter_config.get("peft_type") == "LORA" and isinstance(init, str) and init != "gaussian"
+
+
+def _plain_lora(run, reporter: Reporter):
+    """A PiSSA / OLoRA run as the equivalent plain LoRA of rank 2r on the original base model.
+
+    Such an adapter only fits a base whose weights went through its init (W - scaling * B0 A0), and
+    PEFT redoes that init when it loads the adapter: for `pissa_niter_<n>` with its own random
+    generator, so its base moves away from the one trained on. The init is recomputed here on the
+    original base (deterministic in peftctl, so the same B0, A0 as in training on this machine), and
+    the trained B A becomes [B | -B0] [A ; A0], which any PEFT loads on the original base.
+    """
+    from peftctl import models
+    from peftctl.adapters import io
+    from peftctl.adapters.config import AdapterConfig
+    from peftctl.adapters.lora.init import as_plain_lora
+    from peftctl.adapters.peft_model import PeftModel, get_peft_model_state_dict
+
+    reporter.log(f"converting the {run.adapter_config.get('init_lora_weights')} adapter to plain LoRA for the "
+                 "original base model (this loads the base model)")
+    try:
+        config = AdapterConfig.from_pretrained(run.path)
+        spec = run.model_section
+        base = models.load_model(spec.model_copy(update={"quantization": None}))
+        initial = PeftModel._for_loading(base, config, "default")  # runs the init: B0, A0
+        start = {k: t.clone() for k, t in get_peft_model_state_dict(initial).items()}
+        return as_plain_lora(io.read_weights(run.path), start, config,
+                             f"{run.path} (its init, recomputed on {spec.name_or_path})")
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{run.path}: cannot convert the {run.adapter_config.get('init_lora_weights')} adapter to "
+                         f"plain LoRA: {e}") from None
 
 
 def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
 
     from peftctl.adapters.config import AdapterConfig
     from peftctl.adapters.io import PREFIX, has_adapter
-    from peftctl.adapters.matching import pattern_key
+    from peftctl.adapters.matching import saved_pattern_value
 
     folder = Path(path)
     if not has_adapter(folder):
@@ -120,8 +120,10 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
             continue
         name = key.removeprefix(PREFIX).removesuffix(suffix)
         rank = shape[0]
-        alpha_key = pattern_key(getattr(config, "alpha_pattern", {}), name)
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        try:
+            alpha = saved_pattern_value(config.alpha_pattern, name, config.lora_alpha, "alpha_pattern")
+        except ValueError as e:
+            raise InputError(f"{folder}: {e}") from None
         params = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{PREFIX}{name}.lora_"))
         modules.append({
             "module": name, "rank": rank, "lora_alpha": alpha,

@@ -300,8 +300,9 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
 
 def _write_quantized(folder: Path, tokenizer, merged_logits, out_dir: Path, quantize: str, dtype,
                      max_shard_size: int, reporter: Reporter) -> dict[str, Any]:
-    """Load the merged model in `folder` quantized, say how far its outputs moved, and save it
-    (transformers reads the quantization config back from config.json)."""
+    """Load the merged model in `folder` quantized and save it to `out_dir` (transformers reads the
+    quantization config back from config.json); then load what was written and say how far its
+    outputs are from the merged model's, so the numbers describe the file."""
     from peftctl import models
     from peftctl.recipe import ModelSection, QuantizationSection
 
@@ -309,10 +310,13 @@ def _write_quantized(folder: Path, tokenizer, merged_logits, out_dir: Path, quan
                         quantization=QuantizationSection(**QUANTIZE[quantize]))
     reporter.log(f"quantizing the merged model ({quantize})")
     quantized = models.load_model(spec)
-    moved = distance(merged_logits, probe_logits(quantized, tokenizer))
     with atomic_dir(out_dir) as tmp:
         quantized.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-    reporter.log(f"quantized merged model ({quantize}) written to {out_dir}; vs unquantized: top-1 agreement "
-                 f"{moved['top1_agreement']:.1%}, KL {moved['kl_nats_per_token']:.3g} nats/token")
+    del quantized
+    _release_memory()
+    written = models.load_model(spec.model_copy(update={"name_or_path": str(out_dir)}))
+    moved = distance(merged_logits, probe_logits(written, tokenizer))
+    reporter.log(f"quantized merged model ({quantize}) written to {out_dir}; as loaded back, vs unquantized: "
+                 f"top-1 agreement {moved['top1_agreement']:.1%}, KL {moved['kl_nats_per_token']:.3g} nats/token")
     return {"type": quantize, "vs_merged": moved}

@@ -403,6 +403,9 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
         raise RuntimeFailure(f"model {source.description}: {e}") from e
     if source.kind == "gguf":
         _strip_gguf_quantizer(model)
+    from peftctl.bnb import keep_plain_layout
+
+    keep_plain_layout(model)  # 4-bit layers compute alike on every CPU, evaluated or not (peftctl.bnb)
     return model
 
 

@@ -92,3 +92,47 @@ def test_recipe_adapter_options_validate_with_lines(make_recipe):
     res = run_json("inspect", recipe)
     assert {m["module"]: list(m["rank"].values()) for m in res["modules"]}["model.layers.0.self_attn.v_proj"] == [2]
     assert any(m["module"] == "lm_head" and m["trainable_params"] == 320 * 64 for m in res["modules"])
+
+
+def test_export_of_a_pissa_run_is_plain_lora_for_the_original_base(make_recipe, tmp_path, tiny_model_dir):
+    """PEFT redoes a pissa_niter init with its own random generator when it loads such an adapter,
+    so the file as trained loads away from the run. The export is the equivalent plain LoRA: PEFT
+    loads it on the original base with the run's outputs (float32 sums in another order: ~1e-6)."""
+    peft = pytest.importorskip("peft", reason="peft is the interop reference")
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    recipe = make_recipe(adapter={"init_lora_weights": "pissa_niter_4", "r": 4, "lora_alpha": 8,
+                                  "target_modules": ["q_proj", "v_proj"]}, train={"max_steps": 2})
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    res = run_json("export", run_dir, "--format", "peft", "-o", tmp_path / "share")
+    assert res["converted_from"] == "pissa_niter_4"
+    cfg = json.loads((tmp_path / "share" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert "equivalent plain LoRA" in (tmp_path / "share" / "README.md").read_text()
+    ids = torch.randint(0, 300, (2, 12))
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(base(), tmp_path / "share")(input_ids=ids).logits
+        as_trained = peft.PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-5
+    assert (as_trained - want).abs().max() > 1e-3  # the unconverted file, in PEFT: its own init, another base
+
+
+def test_misspelt_pattern_keys_are_refused_before_any_work(make_recipe, tmp_path):
+    """{q_porj: 16} was ignored by validate, inspect, the dry run and training alike."""
+    recipe = make_recipe(adapter={"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_porj": 16}})
+    for command in (["validate"], ["inspect"], ["train", "--dry-run"]):
+        r = run(*command, recipe, code=2)
+        assert "rank_pattern key 'q_porj' matches no module that target_modules selects (q_proj, v_proj); " \
+               "did you mean q_proj" in r.stderr, command
+    # With the model's default targets only the model says which modules are adapted: inspect, the
+    # dry run and train check against it (validate loads no model).
+    recipe = make_recipe(adapter={"r": 4, "target_modules": None, "alpha_pattern": {"q_porj": 16}})
+    for command in (["inspect"], ["train", "--dry-run"], ["train"]):
+        r = run(*command, recipe, code=2)
+        assert "alpha_pattern key(s) 'q_porj' match no module this adapter adapts; did you mean: q_proj" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -136,3 +136,139 @@ def test_options_peftctl_does_not_implement_are_refused(tiny_llama, tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"layer_replication=\[\[0, 2\]\]"):
         peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+# ---- task types that train the model's head in full (PEFT's PeftModelForSequenceClassification etc.) ----
+
+
+def _classifier(kind):
+    from transformers import (
+        BertConfig,
+        BertForQuestionAnswering,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
+
+    torch.manual_seed(0)
+    if kind.startswith("llama"):
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100, num_labels=3, pad_token_id=0)
+        return {"llama-seq": LlamaForSequenceClassification, "llama-token": LlamaForTokenClassification}[kind](config)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, num_labels=2 if kind == "bert-qa" else 3)
+    return {"bert-seq": BertForSequenceClassification, "bert-token": BertForTokenClassification,
+            "bert-qa": BertForQuestionAnswering}[kind](config)
+
+
+def _task_outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else torch.cat([out.start_logits, out.end_logits])
+
+
+@pytest.mark.parametrize(("kind", "task", "head"), [
+    ("llama-seq", "SEQ_CLS", "score"), ("bert-seq", "SEQ_CLS", "classifier"), ("llama-token", "TOKEN_CLS", "score"),
+    ("bert-token", "TOKEN_CLS", "classifier"), ("bert-qa", "QUESTION_ANS", "qa_outputs")])
+def test_task_heads_are_trained_and_saved_as_in_peft(kind, task, head, tmp_path):
+    """PEFT adds `classifier` and `score` (QA: `qa_outputs`) to modules_to_save for these tasks; so
+    does peftctl, so that each library loads the other's adapter with identical outputs."""
+    ids = torch.randint(1, 100, (2, 7))
+    kw = {"task_type": task, "r": 4, "lora_alpha": 8, "init_lora_weights": False}
+    torch.manual_seed(3)
+    ours = peftctl.get_peft_model(_classifier(kind), peftctl.LoraConfig(**kw)).eval()
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_classifier(kind), peft.LoraConfig(**kw)).eval()
+    assert type(ours.base_model.model.get_submodule(head)).__name__ == "ModulesToSaveWrapper"
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():  # a trained head and adapter on each side, different on each
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert f"base_model.model.{head}.weight" in keys_and_shapes(tmp_path / "ours")
+    assert keys_and_shapes(tmp_path / "ours") == keys_and_shapes(tmp_path / "theirs")
+    saved = [json.loads((tmp_path / w / "adapter_config.json").read_text())["modules_to_save"] for w in ("ours", "theirs")]
+    assert saved[0] == saved[1]
+    in_peft = peft.PeftModel.from_pretrained(_classifier(kind), tmp_path / "ours").eval()
+    assert torch.allclose(_task_outputs(in_peft, ids), _task_outputs(ours, ids), atol=1e-5)
+    in_ours = peftctl.PeftModel.from_pretrained(_classifier(kind), tmp_path / "theirs")
+    assert torch.allclose(_task_outputs(in_ours, ids), _task_outputs(theirs, ids), atol=1e-5)
+    # The head trained is the adapter's own copy: disabling the adapter gives the base model's head.
+    with ours.disable_adapter():
+        assert torch.equal(_task_outputs(ours, ids), _task_outputs(_classifier(kind).eval(), ids))
+
+
+def test_a_task_head_the_model_lacks_is_skipped_with_a_warning(tiny_llama):
+    with pytest.warns(UserWarning, match="task_type SEQ_CLS trains the model's head in full.*classifier or score"):
+        model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]  # recorded as PEFT records it
+
+
+# ---- PiSSA / OLoRA saved as plain LoRA for the original base ----------------------------------------
+
+
+@pytest.mark.parametrize("kw", [
+    {"init_lora_weights": "pissa"},
+    {"init_lora_weights": "olora"},
+    {"init_lora_weights": "pissa_niter_4", "modules_to_save": ["lm_head"]},
+    # PEFT refuses rsLoRA with patterns here; peftctl keeps each module's scaling (alpha * sqrt(2)).
+    {"init_lora_weights": "pissa", "use_rslora": True, "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 3}},
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_pissa_converted_on_save_loads_on_the_original_base(kw, tiny_llama, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) writes a rank-2r LoRA whose outputs
+    on the original base equal the PiSSA / OLoRA model's (both are float32 sums of the same terms in
+    another order: about 1e-6 apart on logits of size ~1), in PEFT and in peftctl."""
+    ids = torch.randint(0, 300, (2, 10))
+    model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                    **kw))
+    model.save_pretrained(tmp_path / "init")
+    with torch.no_grad():  # "training"
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    want = logits(model, ids)
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 8
+    assert saved["rank_pattern"] == {k: 2 * v for k, v in kw.get("rank_pattern", {}).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    in_ours = peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
+    for loaded in (in_peft, in_ours):
+        assert (logits(loaded, ids) - want).abs().max() < 1e-5
+    with in_ours.disable_adapter():  # an ordinary LoRA: off, it is the original base model
+        assert torch.equal(logits(in_ours, ids), logits(tiny_llama(), ids))
+    # The same conversion as PEFT's: PEFT, converting from the same tensors, writes the same ones.
+    if not kw.get("use_rslora") and "modules_to_save" not in kw:
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                   **kw))
+        theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter loads as it is
+        theirs.save_pretrained(tmp_path / "theirs-init")
+        peft.set_peft_model_state_dict(theirs, peftctl.get_peft_model_state_dict(model))
+        theirs.save_pretrained(tmp_path / "theirs", path_initial_model_for_weight_conversion=str(tmp_path / "theirs-init"))
+        with safe_open(str(tmp_path / "theirs" / "adapter_model.safetensors"), "pt") as f, \
+                safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), "pt") as g:
+            assert set(f.keys()) == set(g.keys())
+            for k in f.keys():
+                assert torch.allclose(f.get_tensor(k), g.get_tensor(k), atol=1e-6), k
+
+
+def test_conversion_refuses_what_it_cannot_convert(tiny_llama, tmp_path):
+    model = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    other = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"other: .*lora_A.weight has shape \(2, 64\) there and \(4, 64\) here"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
+    dora = peftctl.get_peft_model(tiny_llama(), peftctl.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                   init_lora_weights="pissa", use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapter cannot be converted"):
+        dora.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -16,9 +16,17 @@ from torch import nn
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.layer import AdapterLayer
-from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets, resolve_targets
+from peftctl.adapters.matching import (
+    ALL_LINEAR,
+    check_patterns,
+    find_modules_to_save,
+    find_targets,
+    modules_to_save_names,
+    resolve_targets,
+)
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
+from peftctl.bnb import keep_plain_layout
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
@@ -31,15 +39,17 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class AdapterModel(nn.Module):
     """Holds the transformers model with adapter layers injected into it."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", loading: bool = False):
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapper is in the model's mode (train / eval)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.inject_adapter(adapter_name, config)
+        self.inject_adapter(adapter_name, config, loading=loading)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def __getattr__(self, name: str):
@@ -51,7 +61,9 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     # ---- adding and removing ------------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> list[str]:
+    def inject_adapter(self, adapter_name: str, config: AdapterConfig, loading: bool = False) -> list[str]:
+        """Add an adapter's layers to the model. `loading`: the config comes from a saved adapter
+        (rank / alpha pattern keys that match nothing then warn, as in PEFT, instead of raising)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         if adapter_name == BASE:
@@ -63,6 +75,7 @@ class AdapterModel(nn.Module):
             )
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
+        check_patterns(config, names, self.model, loading=loading)
         saved = find_modules_to_save(self.model, config)
         for name in names:
             if isinstance(self.model.get_submodule(name), ModulesToSaveWrapper):
@@ -98,6 +111,9 @@ class AdapterModel(nn.Module):
     def _recorded_config(self, config: AdapterConfig, names: list[str]) -> AdapterConfig:
         """The config as saved: what was actually built, in PEFT's terms."""
         update = {}
+        saved = modules_to_save_names(config)
+        if saved != config.modules_to_save:
+            update["modules_to_save"] = saved  # with the task type's head, as PEFT records it
         if not config.target_modules:
             # The model type's default targets, written out: readers of the file need the names.
             update["target_modules"] = resolve_targets(self.model, config)
@@ -176,13 +192,14 @@ class AdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters: {', '.join(unknown)}")
         modules = list(self.wrappers())
+        before = [module.batch_adapter_names for module in modules]
         for module in modules:
             module.batch_adapter_names = list(adapter_names)
         try:
             yield
-        finally:
-            for module in modules:
-                module.batch_adapter_names = None
+        finally:  # as they were (a nested block leaves the outer one's names)
+            for module, names in zip(modules, before, strict=True):
+                module.batch_adapter_names = names
 
     # ---- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -226,11 +243,16 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{what} is defined for LoRA adapters; this model holds {', '.join(methods)}")
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", **kwargs) -> None:
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
         from peftctl.adapters.lora.combine import add_weighted_adapter
 
         self._lora_only("add_weighted_adapter")
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                             density=density, majority_sign_method=majority_sign_method)
 
     def resize_adapter_rank(self, adapter_name: str, r: int) -> dict:
         from peftctl.adapters.lora.resize import resize_rank

@@ -151,8 +151,7 @@ def save_adapter(peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = peft_model.peft_config["default"].model_copy(update={"inference_mode": True})
-    config.save_pretrained(folder)
+    peft_model.saved_config("default").save_pretrained(folder)
 
 
 def copy_adapter(src: Path, dest: Path) -> None:
