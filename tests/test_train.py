@@ -18,11 +18,15 @@ import torch
 from clirun import run, run_json
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+def env() -> dict[str, str]:
+    # Read when a process starts, not at import: conftest's session fixture points PEFTCTL_CACHE at
+    # a private cache only after this module is imported (the user's cache stays untouched).
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def spawn(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "peftctl", *map(str, args)], env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "peftctl", *map(str, args)], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -326,7 +330,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     two = tmp_path / "two"
     recipe = make_recipe(out=str(two), train={**train, "max_steps": 100000, "batch_size": 2})
     cmd = [sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (two / "metrics.jsonl").exists() and len(metrics(two)) >= 2, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
@@ -338,7 +342,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     assert stopped["last_checkpoint"] == f"checkpoints/step-{n:06d}"
 
     p = subprocess.run([*cmd, "--resume", "auto", "--set", f"train.max_steps={n + 2}", "--json"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+                       env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)  # one JSON object, from the main process
     assert s["status"] == "completed" and s["steps"] == n + 2 and s["resumed_from"].endswith(f"step-{n:06d}")
