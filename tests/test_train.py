@@ -35,7 +35,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Complete lines only: while a run writes, the last one may be half written.
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
 def losses(run_dir: Path) -> list[float]:
