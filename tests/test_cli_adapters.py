@@ -136,3 +136,86 @@ def test_misspelt_pattern_keys_are_refused_before_any_work(make_recipe, tmp_path
         r = run(*command, recipe, code=2)
         assert "alpha_pattern key(s) 'q_porj' match no module this adapter adapts; did you mean: q_proj" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_loads_with_peft_auto_class(two_runs, tiny_model_dir):
+    """A recipe run records its task type, so PEFT's AutoPeftModelForCausalLM loads the run folder
+    alone (base model from base_model_name_or_path) and gives peftctl's outputs."""
+    peft = pytest.importorskip("peft", reason="peft is the interop reference")
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    run_dir = two_runs[1]
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(run_dir)
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_recipe_trains_causal_language_models_only(make_recipe):
+    recipe = make_recipe(adapter={"task_type": "SEQ_CLS"})
+    r = run("validate", recipe, code=2)
+    assert "adapter: task_type: peftctl trains causal language models" in r.stderr and "(got SEQ_CLS)" in r.stderr
+    run("validate", make_recipe(adapter={"task_type": "CAUSAL_LM"}))
+
+
+def test_combined_adapter_keeps_layer_ranks_and_biases(tmp_path, tiny_model_dir, chat_data):
+    """A run with rank_pattern and lora_bias, combined with itself at weights 0.5 and 0.5 (cat, or
+    svd at each layer's own rank), is the run's adapter again: ranks, biases and outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    recipe = tmp_path / "r.yaml"
+    adapter = {"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 1}, "lora_bias": True}
+    recipe.write_text(recipe_text(tiny_model_dir, str(chat_data[0]), None, "run", adapter=adapter,
+                                  train={"max_steps": 3, "log_every": 3, "lr": 0.05}))
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    ids = torch.randint(0, 300, (2, 10))
+
+    def outputs(folder):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    expected = outputs(run_dir)
+    for combination, rank in (("cat", 8), ("svd", 4)):
+        out = tmp_path / combination
+        res = run_json("merge", run_dir, run_dir, "--weights", "0.5,0.5", "--adapter-only",
+                       "--combination", combination, "-o", out)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert res["r"] == cfg["r"] == rank and cfg["lora_bias"] is True
+        assert cfg["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.v_proj": rank // 4 for i in (0, 1)}
+        assert torch.allclose(outputs(out), expected, atol=1e-4), combination
+
+
+def test_merged_model_with_a_trained_head_is_untied(tmp_path, chat_data):
+    """modules_to_save: [lm_head] on a model with tied embeddings: the merged folder says the
+    embeddings are not tied, so re-tying (tie_weights, as loading and resizing do) keeps the head."""
+    from tiny import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    base_dir = build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(base_dir, str(chat_data[0]), None, str(tmp_path / "run"),
+                                  adapter={"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+                                  train={"max_steps": 3, "log_every": 3, "lr": 0.05}))
+    run_json("train", recipe)
+    res = run_json("merge", tmp_path / "run", "-o", tmp_path / "merged")
+    assert res["max_logit_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.tie_word_embeddings is False
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "run")
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+        merged.tie_weights()
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)

@@ -126,3 +126,13 @@ def tiny_gpt2(seed: int = 0):
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def tiny_phi(seed: int = 0):
+    """A tiny Phi: its output head has a bias."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(seed)
+    config = PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       vocab_size=320, max_position_embeddings=64)
+    return PhiForCausalLM(config).eval()

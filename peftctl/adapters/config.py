@@ -87,9 +87,10 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     task_type: TaskType | None = Field(
         default=None,
         description=(
-            "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json. SEQ_CLS and "
-            "TOKEN_CLS also train and save the model's head in full (modules named classifier or score), "
-            "QUESTION_ANS its qa_outputs, as PEFT does."
+            "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json, where it tells "
+            "PEFT's AutoPeftModel which model class to load. SEQ_CLS and TOKEN_CLS also train and save "
+            "the model's head in full (modules named classifier or score), QUESTION_ANS its qa_outputs, "
+            "as PEFT does. A recipe trains a causal language model: unset, its run records CAUSAL_LM."
         ),
     )
     target_modules: list[str] | str | None = Field(

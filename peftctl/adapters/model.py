@@ -45,6 +45,9 @@ class AdapterModel(nn.Module):
         self.training = model.training  # the wrapper is in the model's mode (train / eval)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        # The base model's vocabulary size, when the caller knows it (the CLI records the loaded
+        # base's); None: read from the config's base_model_name_or_path when saving (see io.embeddings_to_save).
+        self.base_vocab_size: int | None = None
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
         keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
@@ -64,6 +67,7 @@ class AdapterModel(nn.Module):
     def inject_adapter(self, adapter_name: str, config: AdapterConfig, loading: bool = False) -> list[str]:
         """Add an adapter's layers to the model. `loading`: the config comes from a saved adapter
         (rank / alpha pattern keys that match nothing then warn, as in PEFT, instead of raising)."""
+        io.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         if adapter_name == BASE:
@@ -72,6 +76,14 @@ class AdapterModel(nn.Module):
         if methods and config.method not in methods:
             raise ValueError(
                 f"this model holds {', '.join(methods)} adapters; a {config.method} adapter cannot be added to it"
+            )
+        trains_biases = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if trains_biases and getattr(config, "bias", "none") != "none":
+            # PEFT's rule: the base model's biases are shared by every adapter, so one adapter at most
+            # may train (and save) them.
+            raise ValueError(
+                f"adapter {trains_biases[0]!r} already trains the base model's biases (bias="
+                f"{self.peft_config[trains_biases[0]].bias!r}); only one adapter may, so give {adapter_name!r} bias='none'"
             )
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
@@ -225,6 +237,8 @@ class AdapterModel(nn.Module):
                 setattr(parent, attr, module.get_base_layer())
             else:  # modules_to_save: the trained copy when merging, the original when unloading
                 setattr(parent, attr, module.active_module if merge else module.original_module)
+        if merge:
+            _untie_split_embeddings(self.model)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -273,7 +287,36 @@ def _untie_before_merge(model: nn.Module, layer: AdapterLayer) -> None:
         return
     for module, key in owners:
         setattr(module, key, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+    _record_untied(model)
+
+
+def _record_untied(model: nn.Module) -> None:
+    """Say in the model's config (and its text config) that the word embeddings are not tied, so that
+    nothing re-ties them (`tie_weights()`, `resize_token_embeddings`, saving and loading)."""
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5's record of what it tied
+    if isinstance(tied, dict):
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for target, source in list(tied.items()):
+            if target in params and source in params and params[target] is not params[source]:
+                tied.pop(target)
+
+
+def _untie_split_embeddings(model: nn.Module) -> None:
+    """After a merge: a config that ties the word embeddings while the input and output embeddings
+    hold different weights (a trained `modules_to_save` copy of one of them took its place) is
+    corrected, so the trained copy is not overwritten by a later re-tie."""
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if inp is None or out is None:
+        return
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: None)()
+    tied = any(getattr(c, "tie_word_embeddings", False) for c in (config, text) if c is not None)
+    if tied and getattr(inp, "weight", None) is not getattr(out, "weight", None):
+        _record_untied(model)

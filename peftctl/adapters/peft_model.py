@@ -107,7 +107,9 @@ class PeftModel(nn.Module):
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """Add a new adapter (inactive, frozen until `set_adapter`); its modules take the model's mode."""
+        """Add a new adapter (inactive, frozen until `set_adapter`); its modules take the model's mode.
+        The name must be a plain name (no path separator, no dot): it names the adapter's subfolder
+        when saved."""
         _check_options(autocast_adapter_dtype)
         self.base_model.inject_adapter(adapter_name, peft_config)
 
@@ -178,15 +180,19 @@ class PeftModel(nn.Module):
 
     # ---- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers: bool = False,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: bool | str = "auto",
                         is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         state_dict: dict[str, Any] | None = None) -> None:
         """Write each adapter in PEFT's format (a non-default one in a subfolder of its name).
 
-        `save_embedding_layers=True` also writes the input and output embedding matrices, for a
-        model whose vocabulary was resized. `state_dict`: take the tensors from this state dict of
-        the PeftModel (e.g. one gathered from sharded training) instead of the live parameters.
+        `save_embedding_layers` (PEFT's option and default): "auto" also writes the input and output
+        embedding matrices when the vocabulary differs from the base model's (the embeddings were
+        resized: the adapter is useless without their new rows), or the adapted ones when an
+        embedding layer is among target_modules, and warns that it does; True writes them always,
+        False never. Each matrix is written with its bias, if it has one. `state_dict`: take the
+        tensors from this state dict of the PeftModel (e.g. one gathered from sharded training)
+        instead of the live parameters.
         `path_initial_model_for_weight_conversion`: the folder where this PiSSA / OLoRA adapter was
         saved right after its init; the adapter is then written as the equivalent plain LoRA of rank
         2r for the *original* base model (see `lora.init.as_plain_lora`), as PEFT does. Unlike PEFT,
@@ -199,6 +205,8 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         names = selected_adapters or list(self.peft_config)
+        for name in names:
+            io.check_adapter_name(name)
         self.base_model._check_names(names)
         initial = None
         if path_initial_model_for_weight_conversion is not None:
@@ -208,7 +216,15 @@ class PeftModel(nn.Module):
                               state_dict=state_dict, initial=initial,
                               initial_source=str(path_initial_model_for_weight_conversion))
 
-    def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool = False,
+    def adapter_tensors_to_save(self, adapter_name: str, save_embedding_layers: bool | str = "auto",
+                                state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Saved key -> tensor: what `save_pretrained` writes for one adapter (its weights, the base
+        biases its `bias` option trains, modules_to_save copies, and the embedding matrices as
+        `save_embedding_layers` decides), from the live model or from `state_dict`."""
+        self.base_model._check_names([adapter_name])
+        return _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
+
+    def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool | str = "auto",
                      state_dict: dict[str, Any] | None = None, initial: dict[str, Any] | None = None,
                      initial_source: str = "initial adapter") -> None:
         """Write one adapter at the root of `folder`, whatever its name (a peftctl addition).
@@ -216,7 +232,7 @@ class PeftModel(nn.Module):
         equivalent plain LoRA (see `save_pretrained`)."""
         self.base_model._check_names([adapter_name])
         config = self.saved_config(adapter_name)
-        tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers is True)
+        tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
         if initial is not None:
             from peftctl.adapters.lora.init import as_plain_lora
 
@@ -264,9 +280,10 @@ class PeftModel(nn.Module):
         key without its `base_model.model.` prefix; default: the model's
         `_checkpoint_conversion_mapping`) renames keys; `torch_device` is where PEFT first reads the
         tensors (they end on their layers' devices either way). `allow_pickle` (peftctl's) lets an
-        `adapter_model.bin` load.
+        `adapter_model.bin` load. `adapter_name` must be a plain name (it names a subfolder on save).
         """
         _check_options(autocast_adapter_dtype, ephemeral_gpu_offload)
+        io.check_adapter_name(adapter_name)
         folder = adapter_dir(model_id, subfolder, revision, cache_dir=cache_dir, token=token,
                              force_download=force_download, local_files_only=local_files_only)
         config = (config or AdapterConfig.from_pretrained(folder)).model_copy(update={"inference_mode": not is_trainable})
@@ -287,6 +304,7 @@ class PeftModel(nn.Module):
         """Add the adapter saved at `model_id` under `adapter_name` (not activated: see `set_adapter`).
         Keywords as in `from_pretrained`."""
         _check_options(autocast_adapter_dtype, ephemeral_gpu_offload)
+        io.check_adapter_name(adapter_name)
         folder = adapter_dir(model_id, subfolder, revision, cache_dir=cache_dir, token=token,
                              force_download=force_download, local_files_only=local_files_only)
         config = AdapterConfig.from_pretrained(folder).model_copy(update={"inference_mode": not is_trainable})
@@ -302,14 +320,24 @@ class PeftModel(nn.Module):
 
 
 def _adapter_tensors(model: PeftModel, adapter_name: str, state_dict: dict[str, Any] | None,
-                     embeddings: bool) -> dict[str, Any]:
+                     save_embedding_layers: bool | str) -> dict[str, Any]:
     """Saved key -> tensor for one adapter, from the live model or from `state_dict` (a state dict
-    of the PeftModel, keyed as `model.state_dict()` is)."""
+    of the PeftModel, keyed as `model.state_dict()` is); the embedding layers as
+    `save_embedding_layers` decides (`io.embeddings_to_save`, warning when "auto" adds them)."""
     config = model.peft_config[adapter_name]
     inner = model.base_model.model
     live = io.adapter_tensors(inner, adapter_name, getattr(config, "bias", "none"))
-    if embeddings:
-        live.update(io.embedding_tensors(inner))
+    base_vocab = None
+    if save_embedding_layers == "auto":
+        base_vocab = model.base_model.base_vocab_size
+        if base_vocab is None:
+            base_vocab = io.base_vocab_size(config.base_model_name_or_path or getattr(inner, "name_or_path", None),
+                                            config.revision)
+    names, why = io.embeddings_to_save(inner, config, save_embedding_layers, base_vocab)
+    if why:
+        warnings.warn(f"save_embedding_layers='auto': {why}", stacklevel=4)
+    if names:
+        live.update(io.embedding_tensors(inner, names))
     if state_dict is None:
         return live
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
@@ -423,15 +451,18 @@ class AutoPeftModel:
 
 
 def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    if base_ref.endswith(".gguf"):
-        # A base model peftctl read from a GGUF file: its own loader converts it.
-        from peftctl import models
+    from peftctl import models
+
+    if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
+        # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
+        # hub id, and means that built-in here): its own loader converts it.
         from peftctl.recipe import ModelSection
 
         unknown = sorted(set(kwargs) - {"dtype"})
         if unknown:
             raise TypeError(f"a base model read from a GGUF file takes only dtype here, not {', '.join(unknown)}")
-        return models.load_model(ModelSection(name_or_path=base_ref), dtype=kwargs.get("dtype"))
+        name = models.builtin_for_hub_id(base_ref) or base_ref
+        return models.load_model(ModelSection(name_or_path=name), dtype=kwargs.get("dtype"))
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(base_ref, revision=revision, **kwargs)
@@ -467,16 +498,15 @@ class AutoPeftModelForFeatureExtraction(AutoPeftModel):
 def get_peft_model_state_dict(model: PeftModel, state_dict: dict[str, Any] | None = None,
                               adapter_name: str = "default", unwrap_compiled: bool = False,
                               save_embedding_layers: bool | str = "auto") -> dict[str, Any]:
-    """One adapter's tensors under the keys PEFT saves them with.
+    """One adapter's tensors under the keys PEFT saves them with (what `save_pretrained` writes).
 
     `state_dict`: read them from this state dict of the PeftModel instead of the live parameters;
-    `unwrap_compiled`: `model` may be a `torch.compile`d PeftModel; `save_embedding_layers`: True
-    adds the embedding matrices, "auto" decides as `save_pretrained`'s default does.
+    `unwrap_compiled`: `model` may be a `torch.compile`d PeftModel; `save_embedding_layers`: as in
+    `save_pretrained` ("auto" by default, as in PEFT).
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    embeddings = save_embedding_layers is True
-    return {k: t.detach() for k, t in _adapter_tensors(model, adapter_name, state_dict, embeddings).items()}
+    return {k: t.detach() for k, t in _adapter_tensors(model, adapter_name, state_dict, save_embedding_layers).items()}
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, Any],

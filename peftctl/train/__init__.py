@@ -178,16 +178,20 @@ def peak_memory_bytes(device) -> int:
 def prepare_model(recipe, *, dtype=None, device_map=None):
     """Load the base model and tokenizer and attach a fresh adapter; input errors exit 2."""
     from peftctl import models
-    from peftctl.adapters import attach
+    from peftctl.adapters import TaskType, attach, io
 
     model, tokenizer = models.load(recipe.model, dtype=dtype, device_map=device_map)
-    config = recipe.adapter.model_copy(
-        update={"base_model_name_or_path": models.base_model_reference(recipe.model)}
-    )
+    base_vocab = io.vocabulary_rows(model)  # before anything resizes the embeddings
+    config = recipe.adapter.model_copy(update={
+        "base_model_name_or_path": models.base_model_reference(recipe.model),
+        "task_type": recipe.adapter.task_type or TaskType.CAUSAL_LM.value,  # runs train causal LMs
+    })
     try:
         peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
         raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
+    # Saving compares the vocabulary with this: embeddings resized for new tokens are saved too.
+    peft_model.base_model.base_vocab_size = base_vocab
     return peft_model, tokenizer
 
 

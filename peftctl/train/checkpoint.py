@@ -129,11 +129,10 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
-    """Saved key -> full CPU tensor. Under FSDP2 every process must call this (it gathers)."""
-    from peftctl.adapters import io
-
+    """Saved key -> full CPU tensor: what save_pretrained writes (biases the adapter trains and resized
+    embeddings included). Under FSDP2 every process must call this (it gathers)."""
     out = {}
-    for key, t in io.adapter_tensors(peft_model.base_model.model, "default").items():
+    for key, t in peft_model.adapter_tensors_to_save("default").items():
         t = t.detach()
         if _is_sharded(t):
             t = t.full_tensor()
