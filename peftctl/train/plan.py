@@ -19,21 +19,21 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import models
     from peftctl.inspect import inspect_recipe
     from peftctl.memory import Workload
-    from peftctl.train import check_resume_fits, data_hashes, find_resume_checkpoint, resolved, trackers
-    from peftctl.train.loop import total_steps
+    from peftctl.train import checkpoint, data_hashes, refuse_in_use, resolved, resume_point, trackers
+    from peftctl.train.loop import examples_in_steps, total_steps
     from peftctl.train.optim import warmup_steps
-    from peftctl.ui import Reporter
 
     cfg = recipe.train
-    ckpt = find_resume_checkpoint(resume, Path(recipe.output.dir))
-    if ckpt is not None:
-        check_resume_fits(ckpt, resolved(recipe).model_dump(mode="json"), data_hashes(recipe.data), Reporter())
+    refuse_in_use(Path(recipe.output.dir))  # as train would
+    ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe),
+                                    lambda: data_hashes(recipe.data))
     trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed)
     if len(dataset.train) < num_processes:
         raise InputError(f"{len(dataset.train)} training examples cannot feed {num_processes} processes")
-    steps = total_steps(cfg, len(dataset.train), num_processes)
+    done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
+    steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     lengths = [len(e.input_ids) for e in dataset.train]
     mean_len = sum(lengths) / len(lengths)
@@ -58,12 +58,14 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "num_processes": num_processes,
         "steps": steps,
         "global_batch": global_batch,
-        "epochs": round(steps * global_batch / len(dataset.train), 3),
+        # Exact for a fresh run (passes over the data its steps make); a resumed one may change geometry.
+        "epochs": round(examples_in_steps(cfg, len(dataset.train), num_processes, steps) / len(dataset.train), 4),
         "warmup_steps": warmup_steps(cfg, steps),
         "mean_example_tokens": round(mean_len, 1),
         "tokens": int(steps * global_batch * mean_len),  # the expected count, without padding
         "checkpoints": checkpoints,
         "resume_from": str(ckpt) if ckpt else None,
+        "nothing_to_train": finished,  # a finished run: why `train` would train nothing
         "memory_estimate_bytes": inspected["memory"],
         "output_dir": str(Path(recipe.output.dir).resolve()),
     }
