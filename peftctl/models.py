@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
-from peftctl.fsio import temp_dir
+from peftctl.fsio import apply_umask, temp_dir
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,7 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        apply_umask(tmp)
         if final.exists():  # a stale, incomplete folder from an older version: replace it
             if (final / _DONE_MARKER).exists():
                 return final  # someone else finished first

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from peftctl.errors import InputError, PeftctlError
-from peftctl.fsio import atomic_write_text, temp_dir
+from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
 from peftctl.userfiles import BadFileError, check_readable, read_json, reading, torch_load
 
 CHECKPOINTS = "checkpoints"
@@ -48,6 +48,7 @@ class TrainState:
     tokens_seen: int = 0
     loss_tokens_seen: int = 0
     skipped_steps: int = 0
+    collapsed_steps: int = 0  # consecutive steps with the signature of a collapsed model (loop.py)
     last_loss: float | None = None
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -296,14 +297,15 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
             peft_model.save_pretrained(tmp)
         else:
             save_adapter(peft_model, payload.adapter, tmp)
-        torch.save(payload.optimizer, tmp / "optimizer.pt")
-        torch.save(payload.scheduler, tmp / "scheduler.pt")
+        _save(payload.optimizer, tmp / "optimizer.pt")
+        _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
-            torch.save(payload.scaler, tmp / "scaler.pt")
-        torch.save(payload.rng, tmp / "rng_state.pt")
+            _save(payload.scaler, tmp / "scaler.pt")
+        _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a trainer_state.json is complete.
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
+        apply_umask(tmp)
         _fsync_dir(tmp)
         if final.exists():  # the same step again (a resumed run that had already finished)
             old = root / f".{final.name}.old"
@@ -318,6 +320,13 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
             shutil.rmtree(tmp, ignore_errors=True)
     prune(run_dir, keep, payload.state.best_step)
     return final
+
+
+def _save(obj: Any, path: Path) -> None:
+    # Through a Python file object: a failed write then carries its OSError (a full disk, the
+    # file-size limit) as the context of torch's "unexpected pos" error (fsio.disk_full_reason).
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,6 +10,7 @@ estimate per device (`peftctl.memory`, for the longest micro-batch the data can 
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -37,23 +38,22 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl.train import (
         check_data,
         check_model,
-        check_resume_fits,
+        checkpoint,
         data_hashes,
-        find_resume_checkpoint,
+        refuse_in_use,
         resolved,
+        resume_point,
         trackers,
     )
-    from peftctl.train.loop import total_steps
+    from peftctl.train.loop import examples_in_steps, total_steps
     from peftctl.train.optim import warmup_steps
-    from peftctl.ui import Reporter
 
     cfg = recipe.train
     # As train does, in train's order.
-    run_recipe = resolved(recipe)
-    hashes = data_hashes(recipe.data)
-    ckpt = find_resume_checkpoint(resume, Path(recipe.output.dir))
-    if ckpt is not None:
-        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, Reporter())
+    refuse_in_use(Path(recipe.output.dir))
+    hashes = functools.cache(lambda: data_hashes(recipe.data))
+    ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe), hashes)
+    hashes()  # the data files found and read before the model (train digests them here)
     trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
     # The model on the meta device, with the adapter attached; then what train checks of it.
@@ -61,7 +61,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     check_model(recipe, built[0], tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed, attention=built[0].config._attn_implementation)
     check_data(dataset, num_processes)
-    steps = total_steps(cfg, len(dataset.train), num_processes)
+    done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
+    steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     lengths, loss_tokens = sequence_lengths(dataset.train)
     mean_len = float(lengths.mean())
@@ -85,12 +86,14 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "num_processes": num_processes,
         "steps": steps,
         "global_batch": global_batch,
-        "epochs": round(steps * global_batch / len(dataset.train), 3),
+        # Exact for a fresh run (passes over the data its steps make); a resumed one may change geometry.
+        "epochs": round(examples_in_steps(cfg, len(dataset.train), num_processes, steps) / len(dataset.train), 4),
         "warmup_steps": warmup_steps(cfg, steps),
         "mean_example_tokens": round(mean_len, 1),
         "tokens": int(steps * global_batch * mean_len),  # the expected count, without padding
         "checkpoints": checkpoints,
         "resume_from": str(ckpt) if ckpt else None,
+        "nothing_to_train": finished,  # a finished run: why `train` would train nothing
         "memory_estimate_bytes": inspected["memory"],
         "output_dir": str(Path(recipe.output.dir).resolve()),
     }
