@@ -133,6 +133,10 @@ def handled(fn):
         except Exception as e:  # a bug or an unforeseen failure: still one line, exit 1
             if _state["debug"]:
                 raise
+            from peftctl.fsio import disk_full_reason
+
+            if (reason := disk_full_reason(e)) is not None:  # a full disk is no bug: say so
+                _fail(f"{reason} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
             first = (str(e).splitlines() or [""])[0]
             fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", 1,
                  [_error(None, None, None, f"{type(e).__name__}: {first}")])
@@ -251,6 +255,10 @@ def train(
 
     def render(s):
         out = _stdout()
+        if s.get("nothing_trained"):
+            out.print(f"already finished ({s['nothing_trained']}): nothing trained, nothing written")
+            out.print(f"run folder: {s.get('run_dir', r.output.dir)}")
+            return
         loss = f", train loss {s['train_loss']:.4f}" if s.get("train_loss") is not None else ""
         why = " (early stopping)" if s.get("stop_reason") == "early_stopping" else ""
         out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
@@ -279,6 +287,8 @@ def _render_plan(p: dict[str, Any]) -> None:
               f"process(es), {p['epochs']} epochs, {p['warmup_steps']} warmup)")
     out.print(f"  tokens       about {p['tokens']:,}")
     out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
+    if p.get("nothing_to_train"):
+        out.print(f"  finished     {p['nothing_to_train']}: train would train nothing")
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
               f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_dir, refuse_nonempty
+from peftctl.fsio import atomic_dir, refuse_nonempty, temp_dir
 from peftctl.ui import Reporter
 
 COMBINED = "combined"
@@ -286,7 +285,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     # bitsandbytes quantizes as transformers loads a folder: write the merged model next to
     # out_dir, load it back quantized, and remove it.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".unquantized"))
+    staging = temp_dir(out_dir.parent, out_dir.name, ".unquantized")
     try:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         del merged

@@ -231,7 +231,8 @@ class DataSection(Section):
         default_factory=dict,
         description=(
             "Column names, {format field: column}, e.g. {prompt: question, completion: answer}; chat "
-            "and sharegpt also map the message keys: {messages: dialog, role: from, content: value}."
+            "and sharegpt also map the message keys and the row's tool definitions: {messages: dialog, role: "
+            "from, content: value, tools: functions}."
         ),
     )
     roles: dict[str, str] = Field(
@@ -357,7 +358,12 @@ class TrainSection(Section):
         default=None, ge=1, description="Optimizer steps. Unset: `epochs` passes over the data."
     )
     epochs: float | None = Field(
-        default=None, gt=0, description="Passes over the training data (used when max_steps is unset; default 1)."
+        default=None,
+        gt=0,
+        description=(
+            "Passes over the training data (used when max_steps is unset; default 1): every example is "
+            "trained exactly this many times; the last step may be smaller."
+        ),
     )
     batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch (per device).")
     grad_accum: int = Field(
@@ -372,7 +378,7 @@ class TrainSection(Section):
     scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = Field(
         default="cosine",
         description=(
-            "Learning-rate schedule after warmup. linear and cosine decay to 0 at the last step; "
+            "Learning-rate schedule after warmup. linear and cosine decay to 0 as the last step ends; "
             "cosine_with_min_lr decays to lr × min_lr_ratio; constant stays at lr."
         ),
     )

@@ -12,11 +12,6 @@ from pathlib import Path
 
 from peftctl.errors import InputError, Problem, RecipeError
 
-# Files one of which a transformers tokenizer is built from (fast, SentencePiece, BPE, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                   "sentencepiece.bpe.model")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
 
 def check_files(recipe, source: str | None = None) -> list[str]:
     """Problems with the files a recipe names, all at once (RecipeError), else notes.
@@ -57,6 +52,9 @@ def check_files(recipe, source: str | None = None) -> list[str]:
         problems += [recipe.problem("model.name_or_path", m) for m in model_problems(spec, src)]
         if src.kind != "hub" and not spec.tokenizer:
             problems += [recipe.problem("model.name_or_path", m) for m in tokenizer_problems(Path(src.path), src)]
+        if not problems:  # the files are there and readable: every token has an embedding row
+            field = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+            problems += [recipe.problem(field, m) for m in token_problems(spec, src)]
     if spec.tokenizer:
         folder = Path(spec.tokenizer)
         if folder.is_dir():
@@ -73,68 +71,31 @@ def check_files(recipe, source: str | None = None) -> list[str]:
 
 
 def model_problems(spec, src) -> list[str]:
-    """What is wrong with a local model (folder or GGUF file), read without loading any weights:
-    a config that is missing or not JSON, code it needs (model.trust_remote_code), weights that are
-    missing, pickle only (model.allow_pickle), or safetensors files whose header cannot be read."""
+    """What is wrong with a local model (folder or GGUF file), read without loading any weights: the
+    checks every load runs first (`models.model_file_problems`), all reported at once here."""
     from peftctl import models
-    from peftctl.userfiles import BadFileError, check_readable, read_json, safetensors_keys
 
-    if src.kind == "hub":
-        return []
-    if src.kind == "gguf":
-        path = Path(src.path) / src.gguf_file
-        try:
-            check_readable(path, "a GGUF file")
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except (BadFileError, OSError) as e:
-            return [str(e)]
-        return [] if magic == b"GGUF" else [f"{path}: not a GGUF file (it does not start with GGUF)"]
-    folder = Path(src.path)
-    out: list[str] = []
-    try:
-        read_json(folder / "config.json", "a model config (JSON)")
-        models.check_remote_code(spec, src)
-    except InputError as e:
-        out.append(str(e))
-    index = folder / SAFETENSORS_INDEX
-    shards = sorted(folder.glob("*.safetensors"))
-    try:
-        if index.exists():
-            weight_map = read_json(index, "a safetensors index (JSON)").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise BadFileError(index, "not a safetensors index (no weight_map)")
-            missing = sorted({f for f in map(str, weight_map.values()) if not (folder / f).is_file()})
-            if missing:
-                raise BadFileError(index, f"names shard(s) missing from the folder: {', '.join(missing[:3])}")
-        for shard in shards:
-            safetensors_keys(shard)  # the header only
-        models._check_weights_format(src, spec.allow_pickle)
-    except InputError as e:
-        out.append(str(e))
-        return out
-    if not shards and not (spec.allow_pickle and any(folder.glob(p) for p in ("*.bin", "*.pt"))):
-        out.append(f"model {folder}: no weights (model.safetensors or model-*-of-*.safetensors)"
-                   + (" nor pickle weights (*.bin)" if spec.allow_pickle else ""))
-    return out
+    return models.model_file_problems(spec, src)
 
 
 def tokenizer_problems(folder: Path, src=None) -> list[str]:
-    """What is wrong with a tokenizer folder, read without building the tokenizer: no tokenizer file,
-    or a tokenizer_config.json that is not JSON. A GGUF model carries its tokenizer."""
-    from peftctl.userfiles import check_readable, read_json
+    """What is wrong with a tokenizer folder, read without building the tokenizer
+    (`models.tokenizer_file_problems`)."""
+    from peftctl import models
 
-    if src is not None and src.kind == "gguf":
-        return []
+    return models.tokenizer_file_problems(folder, src)
+
+
+def token_problems(spec, src) -> list[str]:
+    """Every token of the tokenizer has a row in the model's embedding matrix: train's check
+    (`models.check_token_ids`), made from config.json and tokenizer.json where the model is a
+    local folder that has them."""
+    from peftctl import models
+
     try:
-        if (folder / "tokenizer_config.json").exists():
-            read_json(folder / "tokenizer_config.json", "a tokenizer config (JSON)")
-        present = [folder / n for n in TOKENIZER_FILES if (folder / n).exists()]
-        if not present:
-            return [f"tokenizer {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer "
-                    "to a folder that has them"]
-        for path in present:
-            check_readable(path, "a tokenizer file")
+        found = models.vocabulary_from_files(spec, src)
+        if found is not None:
+            models.check_token_ids(*found, models.tokenizer_name(spec))
     except InputError as e:
         return [str(e)]
     return []

@@ -168,7 +168,7 @@ def test_validate_reads_a_model_folder_without_loading_it(make_recipe, tiny_mode
     bad = variant("truncated")
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert f"{weights}: not a safetensors file" in problems(bad)
+    assert f"{weights}: not a complete safetensors file" in problems(bad)
     bad = variant("pickle-only")
     (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
     assert "only pickle weights (pytorch_model.bin)" in problems(bad)

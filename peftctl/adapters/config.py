@@ -206,21 +206,41 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
                         subfolder: str | None = None) -> AdapterConfig:
-        """The config in a local adapter folder (PEFT's hub keywords are not taken: TypeError)."""
-        from peftctl.adapters.registry import config_from_peft_dict
-
+        """The config in a local adapter folder (PEFT's hub keywords are not taken: TypeError).
+        A missing or bad adapter_config.json is `BadFileError` (a ValueError) naming it."""
         path = pretrained_model_name_or_path
         folder = Path(path) / subfolder if subfolder else Path(path)
-        with open(folder / CONFIG_NAME, encoding="utf-8") as f:
-            d = json.load(f)
-        cfg = config_from_peft_dict(d)
-        if cls is not AdapterConfig and not isinstance(cfg, cls):
-            raise ValueError(f"{folder / CONFIG_NAME} holds a {d.get('peft_type')} adapter, not {cls.__name__}")
-        return cfg
+        return read_config_file(folder / CONFIG_NAME, cls)
 
     @property
     def is_prompt_learning(self) -> bool:
         return False
+
+
+def read_config_file(path: str | os.PathLike, cls: type[AdapterConfig] | None = None) -> AdapterConfig:
+    """The config in an adapter_config.json file, of class `cls` (None or AdapterConfig: any method).
+
+    Raises `BadFileError` (a ValueError) naming the file when it is missing, unreadable, not a JSON
+    object, of an unknown `peft_type`, or holds values the config refuses.
+    """
+    from pydantic import ValidationError
+
+    from peftctl.adapters.registry import config_from_peft_dict
+    from peftctl.userfiles import BadFileError, read_json
+
+    d = read_json(path, "an adapter config")
+    try:
+        cfg = config_from_peft_dict(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise BadFileError(path, f"{where}: {err['msg']}{more}" if where else f"{err['msg']}{more}") from None
+    except (ValueError, TypeError) as e:
+        raise BadFileError(path, str(e)) from None
+    if cls not in (None, AdapterConfig) and not isinstance(cfg, cls):
+        raise BadFileError(path, f"holds a {d.get('peft_type')} adapter, not {cls.__name__}")
+    return cfg
 
 
 # PEFT's name for the base config class (`PeftConfig.from_pretrained(path).base_model_name_or_path`).

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -22,6 +21,7 @@ from peftctl.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from peftctl.adapters.layer import AdapterLayer
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.fsio import atomic_file
+from peftctl.userfiles import BadFileError, load_safetensors, torch_load
 
 PREFIX = "base_model.model."
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -211,20 +211,23 @@ def save_tensors(live: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype
 
 
 def read_weights(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter folder's weights file. A missing, truncated or corrupt file is
+    `BadFileError` (a ValueError) naming it; a pickle file is read only with `allow_pickle`, and
+    then with `weights_only=True`."""
     folder = Path(folder)
     path = folder / WEIGHTS_NAME
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return load_safetensors(path)
     pickle_path = folder / PICKLE_WEIGHTS_NAME
     if pickle_path.is_file():
         if not allow_pickle:
-            raise ValueError(
-                f"{pickle_path} is a pickle file, which can run code when loaded; pass "
-                "allow_pickle=True if you trust it (or convert it to safetensors)"
-            )
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+            raise BadFileError(pickle_path, "a pickle file, which can run code when loaded; pass "
+                                            "allow_pickle=True if you trust it (or convert it to safetensors)")
+        state = torch_load(pickle_path, "an adapter's weights (a state dict of tensors)")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BadFileError(pickle_path, "not an adapter's weights (a state dict of tensors)")
+        return state
+    raise BadFileError(path, f"missing: the adapter folder {folder} holds no weights ({WEIGHTS_NAME})")
 
 
 def load_weights(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,

@@ -380,7 +380,9 @@ def adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revis
     folder = Path(model_id) / subfolder if subfolder else Path(model_id)
     if Path(model_id).exists():
         if not folder.is_dir():
-            raise ValueError(f"{folder}: not a folder")
+            from peftctl.userfiles import BadFileError
+
+            raise BadFileError(folder, "not a folder (expected an adapter folder)")
         return folder
     from huggingface_hub import snapshot_download
 

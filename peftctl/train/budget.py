@@ -46,6 +46,11 @@ def workload(examples, batch_size: int):
     the share of positions that carry loss."""
     from peftctl.memory import Workload
 
+    if hasattr(examples, "lengths") or hasattr(examples, "bins"):  # an ExampleSet or a PackedSet
+        from peftctl.train.plan import sequence_lengths
+
+        lengths, loss = sequence_lengths(examples)
+        return Workload(batch_size, int(lengths.max()), float(loss.sum()) / max(int(lengths.sum()), 1))
     lengths = [len(e.input_ids) for e in examples]
     loss_fraction = sum(e.num_loss_tokens for e in examples) / max(sum(lengths), 1)
     return Workload(batch_size, max(lengths), loss_fraction)
