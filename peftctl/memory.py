@@ -18,8 +18,13 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   down: bi; other adapted layers: their input width), plus the r-wide adapter intermediates.
   Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
   its 8-bit ones keep their input like an adapted layer.
+  With the fused kernels (`adapters.lora.fused`) each norm keeps its input and a float32 per row,
+  q/k/v and the MLP keep their inputs once, and the MLP keeps its gate and up outputs only (the
+  product is recomputed).
   With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
-  it is recomputed. Either way the backward of one layer adds its gradients (about b(3i + 2h)), and
+  it is recomputed; with k of the layers checkpointed (the first ones), the others' full sets, or
+  the recomputed set when it is larger; with the inputs offloaded (`kernels.offload`), not even
+  those. Either way the backward of one layer adds its gradients (about b(3i + 2h)), and
   a quantized layer dequantizes one weight at a time (the largest, in the compute dtype).
   All of it is added up, a little above the true peak: the loss's chunk is freed before the
   backward's layer workspace is taken.

@@ -5,7 +5,8 @@ formula needs: no dropout call when the rate is 0; the delta is computed as B(A(
 activations' dtype (the float32 adapter weights are cast down, the activations are never upcast);
 the scaling multiplies the small r-wide intermediate; B @ A is never formed in the forward (DoRA's
 weight norm is the exception the method itself needs, computed without gradient). `lora_delta` is
-the one place a fused kernel would replace.
+the module-graph form; `fused.py` computes the same for linear layers inside Llama-family blocks
+with fused autograd functions (`peftctl.kernels.lora`) when training asks for it.
 
 The layer classes: `Linear` (torch Linear and transformers' Conv1D, stored transposed),
 `Embedding`, `Conv1d`, `Conv2d`, `Conv3d`; bitsandbytes' quantized linears (QLoRA) in `quantized.py`.
