@@ -185,3 +185,24 @@ def test_variable_length_attention_equals_attention_per_sequence():
         results.append((out, *grads))
     for a, b in zip(*results, strict=True):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1.6e-2
+
+
+def test_prepare_with_pinned_copies_gives_the_same_batch():
+    """`loss.prepare(pin=True)` (the loop's prefetch on a GPU): the host tensors go through pinned
+    memory and asynchronous copies; the device batch and loss plan are exactly those of the plain
+    copies (integer tensors: any difference is a wrong copy, not rounding)."""
+    from peftctl.train.loss import prepare
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 256), generator=g)
+    labels = ids.clone()
+    labels[:, :100] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    device = torch.device("cuda")
+    plain, plain_plan = prepare(batch, device)
+    pinned, pinned_plan = prepare(batch, device, pin=True)
+    torch.cuda.synchronize()
+    assert plain.keys() == pinned.keys()
+    assert all(torch.equal(plain[k], pinned[k]) for k in plain)
+    assert pinned_plan.n_tokens == plain_plan.n_tokens
+    assert torch.equal(pinned_plan.targets, plain_plan.targets) and torch.equal(pinned_plan.rows, plain_plan.rows)

@@ -78,9 +78,11 @@ class LossPlan:
     rows: torch.Tensor | None
     positions: torch.Tensor
 
-    def to(self, device) -> LossPlan:
+    def to(self, device, pin: bool = False) -> LossPlan:
         def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
 
         return LossPlan(self.n_tokens, move(self.targets), move(self.rows), move(self.positions))
 
@@ -100,16 +102,22 @@ def loss_plan(labels: torch.Tensor) -> LossPlan:
     return LossPlan(n, targets, rows, torch.nonzero(valid.any(dim=0)).squeeze(1))
 
 
-def prepare(batch: dict[str, torch.Tensor], device) -> tuple[dict[str, torch.Tensor], LossPlan]:
+def prepare(batch: dict[str, torch.Tensor], device, pin: bool = False) -> tuple[dict[str, torch.Tensor], LossPlan]:
     """A host batch from `data.collate` moved to `device` (copies queued, not waited for) and its
     loss plan, computed on the host. A 2D attention mask of all ones is dropped: the model then
-    takes its causal fast path instead of checking the mask on the device."""
+    takes its causal fast path instead of checking the mask on the device. `pin`: the host tensors
+    are first copied to pinned memory, so that the copies to a CUDA device are asynchronous DMA
+    (from pageable memory the host stages them itself)."""
     plan = loss_plan(batch["labels"])
     mask = batch.get("attention_mask")
     drop = mask is not None and mask.dim() == 2 and bool(mask.all())
-    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+
+    moved = {k: move(v) if isinstance(v, torch.Tensor) else v
              for k, v in batch.items() if not (drop and k == "attention_mask")}
-    return moved, plan.to(device)
+    return moved, plan.to(device, pin=pin)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], plan: LossPlan | None = None) -> tuple[torch.Tensor, int]:
