@@ -237,13 +237,19 @@ def setup_peftctl(args, setup: str, kernels: bool):
     opt = build_optimizer(model, recipe.train)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step():
-        batch, plan = prepare(host, device)
-        loss, n = loss_sum(model, batch, plan)
+    def step(phase=None):
+        batch, lp = prepare(host, device, pin=device.type == "cuda")
+        loss, n = loss_sum(model, batch, lp)
+        if phase:
+            phase("forward")
         (loss / n).backward()
+        if phase:
+            phase("backward")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if phase:
+            phase("optimizer")
         return loss / n
 
     return model, step, {"kernels": chosen["kernels"], "memory_plan": plan, "estimate_gib": est["total"] / 2**30}
@@ -252,6 +258,8 @@ def setup_peftctl(args, setup: str, kernels: bool):
 def measure(args, impl: str, setup: str, profile: bool = False) -> dict:
     import torch
 
+    cuda = args.device == "cuda"
+    baseline = torch.cuda.memory_allocated() if cuda else 0  # left over from earlier setups: 0 (see release)
     start = time.perf_counter()
     if impl in ("peft", "peft-liger"):
         model, step, extra = setup_peft(args, setup, liger=impl == "peft-liger")
@@ -260,7 +268,6 @@ def measure(args, impl: str, setup: str, profile: bool = False) -> dict:
     else:
         model, step, extra = setup_peftctl(args, setup, kernels="auto" if impl == "peftctl" else False)
     load_s = time.perf_counter() - start
-    cuda = args.device == "cuda"
     for _ in range(args.warmup):
         step()
     if cuda:
@@ -272,10 +279,14 @@ def measure(args, impl: str, setup: str, profile: bool = False) -> dict:
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
     row = {"impl": impl, "setup": setup, "shape": args.shape, "batch": args.batch, "seq": args.seq,
            "tokens_per_s": args.batch * args.seq * args.steps / elapsed,
-           "peak_gib": (torch.cuda.max_memory_allocated() if cuda else 0) / 2**30, "loss": float(loss),
-           "load_s": load_s, **extra}
+           "peak_gib": peak / 2**30, "loss": float(loss), "load_s": load_s,
+           "baseline_gib": baseline / 2**30, **extra}
+    del loss
+    if cuda and impl.startswith("peftctl"):
+        row["phases_gib"] = phases(step)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -288,10 +299,43 @@ def measure(args, impl: str, setup: str, profile: bool = False) -> dict:
         Path(args.workdir, f"profile-{impl}-{setup}.txt").write_text(table)
         print(table, file=sys.stderr)
     del model, step
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release(args.device)
     return row
+
+
+def release(device: str) -> None:
+    """Free what a setup left. On a GPU the last setup's autograd graph stayed alive after the
+    setup was freed, until the device's next backward (measured on an H200: the next setup began
+    with the last one's decoder weights, LoRA weights and one activation-sized tensor allocated,
+    what the custom autograd functions' contexts and the graph's leaves reference: 13.2 GiB after
+    a bf16 8B setup); one tiny backward on the device frees it (0.06 GiB left). Without it a
+    setup's peak counted the setup before it (the 3.2 GiB "estimate error" of budget 24 on
+    2026-11-29 was QLoRA's 3.57 GiB left over)."""
+    import torch
+
+    if device == "cuda":
+        torch.ones(1, device=device, requires_grad=True).sum().backward()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def phases(step) -> dict:
+    """One more step, the peak (GiB) of each phase (forward with the loss, backward, optimizer) and
+    what stays allocated after it: where the step's peak is."""
+    import torch
+
+    torch.cuda.synchronize()
+    out = {"before": torch.cuda.memory_allocated() / 2**30}
+    torch.cuda.reset_peak_memory_stats()
+
+    def phase(name):
+        out[name] = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
+
+    step(phase)
+    torch.cuda.synchronize()
+    return out
 
 
 def child(args) -> int:
@@ -307,11 +351,8 @@ def child(args) -> int:
 
             traceback.print_exc()
             row = {"impl": args.impl, "setup": setup, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            import torch
-
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        if "error" in row:
+            release(args.device)  # here, once the exception (whose frames hold the model) is gone
         print("RESULT " + json.dumps(row), flush=True)
     return 0
 
@@ -441,6 +482,18 @@ def table(rows: list[dict], args, peak: float) -> str:
         est = f"  (estimate {r['estimate_gib']:.1f} GiB)" if "estimate_gib" in r else ""
         out.append(f"{r['setup']:15}{r['impl']:14}{r['tokens_per_s']:9.0f}{r['peak_gib']:7.1f}{mfu:6.2f}  {ratios}{est}")
     out.append("ratios: peftctl tokens/s and peak memory over the peer's, same setup (offload rows against -gc)")
+    # The memory-budget curve against the straight line through Unsloth's checkpointed and
+    # unchecked points (speed against peak memory), where both were measured.
+    ends = [next((x for x in rows if x["impl"] == "unsloth" and x["setup"] == s and "error" not in x), None)
+            for s in ("bf16-gc", "bf16")]
+    if all(ends):
+        (m1, y1), (m2, y2) = ((e["peak_gib"], e["tokens_per_s"]) for e in ends)
+        out.append(f"Unsloth's line: ({m1:.1f} GiB, {y1:.0f}) to ({m2:.1f} GiB, {y2:.0f}); peftctl's bf16 points on it:")
+        for r in rows:
+            if r["impl"] == "peftctl" and "error" not in r and r["setup"].startswith(("bf16", "budget")):
+                line = y1 + (y2 - y1) * (r["peak_gib"] - m1) / (m2 - m1)
+                out.append(f"  {r['setup']:15}{r['peak_gib']:6.1f} GiB {r['tokens_per_s']:9.0f} tok/s; line there "
+                           f"{line:9.0f}: {r['tokens_per_s'] / line:.3f}x")
     return "\n".join(out)
 
 
@@ -450,6 +503,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--setups", default="bf16")
+    ap.add_argument("--peftctl-setups", default="", help="peftctl's setups when they differ from --setups")
     ap.add_argument("--impls", default="peftctl,peft,peft-liger,unsloth",
                     help="comma list of peftctl, peftctl-plain, peft, peft-liger, unsloth")
     ap.add_argument("--train", default="", help="also `peftctl train` end to end: packed, unpacked; -npN: on N GPUs")
@@ -493,7 +547,7 @@ def main() -> int:
     print(f"bf16 matmul {peak:.0f} TFLOP/s; checkpoint folder {folder_s:.0f} s; {versions}", flush=True)
     rows: list[dict] = []
     for impl in filter(None, args.impls.split(",")):
-        setups = args.setups if impl.startswith("peftctl") else ",".join(
+        setups = (args.peftctl_setups or args.setups) if impl.startswith("peftctl") else ",".join(
             s for s in args.setups.split(",") if s in ("bf16", "bf16-gc", "qlora-gc"))
         if impl == "peft-liger":
             setups = ",".join(s for s in setups.split(",") if not s.startswith("qlora"))
