@@ -211,7 +211,7 @@ def _damage_checkpoint(ckpt: Path, kind: str) -> Path:
                 "no_recipe": "recipe.yaml", "no_weights": "adapter_model.safetensors"}[kind]
         (ckpt / name).unlink()
         return ckpt / name
-    state = ckpt / "trainer_state.json"
+    state = ckpt / "peftctl_state.json"
     if kind == "state_list":
         state.write_text("[]")
         return state

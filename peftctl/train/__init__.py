@@ -252,7 +252,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             return found
         _refuse_used(run_dir, "it holds no checkpoint to resume from; choose another output.dir or remove it")
     ckpt = Path(resume)
-    if not (ckpt / checkpoint.STATE_FILE).is_file():
+    if checkpoint.state_file(ckpt) is None:
         raise InputError(f"--resume {resume}: not a checkpoint folder (no {checkpoint.STATE_FILE}); "
                          f"checkpoints are RUN_DIR/{checkpoint.CHECKPOINTS}/step-NNNNNN")
     if ckpt.resolve().parent.parent != run_dir.resolve():

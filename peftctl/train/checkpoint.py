@@ -2,15 +2,16 @@
 
 RUN_DIR/checkpoints/step-000120/ holds the adapter (PEFT's format, so `peftctl eval --adapter`
 takes it as is), optimizer.pt, scheduler.pt, scaler.pt (float16 only), rng_state.pt (Python,
-NumPy, torch and CUDA generators of every process), recipe.yaml, and trainer_state.json (step, data
-position, counters, best eval, data file hashes). A checkpoint is built in a hidden temporary
-folder and renamed into place, so a kill at any instant leaves the previous one intact and never a
+NumPy, torch and CUDA generators of every process), recipe.yaml, and peftctl_state.json (step, data
+position, counters, best eval, data file hashes; earlier versions named it trainer_state.json,
+Hugging Face Trainer's name for a file of another schema, and such checkpoints still resume). A
+checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any instant leaves the previous one intact and never a
 half-written one under a step name. The `.pt` files are read back with `weights_only=True`: no
 code runs on loading them.
 
 A checkpoint to resume from is checked whole (`check`) before any model loads: every file it needs
 is there and parses (the `.pt` files memory-mapped, so their tensors are not read twice), and
-trainer_state.json holds the fields TrainState has with their types. A bad one is an input error
+its state file holds the fields TrainState has with their types. A bad one is an input error
 naming the file (`userfiles.BadFileError`), and nothing is written.
 """
 
@@ -34,13 +35,15 @@ from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
 from peftctl.userfiles import BadFileError, check_readable, read_json, reading, torch_load
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "peftctl_state.json"
+# What earlier versions named the state file (Hugging Face Trainer's name, another schema): read, never written.
+LEGACY_STATE_FILES = ("trainer_state.json",)
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 @dataclass
 class TrainState:
-    """The loop's counters; saved as trainer_state.json in every checkpoint."""
+    """The loop's counters; saved as STATE_FILE in every checkpoint."""
 
     step: int = 0
     epoch: int = 0
@@ -65,7 +68,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        """The state in a trainer_state.json dict: `step` is required, other fields default; every
+        """The state in a state file's dict: `step` is required, other fields default; every
         field present must have its type (ValueError naming the field). Unknown keys are ignored."""
         if "step" not in d:
             raise ValueError("no step")
@@ -108,6 +111,14 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def state_file(ckpt: Path) -> Path | None:
+    """A checkpoint's state file: STATE_FILE, else one of LEGACY_STATE_FILES; None when it has neither."""
+    for name in (STATE_FILE, *LEGACY_STATE_FILES):
+        if (Path(ckpt) / name).is_file():
+            return Path(ckpt) / name
+    return None
+
+
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporary folders have hidden names and never match)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -116,7 +127,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and state_file(p) is not None:
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -127,12 +138,12 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> TrainState:
-    path = Path(ckpt) / STATE_FILE
-    d = read_json(path, "a checkpoint's trainer state")
+    path = state_file(ckpt) or Path(ckpt) / STATE_FILE  # missing: the error names today's name
+    d = read_json(path, "a checkpoint's training state")
     try:
         return TrainState.from_dict(d)
     except ValueError as e:
-        raise BadFileError(path, f"not a checkpoint's trainer state: {e}") from None
+        raise BadFileError(path, f"not a checkpoint's training state: {e}") from None
 
 
 # The files a checkpoint must hold besides the adapter, and what each is (scaler.pt: float16 runs only).
@@ -142,7 +153,7 @@ OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state"}
 
 
 def check(ckpt: Path) -> tuple[TrainState, dict[str, Any]]:
-    """Check every file of a checkpoint without loading a model: trainer_state.json, recipe.yaml,
+    """Check every file of a checkpoint without loading a model: the state file, recipe.yaml,
     the adapter (config and safetensors header), and the `.pt` files (memory-mapped, pickles loaded
     with weights_only). Returns (state, the recipe it was written with, as a dict). A missing or bad
     file is `BadFileError` naming it."""
@@ -303,7 +314,7 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
             _save(payload.scaler, tmp / "scaler.pt")
         _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        # Written last: a folder with a trainer_state.json is complete.
+        # Written last: a folder with a state file is complete.
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
         apply_umask(tmp)
         _fsync_dir(tmp)
