@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from tiny import recipe_text
 from transformers import AutoTokenizer
 
 from peftctl import data as data_lib
@@ -209,6 +210,74 @@ def test_hub_dataset_offline_fails_fast_and_clearly(tok):
         build(tok, "someorg/some-dataset")
     assert time.perf_counter() - start < 10
     assert "HF_HUB_OFFLINE=1" in str(e.value)
+
+
+class _ProxyStandIn:
+    """A local HTTP proxy stand-in: records each request line; answers CONNECT (HTTPS through the
+    proxy) with 403 and any other request (plain HTTP through the proxy) with 200."""
+
+    def __init__(self):
+        import socketserver
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                seen.append(self.rfile.readline().decode().strip())
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                status = "403 Forbidden" if seen[-1].startswith("CONNECT") else "200 OK"
+                self.wfile.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_hub_check_goes_through_huggingface_hubs_session_and_its_proxy(tmp_path, tiny_model_dir):
+    """The hub is asked through huggingface_hub's HTTP client, so its proxy settings and offline mode
+    apply: hub.invalid (a name that never resolves) answers through a proxy, a proxy that refuses is
+    reported, and HF_HUB_OFFLINE=1 asks nothing. Each in a fresh process: huggingface_hub reads its
+    endpoint and proxies when it starts."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    proxy = _ProxyStandIn()
+    base = {k: v for k, v in os.environ.items() if k.lower() not in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy", "hf_hub_offline", "hf_datasets_offline")}
+    check = "from peftctl.data.sources import _hub_unreachable; print(repr(_hub_unreachable()))"
+
+    def unreachable(**env):
+        start = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", check], env={**base, "HTTP_PROXY": proxy.url,
+                           "HTTPS_PROXY": proxy.url, **env}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert time.perf_counter() - start < 20
+        return ast.literal_eval(p.stdout.strip())
+
+    try:
+        assert unreachable(HF_ENDPOINT="http://hub.invalid") is None  # only the proxy could answer
+        assert proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
+        why = unreachable(HF_ENDPOINT="https://hub.invalid")
+        assert proxy.seen[-1] == "CONNECT hub.invalid:443 HTTP/1.1" and "403" in why, why
+        asked = len(proxy.seen)
+        assert "offline" in unreachable(HF_ENDPOINT="http://hub.invalid", HF_HUB_OFFLINE="1").lower()
+        assert len(proxy.seen) == asked
+
+        # the whole path: a hub dataset behind a proxy that refuses is exit 2 naming the reason
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(recipe_text(tiny_model_dir, "someorg/some-dataset", None, str(tmp_path / "out")))
+        start = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "peftctl", "data", str(recipe)], capture_output=True, text=True,
+                           env={**base, "HTTPS_PROXY": proxy.url, "HF_ENDPOINT": "https://hub.invalid"}, timeout=120)
+        assert p.returncode == 2 and time.perf_counter() - start < 60, p.stderr[-2000:]
+        assert "'someorg/some-dataset' is not a local file, folder or glob, and the hub cannot be reached (" in p.stderr
+        assert "403" in p.stderr and "HF_HUB_OFFLINE=1" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        proxy.server.shutdown()
 
 
 def test_sources_mix_by_weight_after_the_eval_split(tmp_path, tok):
