@@ -45,6 +45,18 @@ def umask() -> int:
     return mask
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where peftctl keeps what it builds once and reuses (converted models under `models/`, tokenized
+    data under `data/`): `cache_dir` if given, else $PEFTCTL_CACHE, else $XDG_CACHE_HOME/peftctl
+    (~/.cache/peftctl)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("PEFTCTL_CACHE"):
+        return Path(os.environ["PEFTCTL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftctl"
+
+
 def _temp_file(folder: Path, name: str) -> tuple[int, str]:
     """mkstemp beside the final file, with the mode a plain open() would give it (mkstemp: 0600)."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")

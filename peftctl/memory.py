@@ -96,9 +96,9 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     import torch
 
     from peftctl.adapters.layer import AdapterLayer
-    from peftctl.train.loss import _inner_model, plain_head
+    from peftctl.loss import inner_model, plain_head
 
-    inner = _inner_model(peft_model)
+    inner = inner_model(peft_model)
     act_dtype = inner.get_input_embeddings().weight.dtype
     b = torch.empty((), dtype=act_dtype).element_size()
 
@@ -151,9 +151,9 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
 
     vocab = config.vocab_size
     if plain_head(inner) is not None:
-        from peftctl.kernels.linear_cross_entropy import _chunk_rows
+        from peftctl.kernels.linear_cross_entropy import default_chunk_rows
 
-        rows = min(_chunk_rows(vocab), loss_tokens)
+        rows = min(default_chunk_rows(vocab), loss_tokens)
         logits = rows * vocab * 8 + 2 * loss_tokens * hidden * b
     else:
         logits = loss_tokens * vocab * (b + 4 + 4)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
-from peftctl.fsio import apply_umask, temp_dir
+from peftctl.fsio import apply_umask, cache_root, temp_dir
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,6 @@ class ModelSource:
     @property
     def description(self) -> str:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("PEFTCTL_CACHE"):
-        return Path(os.environ["PEFTCTL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "peftctl"
 
 
 def _looks_like_path(name: str) -> bool:

@@ -294,7 +294,7 @@ def test_packed_batches_keep_examples_apart(tmp_path, tok):
 def test_packing_leaves_the_eval_loss_unchanged(chat_data, tok, tiny_model_dir, attention):
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)
@@ -313,7 +313,7 @@ def test_varlen_layout_gives_the_same_loss(chat_data, tok, tiny_model_dir):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)

@@ -235,7 +235,7 @@ def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_th
 
 
 def test_8bit_base_trains(tiny_model_dir):
-    from peftctl.train.loss import loss_sum
+    from peftctl.loss import loss_sum
 
     model = get_peft_model(quantized(tiny_model_dir, 8), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.train()

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peftctl.constants import VERSION
 from peftctl.data.store import FORMAT_VERSION, Table
-from peftctl.fsio import check_output_dir, temp_dir
+from peftctl.fsio import cache_root, check_output_dir, temp_dir
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -36,16 +37,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(parts: dict[str, Any]) -> str:
-    from peftctl import __version__
-
-    text = json.dumps({"format_version": FORMAT_VERSION, "peftctl": __version__, **parts}, sort_keys=True,
+    text = json.dumps({"format_version": FORMAT_VERSION, "peftctl": VERSION, **parts}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def default_dir() -> Path:
-    from peftctl.models import cache_root
-
     return cache_root() / "data"
 
 

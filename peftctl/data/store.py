@@ -17,14 +17,15 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = -100
+from peftctl.constants import IGNORE_INDEX
+
 FORMAT_VERSION = 1
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE where no loss
+    labels: list[int]  # IGNORE_INDEX where no loss
     prompt_ids: list[int] | None = None  # the prompt alone, for generation-based scoring
     reference: str | None = None
     truncated: bool = False
@@ -34,7 +35,7 @@ class Example:
     @property
     def num_loss_tokens(self) -> int:
         # Position 0 never carries loss: nothing precedes it.
-        return sum(1 for y in self.labels[1:] if y != IGNORE)
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
 
 
 # Flat arrays (one entry per token) are raw .bin files; per-example arrays are .npy.
@@ -157,7 +158,7 @@ class Table:
     def _ids_labels(self, ids_name: str, loss_name: str, offsets: str, i: int) -> tuple[list[int], list[int]]:
         ids = np.asarray(self._slice(ids_name, offsets, i), dtype=np.int64)
         loss = self._slice(loss_name, offsets, i).astype(bool)
-        return ids.tolist(), np.where(loss, ids, IGNORE).tolist()
+        return ids.tolist(), np.where(loss, ids, IGNORE_INDEX).tolist()
 
     def example(self, i: int) -> Example:
         ids, labels = self._ids_labels("ids", "loss", "offsets", i)

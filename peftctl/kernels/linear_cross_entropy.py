@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from peftctl.constants import IGNORE_INDEX as IGNORE
 
 
-def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
-    # float32 logits plus their softmax/gradient in place: about 8 bytes per (row, vocab entry).
+def default_chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
+    """Tokens per chunk for a `vocab`-wide head: float32 logits plus their softmax/gradient in
+    place take about 8 bytes per (row, vocabulary entry), kept within `budget_bytes` (at least 16
+    rows). `memory.estimate` counts the same chunk."""
     return max(16, budget_bytes // (8 * vocab))
 
 
@@ -72,5 +74,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """
     if hidden.dim() != 2 or targets.dim() != 1:
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows or _chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows)

@@ -156,10 +156,10 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import peftctl
+    from peftctl.constants import VERSION
 
     return {
-        "peftctl": peftctl.__version__,
+        "peftctl": VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
