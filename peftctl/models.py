@@ -245,6 +245,26 @@ def quantize_skeleton(model, quantization, dtype) -> None:
             setattr(parent, name, new)
 
 
+def meta_model(spec):
+    """(the base model of a recipe's model section built on the meta device: no weights read or
+    allocated; its config; its torch dtype). A quantized base gets bitsandbytes' layer types where
+    loading would put them (`quantize_skeleton`), so adapters attached to it, parameter counts and
+    the memory estimate are those of the real run. Reads the config and the weight files' headers
+    (a truncated weights file shows here, before a real run): input errors as `load_model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    check_model_files(spec, source)
+    config = load_config(spec, source)
+    dtype = resolve_dtype(spec.dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    if spec.quantization is not None:
+        quantize_skeleton(model, spec.quantization, dtype)
+    return model, config, dtype
+
+
 def _common_kwargs(spec, source: ModelSource) -> dict[str, Any]:
     kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision is not None:

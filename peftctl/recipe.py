@@ -20,7 +20,6 @@ import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -33,114 +32,7 @@ from pydantic import (
 from peftctl.adapters.registry import METHODS, config_classes
 from peftctl.data.formats import FORMAT_FIELDS, ROLES
 from peftctl.errors import Problem, RecipeError
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PATH = {"path": True}
-
-
-class Section(BaseModel):
-    # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class QuantizationSection(Section):
-    bits: Literal[4, 8] = Field(
-        description=(
-            "4: QLoRA, the base model's linear layers stored in 4 bits (bitsandbytes Linear4bit, about "
-            "0.52 bytes per weight with double_quant); 8: LLM.int8 (Linear8bitLt, 1 byte per weight)."
-        ),
-    )
-    quant_type: Literal["nf4", "fp4"] = Field(
-        default="nf4",
-        description="4-bit only: the 4-bit data type. nf4 (NormalFloat, QLoRA's) suits normally distributed weights.",
-    )
-    double_quant: bool = Field(
-        default=True,
-        description=(
-            "4-bit only: quantize the per-block scales too (about 0.37 bits per weight less: 3 GB for a 65B "
-            "model), at no measurable cost in quality."
-        ),
-    )
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description=(
-            "4-bit only: the dtype the quantized layers compute in (the 4-bit weight is dequantized to it "
-            "for each matmul). auto: model.dtype as resolved."
-        ),
-    )
-    int8_threshold: float = Field(
-        default=6.0,
-        ge=0,
-        description=(
-            "8-bit only: activations larger than this in magnitude go through a float16 matmul (LLM.int8's "
-            "outlier decomposition); 0 turns it off."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _fields_of_the_other_width(self):
-        # A value other than the default for the other width is a mistake worth saying (defaults are
-        # written out in a run's resolved recipe, so their presence alone is not).
-        other = ("quant_type", "double_quant", "compute_dtype") if self.bits == 8 else ("int8_threshold",)
-        given = [f for f in other if getattr(self, f) != type(self).model_fields[f].default]
-        if given:
-            which = "4" if self.bits == 8 else "8"
-            raise ValueError(f"{', '.join(given)} applies to bits: {which}, and this is bits: {self.bits}")
-        return self
-
-
-class ModelSection(Section):
-    name_or_path: str = Field(
-        default="smollm2-135m-instruct",
-        description=(
-            "Base model: a built-in alias (smollm2-135m-instruct), a local transformers folder, a "
-            ".gguf file, or a hub id (needs the hub or its cache)."
-        ),
-        json_schema_extra=PATH,
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description=(
-            "Dtype of the frozen base weights. auto: bfloat16 on a GPU that supports it, else "
-            "float32. Adapter weights are kept in float32 and computed in the activations' dtype; "
-            "training in float16 uses dynamic loss scaling."
-        ),
-    )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    tokenizer: str | None = Field(
-        default=None, description="Tokenizer location, if not the model's own.", json_schema_extra=PATH
-    )
-    trust_remote_code: bool = Field(
-        default=False, description="Allow the model's own Python code from its folder or the hub to run."
-    )
-    allow_pickle: bool = Field(
-        default=False,
-        description="Allow loading pickle weights (pytorch_model.bin). Off: only safetensors are read.",
-    )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
-        default=None, description="Attention kernel; unset lets transformers choose (SDPA when available)."
-    )
-    cache_dir: str | None = Field(
-        default=None,
-        description=(
-            "Where built-in models (and .gguf bases to quantize) are converted and kept. Unset: "
-            "$PEFTCTL_CACHE, else ~/.cache/peftctl."
-        ),
-        json_schema_extra=PATH,
-    )
-    quantization: QuantizationSection | None = Field(
-        default=None,
-        description=(
-            "Load the base model's linear layers quantized by bitsandbytes (`{bits: 4}` is QLoRA) and "
-            "train the adapter over them. The output head, the embeddings and the norms stay unquantized "
-            "in model.dtype, and nothing is copied to float32 but the adapter weights (with their "
-            "gradients and optimizer state), which are float32 always: unlike PEFT's "
-            "prepare_model_for_kbit_training, which upcasts every unquantized weight (2 GB more for an 8B "
-            "Llama 3) and with them the activations. The norms already compute in float32 internally. "
-            "Unset: not quantized. On a GPU the weights are quantized as they load onto it."
-        ),
-    )
-
+from peftctl.sections import PATH, ModelSection, QuantizationSection, Section  # noqa: F401  (re-exported)
 
 FormatName = Literal[tuple(FORMAT_FIELDS)]  # type: ignore[valid-type]  # the names formats.py defines
 SOURCE = {"path": "source"}  # a path, glob or folder (resolved like a path) or a hub dataset id (kept)

@@ -458,7 +458,7 @@ def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dic
     if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
         # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
         # hub id, and means that built-in here): its own loader converts it.
-        from peftctl.recipe import ModelSection
+        from peftctl.sections import ModelSection
 
         unknown = sorted(set(kwargs) - {"dtype"})
         if unknown:
