@@ -19,7 +19,7 @@ import numpy as np
 
 from peftctl.constants import IGNORE_INDEX
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokens never straddle a prompt / response boundary (tokenize.py)
 
 
 @dataclass
