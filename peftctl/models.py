@@ -13,13 +13,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
-from peftctl.fsio import apply_umask, cache_root, temp_dir
+from peftctl.fsio import atomic_dir, cache_root
 
 
 @dataclass(frozen=True)
@@ -153,9 +152,9 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(final.parent, final.name)
-    try:
+    # The marker is written last; a folder without it (an older version's, interrupted) is
+    # replaced, one another process finished meanwhile kept.
+    with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
         with _reading_gguf(gguf):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -163,15 +162,6 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        apply_umask(tmp)
-        if final.exists():  # a stale, incomplete folder from an older version: replace it
-            if (final / _DONE_MARKER).exists():
-                return final  # someone else finished first
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -9,7 +9,6 @@ several tables: the train or eval data of a recipe after mixing and splitting.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +82,10 @@ class TableWriter:
         self.lengths[offsets].append(np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays)))
 
     def close(self, meta: dict[str, Any]) -> None:
-        """Finish the table; every file reaches the disk before meta.json, which marks it complete."""
+        """Finish the table: meta.json, written last, marks it complete. (The folder reaches the disk
+        whole before it is renamed into the cache: `fsio.atomic_dir`.)"""
         for f in self.files.values():
-            _sync_close(f)
+            f.close()
         offsets = ["offsets"] + (["prompt_offsets"] if self.prompts else []) + (["rejected_offsets"] if self.rejected else [])
         for name in offsets:
             arr = np.zeros(self.count + 1, dtype=np.int64)
@@ -102,18 +102,11 @@ class TableWriter:
         self._save("meta.json", json.dumps(meta, indent=1).encode())
 
     def _save(self, name: str, data: np.ndarray | bytes) -> None:
-        f = open(self.folder / name, "wb")
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            np.save(f, data)
-        _sync_close(f)
-
-
-def _sync_close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+        with open(self.folder / name, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                np.save(f, data)
 
 
 class Table:
