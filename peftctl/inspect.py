@@ -30,6 +30,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
 
     from peftctl.adapters.config import AdapterConfig
     from peftctl.adapters.io import PREFIX, has_adapter
+    from peftctl.adapters.lora.config import lora_scaling
     from peftctl.adapters.matching import saved_pattern_value
     from peftctl.runs import check_adapter_files, read_summary
 
@@ -53,7 +54,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         params = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{PREFIX}{name}.lora_"))
         modules.append({
             "module": name, "rank": rank, "lora_alpha": alpha,
-            "scaling": alpha / (math.sqrt(rank) if config.use_rslora else rank), "params": params,
+            "scaling": lora_scaling(alpha, rank, config.use_rslora), "params": params,
         })
     counted = {k for k in shapes if any(k.startswith(f"{PREFIX}{m['module']}.lora_") for m in modules)}
     other = {k.removeprefix(PREFIX): s for k, s in shapes.items() if k not in counted}
