@@ -240,7 +240,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize,
                                                density=density, svd_rank=svd_rank, max_shard_size=max_shard_size)
     max_shard_size = None if adapter_only else shard_bytes(max_shard_size)
-    models._quiet_transformers()
+    models.quiet_transformers()
     result: dict[str, Any] = {
         "output": str(out_dir),
         "adapters": [str(d) for d in run_dirs],

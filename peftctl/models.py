@@ -114,8 +114,9 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _quiet_transformers() -> None:
-    # transformers draws its own tqdm bars for every load; peftctl reports progress itself.
+def quiet_transformers() -> None:
+    """Turn off transformers' own progress bars (it draws one for every load; peftctl reports
+    progress itself). Called before loading, here and by `merge`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -151,7 +152,7 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     # The marker is written last; a folder without it (an older version's, interrupted) is
     # replaced, one another process finished meanwhile kept.
     with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
@@ -534,7 +535,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     import torch
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     source = source or resolve(spec.name_or_path, spec.cache_dir)
     dtype = dtype if dtype is not None else resolve_dtype(spec.dtype)
     quantized = spec.quantization is not None
