@@ -80,18 +80,43 @@ def test_masking_with_templates_that_add_text_around_messages(tmp_path, tok, tem
 
 
 def test_fast_renderer_renders_as_apply_chat_template(tok):
+    """The renderer compiled once through transformers' private helper, and its public fallback
+    (apply_chat_template per row, on transformers versions the helper was not checked with), give
+    apply_chat_template's text, and refuse what it refuses."""
+    import transformers
+
+    from peftctl.data.templates import compile_checked
+
+    assert compile_checked("5.24.0") and not compile_checked("5.23.1") and not compile_checked("6.0.0")
     messages = [{"role": "system", "content": "S"}, *CHAT["messages"]]
     for template in [tok.chat_template, ZEPHYR_STYLE, *NAMED_TEMPLATES.values()]:
-        render = ChatRenderer(tok, template)
+        renders = [ChatRenderer(tok, template, private=True), ChatRenderer(tok, template, private=False)]
+        assert renders[0].template is not None and renders[1].template is None  # the two ways
+        if compile_checked(transformers.__version__):
+            assert ChatRenderer(tok, template).template is not None  # the product's way here: the fast one
         msgs = messages[1:] if "raise_exception" in template else messages
         for gen in (False, True):
             try:
                 ref = tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
             except Exception:  # the template refuses: ours must too
-                with pytest.raises(ValueError):
-                    render(msgs, gen)
+                for render in renders:
+                    with pytest.raises(ValueError):
+                        render(msgs, gen)
                 continue
-            assert render(msgs, gen) == ref
+            assert [render(msgs, gen) for render in renders] == [ref, ref]
+
+
+def test_template_syntax_error_is_the_same_input_error_both_ways(tok):
+    from peftctl.data.templates import use_chat_template
+    from peftctl.errors import InputError
+
+    broken = "{% for message in messages %}{{ message['content'] }}\n{% endfor"
+    errors = []
+    for private in (True, False):
+        with pytest.raises(InputError) as e:
+            use_chat_template(tok, broken, private=private)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith("data.chat_template: Jinja syntax error on line 2")
 
 
 def test_completion_alpaca_classification_mask_the_prompt(tmp_path, tok):
@@ -363,7 +388,7 @@ def test_packed_batches_keep_examples_apart(tmp_path, tok):
 def test_packing_leaves_the_eval_loss_unchanged(chat_data, tok, tiny_model_dir, attention):
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)
@@ -382,7 +407,7 @@ def test_varlen_layout_gives_the_same_loss(chat_data, tok, tiny_model_dir):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)

@@ -425,6 +425,21 @@ def _fsdp2_worker(rank: int, world: int, model_dir: str, port: int) -> None:
         assert gathered.keys() == expected.keys()
         for k in expected:
             torch.testing.assert_close(gathered[k], expected[k], atol=1e-6, rtol=1e-5)
+        if rank == 0:
+            # The one saving path: the gathered tensors written as save_pretrained writes the live ones.
+            import tempfile
+
+            from safetensors.torch import load_file
+
+            with tempfile.TemporaryDirectory() as tmp:
+                sharded.save_adapter("default", Path(tmp) / "gathered", tensors=gathered)
+                plain.save_pretrained(Path(tmp) / "plain")
+                configs = [json.loads((Path(tmp) / d / "adapter_config.json").read_text()) for d in ("gathered", "plain")]
+                assert configs[0] == configs[1]
+                written, live = (load_file(Path(tmp) / d / "adapter_model.safetensors") for d in ("gathered", "plain"))
+                assert written.keys() == live.keys() == expected.keys()
+                for k in live:
+                    torch.testing.assert_close(written[k], live[k], atol=1e-6, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 

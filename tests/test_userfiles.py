@@ -437,3 +437,52 @@ def test_reading_blames_the_file_but_not_for_the_machines_limits(tmp_path):
         raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(MemoryError), reading(tmp_path / "x.bin", "a thing"):
         raise MemoryError()
+
+
+def test_atomic_dir_one_rule_for_a_folder_already_there(tmp_path):
+    """fsio.atomic_dir, the one folder builder (outputs, checkpoints, model and data caches): what
+    happens when the final name holds a folder at the end of the build, and that a failed build
+    leaves nothing."""
+    from peftctl.errors import InputError
+    from peftctl.fsio import atomic_dir
+
+    def build(path, content, **kw):
+        with atomic_dir(path, **kw) as tmp:
+            (tmp / "done").write_text(content)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "x").write_text(content)
+
+    def leftovers():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+
+    out = tmp_path / "out"
+    build(out, "1")
+    assert (out / "sub" / "x").read_text() == "1" and oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    with pytest.raises(InputError, match="not empty"):  # a user's output: refused, before any work
+        build(out, "2")
+    assert (out / "done").read_text() == "1"
+    # Something written under the final name while the build ran: still refused, and kept.
+    with pytest.raises(InputError, match="not empty"), atomic_dir(tmp_path / "late") as tmp:
+        (tmp / "done").write_text("mine")
+        (tmp_path / "late").mkdir()
+        (tmp_path / "late" / "theirs").write_text("theirs")
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["theirs"]
+    build(out, "3", exists="replace")  # a checkpoint of the same step again
+    assert (out / "done").read_text() == "3" and leftovers() == []  # the old one swapped out and removed
+    # A cache entry: a finished one (holding `done`) is another process's and kept; an unfinished one replaced.
+    with atomic_dir(out, exists="keep", done="done") as tmp:
+        (tmp / "done").write_text("4")
+    assert (out / "done").read_text() == "3"
+    (out / "done").unlink()
+    build(out, "5", exists="keep", done="done")
+    assert (out / "done").read_text() == "5" and (out / "sub" / "x").read_text() == "5"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "failed") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("the build failed")
+    assert not (tmp_path / "failed").exists() and leftovers() == []
+
+
+def _umask() -> int:
+    from peftctl.fsio import umask
+
+    return umask()

@@ -105,8 +105,8 @@ def checkpointing_runs(make_model, batch):
     """
     import torch
 
+    from peftctl.loss import loss_sum
     from peftctl.train import enable_gradient_checkpointing
-    from peftctl.train.loss import loss_sum
 
     calls, grads = [], []
     for checkpointing in (False, True):

@@ -39,7 +39,8 @@ def reference_markdown() -> str:
     out = [
         "# Recipe reference",
         "",
-        "Generated from the schema in `peftctl/recipe/` by `peftctl schema`. Do not edit by hand.",
+        "Generated from the schema in `peftctl/recipe/` and `peftctl/sections.py` by `peftctl schema`. Do not",
+        "edit by hand.",
         "",
         "Relative paths in a recipe file resolve against that file's folder; paths given with",
         "`--set` resolve against the current directory.",

@@ -1,5 +1,6 @@
 """What every schema section shares: the `Section` base class and the markers a field's
-`json_schema_extra` carries.
+`json_schema_extra` carries (defined in `peftctl.sections`, below the recipe, with the model section
+that rooms below the recipe take as input; `SOURCE` here).
 
 - `PATH`: the field holds a path; written in a recipe file it resolves against the file's folder,
   given with `--set` against the current directory (`paths.py`).
@@ -12,37 +13,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from peftctl.sections import PATH, TOOLS, Section, aka, also_known_as_of, training_argument
 
-from pydantic import BaseModel, ConfigDict
+__all__ = ["PATH", "SOURCE", "TOOLS", "Section", "aka", "also_known_as_of", "training_argument"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PATH = {"path": True}
 SOURCE = {"path": "source"}
-
-# The tools whose names `also_known_as` records: key -> the name the documentation shows.
-TOOLS = {"transformers": "transformers", "axolotl": "axolotl", "llamafactory": "LLaMA-Factory"}
-
-
-class Section(BaseModel):
-    # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def aka(*, transformers: str | None = None, axolotl: str | None = None, llamafactory: str | None = None,
-        **extra: Any) -> dict[str, Any]:
-    """`json_schema_extra` for a field that other tools call by these names (None: no option there
-    means the same); `extra` adds other markers (`**PATH`)."""
-    names = {"transformers": transformers, "axolotl": axolotl, "llamafactory": llamafactory}
-    return {**extra, "also_known_as": {tool: name for tool, name in names.items() if name}}
-
-
-def training_argument(name: str, *, axolotl: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A field that is transformers' `TrainingArguments.<name>`, which LLaMA-Factory takes as it is
-    (its training arguments are transformers' own)."""
-    return aka(transformers=name, axolotl=axolotl, llamafactory=name, **extra)
-
-
-def also_known_as_of(extra: Any) -> dict[str, str]:
-    """{tool: name} recorded in a field's `json_schema_extra` (empty when none)."""
-    return dict(extra.get("also_known_as", {})) if isinstance(extra, dict) else {}

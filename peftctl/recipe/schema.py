@@ -1,5 +1,5 @@
-"""`Recipe`, the whole schema: the sections (`model.py`, `data.py`, `train.py`, the small ones here,
-and the adapter configs of `peftctl.adapters`, one schema with the Python API), the checks across
+"""`Recipe`, the whole schema: the sections (`peftctl.sections`' model section, `data.py`, `train.py`,
+the small ones here, and the adapter configs of `peftctl.adapters`, one schema with the Python API), the checks across
 sections, and how to walk the schema from a dotted key to the class or field that holds it (for
 "did you mean", path fields and the docs).
 """
@@ -16,9 +16,9 @@ from peftctl.adapters.registry import config_classes
 from peftctl.errors import Problem
 from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
-from peftctl.recipe.model import ModelSection
 from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.train import TrainSection
+from peftctl.sections import ModelSection
 
 
 class TrackingSection(Section):

@@ -18,7 +18,6 @@ naming the file (`userfiles.BadFileError`), and nothing is written.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from peftctl.errors import InputError, PeftctlError
-from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
+from peftctl.fsio import atomic_dir
 from peftctl.userfiles import BadFileError, check_readable, read_json, reading, torch_load
 
 CHECKPOINTS = "checkpoints"
@@ -213,7 +212,8 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """Saved key -> full CPU tensor: what save_pretrained writes (biases the adapter trains and resized
-    embeddings included). Under FSDP2 every process must call this (it gathers)."""
+    embeddings included), for `PeftModel.save_adapter(..., tensors=)` on the main process. Under
+    FSDP2 every process must call this (it gathers)."""
     out = {}
     for key, t in peft_model.adapter_tensors_to_save("default").items():
         t = t.detach()
@@ -221,19 +221,6 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
             t = t.full_tensor()
         out[key] = t.to("cpu").contiguous().clone()
     return out
-
-
-def save_adapter(peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write an adapter folder in PEFT's format from gathered tensors (main process only)."""
-    from safetensors.torch import save_file
-
-    from peftctl.adapters.config import WEIGHTS_NAME
-    from peftctl.fsio import atomic_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    peft_model.saved_config("default").save_pretrained(folder)
 
 
 def copy_adapter(src: Path, dest: Path) -> None:
@@ -289,7 +276,7 @@ class Payload:
     """What a checkpoint holds, gathered on every process, written by the main one."""
 
     step: int
-    adapter: dict[str, torch.Tensor] | None  # gathered under FSDP; else None: save_pretrained reads the model
+    adapter: dict[str, torch.Tensor] | None  # gathered under FSDP; else None: save_adapter reads the model
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
@@ -299,15 +286,10 @@ class Payload:
 
 def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: int) -> Path:
     """Write a checkpoint atomically, then prune old ones (keeping the best). Main process only."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_name(payload.step)
-    tmp = temp_dir(root, final.name)
-    try:
-        if payload.adapter is None:
-            peft_model.save_pretrained(tmp)
-        else:
-            save_adapter(peft_model, payload.adapter, tmp)
+    final = Path(run_dir) / CHECKPOINTS / step_name(payload.step)
+    # The same step again (a resumed run that had already finished) replaces the old checkpoint.
+    with atomic_dir(final, exists="replace", what="checkpoint folder") as tmp:
+        peft_model.save_adapter("default", tmp, tensors=payload.adapter)
         _save(payload.optimizer, tmp / "optimizer.pt")
         _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
@@ -315,20 +297,7 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
         _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a state file is complete.
-        atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
-        apply_umask(tmp)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step again (a resumed run that had already finished)
-            old = root / f".{final.name}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(payload.state), indent=1) + "\n", encoding="utf-8")
     prune(run_dir, keep, payload.state.best_step)
     return final
 
@@ -338,14 +307,6 @@ def _save(obj: Any, path: Path) -> None:
     # file-size limit) as the context of torch's "unexpected pos" error (fsio.disk_full_reason).
     with open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(run_dir: Path, keep: int, best_step: int | None) -> None:

@@ -50,6 +50,9 @@ class _ConvNd(LoraLayer):
         return delta.view(base.weight.shape) * self.scaling[adapter_name]
 
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
+        """s * B(A(dropout(x))) + s * B's bias: (N, in_channels, *spatial) -> (N, out_channels,
+        *spatial_out) (spatial_out as the base convolution gives), in the activations' dtype
+        (autocast's when on); see `LoraLayer.lora_delta`."""
         dtype = compute_dtype(x)
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if apply_dropout:

@@ -38,6 +38,8 @@ class Linear(LoraLayer):
         return self.from_out_first(b @ a) * self.scaling[adapter_name]
 
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
+        """s * B(A(dropout(x))) + s * B's bias: (..., in_features) -> (..., out_features), in the
+        activations' dtype (autocast's when on); see `LoraLayer.lora_delta`."""
         dtype = compute_dtype(x)
         b = self.lora_B[adapter_name]
         if apply_dropout:

@@ -1,12 +1,54 @@
-"""The `model` section: the base model, how it loads, and its quantization."""
+"""The recipe sections that rooms below the recipe take as input, and the base every section derives from.
+
+`models` loads from a `ModelSection` (its `quantization` a `QuantizationSection`), and the adapter
+core builds one for a base model it reads from a GGUF file (`AutoPeftModel`), so the model section
+sits below both, as the adapters' configs sit in `adapters/`: `peftctl.recipe` composes them all
+into one schema (the single source of truth; docs/recipe.md is generated from it) and re-exports
+these names. Pydantic only: no torch.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from peftctl.recipe.fields import PATH, Section, aka
+from peftctl.constants import DTYPES
+
+# A field holding a path (resolved against the recipe's folder, or the working directory for --set).
+PATH = {"path": True}
+# A dtype a recipe may name: one of constants.DTYPES, or auto (decided by the hardware).
+DtypeName = Literal[("auto", *DTYPES)]  # type: ignore[valid-type]
+
+
+class Section(BaseModel):
+    # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# The tools whose names `aka` records (a field's name elsewhere when an option there means the same):
+# key -> the name the documentation shows. `peftctl.recipe.foreign` reads them back as one table.
+TOOLS = {"transformers": "transformers", "axolotl": "axolotl", "llamafactory": "LLaMA-Factory"}
+
+
+def aka(*, transformers: str | None = None, axolotl: str | None = None, llamafactory: str | None = None,
+        **extra: Any) -> dict[str, Any]:
+    """`json_schema_extra` for a field that other tools call by these names (None: no option there
+    means the same): transformers (`TrainingArguments`; for the model section `from_pretrained` and
+    `BitsAndBytesConfig`), axolotl, LLaMA-Factory. `extra` adds other markers (`**PATH`)."""
+    names = {"transformers": transformers, "axolotl": axolotl, "llamafactory": llamafactory}
+    return {**extra, "also_known_as": {tool: name for tool, name in names.items() if name}}
+
+
+def training_argument(name: str, *, axolotl: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A field that is transformers' `TrainingArguments.<name>`, which LLaMA-Factory takes as it is
+    (its training arguments are transformers' own)."""
+    return aka(transformers=name, axolotl=axolotl, llamafactory=name, **extra)
+
+
+def also_known_as_of(extra: Any) -> dict[str, str]:
+    """{tool: name} recorded in a field's `json_schema_extra` (empty when none)."""
+    return dict(extra.get("also_known_as", {})) if isinstance(extra, dict) else {}
 
 
 class QuantizationSection(Section):
@@ -31,7 +73,7 @@ class QuantizationSection(Section):
         json_schema_extra=aka(transformers="bnb_4bit_use_double_quant",
                               llamafactory="double_quantization"),
     )
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: DtypeName = Field(
         default="auto",
         description=(
             "4-bit only: the dtype the quantized layers compute in (the 4-bit weight is dequantized to it "
@@ -70,7 +112,7 @@ class ModelSection(Section):
         ),
         json_schema_extra=aka(axolotl="base_model", llamafactory="model_name_or_path", **PATH),
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         default="auto",
         description=(
             "Dtype of the frozen base weights. auto: bfloat16 on a GPU that supports it, else "
