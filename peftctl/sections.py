@@ -21,10 +21,9 @@ PATH = {"path": True}
 DtypeName = Literal[("auto", *DTYPES)]  # type: ignore[valid-type]
 
 
-PATH = {"path": True}
-
-
 class Section(BaseModel):
+    """A recipe section: unknown fields refused, frozen once validated."""
+
     # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
