@@ -22,6 +22,8 @@ DtypeName = Literal[("auto", *DTYPES)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
+    """A recipe section: unknown fields refused, frozen once validated."""
+
     # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

@@ -73,14 +73,13 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     targets, reduction="sum")` computes it.
 
     hidden: (N, H) (or (..., H), flattened); weight: (V, H); targets: (N,) integer ids. Returns a
-    scalar in float32 (float64 for float64 input); the logits are computed and reduced in that
-    dtype, chunk_rows tokens at a time (default `default_chunk_rows(V)`). The gradients with respect
-    to `hidden` and `weight` (when they require it) are computed in the forward, chunk by chunk
-    (softmax - one_hot, times W or h), and kept: the backward only scales them by the incoming
-    gradient. So the forward costs the work of the forward and backward of the plain head, and
-    a call whose result is never differentiated wastes the gradient half (call it under
-    `torch.no_grad()` then: nothing requires grad, nothing extra is computed). Target ids must lie
-    in [0, V) or be IGNORE_INDEX.
+    scalar in float32 (float64 for float64 input). chunk_rows tokens at a time (default
+    `default_chunk_rows(V)`): each chunk's logits are multiplied in the inputs' dtype, then
+    reduced in float32 (or float64). The gradients with respect to `hidden` and `weight` (those
+    that require grad) are computed in the forward, chunk by chunk ((softmax - one_hot) times W, or
+    its transpose times h), and kept: the backward only scales them by the incoming gradient. So a
+    call on tensors that require grad costs the plain head's forward and backward even when no
+    backward follows. Target ids must lie in [0, V) or be IGNORE_INDEX.
     """
     if hidden.dim() != 2 or targets.dim() != 1:
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
