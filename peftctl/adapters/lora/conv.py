@@ -58,11 +58,7 @@ class _ConvNd(LoraLayer):
         if apply_dropout:
             x = self.dropout(adapter_name, x)
         h = a._conv_forward(x.to(dtype), a.weight.to(dtype), None)
-        scale = self.scaling[adapter_name]
-        if scale != 1.0:
-            h = h * scale
-        bias = None if b.bias is None else (b.bias * scale).to(dtype)
-        return b._conv_forward(h, b.weight.to(dtype), bias)
+        return self.scaled_b(adapter_name, h, b._conv_forward)
 
     def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         base = self.get_base_layer()

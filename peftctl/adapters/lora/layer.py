@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -111,6 +112,20 @@ class LoraLayer(AdapterLayer):
         float32 factors are cast (x is never cast up). s multiplies the r-wide intermediate, and
         B @ A is never formed. `apply_dropout=False`: the caller applied it (DoRA). The one
         function a fused kernel replaces; each layer kind states its shapes."""
+
+    def scaled_b(self, adapter_name: str, h: torch.Tensor,
+                 apply_b: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """s * B(h) + s * B's bias, for h = A(dropout(x)), the r-wide intermediate in the compute
+        dtype: s multiplies h (skipped when 1), B's bias is scaled in float32 then cast to h's dtype,
+        B's weight is cast to it, and `apply_b(h, weight, bias)` applies B as its layer kind does
+        (`F.linear`, a 1x1 convolution's `_conv_forward`). The sequence every `lora_delta` shares,
+        written once: where a fused kernel goes."""
+        b = self.lora_B[adapter_name]
+        scale = self.scaling[adapter_name]
+        if scale != 1.0:
+            h = h * scale
+        bias = None if b.bias is None else (b.bias * scale).to(h.dtype)
+        return apply_b(h, b.weight.to(h.dtype), bias)
 
     def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight, viewed with the output dimension first."""
