@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import alias_bomb
 
 from peftctl import recipe
 from peftctl.errors import RecipeError
@@ -150,15 +151,6 @@ def test_adapter_section_is_the_python_config_class():
 
 
 # ---- hostile and unusual YAML ------------------------------------------------------------------
-
-
-def alias_bomb(levels: int = 7, width: int = 9) -> str:
-    """`levels` levels of `width` aliases: width**levels values from a few hundred bytes."""
-    names = [chr(ord("a") + i) for i in range(levels)]
-    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
-    for prev, name in zip(names, names[1:], strict=False):
-        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
-    return "\n".join(lines) + "\n"
 
 
 def test_alias_bomb_is_refused_at_once():
