@@ -13,8 +13,9 @@ limit is recognised by `disk_full_reason`, so that the message says so.
 Temporary folders (`temp_dir`: the one place every atomic folder builder gets them) are named
 `.NAME.PID@HOST.XXXX.tmp`: the process that made them and a hash of the machine's name. A process
 killed mid-build (SIGKILL, power loss) cannot remove its own; the next `temp_dir` in the same folder
-removes every such folder whose process, on this machine, no longer runs. Folders of live processes,
-of other machines (a shared file system) and names peftctl did not make are never touched.
+removes every such folder whose process, on this machine, no longer runs. `atomic_file`'s temporary
+files are named the same way and removed by the same rule. Those of live processes, of other
+machines (a shared file system) and names peftctl did not make are never touched.
 
 Output paths are checked before any work (`check_output_dir`): a path below a regular file or a
 dangling symbolic link is an input error naming it; a symbolic link to an empty folder is that folder.
@@ -62,8 +63,10 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def _temp_file(folder: Path, name: str) -> tuple[int, str]:
-    """mkstemp beside the final file, with the mode a plain open() would give it (mkstemp: 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    """mkstemp beside the final file, with the mode a plain open() would give it (mkstemp: 0600),
+    named as `temp_dir` names folders (.NAME.PID@HOST.XXXXXXXX.tmp): one policy for leftovers, a
+    dead process's file removed with its folders (`clean_stale_temporaries`)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}@{_HOST}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
 
@@ -145,7 +148,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# .NAME.PID@HOST.XXXXXXXX<suffix>, as temp_dir names them (mkdtemp's part: letters, digits, "_").
+# .NAME.PID@HOST.XXXXXXXX<suffix>, as temp_dir and _temp_file name them (mkdtemp's and mkstemp's
+# part: letters, digits, "_").
 _TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[0-9a-f]{8})\.[a-z0-9_]+\.[a-z]+$")
 
 

@@ -486,3 +486,23 @@ def _umask() -> int:
     from peftctl.fsio import umask
 
     return umask()
+
+
+def test_a_temporary_file_of_a_killed_process_goes_by_the_folders_rule(tmp_path):
+    """atomic_file's temporary, left by a process killed while writing, is named as temp_dir's folders
+    are and removed by the next temp_dir in that folder; a live process's is kept."""
+    from peftctl.fsio import atomic_file, temp_dir
+
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom peftctl.fsio import atomic_file\n"
+            "with atomic_file(Path(sys.argv[1]) / 'summary.json') as tmp:\n"
+            "    tmp.write_text('half')\n    print(tmp, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    left = Path(p.stdout.strip())
+    assert left.is_file() and left.parent == tmp_path and left.name.startswith(".summary.json.")
+    with atomic_file(tmp_path / "mine.json") as live:
+        live.write_text("{}")
+        temp_dir(tmp_path, "out")
+        assert not left.exists() and live.exists()
+    assert (tmp_path / "mine.json").read_text() == "{}"
