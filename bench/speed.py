@@ -189,8 +189,8 @@ def setup_peftctl(args, setup: str, kernels: bool):
     import torch
 
     from peftctl import recipe as recipe_lib
+    from peftctl.loss import loss_sum, prepare
     from peftctl.train import prepare_model, speed_settings
-    from peftctl.train.loss import loss_sum, prepare
     from peftctl.train.optim import build_optimizer
     from peftctl.ui import Reporter
 

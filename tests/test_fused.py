@@ -26,7 +26,7 @@ from peftctl.kernels.norm import rms_norm
 from peftctl.kernels.offload import OffloadedCheckpoint
 from peftctl.kernels.rope import apply_rope
 from peftctl.kernels.swiglu import swiglu, swiglu_backward_
-from peftctl.train.loss import loss_plan, loss_sum, prepare
+from peftctl.loss import loss_plan, loss_sum, prepare
 
 HERE = Path(__file__).parent
 

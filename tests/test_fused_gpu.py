@@ -57,7 +57,7 @@ def _model(dtype, quantized=False, seed=0):
 
 def _step(model, batch, fused):
     from peftctl.adapters.lora.fused import disable_fused, enable_fused
-    from peftctl.train.loss import loss_sum
+    from peftctl.loss import loss_sum
 
     model.train()
     model.zero_grad()
@@ -191,7 +191,7 @@ def test_prepare_with_pinned_copies_gives_the_same_batch():
     """`loss.prepare(pin=True)` (the loop's prefetch on a GPU): the host tensors go through pinned
     memory and asynchronous copies; the device batch and loss plan are exactly those of the plain
     copies (integer tensors: any difference is a wrong copy, not rounding)."""
-    from peftctl.train.loss import prepare
+    from peftctl.loss import prepare
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (4, 256), generator=g)

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import torch
 
+from peftctl.constants import IGNORE_INDEX as IGNORE
 from peftctl.kernels.backend import use_triton
 
-IGNORE = -100
 
-
-def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20, bytes_per_logit: int = 8) -> int:
-    # Plain: float32 logits plus their softmax/gradient in place, about 8 bytes per (row, vocab
-    # entry). Fused: the logits in their own dtype, overwritten by their gradient (2 bytes in bf16).
+def default_chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20, bytes_per_logit: int = 8) -> int:
+    """Tokens per chunk for a `vocab`-wide head, kept within `budget_bytes` (at least 16 rows).
+    Plain PyTorch: float32 logits plus their softmax/gradient in place take about 8 bytes per (row,
+    vocabulary entry), the default; the fused kernel keeps the logits in their own dtype,
+    overwritten by their gradient (`bytes_per_logit` 2 in bf16). `memory.estimate` counts the plain
+    chunk (the larger of the two)."""
     return max(16, budget_bytes // (bytes_per_logit * vocab))
 
 
@@ -88,12 +90,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_rows: int | None = None) -> torch.Tensor:
-    """Sum of token cross-entropies of `hidden @ weight.T` against `targets` (-100: ignored).
+    """Sum of token cross-entropies of `hidden @ weight.T` against `targets` (IGNORE_INDEX, -100:
+    ignored): sum_i [logsumexp(h_i W^T) - (h_i W^T)[t_i]], as `F.cross_entropy(hidden @ weight.T,
+    targets, reduction="sum")` computes it.
 
-    hidden: (N, H); weight: (V, H); targets: (N,). Returns a float32 scalar (float64 for float64 input).
+    hidden: (N, H) (or (..., H), flattened); weight: (V, H); targets: (N,) integer ids. Returns a
+    scalar in float32 (float64 for float64 input). chunk_rows tokens at a time (default
+    `default_chunk_rows(V)`): each chunk's logits are multiplied in the inputs' dtype, then
+    reduced in float32 (or float64); on a GPU by the Triton kernel, which overwrites the chunk's
+    logits with their gradient in their own dtype. The gradients with respect to `hidden` and `weight` (those
+    that require grad) are computed in the forward, chunk by chunk ((softmax - one_hot) times W, or
+    its transpose times h), and kept: the backward only scales them by the incoming gradient. So a
+    call on tensors that require grad costs the plain head's forward and backward even when no
+    backward follows. Target ids must lie in [0, V) or be IGNORE_INDEX.
     """
     if hidden.dim() != 2 or targets.dim() != 1:
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     half = hidden.dtype in (torch.bfloat16, torch.float16)
-    rows = chunk_rows or _chunk_rows(weight.shape[0], bytes_per_logit=2 if half and use_triton(hidden) else 8)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], bytes_per_logit=2 if half and use_triton(hidden) else 8)
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows)

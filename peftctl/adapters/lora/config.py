@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +16,20 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # Inits PEFT offers that only decide the starting point of training and leave the base weights
 # alone: an adapter made with one of them loads here as it is (its trained weights are in the file).
 _WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "mica")
+
+
+def rank_factor(r: float, use_rslora: bool) -> float:
+    """What LoRA's scaling divides lora_alpha by: r (LoRA: Hu et al. 2021, arXiv 2106.09685, section
+    4.1), or sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732: with alpha / r the update's
+    learning slows as the rank grows; alpha / sqrt(r) keeps it rank-stable). Multiplicative:
+    rank_factor(k * r) = rank_factor(k) * rank_factor(r)."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """s in y = W x + s * B A x: lora_alpha / rank_factor(r, use_rslora), the one formula every
+    layer, config, resize and report uses. Its inverse: lora_alpha = s * rank_factor(r, use_rslora)."""
+    return lora_alpha / rank_factor(r, use_rslora)
 
 
 class LoraConfig(AdapterConfig):
@@ -179,7 +194,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        """The default scaling (`lora_scaling` of lora_alpha and r; patterns may differ per module)."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     @property
     def changes_base_weights(self) -> bool:
