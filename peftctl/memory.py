@@ -15,7 +15,9 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   query, keys and values and the attention output (b(2h + 2kv); o_proj's adapter reads that same
   output tensor); the MLP's gate output, activation output and up output (3bi; 1bi without a
   gate); and the inputs of the adapted projections, once per shared input (q/k/v: bh; gate/up: bh;
-  down: bi; other adapted layers: their input width), plus the r-wide adapter intermediates.
+  down: bi; other adapted layers: their input width), plus what each adapter layer says it keeps
+  besides (`AdapterLayer.saved_activations`: LoRA's r-wide intermediates; an IA3 layer that scales
+  its output keeps that output instead of its input).
   Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
   its 8-bit ones keep their input like an adapted layer.
   With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
@@ -127,10 +129,11 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
             weights[name] = weights.get(name, 0) + nbytes
 
     hidden, inter, kv, layers = _dims(config)
-    # Layers in the decoder blocks whose input autograd keeps: the adapted ones (their A needs it
-    # for its gradient) and bitsandbytes' 8-bit ones (its backward reads its input).
+    # Layers in the decoder blocks whose input autograd keeps: the adapted ones whose adapter needs it
+    # for its gradient (LoRA's A) and bitsandbytes' 8-bit ones (its backward reads its input).
     keepers = {name.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
-               if _LAYER_INDEX.search(name) and (isinstance(m, AdapterLayer) or type(m).__name__ == "Linear8bitLt")}
+               if _LAYER_INDEX.search(name) and ((isinstance(m, AdapterLayer) and m.saved_activations()[0])
+                                                 or type(m).__name__ == "Linear8bitLt")}
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in inner.named_modules())
     rms = any("RMSNorm" in type(m).__name__ for m in inner.modules())
     norm = 4 * hidden if rms else b * hidden
@@ -140,7 +143,7 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     for suffix in keepers.keys() - set(_ATTN_INPUT + _MLP_INPUT + _MLP_MIDDLE + _ATTN_OUTPUT):
         per_layer += b * getattr(keepers[suffix], "in_features", hidden)
     adapted = [m for name, m in inner.named_modules() if isinstance(m, AdapterLayer) and _LAYER_INDEX.search(name)]
-    per_layer += int(b * sum(sum(getattr(m, "r", {}).values()) for m in adapted) / max(layers, 1))
+    per_layer += int(b * sum(m.saved_activations()[1] for m in adapted) / max(layers, 1))
     tokens = workload.batch * workload.seq_len
     loss_tokens = max(1, int(tokens * workload.loss_fraction))
     # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients

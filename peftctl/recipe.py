@@ -553,6 +553,9 @@ class Recipe(Section):
             raise ValueError("data: set eval or eval_split, not both")
         if self.train.eval_every is not None and self.data.eval is None and self.data.eval_split is None:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_split")
+        if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
+            raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
+                             f"a {self.adapter.method} adapter has none")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:

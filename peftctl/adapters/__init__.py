@@ -8,6 +8,7 @@ _EXPORTS = {
     "AdapterConfig": "peftctl.adapters.config",
     "TaskType": "peftctl.adapters.config",
     "LoraConfig": "peftctl.adapters.lora.config",
+    "IA3Config": "peftctl.adapters.ia3.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
     "PeftConfig": "peftctl.adapters.config",

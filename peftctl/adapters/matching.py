@@ -128,10 +128,10 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 
 
 def in_selected_layers(name: str, config) -> bool:
-    wanted = config.layers_to_transform
+    wanted = getattr(config, "layers_to_transform", None)  # IA3's config has no layer selection
     if wanted is None or wanted == []:
         return True
-    index = layer_index(name, config.layers_pattern)
+    index = layer_index(name, getattr(config, "layers_pattern", None))
     if index is None:
         return False
     return index == wanted if isinstance(wanted, int) else index in wanted
@@ -177,15 +177,18 @@ def candidate_modules(model: nn.Module):
 
 
 def resolve_targets(model: nn.Module, config) -> list[str] | str:
+    """The config's target_modules, or when unset (or empty) its method's default for the model type
+    (the config class's `default_target_modules`, else PEFT's LoRA table `DEFAULT_TARGETS`)."""
     spec = config.target_modules
     if spec is None or spec == []:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        table = getattr(type(config), "default_target_modules", None) or DEFAULT_TARGETS
+        if model_type not in table:
             raise ValueError(
                 f"target_modules is unset and there is no default for model type {model_type!r}; "
                 "set target_modules (a list of names, a regex, or 'all-linear')"
             )
-        default = DEFAULT_TARGETS[model_type]
+        default = table[model_type]
         return default if isinstance(default, str) else list(default)
     return spec
 

@@ -147,11 +147,13 @@ class PeftModel(nn.Module):
         return self.base_model.unload()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
+                             combination_type: str | None = None, svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
-        """A new adapter combining others (PEFT's combination types and arguments)."""
+        """A new adapter combining others, with PEFT's arguments for the method: LoRA's combination
+        types (None: svd, PEFT's default) and options; IA3's weighted sum (combination_type None or
+        "linear", no other option). Other methods' adapters do not combine: ValueError, as in PEFT."""
         self.base_model.add_weighted_adapter(
             adapters, weights, adapter_name, combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
             svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
