@@ -109,5 +109,10 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     if not base:
         model = runs.attach_saved_adapter(model, adapter)
+    # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).
+    rows = models.embedding_rows(model)
+    if rows is not None:
+        models.check_token_ids(tokenizer.get_vocab(), rows,
+                               models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
     result = score(model, tokenizer, examples, recipe.eval, device, reporter)
     return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

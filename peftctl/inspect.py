@@ -22,12 +22,15 @@ def meta_model(recipe):
     from peftctl import models
     from peftctl.adapters import attach
 
-    source = models.resolve(recipe.model.name_or_path, recipe.model.cache_dir, convert=False)
-    models.check_model_files(recipe.model, source)  # headers only: a truncated weights file shows before a real run
-    config = models.load_config(recipe.model, source)
-    dtype = models.resolve_dtype(recipe.model.dtype)
+    spec = recipe.model
+    source = models.resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    models.check_model_files(spec, source)  # headers only: a truncated weights file shows before a real run
+    config = models.load_config(spec, source)
+    dtype = models.resolve_dtype(spec.dtype)
+    # The attention implementation loading gives (packing shapes its batches for it).
+    kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
     if recipe.model.quantization is not None:
         models.quantize_skeleton(model, recipe.model.quantization, dtype)
     try:
@@ -36,13 +39,14 @@ def meta_model(recipe):
         raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
 
-def inspect_recipe(recipe, workload=None) -> dict[str, Any]:
+def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
     """Which modules the recipe adapts and the parameter counts; with a `memory.Workload`, the
-    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length)."""
+    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length).
+    `built`: what `meta_model(recipe)` returned, when the caller has it already."""
     from peftctl.adapters.io import wrappers
     from peftctl.adapters.layer import AdapterLayer
 
-    peft_model, config, dtype = meta_model(recipe)
+    peft_model, config, dtype = built if built is not None else meta_model(recipe)
     rows = []
     for name, module in wrappers(peft_model.base_model.model):
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module.original_module

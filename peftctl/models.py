@@ -595,3 +595,76 @@ def base_model_reference(spec) -> str:
 def builtin_for_hub_id(hub_id: str | None) -> str | None:
     """The built-in alias whose original model is `hub_id` (what peftctl records for it), or None."""
     return next((alias for alias, b in BUILTIN_MODELS.items() if hub_id and b.hub_id == hub_id), None)
+
+
+def check_token_ids(vocab: dict[str, int], rows: int, where: str) -> None:
+    """InputError when a token's id is not a row of the model's embedding matrix.
+
+    `vocab` maps each token to its id (the tokenizer's vocabulary and added tokens); `rows` is the
+    number of rows of the embedding matrix (ids 0 to rows - 1). A token beyond it cannot be fed to
+    the model (the embedding lookup fails, mid-run) nor written as a GGUF vocabulary. One check for
+    `validate` (config.json and tokenizer.json), `train`, `train --dry-run`, `eval` and GGUF export.
+    """
+    beyond = sorted((i, t) for t, i in vocab.items() if i >= rows)
+    if not beyond:
+        return
+    first_id, first = beyond[0]
+    more = f" (and {len(beyond) - 1} more token(s) up to id {beyond[-1][0]})" if len(beyond) > 1 else ""
+    raise InputError(
+        f"{where}: token {first!r} (id {first_id}){more} has no row in the model's embedding matrix "
+        f"({rows} rows: ids 0 to {rows - 1}); give the model rows for the tokenizer's tokens "
+        "(model.resize_token_embeddings(len(tokenizer)), then save it) or use a tokenizer that fits it"
+    )
+
+
+def embedding_rows(model) -> int | None:
+    """The token ids a model takes and predicts: its input embeddings' rows (and its output head's,
+    when that has fewer); None for a model that does not say. Works on the meta device too."""
+    counts = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            weight = getattr(getattr(model, getter)(), "weight", None)
+        except (AttributeError, NotImplementedError):
+            weight = None
+        if weight is not None and weight.dim() == 2:
+            counts.append(int(weight.shape[0]))
+        elif getter == "get_input_embeddings":
+            return None
+    return min(counts)
+
+
+def tokenizer_name(spec) -> str:
+    """How messages name a recipe's tokenizer."""
+    return f"tokenizer {spec.tokenizer}" if spec.tokenizer else f"model {spec.name_or_path}: the tokenizer"
+
+
+def check_tokenizer_fits(tokenizer, model, spec) -> None:
+    """`check_token_ids` for a recipe's tokenizer against its (loaded or meta-device) model."""
+    rows = embedding_rows(model)
+    if rows is not None:
+        check_token_ids(tokenizer.get_vocab(), rows, tokenizer_name(spec))
+
+
+def vocabulary_from_files(spec, source: ModelSource) -> tuple[dict[str, int], int] | None:
+    """(the tokenizer's {token: id}, config.json's vocab_size), read from the files alone (no
+    transformers, no torch: `validate`'s `check_token_ids`), or None where they do not say: a hub
+    id, a GGUF file, a tokenizer without tokenizer.json, a config without vocab_size."""
+    from peftctl.userfiles import read_json
+
+    where = Path(spec.tokenizer) if spec.tokenizer else Path(source.path)
+    if source.kind != "folder" or not (Path(source.path) / "config.json").is_file() or not where.is_dir():
+        return None
+    config = read_json(Path(source.path) / "config.json", "a model config")
+    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    if not isinstance(rows, int) or not (where / "tokenizer.json").is_file():
+        return None
+    tj = read_json(where / "tokenizer.json", "a tokenizer (tokenizers' JSON)")
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    ids = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}  # Unigram
+    for token in tj.get("added_tokens") or []:
+        ids[token["content"]] = token["id"]
+    if (where / "tokenizer_config.json").is_file():
+        decoder = read_json(where / "tokenizer_config.json", "a tokenizer config").get("added_tokens_decoder") or {}
+        for i, token in decoder.items():
+            ids[token["content"]] = int(i)
+    return ids, rows

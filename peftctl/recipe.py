@@ -230,7 +230,8 @@ class DataSection(Section):
         default_factory=dict,
         description=(
             "Column names, {format field: column}, e.g. {prompt: question, completion: answer}; chat "
-            "and sharegpt also map the message keys: {messages: dialog, role: from, content: value}."
+            "and sharegpt also map the message keys and the row's tool definitions: {messages: dialog, role: "
+            "from, content: value, tools: functions}."
         ),
     )
     roles: dict[str, str] = Field(

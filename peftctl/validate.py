@@ -52,6 +52,9 @@ def check_files(recipe, source: str | None = None) -> list[str]:
         problems += [recipe.problem("model.name_or_path", m) for m in model_problems(spec, src)]
         if src.kind != "hub" and not spec.tokenizer:
             problems += [recipe.problem("model.name_or_path", m) for m in tokenizer_problems(Path(src.path), src)]
+        if not problems:  # the files are there and readable: every token has an embedding row
+            field = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+            problems += [recipe.problem(field, m) for m in token_problems(spec, src)]
     if spec.tokenizer:
         folder = Path(spec.tokenizer)
         if folder.is_dir():
@@ -81,3 +84,18 @@ def tokenizer_problems(folder: Path, src=None) -> list[str]:
     from peftctl import models
 
     return models.tokenizer_file_problems(folder, src)
+
+
+def token_problems(spec, src) -> list[str]:
+    """Every token of the tokenizer has a row in the model's embedding matrix: train's check
+    (`models.check_token_ids`), made from config.json and tokenizer.json where the model is a
+    local folder that has them."""
+    from peftctl import models
+
+    try:
+        found = models.vocabulary_from_files(spec, src)
+        if found is not None:
+            models.check_token_ids(*found, models.tokenizer_name(spec))
+    except InputError as e:
+        return [str(e)]
+    return []

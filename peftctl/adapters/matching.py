@@ -271,6 +271,25 @@ def find_targets(model: nn.Module, config) -> list[str]:
     return names
 
 
+# bitsandbytes' quantized layers (also their weightless stand-ins on the meta device, `inspect`'s).
+_QUANTIZED_TYPES = ("Linear4bit", "Linear8bitLt")
+
+
+def _refuse_quantized(name: str, module: nn.Module) -> None:
+    """A ValueError when `module` is, or holds, a quantized layer: training a copy in full needs
+    floating-point weights (and gradients for them), which integer-coded weights do not have."""
+    for sub_name, sub in module.named_modules():
+        params = list(sub.parameters(recurse=False))
+        if type(sub).__name__ in _QUANTIZED_TYPES or any(not p.is_floating_point() for p in params):
+            what = f"is a quantized layer ({type(sub).__name__})" if not sub_name else (
+                f"holds a quantized layer ({name}.{sub_name}: {type(sub).__name__})")
+            raise ValueError(
+                f"modules_to_save names {name}, which {what}: its weights are stored as integer codes, "
+                "so it cannot be trained in full; adapt it with LoRA instead (list it in target_modules), "
+                "or load the base model unquantized"
+            )
+
+
 def find_modules_to_save(model: nn.Module, config) -> list[str]:
     """Dotted names of the modules saved in full: those whose path ends with a `modules_to_save`
     name or one the task type adds (PEFT's plain-suffix rule). A name of the user's that matches
@@ -294,6 +313,8 @@ def find_modules_to_save(model: nn.Module, config) -> list[str]:
             f"task_type {config.task_type} trains the model's head in full, found by the name "
             f"{' or '.join(task_names)}; this model has no such module, so no head is trained or saved "
             "(name it in modules_to_save)", UserWarning, stacklevel=3)
+    for name in found:
+        _refuse_quantized(name, model.get_submodule(name))
     adapted = [n for n in found if isinstance(model.get_submodule(n), AdapterLayer)]
     if adapted:
         raise ValueError(f"modules_to_save names {adapted[0]}, which an adapter already adapts; it cannot also be saved in full")

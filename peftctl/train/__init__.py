@@ -323,6 +323,24 @@ def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: Callable
     return ckpt, notes, finished_run(resume, run_dir, run_recipe.train, ckpt)
 
 
+# Checks `train` makes before it creates the run folder, shared with `train --dry-run` (plan.py),
+# which makes train's checks in train's order (with the model on the meta device): what one refuses
+# before the first step, the other refuses with the same message and exit code.
+
+
+def check_model(recipe, model, tokenizer) -> None:
+    """The model with its adapter (loaded, or on the meta device) against the tokenizer: every token
+    has an embedding row."""
+    from peftctl import models
+
+    models.check_tokenizer_fits(tokenizer, model, recipe.model)
+
+
+def check_data(dataset, num_processes: int) -> None:
+    if len(dataset.train) < num_processes:
+        raise InputError(f"{len(dataset.train)} training examples cannot feed {num_processes} processes")
+
+
 def enable_gradient_checkpointing(peft_model) -> None:
     base = peft_model.get_base_model()
     # Non-reentrant checkpointing needs no inputs that require grad; transformers still hooks the
@@ -445,10 +463,10 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     # Straight onto this process's GPU (no full copy in host memory first); FSDP shards from the host.
     device_map = {"": accelerator.device} if accelerator.device.type == "cuda" and not fsdp else None
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
+    check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
                              attention=model.config._attn_implementation, reporter=reporter)
-    if len(dataset.train) < accelerator.num_processes:
-        raise InputError(f"{len(dataset.train)} training examples cannot feed {accelerator.num_processes} processes")
+    check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "
