@@ -1,6 +1,7 @@
-"""The training loop's hooks for adapter methods (`peftctl.adapters.hooks`), end to end through
-`peftctl train`, with a test-only method (tests/hooked_ia3: IA3 plus a loss term
-pull * sum((l - 1)^2), and an after-step action that records the step and its gradients).
+"""What an adapter method may plug into the shared machinery, with a test-only method
+(tests/hooked_ia3: IA3 plus a loss term pull * sum((l - 1)^2), an after-step action that records the
+step and its gradients, and a frozen vector kept outside the layers): the training loop's hooks
+(`peftctl.adapters.hooks`) end to end through `peftctl train`, and model-level state.
 
 - A loss term enters each optimizer step once, whatever the gradient accumulation: with SGD and no
   clipping, one step with the term and one without differ by exactly -lr * d(term)/dl.
@@ -67,8 +68,8 @@ def test_a_loss_term_counts_once_per_step_whatever_the_accumulation(hooked_metho
         ends[weight] = _adapter(tmp_path / f"run-{weight}")
     set_seed(0)  # the start both runs had: the seeded random vectors
     start, _ = prepare_model(recipe_lib.load(recipe))
-    start = {k: t for k, t in start.adapter_tensors_to_save("default").items()}
-    assert start.keys() == ends[pull].keys() and len(start) == 6
+    start = {k: t for k, t in start.adapter_tensors_to_save("default").items() if k.endswith(".ia3_l")}
+    assert len(start) == 6 and start.keys() < ends[pull].keys()
     for key, l0 in start.items():
         # The token loss's gradient is the same in both runs (same start, same batches); the term adds
         # 2 * pull * (l0 - 1) once (not once per micro-batch). float32: ~1e-7 of values around 1.
@@ -109,3 +110,35 @@ def test_after_step_hooks_and_their_state_survive_a_resume(hooked_method, make_r
     _as_if_killed_after_step_2(resumed)
     r = run("train", recipe, "--set", f"output.dir={resumed}", "--resume", "auto", code=2)
     assert f"{HOOKS_FILE}: missing" in r.stderr and "training state" in r.stderr
+
+
+def test_state_outside_the_layers_is_made_first_handed_to_the_layers_saved_and_loaded(hooked_method, tiny_llama,
+                                                                                       tmp_path):
+    """A method's model-level state (VeRA's shared projections are such): `before_inject` makes it
+    from the target list, each layer receives it, `model_tensors` saves and loads it under its own
+    key, and it goes with its adapter (deleted, or never kept when the adapter fails to attach)."""
+    from hooked_ia3.config import HookedIA3Config
+
+    from peftctl import PeftModel, get_peft_model
+
+    config = HookedIA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[])
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config)
+    shared = model.base_model.method_state["default"]
+    assert shared.targets == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("k_proj", "v_proj")]
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    assert layer.states["default"] is shared
+    model.add_adapter("second", config)
+    assert layer.states["second"] is model.base_model.method_state["second"] is not shared
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.hooked_gain"], shared.gain) and len(saved) == 5
+
+    torch.manual_seed(1)  # another random gain, which loading replaces
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded.base_model.method_state["default"].gain, shared.gain)
+    model.delete_adapter("second")
+    assert list(model.base_model.method_state) == ["default"]
+    with pytest.raises(TypeError, match="model.embed_tokens is a .*Embedding"):  # no layer for it: nothing kept
+        model.add_adapter("third", config.model_copy(update={"target_modules": ["v_proj", "embed_tokens"]}))
+    assert list(model.base_model.method_state) == ["default"] and "third" not in model.peft_config

@@ -338,10 +338,10 @@ def test_quantized_bases_follow_the_formula_and_move_both_ways_with_peft(tiny_mo
             assert (ours.eval()(input_ids=ids).logits - expected).abs().max() > 0.1  # the adapter matters
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=ATOL)
         torch.testing.assert_close(back.eval()(input_ids=ids).logits, expected, rtol=0, atol=ATOL)
-        l = layer.ia3_l["default"]
-        torch.testing.assert_close(layer(x), layer.base_layer(x * l.flatten()), rtol=0, atol=0)
+        vec = layer.ia3_l["default"].flatten()
+        torch.testing.assert_close(layer(x), layer.base_layer(x * vec), rtol=0, atol=0)
         if bits == 4:  # the plain path: the dequantized weight times the scaled input, in float32
-            torch.testing.assert_close(layer(x), (x * l.flatten()) @ dequantize(layer.base_layer).T,
+            torch.testing.assert_close(layer(x), (x * vec) @ dequantize(layer.base_layer).T,
                                        rtol=0, atol=ATOL)
     with pytest.raises(ValueError, match="cannot merge into a quantized Linear(4bit|8bitLt) weight"):
         ours.merge_and_unload()

@@ -221,11 +221,12 @@ class LayerTypes:
                 self.register(base_type, cls)
         return self._entries
 
-    def dispatch(self, target: nn.Module, adapter_name: str, config, module_name: str) -> AdapterLayer:
-        """The layer wrapping `target` for this adapter, or a TypeError naming the module and its type."""
+    def dispatch(self, target: nn.Module, adapter_name: str, config, module_name: str, **state) -> AdapterLayer:
+        """The layer wrapping `target` for this adapter, or a TypeError naming the module and its type.
+        `state`: what the method's `before_inject` made (`state=...`), handed to the layer class."""
         for base_type, cls in self.entries():
             if isinstance(target, base_type):
-                return cls(target, adapter_name, config, module_name=module_name)
+                return cls(target, adapter_name, config, module_name=module_name, **state)
         supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in self.entries()))
         raise TypeError(
             f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "

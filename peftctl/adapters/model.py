@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from peftctl.adapters import io
@@ -54,6 +55,8 @@ class AdapterModel(nn.Module):
         self.base_vocab_size: int | None = None
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
         self._training_hooks: dict[str, TrainingHooks] = {}  # what methods add to training (hooks.py)
+        # Per adapter, what its method keeps outside the layers (made by the method's `before_inject`).
+        self.method_state = nn.ModuleDict()
         keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -101,20 +104,30 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"module {name} is trained in full by another adapter (modules_to_save)")
         done: list[tuple[nn.Module, str, nn.Module]] = []
         try:
+            # A method's state outside the layers, made before them (VeRA's shared projections, sized
+            # for the largest target), is handed to each of its layers as `state`.
+            before = optional(config.method, "before_inject")
+            state = before(self, adapter_name, config, names) if before else None
+            extra = {}
+            if state is not None:
+                self.method_state[adapter_name] = state
+                extra = {"state": state}
             for name in names:
                 parent, attr = _parent(self.model, name)
                 module = getattr(parent, attr)
                 done.append((parent, attr, module))
                 if isinstance(module, AdapterLayer):
-                    module.update_layer(adapter_name, config, module_name=name)
+                    module.update_layer(adapter_name, config, module_name=name, **extra)
                 else:
-                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name, **extra))
         except Exception:
             # A target that cannot take the adapter: leave the model's structure as it was.
             for parent, attr, module in done:
                 setattr(parent, attr, module)
                 if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
                     module.delete_adapter(adapter_name)
+            if adapter_name in self.method_state:
+                del self.method_state[adapter_name]
             raise
         for name in saved:
             parent, attr = _parent(self.model, name)
@@ -164,10 +177,31 @@ class AdapterModel(nn.Module):
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         self._training_hooks.pop(adapter_name, None)
+        if adapter_name in self.method_state:
+            del self.method_state[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
         self._apply_trainability()
+
+    # ---- an adapter's tensors, as saved --------------------------------------------------------------
+    def method_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved key -> live tensor of what the adapter's method keeps outside the layers (its
+        `model_tensors` hook, e.g. VeRA's shared projections under `base_model.vera_A`); none for most."""
+        fn = optional(self.peft_config[adapter_name].method, "model_tensors")
+        return fn(self, adapter_name) if fn else {}
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved key -> live tensor of everything one adapter saves but the embedding matrices: its
+        layers' tensors, its method's model-level tensors, modules_to_save copies and trained biases."""
+        self._check_names([adapter_name])
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        return io.adapter_tensors(self.model, adapter_name, bias, self.method_tensors(adapter_name))
+
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy saved tensors (PEFT's keys) into the adapter; every key must fit both ways (`io.load_weights`)."""
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        io.load_weights(self.model, adapter_name, tensors, source, bias, self.method_tensors(adapter_name))
 
     def training_hooks(self) -> HookSet:
         """What the active adapters' methods contribute to the training loop (`hooks.py`): false

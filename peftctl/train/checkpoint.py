@@ -242,7 +242,7 @@ def load_adapter(peft_model, ckpt: Path) -> None:
     from peftctl.adapters import io
 
     try:
-        io.load_weights(peft_model.base_model.model, "default", io.read_weights(ckpt), str(ckpt))
+        peft_model.base_model.load_adapter_tensors("default", io.read_weights(ckpt), str(ckpt))
     except PeftctlError:
         raise  # a bad file: the error names it
     except ValueError as e:

@@ -1,11 +1,48 @@
-"""IA3's layers, and hooks that add a loss term and record each optimizer step with its gradients."""
+"""IA3's layers with what a method may add through the shared plumbing: training hooks (a loss term,
+an action after each step, their state in checkpoints) and state outside the layers (made before the
+layers by `before_inject`, handed to each layer, saved and loaded under its own key)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from peftctl.adapters.hooks import TrainingHooks
-from peftctl.adapters.ia3.layer import IA3Layer, dispatch  # noqa: F401 (the method's dispatch)
+from peftctl.adapters.ia3.layer import IA3Layer, Linear
+from peftctl.adapters.layer import LayerTypes
+
+
+class Shared(nn.Module):
+    """A frozen random vector kept once per adapter (as VeRA keeps its shared projections)."""
+
+    def __init__(self, targets: list[str]):
+        super().__init__()
+        self.targets = list(targets)
+        self.register_buffer("gain", torch.rand(4))
+
+
+class SharedLinear(Linear):
+    """IA3's Linear that also records the method's model-level state it was given."""
+
+    def __init__(self, base_layer, adapter_name: str, config, module_name: str = "", state=None):
+        super().__init__(base_layer, adapter_name, config, module_name=module_name)
+        self.states = {adapter_name: state}
+
+    def update_layer(self, adapter_name: str, config, module_name: str = "", state=None) -> None:
+        super().update_layer(adapter_name, config, module_name=module_name)
+        if hasattr(self, "states"):
+            self.states[adapter_name] = state
+
+
+dispatch = LayerTypes("IA3 (hooked)", lambda: [(nn.Linear, SharedLinear)]).dispatch
+
+
+def before_inject(model, adapter_name: str, config, targets: list[str]) -> Shared:
+    return Shared(targets)
+
+
+def model_tensors(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    return {"base_model.hooked_gain": model.method_state[adapter_name].gain}
 
 
 class PullHooks(TrainingHooks):

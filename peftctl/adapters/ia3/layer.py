@@ -37,7 +37,7 @@ class IA3Layer(AdapterLayer):
     def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def activation_view(self, l: torch.Tensor) -> torch.Tensor:
+    def activation_view(self, vec: torch.Tensor) -> torch.Tensor:
         """The vector as it broadcasts over an input or output activation."""
         raise NotImplementedError
 
@@ -68,11 +68,11 @@ class IA3Layer(AdapterLayer):
         """(product of the active input vectors, product of the active output vectors), or None."""
         scale_in = scale_out = None
         for name in self.active_adapters:
-            l = self.ia3_l[name]
+            vec = self.ia3_l[name]
             if self.is_feedforward[name]:
-                scale_in = l if scale_in is None else scale_in * l
+                scale_in = vec if scale_in is None else scale_in * vec
             else:
-                scale_out = l if scale_out is None else scale_out * l
+                scale_out = vec if scale_out is None else scale_out * vec
         return scale_in, scale_out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -147,12 +147,12 @@ class Linear(IA3Layer):
     def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         return (1, self.in_features) if feedforward else (self.out_features, 1)
 
-    def activation_view(self, l: torch.Tensor) -> torch.Tensor:
-        return l.flatten()  # features are the last dimension
+    def activation_view(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec.flatten()  # features are the last dimension
 
     def weight_factor(self, adapter_name: str) -> torch.Tensor:
-        l = self.ia3_l[adapter_name].detach().float()
-        return l.T if self.fan_in_fan_out else l
+        vec = self.ia3_l[adapter_name].detach().float()
+        return vec.T if self.fan_in_fan_out else vec
 
 
 class _ConvNd(IA3Layer):
@@ -166,21 +166,21 @@ class _ConvNd(IA3Layer):
     def vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         return (1, self.in_features if feedforward else self.out_features) + (1,) * (self._kernel_dim - 2)
 
-    def activation_view(self, l: torch.Tensor) -> torch.Tensor:
-        return l  # (1, C, 1, ...): channels are dimension 1
+    def activation_view(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec  # (1, C, 1, ...): channels are dimension 1
 
     def weight_factor(self, adapter_name: str) -> torch.Tensor:
         """Output scaling: l over the weight's first dimension. Input scaling: over its second, which
         with groups holds in_channels / groups channels per output channel (PEFT's layout)."""
-        l = self.ia3_l[adapter_name].detach().float()
+        vec = self.ia3_l[adapter_name].detach().float()
         if not self.is_feedforward[adapter_name]:
-            return l.transpose(0, 1)
+            return vec.transpose(0, 1)
         base = self.get_base_layer()
         if base.groups == 1:
-            return l
+            return vec
         per_in, per_out = base.in_channels // base.groups, base.out_channels // base.groups
-        l = l.reshape(base.groups, 1, per_in, *l.shape[2:]).expand(base.groups, per_out, per_in, *l.shape[2:])
-        return l.reshape(base.out_channels, per_in, *l.shape[3:])
+        vec = vec.reshape(base.groups, 1, per_in, *vec.shape[2:]).expand(base.groups, per_out, per_in, *vec.shape[2:])
+        return vec.reshape(base.out_channels, per_in, *vec.shape[3:])
 
 
 class Conv2d(_ConvNd):
