@@ -44,7 +44,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Parameter-efficient fine-tuning (LoRA) of transformers models, driven by YAML recipes.",
+    help="Parameter-efficient fine-tuning (LoRA, DoRA, IA3) of transformers models, driven by YAML recipes.",
 )
 
 _state = {"debug": False, "emitted": False}

@@ -797,9 +797,10 @@ def _unwrap_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
         return _unwrap_model(get_args(annotation)[0], None)
     if origin in (Union, types.UnionType):
         models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if isinstance(raw, dict) and "method" in raw:
+        if isinstance(raw, dict):
+            method = raw.get("method", "lora")  # unset: the default method (`Recipe._default_method`)
             for m in models:
-                if m.model_fields.get("method") and m.model_fields["method"].default == raw["method"]:
+                if m.model_fields.get("method") and m.model_fields["method"].default == method:
                     return m
         return models[0] if len(models) == 1 else None
     return None

@@ -107,6 +107,9 @@ def test_merge_and_every_export_give_the_adapter_models_outputs(runs, tmp_path, 
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "share")
     torch.testing.assert_close(_logits(theirs.eval(), IDS), adapted, rtol=0, atol=1e-5)
 
+    assert run_json("export", run_dir, "--format", "merged", "-o", tmp_path / "hf")["format"] == "merged"
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), IDS), adapted,
+                               rtol=0, atol=1e-5)
     res = run_json("export", run_dir, "--format", "gguf", "--dtype", "float32", "-o", tmp_path / "gguf")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -56,7 +56,7 @@ class AdapterModel(nn.Module):
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
         self._training_hooks: dict[str, TrainingHooks] = {}  # what methods add to training (hooks.py)
         # Per adapter, what its method keeps outside the layers (made by the method's `before_inject`).
-        self.method_state = nn.ModuleDict()
+        self.method_state = nn.ModuleDict().train(self.training)
         keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -110,7 +110,7 @@ class AdapterModel(nn.Module):
             state = before(self, adapter_name, config, names) if before else None
             extra = {}
             if state is not None:
-                self.method_state[adapter_name] = state
+                self.method_state[adapter_name] = state.train(self.training)  # the model's mode
                 extra = {"state": state}
             for name in names:
                 parent, attr = _parent(self.model, name)
