@@ -119,21 +119,17 @@ class RunFolder:
     def reopen(self, recipe_yaml: str, step: int) -> list[str]:
         """Continue a run from its checkpoint at `step`: drop what was written after it (metrics
         lines, later checkpoints). Returns the names of the checkpoints removed."""
+        from peftctl.runs import read_metrics
         from peftctl.train import checkpoint
 
         self.lock.acquire()
+        metrics = self.path / "metrics.jsonl"
+        # Every line checked before anything changes (a line that is not a metrics record is exit 2
+        # naming the file and line); the half line a kill left behind is dropped.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step] if metrics.exists() else []
         removed = checkpoint.clear_after(self.path, step)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
-        metrics = self.path / "metrics.jsonl"
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                pass  # the half line a kill left behind
-        atomic_write_text(metrics, "".join(x + "\n" for x in kept))
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return removed
 
     def write_metrics(self, record: dict[str, Any]) -> None:
@@ -156,10 +152,10 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import peftctl
+    from peftctl.constants import VERSION
 
     return {
-        "peftctl": peftctl.__version__,
+        "peftctl": VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
@@ -252,7 +248,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             return found
         _refuse_used(run_dir, "it holds no checkpoint to resume from; choose another output.dir or remove it")
     ckpt = Path(resume)
-    if not (ckpt / checkpoint.STATE_FILE).is_file():
+    if checkpoint.state_file(ckpt) is None:
         raise InputError(f"--resume {resume}: not a checkpoint folder (no {checkpoint.STATE_FILE}); "
                          f"checkpoints are RUN_DIR/{checkpoint.CHECKPOINTS}/step-NNNNNN")
     if ckpt.resolve().parent.parent != run_dir.resolve():
@@ -364,10 +360,8 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     if use_best:
         checkpoint.copy_adapter(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(state.best_step), run_dir)
         reporter.log(f"the run's adapter is the best one, from step {state.best_step}")
-    elif tensors is not None:
-        checkpoint.save_adapter(peft_model, tensors, run_dir)
     else:
-        peft_model.save_pretrained(run_dir)
+        peft_model.save_adapter("default", run_dir, tensors=tensors)
     tokenizer.save_pretrained(run_dir)
 
 
