@@ -68,6 +68,9 @@ CASES = {
     "llama-targets-default-ff": ("llama", {"target_modules": ["k_proj", "mlp.down_proj"]}),
     "gpt2-default": ("gpt2", {}),  # transformers' Conv1D; mlp.c_proj scales its input
     "linear-bias": ("mlp", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin0"]}),
+    # fan_in_fan_out follows the layer (PEFT sets it false for nn.Linear, with a warning): no effect here.
+    "linear-fan-in-fan-out": ("mlp", {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"],
+                                      "fan_in_fan_out": True}),
     "conv2d": ("conv2d", {"target_modules": ["conv", "pw"], "feedforward_modules": ["pw"]}),
     "conv2d-groups-input": ("grouped", {"target_modules": ["conv"], "feedforward_modules": ["conv"]}),
     "conv2d-groups-output": ("grouped", {"target_modules": ["conv"], "feedforward_modules": []}),
