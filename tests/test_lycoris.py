@@ -46,8 +46,6 @@ class Grouped(nn.Module):
 
 # case -> (method, model kind, config keywords); every case starts from random factors (init_weights false).
 CASES = {
-    "loha-llama-default": ("loha", "llama", {}),
-    "lokr-llama-default": ("lokr", "llama", {}),
     "loha-llama-patterns": ("loha", "llama", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4,
                                               "rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6},
                                               "alpha_pattern": {"v_proj": 3.0}, "modules_to_save": ["lm_head"]}),
@@ -199,7 +197,7 @@ def test_lokr_conv1d_with_a_low_rank_effective_w2_works_where_peft_fails(method)
 
 
 @pytest.mark.parametrize("case", ["loha-llama-patterns", "lokr-llama-patterns-layers", "loha-conv2d-effective",
-                                  "lokr-conv2d", "lokr-conv1d-full"])
+                                  "lokr-conv1d-full"])
 def test_merged_equals_unmerged_and_peft_s_merge(build, case):
     method, kind, kw = CASES[case]
     x = inputs(kind)

@@ -95,7 +95,7 @@ class LycorisLayer(AdapterLayer):
         self.match_mode(adapter_name)
 
     # ---- forward ------------------------------------------------------------------------------------
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         if self.kernel_size:
             return base._conv_forward(x, weight, None)  # the base's stride, padding (and its mode), dilation, groups
@@ -134,7 +134,7 @@ class LycorisLayer(AdapterLayer):
                 weight = self._training_weight(name, dtype)
             else:
                 weight = self.adapter_weight(name, dtype)
-            result = result + self._apply(x.to(dtype), weight).to(result.dtype)
+            result = result + self._product(x.to(dtype), weight).to(result.dtype)
         return result
 
     # ---- merging and what inspect and the memory estimate read ---------------------------------------
