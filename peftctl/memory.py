@@ -20,7 +20,9 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   gate); and the inputs of the adapted projections, once per shared input (q/k/v: bh; gate/up: bh;
   down: bi; other adapted layers: their input width), plus what each adapter layer says it keeps
   besides (`AdapterLayer.saved_activations`: LoRA's r-wide intermediates; an IA3 layer that scales
-  its output keeps that output instead of its input).
+  its output keeps that output instead of its input), and the full-size updates that LoHa and
+  LoKr layers build from their factors and keep for the backward (`saved_weights`, whatever the
+  number of tokens; one layer's with gradient checkpointing).
   Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
   its 8-bit ones keep their input like an adapted layer.
   With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
@@ -156,8 +158,11 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients
     # during its backward, one dequantized weight.
     always = tokens * (norm + b * (3 * inter + 2 * hidden)) + largest_quantized * b
-    without = tokens * layers * per_layer + always
-    with_ = tokens * (layers * b * hidden + per_layer) + always
+    # Adapter weights built per forward and kept for the backward (LoHa's and LoKr's ΔW): all of
+    # them, or one layer's while it is recomputed under gradient checkpointing.
+    kept_weights = b * sum(m.saved_weights() for m in adapted)
+    without = tokens * layers * per_layer + always + kept_weights
+    with_ = tokens * (layers * b * hidden + per_layer) + always + kept_weights // max(layers, 1)
 
     vocab = config.vocab_size
     if plain_head(inner) is not None:

@@ -9,6 +9,8 @@ _EXPORTS = {
     "TaskType": "peftctl.adapters.config",
     "LoraConfig": "peftctl.adapters.lora.config",
     "IA3Config": "peftctl.adapters.ia3.config",
+    "LoHaConfig": "peftctl.adapters.loha.config",
+    "LoKrConfig": "peftctl.adapters.lokr.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
     "PeftConfig": "peftctl.adapters.config",

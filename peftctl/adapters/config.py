@@ -38,6 +38,8 @@ class PeftType(str, enum.Enum):
 
     LORA = "LORA"
     IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
 
 
 class _ConfigCall(type(BaseModel)):

@@ -92,6 +92,12 @@ class AdapterLayer(nn.Module, abc.ABC):
         base output an output-side factor needs for its gradient). Default: the input only."""
         return True, 0
 
+    def saved_weights(self) -> int:
+        """Elements this layer's adapters keep for the backward pass whatever the number of tokens
+        (LoHa's and LoKr's full-size ΔW, the weight of their product with the input), for the
+        memory estimate. Default: none."""
+        return 0
+
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors saved for one adapter, keyed relative to this layer without the adapter's name
         (`lora_A.weight`, `lora_magnitude_vector`): PEFT's key layout."""

@@ -400,13 +400,19 @@ def peft_pattern_key(patterns, name: str) -> str | None:
 PATTERN_FIELDS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 
 
+def pattern_fields(config) -> dict[str, str]:
+    """{pattern field: the field whose value it overrides}: LoRA's, or the config class's own
+    `pattern_fields` (LoHa and LoKr: alpha_pattern overrides alpha)."""
+    return getattr(type(config), "pattern_fields", PATTERN_FIELDS)
+
+
 def check_patterns(config, names: list[str], model: nn.Module, loading: bool = False) -> None:
     """Every rank_pattern / alpha_pattern key must apply to at least one adapted module (`names`);
     a misspelt key is an error naming it and the closest module names (when loading a saved adapter,
     a warning, as PEFT gives: the file's weights are what they are). Ties are errors (`pattern_key`).
     When loading a file, PEFT's first-match rule (the file's order) and the most-specific rule must
     agree for every module: otherwise the file does not say which value the adapter was trained with."""
-    for field in PATTERN_FIELDS:
+    for field in pattern_fields(config):
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue
@@ -457,7 +463,7 @@ def peft_safe_patterns(config, names: list[str]) -> dict:
     differs from the default (`^model\\.layers\\.0\\.self_attn\\.q_proj`), which no other module
     matches."""
     update = {}
-    for field, default_field in PATTERN_FIELDS.items():
+    for field, default_field in pattern_fields(config).items():
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue

@@ -19,6 +19,8 @@ from typing import Any
 METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora",
     "ia3": "peftctl.adapters.ia3",
+    "loha": "peftctl.adapters.loha",
+    "lokr": "peftctl.adapters.lokr",
 }
 
 
