@@ -391,6 +391,7 @@ def peft_pattern_key(patterns, name: str) -> str | None:
     return next((k for k in patterns if pattern_coverage(k, name) is not None), None)
 
 
+# A config class may name its own ({field: default field}; `pattern_fields`, empty for none).
 PATTERN_FIELDS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 
 
@@ -400,7 +401,7 @@ def check_patterns(config, names: list[str], model: nn.Module, loading: bool = F
     a warning, as PEFT gives: the file's weights are what they are). Ties are errors (`pattern_key`).
     When loading a file, PEFT's first-match rule (the file's order) and the most-specific rule must
     agree for every module: otherwise the file does not say which value the adapter was trained with."""
-    for field in PATTERN_FIELDS:
+    for field in getattr(type(config), "pattern_fields", PATTERN_FIELDS):
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue
@@ -451,7 +452,7 @@ def peft_safe_patterns(config, names: list[str]) -> dict:
     differs from the default (`^model\\.layers\\.0\\.self_attn\\.q_proj`), which no other module
     matches."""
     update = {}
-    for field, default_field in PATTERN_FIELDS.items():
+    for field, default_field in getattr(type(config), "pattern_fields", PATTERN_FIELDS).items():
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue
