@@ -33,11 +33,12 @@ from peftctl.bnb import keep_plain_layout
 
 class AdaLoraLayer(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
+    other_param_names = ("r", "init_r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
+        self.init_r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
@@ -59,6 +60,7 @@ class AdaLoraLayer(AdapterLayer):
         if mask is not None:  # a saved adapter: only its surviving triplets (PEFT's resize on load)
             rank = sum(bool(m) for m in mask)
         self.r[adapter_name] = rank
+        self.init_r[adapter_name] = config.init_r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(rank)
         p = config.lora_dropout
@@ -131,7 +133,7 @@ class AdaLoraLayer(AdapterLayer):
     def describe(self, adapter_name: str) -> str:
         if adapter_name not in self.r:
             return ""
-        return f"r={self.r[adapter_name]} of init_r={int(self.ranknum[adapter_name].item())}"
+        return f"r={self.r[adapter_name]} of init_r={self.init_r[adapter_name]}"
 
     def saved_activations(self) -> tuple[bool, int]:
         return True, sum(self.r.values())  # the input (Q's gradient) and the r-wide intermediates
