@@ -11,6 +11,7 @@ _EXPORTS = {
     "IA3Config": "peftctl.adapters.ia3.config",
     "LoHaConfig": "peftctl.adapters.loha.config",
     "LoKrConfig": "peftctl.adapters.lokr.config",
+    "AdaLoraConfig": "peftctl.adapters.adalora.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
     "PeftConfig": "peftctl.adapters.config",

@@ -40,6 +40,7 @@ class PeftType(str, enum.Enum):
     IA3 = "IA3"
     LOHA = "LOHA"
     LOKR = "LOKR"
+    ADALORA = "ADALORA"
 
 
 class _ConfigCall(type(BaseModel)):

@@ -17,6 +17,9 @@ model for the hooks of its active adapters (`AdapterModel.training_hooks()`, a `
 - calls `after_optimizer_step(step)` after each optimizer update it makes (not after a skipped
   one), before the gradients are zeroed: they are the step's full gradients (accumulated, and
   reduced over processes); `step` is the 1-based number of that step;
+- calls `begin(total_steps)` once before its first step (a resumed run too), with the run's number
+  of optimizer steps, and `end()` once after its last step, before the run's adapter is saved (not
+  when the run stops early: the checkpoints hold the adapter as it trains);
 - saves `state_dict()` in every checkpoint (`adapter_hooks.pt`, loaded with weights_only: tensors
   and plain values only) and gives it back with `load_state_dict(state)` when the run resumes, so a
   resumed run continues exactly.
@@ -34,12 +37,19 @@ import torch
 class TrainingHooks:
     """One adapter's contribution to training; every method is optional (the defaults do nothing)."""
 
+    def begin(self, total_steps: int) -> None:
+        """Before the loop's first step: the run makes `total_steps` optimizer steps in all.
+        ValueError: the method cannot train for that many (the message says why)."""
+
     def loss_terms(self) -> dict[str, torch.Tensor]:
         """{name: scalar tensor} added to the step's objective (see the module docstring)."""
         return {}
 
     def after_optimizer_step(self, step: int) -> None:
         """After optimizer update number `step` (1-based), before gradients are zeroed."""
+
+    def end(self) -> None:
+        """After the run's last step, before its adapter is saved."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -65,9 +75,17 @@ class HookSet:
                 out[key if len(self.hooks) == 1 else f"{adapter}.{key}"] = value
         return out
 
+    def begin(self, total_steps: int) -> None:
+        for hooks in self.hooks.values():
+            hooks.begin(total_steps)
+
     def after_optimizer_step(self, step: int) -> None:
         for hooks in self.hooks.values():
             hooks.after_optimizer_step(step)
+
+    def end(self) -> None:
+        for hooks in self.hooks.values():
+            hooks.end()
 
     def state_dict(self) -> dict[str, Any]:
         return {adapter: hooks.state_dict() for adapter, hooks in self.hooks.items()}

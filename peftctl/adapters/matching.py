@@ -397,6 +397,7 @@ def peft_pattern_key(patterns, name: str) -> str | None:
     return next((k for k in patterns if pattern_coverage(k, name) is not None), None)
 
 
+# A config class may name its own ({field: default field}; `pattern_fields`, empty for none).
 PATTERN_FIELDS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 
 

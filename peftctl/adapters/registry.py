@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "ia3": "peftctl.adapters.ia3",
     "loha": "peftctl.adapters.loha",
     "lokr": "peftctl.adapters.lokr",
+    "adalora": "peftctl.adapters.adalora",
 }
 
 

@@ -481,6 +481,11 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     hooks = unwrapped.training_hooks()  # what the adapter method adds to training (often nothing)
+    if hooks:
+        try:
+            hooks.begin(steps)
+        except ValueError as e:
+            raise InputError(f"adapter: {e}") from None
 
     if ckpt is not None:
         state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter, hooks)
@@ -570,6 +575,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
                                   f"{where_to_resume()}; continue with --resume auto")
+            if hooks:
+                hooks.end()  # after the last step, before the run's adapter is saved
             save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
             summary.update(status="completed", stop_reason=ended)
     except StopNow as e:
