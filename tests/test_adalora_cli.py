@@ -144,7 +144,7 @@ def test_a_sigkilled_run_resumes_bit_for_bit(ada_run, tmp_path):
     out = tmp_path / "killed"
     proc = spawn("train", recipe, "--set", "train.max_steps=100000", "--set", f"output.dir={out}")
     ckpt = out / "checkpoints" / "step-000004"
-    wait_for(lambda: (ckpt / "trainer_state.json").exists(), proc)
+    wait_for(lambda: (ckpt / "peftctl_state.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert not (out / "summary.json").exists()
