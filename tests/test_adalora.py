@@ -274,6 +274,9 @@ def test_what_peft_cannot_do_either_is_refused_clearly(tiny_llama):
         model.add_weighted_adapter(["default"], [1.0], "x")
     with pytest.raises(ValueError, match="PEFT options peftctl does not implement: use_dora=True"):
         AdaLoraConfig(use_dora=True, total_step=4)
+    # LoRA's r means nothing to AdaLoRA (init_r is the rank): never dropped without a word
+    with pytest.warns(UserWarning, match="AdaLoraConfig: r is not used by AdaLoRA and is ignored; the initial rank is init_r"):
+        assert AdaLoraConfig(r=16, total_step=4).init_r == 12
     with pytest.raises(ValueError, match=r"tinit \(3\) must be below total_step - tfinal \(4 - 1\)"):
         AdaLoraConfig(tinit=3, tfinal=1, total_step=4)
     with pytest.raises(ValueError, match="beta1"):

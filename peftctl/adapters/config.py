@@ -62,6 +62,10 @@ class _ConfigCall(type(BaseModel)):
                     refused.append(f"peft_type={value!r} (this is a {cls.peft_type} config)")
                 elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
                     refused.append(f"{key}={value!r}")
+                elif key in cls.warned_peft_keys:  # PEFT ignores it with a warning: so does peftctl
+                    import warnings
+
+                    warnings.warn(f"{cls.__name__}: {cls.warned_peft_keys[key]}", UserWarning, stacklevel=2)
                 elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
                     close = difflib.get_close_matches(key, list(cls.model_fields), n=2)
                     raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}"
@@ -82,6 +86,9 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     # PEFT config keys this method does not implement, with the values that mean "off". An adapter
     # file carrying another value is refused on load, since ignoring it would change the numbers.
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+    # PEFT config keys a direct call may pass that change nothing, with the warning PEFT gives for them
+    # (AdaLoRA's `r`); in a saved file they are inert.
+    warned_peft_keys: ClassVar[dict[str, str]] = {}
     # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
     # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
     inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")

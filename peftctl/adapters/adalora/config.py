@@ -69,6 +69,12 @@ class AdaLoraConfig(LayerSelectionConfig):
     inert_peft_keys: ClassVar[tuple[str, ...]] = (
         *LoraConfig.inert_peft_keys, "r", "use_rslora", "lora_bias", "alpha_pattern",
     )
+    warned_peft_keys: ClassVar[dict[str, str]] = {
+        "r": "r is not used by AdaLoRA and is ignored; the initial rank is init_r (PEFT warns alike)",
+        "use_rslora": "use_rslora is not used by AdaLoRA and is ignored (its scaling is lora_alpha / init_r)",
+        "lora_bias": "lora_bias is not used by AdaLoRA and is ignored",
+        "alpha_pattern": "alpha_pattern is not used by AdaLoRA and is ignored",
+    }
 
     method: Literal["adalora"] = Field(default="adalora", description="Adapter method.")
     init_r: int = Field(default=12, ge=1, description="Initial rank of every adapted matrix (triplets per module).")
