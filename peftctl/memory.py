@@ -18,10 +18,15 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   query, keys and values and the attention output (b(2h + 2kv); o_proj's adapter reads that same
   output tensor); the MLP's gate output, activation output and up output (3bi; 1bi without a
   gate); and the inputs of the adapted projections, once per shared input (q/k/v: bh; gate/up: bh;
-  down: bi; other adapted layers: their input width), plus the r-wide adapter intermediates.
+  down: bi; other adapted layers: their input width), plus what each adapter layer says it keeps
+  besides (`AdapterLayer.saved_activations`: LoRA's r-wide intermediates; an IA3 layer that scales
+  its output keeps that output instead of its input), and the full-size updates that LoHa and
+  LoKr layers build from their factors and keep for the backward (`saved_weights`, whatever the
+  number of tokens; one layer's with gradient checkpointing).
   Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
   its 8-bit ones keep their input like an adapted layer.
-  With the fused kernels (`adapters.lora.fused`) each norm keeps its input and a float32 per row,
+  With the fused kernels (`adapters.lora.fused`; blocks whose adapter layers are all plain LoRA
+  linears, which its projections compute) each norm keeps its input and a float32 per row,
   q/k/v and the MLP keep their inputs once, and the MLP keeps its gate and up outputs only (the
   product is recomputed).
   With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
@@ -103,11 +108,22 @@ def _dims(config) -> tuple[int, int, int, int]:
 
 
 def fused_applies(inner) -> bool:
-    """Whether `adapters.lora.fused` replaces this model's decoder blocks (norms and MLPs at least)."""
+    """Whether `adapters.lora.fused` replaces this model's decoder blocks (norms and MLPs at least):
+    blocks of the types it knows, whose adapter layers are all ones its projections compute (LoRA
+    linears without DoRA or `lora_bias`; other methods' layers, IA3, AdaLoRA, LoHa, LoKr, make the
+    blocks run their own forwards)."""
+    from peftctl.adapters.layer import AdapterLayer
     from peftctl.adapters.lora.fused import MLPS, NORMS
+    from peftctl.adapters.lora.layer import LoraLayer
+    from peftctl.adapters.lora.linear import Linear
+
+    def computed(m) -> bool:
+        return (isinstance(m, LoraLayer) and isinstance(m, Linear) and not any(m.use_dora.values())
+                and all(b.bias is None for b in m.lora_B.values()))
 
     names = {type(m).__name__ for m in inner.modules()}
-    return bool(names & MLPS) and bool(names & NORMS)
+    adapted = [m for name, m in inner.named_modules() if isinstance(m, AdapterLayer) and _LAYER_INDEX.search(name)]
+    return bool(names & MLPS) and bool(names & NORMS) and all(computed(m) for m in adapted)
 
 
 @dataclass(frozen=True)
@@ -124,14 +140,17 @@ class Parts:
     layer_input: int  # one layer's input, all tokens (what a checkpointed layer keeps)
     always: int  # kept however layers are checkpointed
     fused: bool
+    kept_weights: int = 0  # adapter weights built per forward and kept for the backward (LoHa's, LoKr's ΔW), all layers
 
     def activations(self, k: int, offload: bool = False) -> int:
         """With the first k decoder layers checkpointed (their recompute comes after the backward
-        of the others, so it adds to the peak only when every layer is checkpointed)."""
+        of the others, so it adds to the peak only when every layer is checkpointed). A layer's
+        full set includes its share of `kept_weights`, which a checkpointed layer drops too."""
+        layer = self.tokens * self.per_layer + self.kept_weights // max(self.layers, 1)
         if k == 0:
-            return self.tokens * self.layers * self.per_layer + self.always
+            return self.tokens * self.layers * self.per_layer + self.kept_weights + self.always
         keep = 0 if offload else self.layer_input
-        return max((self.layers - k) * self.tokens * self.per_layer, self.tokens * self.per_layer) + k * keep + self.always
+        return max((self.layers - k) * layer, layer) + k * keep + self.always
 
     def total(self, k: int, offload: bool = False) -> int:
         return sum(self.weights.values()) + 2 * self.adapter + self.states + self.activations(k, offload) + self.logits
@@ -224,10 +243,11 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
     hidden, inter, kv, layers = _dims(config)
     heads = config.num_attention_heads
     fused = fused and fused_applies(inner)
-    # Layers in the decoder blocks whose input autograd keeps: the adapted ones (their A needs it
-    # for its gradient) and bitsandbytes' 8-bit ones (its backward reads its input).
+    # Layers in the decoder blocks whose input autograd keeps: the adapted ones whose adapter needs it
+    # for its gradient (LoRA's A) and bitsandbytes' 8-bit ones (its backward reads its input).
     keepers = {name.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
-               if _LAYER_INDEX.search(name) and (isinstance(m, AdapterLayer) or type(m).__name__ == "Linear8bitLt")}
+               if _LAYER_INDEX.search(name) and ((isinstance(m, AdapterLayer) and m.saved_activations()[0])
+                                                 or type(m).__name__ == "Linear8bitLt")}
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in inner.named_modules())
     rms = any("RMSNorm" in type(m).__name__ for m in inner.modules())
     if fused:
@@ -244,12 +264,15 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
         for suffix in keepers.keys() - set(_ATTN_INPUT + _MLP_INPUT + _MLP_MIDDLE + _ATTN_OUTPUT):
             per_layer += b * getattr(keepers[suffix], "in_features", hidden)
     adapted = [m for name, m in inner.named_modules() if isinstance(m, AdapterLayer) and _LAYER_INDEX.search(name)]
-    per_layer += int(b * sum(sum(getattr(m, "r", {}).values()) for m in adapted) / max(layers, 1))
+    per_layer += int(b * sum(m.saved_activations()[1] for m in adapted) / max(layers, 1))
     tokens = workload.batch * workload.seq_len
     loss_tokens = max(1, int(tokens * workload.loss_fraction))
     # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients
     # during its backward, one dequantized weight.
     always = tokens * (norm + b * (3 * inter + 2 * hidden)) + largest_quantized * b
+    # Adapter weights built per forward and kept for the backward (LoHa's and LoKr's ΔW): all of
+    # them, or one layer's while it is recomputed under gradient checkpointing.
+    kept_weights = b * sum(m.saved_weights() for m in adapted)
 
     vocab = config.vocab_size
     if plain_head(inner) is not None:
@@ -260,4 +283,5 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
     else:
         logits = loss_tokens * vocab * (b + 4 + 4)
     return Parts(weights=weights, adapter=adapter, states=states, logits=logits, layers=layers, tokens=tokens,
-                 per_layer=per_layer, layer_input=tokens * b * hidden, always=always, fused=fused)
+                 per_layer=per_layer, layer_input=tokens * b * hidden, always=always, fused=fused,
+                 kept_weights=kept_weights)

@@ -301,6 +301,37 @@ def test_memory_budget_plan_picks_the_fewest_checkpointed_layers():
     assert (chosen["checkpoint_layers"], chosen["offload"], chosen["fits"]) == (4, True, False)
 
 
+def test_memory_estimate_counts_fused_blocks_only_where_the_fused_forwards_run(tiny_llama):
+    """The fused projections compute plain LoRA linears only (`fused.projection`); blocks adapted
+    by another method (IA3, LoHa), or by DoRA, run their own forwards, so the estimate with kernels
+    on is the one without. Kept adapter weights (LoHa's and LoKr's ΔW, `saved_weights`) count per
+    layer: all of them without checkpointing, the unchecked layers' (or the recomputed one's) with
+    the first k layers checkpointed."""
+    from peftctl import IA3Config, LoHaConfig
+    from peftctl.memory import Parts, Workload, estimate
+
+    work = Workload(2, 16)
+
+    def est(model, fused_on, **kw):
+        return estimate(model, model.config, workload=work, gradient_checkpointing=False, optimizer="adamw",
+                        fused=fused_on, **kw)
+
+    lora = _model(tiny_llama, torch.float32)
+    assert est(lora, True)["fused"] and est(lora, True)["activations"] < est(lora, False)["activations"]
+    others = {"dora": _model(tiny_llama, torch.float32, use_dora=True),
+              "ia3": get_peft_model(tiny_llama(), IA3Config(target_modules="all-linear")),
+              "loha": get_peft_model(tiny_llama(), LoHaConfig(r=4, target_modules="all-linear"))}
+    for what, model in others.items():
+        on, off = est(model, True), est(model, False)
+        assert not on["fused"] and on["activations"] == off["activations"], what
+    # 4 layers of 10 tokens x 10 bytes, 10 bytes of kept weights each, inputs of 5, 7 always kept.
+    parts = Parts(weights={}, adapter=0, states=0, logits=0, layers=4, tokens=10, per_layer=10, layer_input=5,
+                  always=7, fused=False, kept_weights=40)
+    assert parts.activations(0) == 4 * 10 * 10 + 40 + 7
+    assert parts.activations(2) == 2 * (10 * 10 + 10) + 2 * 5 + 7
+    assert parts.activations(4) == (10 * 10 + 10) + 4 * 5 + 7
+
+
 def test_train_with_fused_kernels_and_a_memory_budget(make_recipe, tmp_path):
     """End to end on the CPU: `train.kernels: true` gives the loss curve of `false` (float32, 1e-4),
     and a budget between the estimates with and without checkpointing checkpoints some layers; the
