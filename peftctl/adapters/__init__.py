@@ -9,6 +9,7 @@ _EXPORTS = {
     "TaskType": "peftctl.adapters.config",
     "LoraConfig": "peftctl.adapters.lora.config",
     "IA3Config": "peftctl.adapters.ia3.config",
+    "VeraConfig": "peftctl.adapters.vera.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
     "PeftConfig": "peftctl.adapters.config",

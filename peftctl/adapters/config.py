@@ -38,6 +38,7 @@ class PeftType(str, enum.Enum):
 
     LORA = "LORA"
     IA3 = "IA3"
+    VERA = "VERA"
 
 
 class _ConfigCall(type(BaseModel)):

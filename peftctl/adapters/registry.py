@@ -19,6 +19,7 @@ from typing import Any
 METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora",
     "ia3": "peftctl.adapters.ia3",
+    "vera": "peftctl.adapters.vera",
 }
 
 
