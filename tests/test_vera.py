@@ -219,6 +219,14 @@ def test_projections_drawn_again_from_the_key_when_not_saved(tiny_llama, tmp_pat
                                    getattr(model.base_model.method_state["default"], key), rtol=0, atol=0)
     x = inputs("llama")
     torch.testing.assert_close(out(back, x), out(model, x), rtol=0, atol=0)
+    # A later adapter uses the first one's projections, which its own key would not redraw on load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.add_adapter("third", VeraConfig(r=8, save_projection=False, projection_prng_key=11,
+                                              target_modules=["q_proj"]))  # the same sizes: the same draw
+    with pytest.warns(UserWarning, match="with save_projection=false its file reloads exactly only after an adapter"):
+        model.add_adapter("second", VeraConfig(r=8, save_projection=False, projection_prng_key=11,
+                                               target_modules=["v_proj"]))  # 32 outputs, not 64
 
 
 def test_exclude_modules_is_recorded_so_peft_selects_the_same_modules(tiny_llama, tmp_path):

@@ -90,6 +90,14 @@ class VeraConfig(LayerSelectionConfig):
             "(q_proj and v_proj for Llama-style models)."
         ),
     )
+    exclude_modules: list[str] | str | None = Field(
+        default=None,
+        description=(
+            "Modules never adapted, matched like target_modules (list or regex). PEFT's VeraConfig has no "
+            "such field: adapter_config.json then records target_modules as the adapted modules' exact "
+            "paths (a regex), which PEFT selects the same way."
+        ),
+    )
     projection_prng_key: int = Field(
         default=0,
         description=(
