@@ -110,6 +110,26 @@ def test_a_kill_before_the_first_checkpoint_is_started_again_by_resume_auto(make
     assert "holds no checkpoint" in r.stderr and [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_a_resume_checks_the_runs_metrics_lines_before_changing_anything(make_recipe, tmp_path):
+    """A line of metrics.jsonl that is not a metrics record stops a resume (exit 2, file and line)
+    with the folder untouched; the half line a kill leaves at the end is dropped."""
+    out = tmp_path / "run"
+    recipe = make_recipe(out=str(out), train={"max_steps": 2, "save_every": 1, "log_every": 1})
+    run_json("train", recipe)
+    good = (out / "metrics.jsonl").read_text()
+    n = len(good.splitlines())
+    for garbage, what in (("[1, 2]", f"line {n + 1} is not a JSON object"), ("\x00\x01", f"line {n + 1} is not JSON"),
+                          ('{"step": "abc"}', f"line {n + 1}: step must be an integer")):
+        (out / "metrics.jsonl").write_text(good + garbage + "\n")
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+        r = run("train", recipe, "--resume", "auto", "--set", "train.max_steps=3", code=2)
+        assert f"{out / 'metrics.jsonl'}" in r.stderr and what in r.stderr and "Traceback" not in r.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
+    (out / "metrics.jsonl").write_text(good + '{"step": 3, "lo')  # a killed writer's half line
+    run_json("train", recipe, "--resume", "auto", "--set", "train.max_steps=3")
+    assert [m["step"] for m in train_records(out)] == [1, 2, 3]
+
+
 def test_a_second_train_on_a_folder_in_use_is_refused_naming_the_holder(make_recipe, tmp_path):
     """Two `--resume auto` on one run at once: the second is refused (exit 2) with the folder and
     the holder's pid, and touches nothing; so is a fresh run that meets the lock only when it

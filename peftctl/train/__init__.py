@@ -119,21 +119,17 @@ class RunFolder:
     def reopen(self, recipe_yaml: str, step: int) -> list[str]:
         """Continue a run from its checkpoint at `step`: drop what was written after it (metrics
         lines, later checkpoints). Returns the names of the checkpoints removed."""
+        from peftctl.runs import read_metrics
         from peftctl.train import checkpoint
 
         self.lock.acquire()
+        metrics = self.path / "metrics.jsonl"
+        # Every line checked before anything changes (a line that is not a metrics record is exit 2
+        # naming the file and line); the half line a kill left behind is dropped.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step] if metrics.exists() else []
         removed = checkpoint.clear_after(self.path, step)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
-        metrics = self.path / "metrics.jsonl"
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                pass  # the half line a kill left behind
-        atomic_write_text(metrics, "".join(x + "\n" for x in kept))
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return removed
 
     def write_metrics(self, record: dict[str, Any]) -> None:
