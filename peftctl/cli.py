@@ -457,10 +457,11 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def _check_dtype(dtype: str | None) -> None:
+    from peftctl.constants import DTYPES
     from peftctl.errors import InputError
 
-    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
-        raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
 @app.command()

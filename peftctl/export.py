@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from peftctl.constants import DTYPES
 from peftctl.errors import InputError
 from peftctl.fsio import atomic_dir
 from peftctl.ui import Reporter
@@ -222,8 +223,8 @@ def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, 
     from peftctl.fsio import refuse_nonempty
     from peftctl.merge import merged_model
 
-    if dtype not in gguf_writer.DTYPES:
-        raise InputError(f"--dtype for gguf must be one of {', '.join(gguf_writer.DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype for gguf must be one of {', '.join(DTYPES)}, got {dtype!r}")
     refuse_nonempty(Path(out_dir))
     run = runs.read_run(run_dir)
     # What the file cannot hold is refused before any weights load.

@@ -9,84 +9,8 @@ from typing import Any
 
 from peftctl.errors import InputError
 
-
-def meta_model(recipe):
-    """(the PeftModel a run of `recipe` trains, built on the meta device; the model config; dtype).
-
-    A quantized base gets bitsandbytes' layer types where loading would put them, so the adapter
-    layers, the parameter counts and the memory estimate are those of the real run.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from peftctl import models
-    from peftctl.adapters import attach
-
-    spec = recipe.model
-    source = models.resolve(spec.name_or_path, spec.cache_dir, convert=False)
-    models.check_model_files(spec, source)  # headers only: a truncated weights file shows before a real run
-    config = models.load_config(spec, source)
-    dtype = models.resolve_dtype(spec.dtype)
-    # The attention implementation loading gives (packing shapes its batches for it).
-    kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
-    if recipe.model.quantization is not None:
-        models.quantize_skeleton(model, recipe.model.quantization, dtype)
-    try:
-        return attach(model, recipe.adapter), config, dtype
-    except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
-
-
-def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
-    """Which modules the recipe adapts and the parameter counts; with a `memory.Workload`, the
-    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length).
-    `built`: what `meta_model(recipe)` returned, when the caller has it already."""
-    from peftctl.adapters.io import wrappers
-    from peftctl.adapters.layer import AdapterLayer
-
-    peft_model, config, dtype = built if built is not None else meta_model(recipe)
-    rows = []
-    for name, module in wrappers(peft_model.base_model.model):
-        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module.original_module
-        weight = getattr(base, "weight", None)
-        rows.append({
-            "module": name,
-            "type": type(base).__name__ + ("" if isinstance(module, AdapterLayer) else " (trained in full)"),
-            "shape": [base.out_features, base.in_features] if _quantized(base) else
-            (list(weight.shape) if weight is not None else None),
-            "rank": dict(getattr(module, "r", {})),  # LoRA's ranks by adapter
-            # A few words per adapter: "r=8" (LoRA), "scales input" (IA3); empty for a module trained in full.
-            "adapter": {n: module.describe(n) for n in module.adapter_names} if isinstance(module, AdapterLayer) else {},
-            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        })
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    result = {
-        "model": recipe.model.name_or_path,
-        "model_type": getattr(config, "model_type", None),
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantization": recipe.model.quantization.model_dump() if recipe.model.quantization else None,
-        "method": recipe.adapter.method,
-        "modules": rows,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100 * trainable / total,
-    }
-    if workload is not None:
-        from peftctl import memory
-
-        result["memory"] = memory.estimate(
-            peft_model, config, workload=workload, gradient_checkpointing=recipe.uses_gradient_checkpointing(),
-            optimizer=recipe.train.optimizer, momentum=recipe.train.momentum,
-        )
-        result["memory"]["workload"] = {"batch": workload.batch, "seq_len": workload.seq_len,
-                                        "loss_fraction": workload.loss_fraction}
-    return result
-
-
-def _quantized(module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+# What a recipe would train is the dry run's model summary (`peftctl train --dry-run` shows it too).
+from peftctl.train.plan import inspect_recipe  # noqa: F401  (re-exported: `peftctl inspect RECIPE`)
 
 
 def _saved_shapes(folder: Path) -> dict[str, list[int]]:

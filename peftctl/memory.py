@@ -9,8 +9,11 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   float32 per 256 blocks; a float32 without) and code books, an 8-bit one at one byte plus a
   float32 per row: bitsandbytes' storage exactly.
 - adapter: the trainable parameters, their gradients (same dtype) and the optimizer's state.
-- activations: what autograd keeps for the backward pass, per token and layer of a pre-norm decoder
-  with SDPA attention (no attention matrix is kept), in the activations' dtype (b bytes) unless
+- activations: what autograd keeps for the backward pass, per token and layer of a pre-norm decoder,
+  counted tensor by tensor as Korthikanti et al. 2022 (arXiv 2205.05198, section 4.1) count a GPT
+  layer's sbh(34 + 5as/h) bytes (16-bit; s tokens, b sequences, a heads); here with SDPA attention
+  (no attention matrix is kept: their 5as/h term is gone), RMSNorm, a gated MLP and the adapters.
+  In the activations' dtype (b bytes from here on) unless
   said: each RMSNorm's float32 copy of its input (4h; a LayerNorm keeps its input, bh); the rotated
   query, keys and values and the attention output (b(2h + 2kv); o_proj's adapter reads that same
   output tensor); the MLP's gate output, activation output and up output (3bi; 1bi without a
@@ -29,11 +32,15 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   logits, its budget, plus the head input and its gradient for the loss tokens); other heads
   materialise the loss positions' logits, their float32 copy and its gradient.
 
-The per-layer count is the autograd graph of transformers' Llama written out. The same count with
-PEFT's float32 copies of each adapted layer's input (PEFT upcasts them; peftctl computes the adapter
-in the activations' dtype) gives 72 GiB of activations for Llama-3.1-8B, LoRA r=16 on all linear
-layers, batch 4 x 2048, where PEFT measured 74.5 (ENVIRONMENT.md: 101.3 GiB peak less weights and
-logits); with Liger-Kernel's fused norm and SwiGLU, 61.0 GiB against 61.5 measured.
+The per-layer count is the autograd graph of transformers' Llama written out. Against measured
+peaks (bench/results/README.md, "QLoRA, and the memory estimate against measured peaks";
+bench/results/2026-11-28-h200-qlora-8b.json: `bench/qlora.py`, Llama-3.1-8B shape, LoRA r=16 on
+the 7 projections, batch 4 x 2048, gradient checkpointing, one H200): 11.0 GiB estimated for 9.9
+measured with an nf4 base, 20.5 for 19.5 in bfloat16, about 5-11% above. The same count with PEFT's
+float32 copies of each adapted layer's input (PEFT upcasts them; peftctl computes the adapter in
+the activations' dtype) gives 72 GiB of activations without checkpointing for that shape, where
+PEFT's measured peak is 99.4 GiB (bench/results/2026-11-28-h200-lora-bf16-8b.json), about 72 of
+them activations once its 15 GiB of weights and 12 of logits are taken off.
 """
 
 from __future__ import annotations
@@ -98,9 +105,9 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     import torch
 
     from peftctl.adapters.layer import AdapterLayer
-    from peftctl.train.loss import _inner_model, plain_head
+    from peftctl.loss import inner_model, plain_head
 
-    inner = _inner_model(peft_model)
+    inner = inner_model(peft_model)
     act_dtype = inner.get_input_embeddings().weight.dtype
     b = torch.empty((), dtype=act_dtype).element_size()
 
@@ -159,9 +166,9 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
 
     vocab = config.vocab_size
     if plain_head(inner) is not None:
-        from peftctl.kernels.linear_cross_entropy import _chunk_rows
+        from peftctl.kernels.linear_cross_entropy import default_chunk_rows
 
-        rows = min(_chunk_rows(vocab), loss_tokens)
+        rows = min(default_chunk_rows(vocab), loss_tokens)
         logits = rows * vocab * 8 + 2 * loss_tokens * hidden * b
     else:
         logits = loss_tokens * vocab * (b + 4 + 4)

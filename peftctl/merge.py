@@ -12,12 +12,11 @@ with those of the model as it was trained (quantized base plus adapter) on a few
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_dir, refuse_nonempty, temp_dir
+from peftctl.fsio import atomic_dir, refuse_nonempty, scratch_dir
 from peftctl.ui import Reporter
 
 COMBINED = "combined"
@@ -278,7 +277,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize,
                                                density=density, svd_rank=svd_rank, max_shard_size=max_shard_size)
     max_shard_size = None if adapter_only else shard_bytes(max_shard_size)
-    models._quiet_transformers()
+    models.quiet_transformers()
     result: dict[str, Any] = {
         "output": str(out_dir),
         "adapters": [str(d) for d in run_dirs],
@@ -325,16 +324,12 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
         return result
     # bitsandbytes quantizes as transformers loads a folder: write the merged model next to
     # out_dir, load it back quantized, and remove it.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(out_dir.parent, out_dir.name, ".unquantized")
-    try:
+    with scratch_dir(out_dir.parent, out_dir.name, ".unquantized") as staging:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         del merged
         _release_memory()
         result["quantized"] = _write_quantized(staging, tokenizer, report["probe_logits"], out_dir, quantize,
                                                out_dtype, max_shard_size, reporter)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

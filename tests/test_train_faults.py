@@ -370,7 +370,7 @@ def test_files_and_folders_get_the_users_umask(make_recipe, tmp_path, mask):
                *out.glob("*.json"), *out.glob("*.yaml"), *out.glob("*.jsonl"), *out.glob("*.safetensors"),
                merged, *merged.iterdir()]
     assert {p.name for p in checked} >= {"adapter_model.safetensors", "adapter_config.json", "summary.json",
-                                        "recipe.yaml", "optimizer.pt", "trainer_state.json", "model.safetensors"}
+                                        "recipe.yaml", "optimizer.pt", "peftctl_state.json", "model.safetensors"}
     for p in checked:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert p.stat().st_mode & 0o777 == want, (str(p), oct(p.stat().st_mode & 0o777), oct(want))

@@ -19,6 +19,7 @@ from torch import nn
 
 from peftctl.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.matching import outside_wrappers
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.fsio import atomic_file
 from peftctl.userfiles import BadFileError, load_safetensors, torch_load
@@ -29,13 +30,8 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 def wrappers(model: nn.Module):
     """(name, module) for every adapter layer and modules_to_save wrapper, outermost only."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in inside):
-            continue
-        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
-            inside.append(name)
-            yield name, module
+    return ((name, module) for name, module in outside_wrappers(model)
+            if isinstance(module, AdapterLayer | ModulesToSaveWrapper))
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:

@@ -165,15 +165,21 @@ def _under_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool
         re.match(rf"(^|.*\.){_regex_or_literal(m)}($|\..*)", name) for m in modules_to_save)
 
 
+def outside_wrappers(model: nn.Module):
+    """(name, module) for every module of `model` (itself first, as "") but those inside an adapter
+    layer or a modules_to_save wrapper; the outermost wrappers themselves are included. The one
+    walk over a model's wrappers (`candidate_modules`, `io.wrappers`)."""
+    inside: str | None = None  # the wrapper whose modules are being skipped
+    for name, module in model.named_modules():  # depth first: a module's own modules follow it
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = name + "." if isinstance(module, AdapterLayer | ModulesToSaveWrapper) else None
+        yield name, module
+
+
 def candidate_modules(model: nn.Module):
     """(name, module) pairs a config may target: not the adapters' own parts, not wrappers' bases."""
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(w + ".") for w in wrapped):
-            continue
-        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
-            wrapped.append(name)
-        yield name, module
+    return ((name, module) for name, module in outside_wrappers(model) if name)
 
 
 def resolve_targets(model: nn.Module, config) -> list[str] | str:

@@ -228,13 +228,16 @@ class PeftModel(nn.Module):
 
     def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool | str = "auto",
                      state_dict: dict[str, Any] | None = None, initial: dict[str, Any] | None = None,
-                     initial_source: str = "initial adapter") -> None:
-        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition).
+                     initial_source: str = "initial adapter", tensors: dict[str, Any] | None = None) -> None:
+        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition): the one
+        way an adapter folder is written (`save_pretrained`, checkpoints and runs, FSDP included).
         `initial`: the tensors of the adapter right after a PiSSA / OLoRA init, to write it as the
-        equivalent plain LoRA (see `save_pretrained`)."""
+        equivalent plain LoRA (see `save_pretrained`). `tensors`: what `adapter_tensors_to_save`
+        gives, gathered elsewhere (full tensors of a sharded model), instead of the live ones."""
         self.base_model._check_names([adapter_name])
         config = self.saved_config(adapter_name)
-        tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
+        if tensors is None:
+            tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
         if initial is not None:
             from peftctl.adapters.lora.init import as_plain_lora
 
@@ -460,7 +463,7 @@ def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dic
     if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
         # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
         # hub id, and means that built-in here): its own loader converts it.
-        from peftctl.recipe import ModelSection
+        from peftctl.sections import ModelSection
 
         unknown = sorted(set(kwargs) - {"dtype"})
         if unknown:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peftctl.data.store import IGNORE, ExampleSet
+from peftctl.constants import IGNORE_INDEX
+from peftctl.data.store import ExampleSet
 from peftctl.errors import InputError
 
 
@@ -82,7 +83,7 @@ class PackedSet(Sequence):
         for j in self.bins[k].tolist():
             e = self.examples[j]
             ids += e.input_ids
-            labels += [IGNORE] + e.labels[1:]  # the previous token is another example's
+            labels += [IGNORE_INDEX] + e.labels[1:]  # the previous token is another example's
             positions += range(len(e.input_ids))
         return Packed(ids, labels, positions, self.layout)
 
@@ -115,7 +116,7 @@ def collate_packed(sequences: list[Packed], pad_id: int):
     length = max(len(s.input_ids) for s in sequences)
     n = len(sequences)
     ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((n, length), dtype=torch.long)
     # Block ids: one per example; every padding position a block of its own.
     blocks = torch.arange(length, dtype=torch.long).repeat(n, 1) + length

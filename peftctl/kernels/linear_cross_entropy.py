@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from peftctl.constants import IGNORE_INDEX as IGNORE
 
 
-def _chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
-    # float32 logits plus their softmax/gradient in place: about 8 bytes per (row, vocab entry).
+def default_chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
+    """Tokens per chunk for a `vocab`-wide head: float32 logits plus their softmax/gradient in
+    place take about 8 bytes per (row, vocabulary entry), kept within `budget_bytes` (at least 16
+    rows). `memory.estimate` counts the same chunk."""
     return max(16, budget_bytes // (8 * vocab))
 
 
@@ -66,11 +68,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_rows: int | None = None) -> torch.Tensor:
-    """Sum of token cross-entropies of `hidden @ weight.T` against `targets` (-100: ignored).
+    """Sum of token cross-entropies of `hidden @ weight.T` against `targets` (IGNORE_INDEX, -100:
+    ignored): sum_i [logsumexp(h_i W^T) - (h_i W^T)[t_i]], as `F.cross_entropy(hidden @ weight.T,
+    targets, reduction="sum")` computes it.
 
-    hidden: (N, H); weight: (V, H); targets: (N,). Returns a float32 scalar (float64 for float64 input).
+    hidden: (N, H) (or (..., H), flattened); weight: (V, H); targets: (N,) integer ids. Returns a
+    scalar in float32 (float64 for float64 input). chunk_rows tokens at a time (default
+    `default_chunk_rows(V)`): each chunk's logits are multiplied in the inputs' dtype, then
+    reduced in float32 (or float64). The gradients with respect to `hidden` and `weight` (those
+    that require grad) are computed in the forward, chunk by chunk ((softmax - one_hot) times W, or
+    its transpose times h), and kept: the backward only scales them by the incoming gradient. So a
+    call on tensors that require grad costs the plain head's forward and backward even when no
+    backward follows. Target ids must lie in [0, V) or be IGNORE_INDEX.
     """
     if hidden.dim() != 2 or targets.dim() != 1:
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = chunk_rows or _chunk_rows(weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows)

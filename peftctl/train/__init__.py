@@ -152,10 +152,10 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import peftctl
+    from peftctl.constants import VERSION
 
     return {
-        "peftctl": peftctl.__version__,
+        "peftctl": VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
@@ -248,7 +248,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             return found
         _refuse_used(run_dir, "it holds no checkpoint to resume from; choose another output.dir or remove it")
     ckpt = Path(resume)
-    if not (ckpt / checkpoint.STATE_FILE).is_file():
+    if checkpoint.state_file(ckpt) is None:
         raise InputError(f"--resume {resume}: not a checkpoint folder (no {checkpoint.STATE_FILE}); "
                          f"checkpoints are RUN_DIR/{checkpoint.CHECKPOINTS}/step-NNNNNN")
     if ckpt.resolve().parent.parent != run_dir.resolve():
@@ -360,10 +360,8 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     if use_best:
         checkpoint.copy_adapter(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(state.best_step), run_dir)
         reporter.log(f"the run's adapter is the best one, from step {state.best_step}")
-    elif tensors is not None:
-        checkpoint.save_adapter(peft_model, tensors, run_dir)
     else:
-        peft_model.save_pretrained(run_dir)
+        peft_model.save_adapter("default", run_dir, tensors=tensors)
     tokenizer.save_pretrained(run_dir)
 
 

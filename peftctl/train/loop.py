@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
+from peftctl.loss import eval_loss, inner_model, loss_sum
 from peftctl.train.checkpoint import TrainState
-from peftctl.train.loss import IGNORE, _inner_model, eval_loss, loss_sum
 from peftctl.ui import Reporter
 
 
@@ -112,7 +113,7 @@ class MicroBatch:
 
     def __init__(self, batch: dict[str, torch.Tensor], real: bool):
         self.batch, self.weight = batch, 1.0 if real else 0.0
-        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
+        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
         self.input_tokens = count_input_tokens(batch) if real else 0
 
 
@@ -175,7 +176,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     params = [p for p in model.parameters() if p.requires_grad]
     stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
                         state.epoch, state.position, limit=target_examples(cfg, len(train)))
-    vocab_size = getattr(getattr(_inner_model(model), "config", None), "vocab_size", None)
+    vocab_size = getattr(getattr(inner_model(model), "config", None), "vocab_size", None)
     keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
     def reduce(*values: float) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar, Literal
 
@@ -19,6 +20,20 @@ _WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "mica")
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = (*FACTOR_TYPES, "cat", *SVD_TYPES)
+
+
+def rank_factor(r: float, use_rslora: bool) -> float:
+    """What LoRA's scaling divides lora_alpha by: r (LoRA: Hu et al. 2021, arXiv 2106.09685, section
+    4.1), or sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732: with alpha / r the update's
+    learning slows as the rank grows; alpha / sqrt(r) keeps it rank-stable). Multiplicative:
+    rank_factor(k * r) = rank_factor(k) * rank_factor(r)."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """s in y = W x + s * B A x: lora_alpha / rank_factor(r, use_rslora), the one formula every
+    layer, config, resize and report uses. Its inverse: lora_alpha = s * rank_factor(r, use_rslora)."""
+    return lora_alpha / rank_factor(r, use_rslora)
 
 
 class LoraConfig(LayerSelectionConfig):
@@ -194,11 +209,12 @@ class LoraConfig(LayerSelectionConfig):
 
         rank = a[0]
         alpha = saved_pattern_value(self.alpha_pattern, module, self.lora_alpha, "alpha_pattern")
-        return {"rank": rank, "lora_alpha": alpha, "scaling": alpha / (rank**0.5 if self.use_rslora else rank)}
+        return {"rank": rank, "lora_alpha": alpha, "scaling": lora_scaling(alpha, rank, self.use_rslora)}
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        """The default scaling (`lora_scaling` of lora_alpha and r; patterns may differ per module)."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     @property
     def changes_base_weights(self) -> bool:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from peftctl.adapters.layer import AdapterLayer, LayerTypes, compute_dtype
 from peftctl.adapters.lora import init as lora_init
+from peftctl.adapters.lora.config import lora_scaling
 from peftctl.adapters.matching import pattern_value
 
 
@@ -31,6 +33,29 @@ def check_rows(names: list[str], x: torch.Tensor) -> None:
 
 
 class LoraLayer(AdapterLayer):
+    """A base module with LoRA adapters: y = base(x) + s * B(A(dropout(x))) for each active adapter
+    (LoRA: Hu et al. 2021, arXiv 2106.09685, eq. 3), s = `config.lora_scaling(lora_alpha, r,
+    use_rslora)`; with DoRA, `dora_output` instead.
+
+    Per adapter name (dicts keyed by it): `r`, `lora_alpha`, `scaling` (s), `use_rslora`, `use_dora`,
+    `lora_bias`, `lora_dropout` (nn.Dropout, nn.Identity at rate 0); the factors `lora_A` (in -> r)
+    and `lora_B` (r -> out, with a bias when `lora_bias`), modules of the base layer's kind, or for
+    an embedding `lora_embedding_A` (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r);
+    DoRA's magnitude m, `lora_magnitude_vector` (out_features values, in PEFT's saved shape).
+    Adapter weights are float32 on the base weight's device; the forward casts them down to the
+    compute dtype (`compute_dtype`) and never casts activations up. The output has the base layer's
+    output shape.
+
+    A subclass per base-layer kind gives `create_weights`, `delta_weight` (s * B A as a float32
+    tensor shaped like the base weight: what merging adds) and `lora_delta`.
+
+    Raises ValueError when an adapter is created with an init the layer kind cannot do (PiSSA and
+    OLoRA need a float linear), DoRA over a weight the layer cannot read, a rank a convolution's
+    groups do not divide, or `lora_bias` on an embedding; in the forward for `adapter_names` whose
+    length is not the batch's; when merging `lora_bias` into a layer without a bias. TypeError for
+    DoRA on a layer kind without it.
+    """
+
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
     # What `init_lora_weights` values this layer type accepts beyond true/false/gaussian.
@@ -72,7 +97,27 @@ class LoraLayer(AdapterLayer):
 
     @abc.abstractmethod
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
-        """B(A(dropout(x))) * scaling, in the compute dtype."""
+        """s * B(A(dropout(x))): one adapter's contribution, added to the base layer's output.
+
+        x: the base layer's input, (..., in_features) for a linear layer; returns (..., out_features)
+        in the compute dtype (`compute_dtype(x)`: autocast's when it is on, else x's), to which the
+        float32 factors are cast (x is never cast up). s multiplies the r-wide intermediate, and
+        B @ A is never formed. `apply_dropout=False`: the caller applied it (DoRA). The one
+        function a fused kernel replaces; each layer kind states its shapes."""
+
+    def scaled_b(self, adapter_name: str, h: torch.Tensor,
+                 apply_b: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """s * B(h) + s * B's bias, for h = A(dropout(x)), the r-wide intermediate in the compute
+        dtype: s multiplies h (skipped when 1), B's bias is scaled in float32 then cast to h's dtype,
+        B's weight is cast to it, and `apply_b(h, weight, bias)` applies B as its layer kind does
+        (`F.linear`, a 1x1 convolution's `_conv_forward`). The sequence every `lora_delta` shares,
+        written once: where a fused kernel goes."""
+        b = self.lora_B[adapter_name]
+        scale = self.scaling[adapter_name]
+        if scale != 1.0:
+            h = h * scale
+        bias = None if b.bias is None else (b.bias * scale).to(h.dtype)
+        return apply_b(h, b.weight.to(h.dtype), bias)
 
     def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight, viewed with the output dimension first."""
@@ -112,7 +157,7 @@ class LoraLayer(AdapterLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = config.use_rslora
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, config.use_rslora)
         self.use_dora[adapter_name] = config.use_dora
         self.lora_bias[adapter_name] = config.lora_bias
         p = config.lora_dropout
@@ -181,7 +226,8 @@ class LoraLayer(AdapterLayer):
 
     def dora_norm(self, adapter_name: str, base_weight: torch.Tensor | None = None,
                   delta: torch.Tensor | None = None) -> torch.Tensor:
-        """Row norms of W + scaling B A (output dimension first), float32, without gradient."""
+        """||W + s B A||_c: the norm of each output row (all input entries of an output channel),
+        float32, shaped like the magnitude, computed without gradient (see `dora_output`)."""
         with torch.no_grad():
             w = self.base_weight() if base_weight is None else base_weight
             d = self.delta_weight(adapter_name) if delta is None else delta
@@ -193,6 +239,16 @@ class LoraLayer(AdapterLayer):
         return self.lora_magnitude_vector[adapter_name] / self.dora_norm(adapter_name)
 
     def dora_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the output so far, W x + bias) with a DoRA adapter applied.
+
+        DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) re-parametrises the adapted weight as
+        W' = m * (W + s B A) / ||W + s B A||_c, m a trained magnitude per output row. With
+        f = m / ||W + s B A||_c, the output W' x + bias = result + (f - 1) W x + f * lora_delta(x),
+        with W x from the base output so far (or the base layer again, on the dropped-out input in
+        training), so B A is formed only for the norm. The norm is detached (a constant in the
+        backward), as the paper's section 4.3 proposes and PEFT does: its gradient would keep the
+        weight-sized W + s B A of every adapted layer in the autograd graph, and the paper measures
+        no loss in accuracy from treating it as a constant. Shapes and dtype: `lora_delta`'s."""
         dtype = compute_dtype(x) if x.is_floating_point() else result.dtype
         factor = self.dora_factor(adapter_name).to(dtype).reshape(self.factor_view())
         if isinstance(self.lora_dropout[adapter_name], nn.Identity) or not self.training:
@@ -256,7 +312,7 @@ class LoraLayer(AdapterLayer):
         if adapter_name not in self.scaling:
             return
         r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
-        self.scaling[adapter_name] = scale * alpha / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
+        self.scaling[adapter_name] = scale * lora_scaling(alpha, r, self.use_rslora[adapter_name])
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

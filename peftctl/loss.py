@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftctl.constants import IGNORE_INDEX as IGNORE
 from peftctl.kernels.linear_cross_entropy import linear_cross_entropy_sum
-
-IGNORE = -100
 
 # Architectures whose logits are exactly lm_head(hidden states): no soft-capping, scaling or bias
 # after the head. Others (Gemma 2/3, Cohere, Granite, ...) take the model's own logits.
@@ -33,8 +32,8 @@ def _accepts_logits_to_keep(forward) -> bool:
         return False
 
 
-def _inner_model(model):
-    # Through DDP's wrapper (`module`) and peftctl's to the transformers model.
+def inner_model(model):
+    """The transformers model inside DDP's wrapper (`module`) and peftctl's (`base_model.model`)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     while hasattr(model, "base_model") and hasattr(model.base_model, "model"):
@@ -67,7 +66,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     n_tokens = int((targets != IGNORE).sum())
     # Every key but the labels is a model input (input_ids, attention_mask, position_ids, ...).
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
-    inner = _inner_model(model)
+    inner = inner_model(model)
     if not _accepts_logits_to_keep(type(inner).forward):
         logits = model(**kwargs).logits[:, :-1]
         return _cross_entropy(logits, targets), n_tokens
