@@ -25,8 +25,8 @@ from peftctl.train.checkpoint import HOOKS_FILE
 @pytest.fixture
 def hooked_method(monkeypatch):
     """Register the test method, and let recipes name it (the recipe's adapter union is rebuilt)."""
-    from peftctl import recipe as recipe_lib
     from peftctl.adapters import registry
+    from peftctl.recipe import schema as recipe_lib
 
     monkeypatch.setitem(registry.METHODS, "ia3_hooked", "hooked_ia3")
     registry.config_class.cache_clear()
