@@ -136,6 +136,11 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
         else:
             name = str(p.dtype).removeprefix("torch.")
             weights[name] = weights.get(name, 0) + nbytes
+    # What a method keeps outside the layers (VeRA's frozen shared projections) counts as weights.
+    method_state = getattr(getattr(peft_model, "base_model", None), "method_state", None)
+    for t in method_state.buffers() if isinstance(method_state, torch.nn.Module) else ():
+        name = str(t.dtype).removeprefix("torch.")
+        weights[name] = weights.get(name, 0) + t.numel() * t.element_size()
 
     hidden, inter, kv, layers = _dims(config)
     # Layers in the decoder blocks whose input autograd keeps: the adapted ones whose adapter needs it
