@@ -239,6 +239,11 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
         else:
             name = str(p.dtype).removeprefix("torch.")
             weights[name] = weights.get(name, 0) + nbytes
+    # What a method keeps outside the layers (VeRA's frozen shared projections) counts as weights.
+    method_state = getattr(getattr(peft_model, "base_model", None), "method_state", None)
+    for t in method_state.buffers() if isinstance(method_state, torch.nn.Module) else ():
+        name = str(t.dtype).removeprefix("torch.")
+        weights[name] = weights.get(name, 0) + t.numel() * t.element_size()
 
     hidden, inter, kv, layers = _dims(config)
     heads = config.num_attention_heads

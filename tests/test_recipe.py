@@ -221,7 +221,8 @@ output: {dir: out}
 
 
 def _float_fields():
-    """(dotted field, YAML value setting it to inf) for every float field in the schema."""
+    """(dotted field, adapter method it belongs to ("" outside adapter), kind) for every float field in
+    the schema."""
     from typing import get_args
 
     from pydantic import BaseModel

@@ -12,6 +12,7 @@ _EXPORTS = {
     "LoHaConfig": "peftctl.adapters.loha.config",
     "LoKrConfig": "peftctl.adapters.lokr.config",
     "AdaLoraConfig": "peftctl.adapters.adalora.config",
+    "VeraConfig": "peftctl.adapters.vera.config",
     "AdapterLayer": "peftctl.adapters.layer",
     "AdapterModel": "peftctl.adapters.model",
     "PeftConfig": "peftctl.adapters.config",

@@ -41,6 +41,7 @@ class PeftType(str, enum.Enum):
     LOHA = "LOHA"
     LOKR = "LOKR"
     ADALORA = "ADALORA"
+    VERA = "VERA"
 
 
 class _ConfigCall(type(BaseModel)):

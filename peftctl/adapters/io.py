@@ -35,10 +35,11 @@ def wrappers(model: nn.Module):
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
-    """The base model's biases that `bias` (none | all | lora_only) trains, by parameter name."""
+    """The base model's biases that `bias` (none | all | <method>_only: lora_only, vera_only) trains, by
+    parameter name."""
     if bias == "none":
         return {}
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # the adapted layers' biases (PEFT's rule)
         out = {}
         for name, layer in wrappers(model):
             b = layer.base_layer._parameters.get("bias") if isinstance(layer, AdapterLayer) else None

@@ -199,7 +199,11 @@ class AdapterModel(nn.Module):
         return io.adapter_tensors(self.model, adapter_name, bias, self.method_tensors(adapter_name))
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Copy saved tensors (PEFT's keys) into the adapter; every key must fit both ways (`io.load_weights`)."""
+        """Copy saved tensors (PEFT's keys) into the adapter; every key must fit both ways (`io.load_weights`).
+        A method's `before_load` hook may first fit its state outside the layers to the file's tensors."""
+        before = optional(self.peft_config[adapter_name].method, "before_load")
+        if before:
+            before(self, adapter_name, tensors)
         bias = getattr(self.peft_config[adapter_name], "bias", "none")
         io.load_weights(self.model, adapter_name, tensors, source, bias, self.method_tensors(adapter_name))
 

@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "loha": "peftctl.adapters.loha",
     "lokr": "peftctl.adapters.lokr",
     "adalora": "peftctl.adapters.adalora",
+    "vera": "peftctl.adapters.vera",
 }
 
 
