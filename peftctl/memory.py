@@ -110,7 +110,7 @@ def _dims(config) -> tuple[int, int, int, int]:
 def fused_applies(inner) -> bool:
     """Whether `adapters.lora.fused` replaces this model's decoder blocks (norms and MLPs at least):
     blocks of the types it knows, whose adapter layers are all ones its projections compute (LoRA
-    linears without DoRA or `lora_bias`; other methods' layers, IA3, AdaLoRA, LoHa, LoKr, make the
+    linears without DoRA or `lora_bias`; other methods' layers, IA3, AdaLoRA, LoHa, LoKr, VeRA, make the
     blocks run their own forwards)."""
     from peftctl.adapters.layer import AdapterLayer
     from peftctl.adapters.lora.fused import MLPS, NORMS
