@@ -81,7 +81,7 @@ def _damage_adapter(folder: Path, kind: str) -> Path:
         return config
     if kind == "unknown_peft_type":
         d = json.loads(config.read_text())
-        config.write_text(json.dumps({**d, "peft_type": "IA3"}))
+        config.write_text(json.dumps({**d, "peft_type": "OFT"}))  # PEFT's, not one peftctl implements
         return config
     if kind == "bad_value":
         d = json.loads(config.read_text())
