@@ -44,7 +44,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Parameter-efficient fine-tuning (LoRA) of transformers models, driven by YAML recipes.",
+    help="Parameter-efficient fine-tuning (LoRA, DoRA, IA3) of transformers models, driven by YAML recipes.",
 )
 
 _state = {"debug": False, "emitted": False}
@@ -532,12 +532,11 @@ def inspect(
         q = res["quantization"]
         quant = "" if q is None else (f", {q['bits']}-bit {q['quant_type']}" if q["bits"] == 4 else ", 8-bit")
         table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant})")
-        for col in ("module", "type", "shape", "rank", "trainable"):
-            table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
+        for col in ("module", "type", "shape", "adapter", "trainable"):
+            table.add_column(col, justify="right" if col == "trainable" else "left")
         for row in res["modules"]:
-            ranks = ",".join(str(v) for v in row["rank"].values())
-            table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])), ranks,
-                          f"{row['trainable_params']:,}")
+            table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])),
+                          ", ".join(v for v in row["adapter"].values() if v), f"{row['trainable_params']:,}")
         out = _stdout()
         out.print(table)
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
@@ -548,19 +547,28 @@ def inspect(
     _emit(result, json_, render)
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _render_adapter(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     cfg = res["config"]
-    flags = [k for k in ("use_rslora", "use_dora", "lora_bias") if cfg.get(k)]
     table = Table(title=f"{res['method']} adapter in {res['path']} (base: {res['base_model']})")
-    for col in ("module", "rank", "alpha", "scaling", "params"):
+    # The method's own columns (LoRA: rank, lora_alpha, scaling; IA3: scales, features).
+    columns = ["module", *[k for k in (res["modules"][0] if res["modules"] else {}) if k not in ("module", "params")],
+               "params"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
     for m in res["modules"]:
-        table.add_row(m["module"], str(m["rank"]), f"{m['lora_alpha']:g}", f"{m['scaling']:.4g}", f"{m['params']:,}")
+        table.add_row(*(_cell(m.get(c)) for c in columns))
     out = _stdout()
     out.print(table)
-    out.print(f"r={cfg.get('r')} lora_alpha={cfg.get('lora_alpha')} {' '.join(flags)} bias={cfg.get('bias')}".rstrip())
+    # The method's scalar options (lists and patterns are in --json).
+    out.print(" ".join(f"{k}={v}" for k, v in cfg.items() if isinstance(v, bool | int | float | str)))
     if res["other_tensors"]:
         out.print("also saved: " + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in res["other_tensors"].items()))
     out.print(f"adapter params: {res['adapter_params']:,} ({res['file_bytes'] / 2**20:.2f} MiB on disk)")

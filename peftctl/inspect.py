@@ -20,18 +20,19 @@ def _saved_shapes(folder: Path) -> dict[str, list[int]]:
     return {k: list(shape) for k, (_, shape) in safetensors_keys(folder / WEIGHTS_NAME).items()}
 
 
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+# Fields of every config that say where an adapter came from rather than what it is.
+_BOOKKEEPING = ("method", "inference_mode", "base_model_name_or_path", "revision")
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """Method, rank, alpha, targets and parameter counts of a saved adapter (a run folder or any
-    PEFT adapter folder); adapters saved under other names (subfolders) are listed too."""
+    """Method, options, adapted modules (each with its parameter count and what the method says of
+    it: LoRA's rank, alpha and scaling, IA3's scaled side) and the other saved tensors of a saved
+    adapter (a run folder or any PEFT adapter folder of a method peftctl implements); adapters
+    saved under other names (subfolders) are listed too."""
     import math
 
     from peftctl.adapters.config import AdapterConfig
     from peftctl.adapters.io import PREFIX, has_adapter
-    from peftctl.adapters.lora.config import lora_scaling
-    from peftctl.adapters.matching import saved_pattern_value
     from peftctl.runs import check_adapter_files, read_summary
 
     folder = Path(path)
@@ -40,35 +41,32 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     check_adapter_files(folder)  # a bad file is an error naming it
     config = AdapterConfig.from_pretrained(folder)
     shapes = _saved_shapes(folder)
+    # A key's module is the path before its first part with the method's prefix (lora_A, ia3_l, ...).
+    by_module: dict[str, dict[str, list[int]]] = {}
+    other = {}
+    for key, shape in shapes.items():
+        parts = key.removeprefix(PREFIX).split(".")
+        cut = next((i for i, p in enumerate(parts) if config.prefix and p.startswith(config.prefix)), None)
+        if cut:
+            by_module.setdefault(".".join(parts[:cut]), {})[".".join(parts[cut:])] = shape
+        else:
+            other[key.removeprefix(PREFIX)] = shape
     modules = []
-    for key, shape in shapes.items() if config.method == "lora" else ():
-        suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            continue
-        name = key.removeprefix(PREFIX).removesuffix(suffix)
-        rank = shape[0]
+    for name in sorted(by_module):
         try:
-            alpha = saved_pattern_value(config.alpha_pattern, name, config.lora_alpha, "alpha_pattern")
+            described = config.describe_module(name, by_module[name])
         except ValueError as e:
             raise InputError(f"{folder}: {e}") from None
-        params = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{PREFIX}{name}.lora_"))
-        modules.append({
-            "module": name, "rank": rank, "lora_alpha": alpha,
-            "scaling": lora_scaling(alpha, rank, config.use_rslora), "params": params,
-        })
-    counted = {k for k in shapes if any(k.startswith(f"{PREFIX}{m['module']}.lora_") for m in modules)}
-    other = {k.removeprefix(PREFIX): s for k, s in shapes.items() if k not in counted}
+        modules.append({"module": name, **described,
+                        "params": sum(math.prod(s) for s in by_module[name].values())})
     total = sum(math.prod(s) for s in shapes.values())
-    options = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "bias", "lora_bias",
-               "init_lora_weights", "target_modules", "exclude_modules", "modules_to_save",
-               "layers_to_transform", "rank_pattern", "alpha_pattern", "task_type")
     result = {
         "path": str(folder),
         "method": config.method,
         "peft_type": config.peft_type,
         "base_model": config.base_model_name_or_path,
-        "config": {k: getattr(config, k) for k in options if hasattr(config, k)},
-        "modules": sorted(modules, key=lambda m: m["module"]),
+        "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in _BOOKKEEPING},
+        "modules": modules,
         "other_tensors": {k: other[k] for k in sorted(other)},
         "adapter_params": total,
         "file_bytes": (folder / "adapter_model.safetensors").stat().st_size,

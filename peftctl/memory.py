@@ -18,7 +18,11 @@ for a quantized base, bitsandbytes' layer types in place. Counted in bytes:
   query, keys and values and the attention output (b(2h + 2kv); o_proj's adapter reads that same
   output tensor); the MLP's gate output, activation output and up output (3bi; 1bi without a
   gate); and the inputs of the adapted projections, once per shared input (q/k/v: bh; gate/up: bh;
-  down: bi; other adapted layers: their input width), plus the r-wide adapter intermediates.
+  down: bi; other adapted layers: their input width), plus what each adapter layer says it keeps
+  besides (`AdapterLayer.saved_activations`: LoRA's r-wide intermediates; an IA3 layer that scales
+  its output keeps that output instead of its input), and the full-size updates that LoHa and
+  LoKr layers build from their factors and keep for the backward (`saved_weights`, whatever the
+  number of tokens; one layer's with gradient checkpointing).
   Frozen linears keep nothing (they need no weight gradient), nor do bitsandbytes' 4-bit ones;
   its 8-bit ones keep their input like an adapted layer.
   With gradient checkpointing only each layer's input (bh) is kept, plus one layer's full set while
@@ -132,12 +136,18 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
         else:
             name = str(p.dtype).removeprefix("torch.")
             weights[name] = weights.get(name, 0) + nbytes
+    # What a method keeps outside the layers (VeRA's frozen shared projections) counts as weights.
+    method_state = getattr(getattr(peft_model, "base_model", None), "method_state", None)
+    for t in method_state.buffers() if isinstance(method_state, torch.nn.Module) else ():
+        name = str(t.dtype).removeprefix("torch.")
+        weights[name] = weights.get(name, 0) + t.numel() * t.element_size()
 
     hidden, inter, kv, layers = _dims(config)
-    # Layers in the decoder blocks whose input autograd keeps: the adapted ones (their A needs it
-    # for its gradient) and bitsandbytes' 8-bit ones (its backward reads its input).
+    # Layers in the decoder blocks whose input autograd keeps: the adapted ones whose adapter needs it
+    # for its gradient (LoRA's A) and bitsandbytes' 8-bit ones (its backward reads its input).
     keepers = {name.removesuffix(".base_layer").rsplit(".", 1)[-1]: m for name, m in inner.named_modules()
-               if _LAYER_INDEX.search(name) and (isinstance(m, AdapterLayer) or type(m).__name__ == "Linear8bitLt")}
+               if _LAYER_INDEX.search(name) and ((isinstance(m, AdapterLayer) and m.saved_activations()[0])
+                                                 or type(m).__name__ == "Linear8bitLt")}
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in inner.named_modules())
     rms = any("RMSNorm" in type(m).__name__ for m in inner.modules())
     norm = 4 * hidden if rms else b * hidden
@@ -147,14 +157,17 @@ def estimate(peft_model, config, *, workload: Workload, gradient_checkpointing: 
     for suffix in keepers.keys() - set(_ATTN_INPUT + _MLP_INPUT + _MLP_MIDDLE + _ATTN_OUTPUT):
         per_layer += b * getattr(keepers[suffix], "in_features", hidden)
     adapted = [m for name, m in inner.named_modules() if isinstance(m, AdapterLayer) and _LAYER_INDEX.search(name)]
-    per_layer += int(b * sum(sum(getattr(m, "r", {}).values()) for m in adapted) / max(layers, 1))
+    per_layer += int(b * sum(m.saved_activations()[1] for m in adapted) / max(layers, 1))
     tokens = workload.batch * workload.seq_len
     loss_tokens = max(1, int(tokens * workload.loss_fraction))
     # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients
     # during its backward, one dequantized weight.
     always = tokens * (norm + b * (3 * inter + 2 * hidden)) + largest_quantized * b
-    without = tokens * layers * per_layer + always
-    with_ = tokens * (layers * b * hidden + per_layer) + always
+    # Adapter weights built per forward and kept for the backward (LoHa's and LoKr's ΔW): all of
+    # them, or one layer's while it is recomputed under gradient checkpointing.
+    kept_weights = b * sum(m.saved_weights() for m in adapted)
+    without = tokens * layers * per_layer + always + kept_weights
+    with_ = tokens * (layers * b * hidden + per_layer) + always + kept_weights // max(layers, 1)
 
     vocab = config.vocab_size
     if plain_head(inner) is not None:

@@ -79,9 +79,9 @@ def _damage_adapter(folder: Path, kind: str) -> Path:
     if kind == "config_not_json":
         config.write_text('{"peft_type": "LORA", "r": ')
         return config
-    if kind == "unknown_peft_type":
+    if kind == "unknown_peft_type":  # a PEFT method peftctl does not implement (IA3 became one)
         d = json.loads(config.read_text())
-        config.write_text(json.dumps({**d, "peft_type": "IA3"}))
+        config.write_text(json.dumps({**d, "peft_type": "OFT"}))
         return config
     if kind == "bad_value":
         d = json.loads(config.read_text())

@@ -94,7 +94,10 @@ def recipe_text(model_dir: Path, train_path: str, eval_path: str | None, out_dir
         "output": {"dir": out_dir},
     }
     for name, fields in sections.items():
-        recipe.setdefault(name, {}).update(fields)
+        if name == "adapter" and fields.get("method", "lora") != "lora":
+            recipe["adapter"] = dict(fields)  # another method: none of LoRA's fields
+        else:
+            recipe.setdefault(name, {}).update(fields)
     return yaml.safe_dump(recipe, sort_keys=False)
 
 

@@ -147,11 +147,13 @@ class PeftModel(nn.Module):
         return self.base_model.unload()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
+                             combination_type: str | None = None, svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
-        """A new adapter combining others (PEFT's combination types and arguments)."""
+        """A new adapter combining others, with PEFT's arguments for the method: LoRA's combination
+        types (None: svd, PEFT's default) and options; IA3's weighted sum (combination_type None or
+        "linear", no other option). Other methods' adapters do not combine: ValueError, as in PEFT."""
         self.base_model.add_weighted_adapter(
             adapters, weights, adapter_name, combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
             svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
@@ -292,7 +294,7 @@ class PeftModel(nn.Module):
         config = (config or AdapterConfig.from_pretrained(folder)).model_copy(update={"inference_mode": not is_trainable})
         peft_model = cls._for_loading(model, config, adapter_name)
         tensors = _mapped_keys(io.read_weights(folder, allow_pickle), key_mapping, model)
-        io.load_weights(peft_model.base_model.model, adapter_name, tensors, str(folder), getattr(config, "bias", "none"))
+        peft_model.base_model.load_adapter_tensors(adapter_name, tensors, str(folder))
         peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
         if not is_trainable:
             peft_model.eval()
@@ -314,7 +316,7 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(adapter_name, config, loading=True)
         try:
             tensors = _mapped_keys(io.read_weights(folder, allow_pickle), key_mapping, self.base_model.model)
-            io.load_weights(self.base_model.model, adapter_name, tensors, str(folder), getattr(config, "bias", "none"))
+            self.base_model.load_adapter_tensors(adapter_name, tensors, str(folder))
         except Exception:
             self.base_model.delete_adapter(adapter_name)  # no half-loaded adapter stays behind
             raise
@@ -329,7 +331,7 @@ def _adapter_tensors(model: PeftModel, adapter_name: str, state_dict: dict[str, 
     `save_embedding_layers` decides (`io.embeddings_to_save`, warning when "auto" adds them)."""
     config = model.peft_config[adapter_name]
     inner = model.base_model.model
-    live = io.adapter_tensors(inner, adapter_name, getattr(config, "bias", "none"))
+    live = model.base_model.adapter_tensors(adapter_name)
     base_vocab = None
     if save_embedding_layers == "auto":
         base_vocab = model.base_model.base_vocab_size
@@ -522,6 +524,5 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     every tensor or none."""
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: peftctl loads every tensor of an adapter or none")
-    config = model.peft_config[adapter_name]
-    io.load_weights(model.base_model.model, adapter_name, peft_model_state_dict, "state dict",
-                    getattr(config, "bias", "none"))
+    model.base_model._check_names([adapter_name])
+    model.base_model.load_adapter_tensors(adapter_name, peft_model_state_dict, "state dict")

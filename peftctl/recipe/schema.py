@@ -133,6 +133,9 @@ class Recipe(Section):
             raise ValueError("data: set eval or eval_split, not both")
         if self.train.eval_every is not None and self.data.eval is None and self.data.eval_split is None:
             raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_split")
+        if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
+            raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
+                             f"a {self.adapter.method} adapter has none")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:
@@ -159,9 +162,10 @@ def unwrap_model(annotation: Any, raw: Any) -> type[BaseModel] | None:
         return unwrap_model(get_args(annotation)[0], None)
     if origin in (Union, types.UnionType):
         models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if isinstance(raw, dict) and "method" in raw:
+        if isinstance(raw, dict):
+            method = raw.get("method", "lora")  # unset: the default method (`Recipe._default_method`)
             for m in models:
-                if m.model_fields.get("method") and m.model_fields["method"].default == raw["method"]:
+                if m.model_fields.get("method") and m.model_fields["method"].default == method:
                     return m
         return models[0] if len(models) == 1 else None
     return None

@@ -480,9 +480,15 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     scaler = torch.amp.GradScaler(accelerator.device.type) if dtype == torch.float16 else None
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    hooks = unwrapped.training_hooks()  # what the adapter method adds to training (often nothing)
+    if hooks:
+        try:
+            hooks.begin(steps)
+        except ValueError as e:
+            raise InputError(f"adapter: {e}") from None
 
     if ckpt is not None:
-        state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter)
+        state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter, hooks)
         reporter.log(f"resuming from {ckpt} at step {state.step} of {steps}")
     else:
         state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes())
@@ -531,6 +537,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             scaler=scaler.state_dict() if scaler is not None else None,
             rng=gather_object([checkpoint.rng_state()]) if accelerator.num_processes > 1 else [checkpoint.rng_state()],
             state=st,
+            hooks=hooks.state_dict() if hooks else None,
         )
         if main:
             last_checkpoint[0] = checkpoint.write(run.path, unwrapped, payload, recipe_yaml, cfg.keep_checkpoints)
@@ -562,12 +569,14 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
-                stop_signal=lambda: stop.signum is not None, reporter=reporter,
+                stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks,
             )
             if ended == "interrupted":
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
                                   f"{where_to_resume()}; continue with --resume auto")
+            if hooks:
+                hooks.end()  # after the last step, before the run's adapter is saved
             save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
             summary.update(status="completed", stop_reason=ended)
     except StopNow as e:

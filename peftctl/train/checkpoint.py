@@ -1,11 +1,13 @@
 """Checkpoints: everything a run needs to continue exactly where it was.
 
 RUN_DIR/checkpoints/step-000120/ holds the adapter (PEFT's format, so `peftctl eval --adapter`
-takes it as is), optimizer.pt, scheduler.pt, scaler.pt (float16 only), rng_state.pt (Python,
+takes it as is), optimizer.pt, scheduler.pt, scaler.pt (float16 only), adapter_hooks.pt (only for a
+method whose training keeps state of its own: `peftctl.adapters.hooks`), rng_state.pt (Python,
 NumPy, torch and CUDA generators of every process), recipe.yaml, and peftctl_state.json (step, data
 position, counters, best eval, data file hashes; earlier versions named it trainer_state.json,
 Hugging Face Trainer's name for a file of another schema, and such checkpoints still resume). A
-checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any instant leaves the previous one intact and never a
+checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any instant
+leaves the previous one intact and never a
 half-written one under a step name. The `.pt` files are read back with `weights_only=True`: no
 code runs on loading them.
 
@@ -148,7 +150,8 @@ def read_state(ckpt: Path) -> TrainState:
 # The files a checkpoint must hold besides the adapter, and what each is (scaler.pt: float16 runs only).
 PAYLOAD_FILES = {"optimizer.pt": "an optimizer state", "scheduler.pt": "a learning-rate schedule state",
                  "rng_state.pt": "the random generators' states"}
-OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state"}
+HOOKS_FILE = "adapter_hooks.pt"
+OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state", HOOKS_FILE: "the adapter method's training state"}
 
 
 def check(ckpt: Path) -> tuple[TrainState, dict[str, Any]]:
@@ -238,7 +241,7 @@ def load_adapter(peft_model, ckpt: Path) -> None:
     from peftctl.adapters import io
 
     try:
-        io.load_weights(peft_model.base_model.model, "default", io.read_weights(ckpt), str(ckpt))
+        peft_model.base_model.load_adapter_tensors("default", io.read_weights(ckpt), str(ckpt))
     except PeftctlError:
         raise  # a bad file: the error names it
     except ValueError as e:
@@ -282,6 +285,7 @@ class Payload:
     scaler: dict[str, Any] | None
     rng: list[dict[str, Any]]  # one per process
     state: TrainState
+    hooks: dict[str, Any] | None = None  # the adapter method's training state (hooks.py); None: it keeps none
 
 
 def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: int) -> Path:
@@ -294,6 +298,8 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
         _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
             _save(payload.scaler, tmp / "scaler.pt")
+        if payload.hooks is not None:
+            _save(payload.hooks, tmp / HOOKS_FILE)
         _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a state file is complete.
@@ -342,11 +348,19 @@ def read_payload_files(ckpt: Path) -> dict[str, Any]:
     return out
 
 
-def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter) -> TrainState:
-    """Load a checkpoint's optimizer, schedule, loss scaler and RNG states (the adapter weights
-    are loaded before the model is prepared: `load_adapter`). Returns its TrainState."""
+def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter,
+            hooks=None) -> TrainState:
+    """Load a checkpoint's optimizer, schedule, loss scaler, adapter-method (`hooks`: a HookSet) and
+    RNG states (the adapter weights are loaded before the model is prepared: `load_adapter`).
+    Returns its TrainState."""
     state = read_state(ckpt)
     files = read_payload_files(ckpt)
+    if hooks:
+        if files["adapter_hooks"] is None:
+            raise BadFileError(ckpt / HOOKS_FILE, "missing: this run's adapter method keeps training state of its "
+                                                  "own, which a resumed run needs")
+        with reading(ckpt / HOOKS_FILE, "the adapter method's training state for this run's adapter"):
+            hooks.load_state_dict(files["adapter_hooks"])
     with reading(ckpt / "optimizer.pt", "an optimizer state that fits this run's adapter and optimizer"):
         load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
     # The schedule continues from the checkpoint's step, with the recipe's own peak lr.

@@ -6,7 +6,8 @@ the one of a single large batch whatever the accumulation, padding or number of 
 
 Per step: forward and backward of each micro-batch, unscale (float16), clip, check that loss and
 gradient are finite, update, schedule, log, maybe evaluate, maybe checkpoint, maybe stop (signal,
-early stopping). Everything the loop counts lives in a `TrainState`, which checkpoints save, so a
+early stopping). An adapter method may add loss terms and act after each update (`hooks`, from
+`peftctl.adapters.hooks`); the loop calls them without knowing the method. Everything the loop counts lives in a `TrainState`, which checkpoints save, so a
 resumed run continues exactly where the checkpoint was.
 """
 
@@ -165,8 +166,10 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics: Callable[[dict[str, Any]], None],
         checkpoint: Callable[[TrainState], None],
         stop_signal: Callable[[], bool],
-        reporter: Reporter) -> str:
-    """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted."""
+        reporter: Reporter, hooks=None) -> str:
+    """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted.
+    `hooks` (a `peftctl.adapters.hooks.HookSet`, false when empty): the adapter method's loss terms,
+    added to each step's objective once, and its action after each update, before gradients are zeroed."""
     cfg = recipe.train
     world = accelerator.num_processes
     device = accelerator.device
@@ -225,6 +228,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             break
         (step_tokens,) = reduce(sum(mb.loss_tokens for mb in micro))
         local_loss = torch.zeros((), dtype=torch.float32, device=device)
+        step_terms: dict[str, torch.Tensor] = {}  # the hooks' loss terms of this step (read when logging)
         for i, mb in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in mb.batch.items()}
             sync = i == len(micro) - 1
@@ -236,6 +240,11 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 # DDP averages gradients over processes; multiplying by `world` turns that average
                 # into the sum over all loss tokens divided by their global count.
                 scaled = loss * (world / max(step_tokens, 1))
+                if hooks:
+                    # Each micro-batch adds 1/len(micro) of the terms: the step adds each once.
+                    for key, term in hooks.loss_terms().items():
+                        scaled = scaled + term / len(micro)
+                        step_terms[key] = step_terms.get(key, 0) + term.detach() / len(micro)
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 accelerator.backward(scaled)
@@ -261,6 +270,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 scaler.update()
             else:
                 optimizer.step()
+            if hooks:
+                hooks.after_optimizer_step(step)  # the step's gradients are still there
         elif state.skipped_steps < cfg.skip_nonfinite_steps:
             state.skipped_steps += 1
             if scaler is not None:
@@ -303,6 +314,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 "loss_tokens": int(state.window_tokens),
                 "elapsed_s": time_before + now - start,
             }
+            if step_terms:  # the adapter method's loss terms at this step (not in `loss`)
+                record["loss_terms"] = {k: float(v) for k, v in step_terms.items()}
             write_metrics(record)
             reporter.advance(step, {"loss": state.last_loss, "lr": lr, "tok/s": round(record["tokens_per_s"])})
             shown = "-" if loss_now is None else f"{loss_now:.4f}"

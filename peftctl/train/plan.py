@@ -130,7 +130,9 @@ def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
             "type": type(base).__name__ + ("" if isinstance(module, AdapterLayer) else " (trained in full)"),
             "shape": [base.out_features, base.in_features] if _quantized(base) else
             (list(weight.shape) if weight is not None else None),
-            "rank": dict(getattr(module, "r", {})),
+            "rank": dict(getattr(module, "r", {})),  # LoRA's (and VeRA's) ranks by adapter
+            # A few words per adapter: "r=8" (LoRA), "scales input" (IA3); empty for a module trained in full.
+            "adapter": {n: module.describe(n) for n in module.adapter_names} if isinstance(module, AdapterLayer) else {},
             "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
         })
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from peftctl.adapters.config import READING_SAVED, AdapterConfig
+from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig
 
 # init_lora_weights values peftctl implements. "pissa_niter_<n>" (fast randomized SVD) also works.
 INITS = (True, False, "gaussian", "pissa", "olora")
@@ -16,6 +16,10 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # Inits PEFT offers that only decide the starting point of training and leave the base weights
 # alone: an adapter made with one of them loads here as it is (its trained weights are in the file).
 _WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "mica")
+# add_weighted_adapter's combination types (PEFT's), implemented in `combine.py`.
+FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = (*FACTOR_TYPES, "cat", *SVD_TYPES)
 
 
 def rank_factor(r: float, use_rslora: bool) -> float:
@@ -32,7 +36,7 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     return lora_alpha / rank_factor(r, use_rslora)
 
 
-class LoraConfig(AdapterConfig):
+class LoraConfig(LayerSelectionConfig):
     """Low-rank adaptation: y = W x + (B A dropout(x)) * scaling, scaling = lora_alpha / r.
 
     With `use_rslora`, scaling = lora_alpha / sqrt(r). With `use_dora`, the adapted weight is
@@ -40,6 +44,10 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    prefix: ClassVar[str] = "lora_"
+    mixed_batches: ClassVar[bool] = True
+    combination_types: ClassVar[tuple[str, ...]] = COMBINATION_TYPES
+    default_combination: ClassVar[str | None] = "cat"  # `peftctl merge`'s: exact (PEFT's API default is svd)
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {
         "layer_replication": (None,),
         "trainable_token_indices": (None,),
@@ -56,7 +64,7 @@ class LoraConfig(AdapterConfig):
     }
     # PEFT's settings of features refused here (loftq/eva/corda/lora_ga inits, QALoRA, Megatron).
     inert_peft_keys: ClassVar[tuple[str, ...]] = (
-        *AdapterConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        *LayerSelectionConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
         "qalora_group_size", "megatron_core",
     )
 
@@ -191,6 +199,17 @@ class LoraConfig(AdapterConfig):
                 "first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
             )
         return super().from_peft_dict(d)
+
+    def describe_module(self, module: str, tensors: dict[str, list[int]]) -> dict[str, Any]:
+        """Rank (from A's saved shape), lora_alpha (alpha_pattern applied) and scaling of one module."""
+        a = tensors.get("lora_A.weight") or tensors.get("lora_embedding_A")
+        if a is None:
+            return {}
+        from peftctl.adapters.matching import saved_pattern_value
+
+        rank = a[0]
+        alpha = saved_pattern_value(self.alpha_pattern, module, self.lora_alpha, "alpha_pattern")
+        return {"rank": rank, "lora_alpha": alpha, "scaling": lora_scaling(alpha, rank, self.use_rslora)}
 
     @property
     def scaling(self) -> float:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import abc
 import math
-import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.layer import AdapterLayer, LayerTypes, compute_dtype
 from peftctl.adapters.lora import init as lora_init
 from peftctl.adapters.lora.config import lora_scaling
 from peftctl.adapters.matching import pattern_value
@@ -31,13 +30,6 @@ from peftctl.adapters.matching import pattern_value
 def check_rows(names: list[str], x: torch.Tensor) -> None:
     if len(names) != x.shape[0]:
         raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows")
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the adapter computes in: autocast's when it is on, else the activations'."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class LoraLayer(AdapterLayer):
@@ -326,54 +318,46 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self._dora_merge_norm.pop(adapter_name, None)
 
+    def describe(self, adapter_name: str) -> str:
+        return f"r={self.r[adapter_name]}" if adapter_name in self.r else ""
+
+    def saved_activations(self) -> tuple[bool, int]:
+        return True, sum(self.r.values())  # the input (A's gradient) and the r-wide intermediates
+
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
 
 # ---- dispatch: which layer class wraps which base module ----------------------------------------
 
-# (base-layer type, LoRA layer class); the first isinstance match wins. Extended by `register_layer`.
-_LAYER_TYPES: list[tuple[type, type[LoraLayer]]] = []
-_QUANTIZED_REGISTERED: list[bool] = [False]
+
+def _builtin_types() -> list[tuple[type, type[LoraLayer]]]:
+    from transformers.pytorch_utils import Conv1D
+
+    from peftctl.adapters.lora.conv import Conv1d, Conv2d, Conv3d
+    from peftctl.adapters.lora.embedding import Embedding
+    from peftctl.adapters.lora.linear import Linear
+
+    return [(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d),
+            (nn.Linear, Linear), (Conv1D, Linear)]
 
 
-def register_layer(base_type: type, layer_cls: type[LoraLayer]) -> None:
-    """Make `layer_cls` the LoRA layer for base modules of `base_type` (e.g. a quantized linear);
-    it takes precedence over the built-in entries."""
-    _layer_types().insert(0, (base_type, layer_cls))
+def _quantized_types() -> list[tuple[type, type[LoraLayer]]]:
+    from peftctl.adapters.lora.quantized import layer_types
+
+    return layer_types()
 
 
-def _layer_types() -> list[tuple[type, type[LoraLayer]]]:
-    if not _LAYER_TYPES:
-        from transformers.pytorch_utils import Conv1D
-
-        from peftctl.adapters.lora.conv import Conv1d, Conv2d, Conv3d
-        from peftctl.adapters.lora.embedding import Embedding
-        from peftctl.adapters.lora.linear import Linear
-
-        _LAYER_TYPES.extend([(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
-                             (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)])
-    if not _QUANTIZED_REGISTERED[0] and "bitsandbytes" in sys.modules:
-        # A model with bitsandbytes layers has imported it; without them it is never imported here.
-        # Its linears subclass nn.Linear, so they must come first.
-        from peftctl.adapters.lora.quantized import layer_types
-
-        _QUANTIZED_REGISTERED[0] = True
-        for base_type, cls in layer_types():
-            register_layer(base_type, cls)
-    return _LAYER_TYPES
+LAYER_TYPES = LayerTypes("LoRA", _builtin_types, _quantized_types)
+register_layer = LAYER_TYPES.register  # e.g. register_layer(bnb.nn.Linear4bit, QuantizedLinear)
+dispatch = LAYER_TYPES.dispatch  # the LoRA layer for a base module, or a TypeError naming it
 
 
-def dispatch(target: nn.Module, adapter_name: str, config, module_name: str) -> AdapterLayer:
-    """The LoRA layer for a base module, or a TypeError naming the module and its type."""
-    for base_type, cls in _layer_types():
-        if isinstance(target, base_type):
-            return cls(target, adapter_name, config, module_name=module_name)
-    supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in _layer_types()))
-    raise TypeError(
-        f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "
-        f"LoRA here supports: {supported}"
-    )
+def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str, **options) -> None:
+    """A new LoRA adapter combining existing ones (`combine.py`; the registry's hook for it)."""
+    from peftctl.adapters.lora.combine import add_weighted_adapter as combine
+
+    combine(model, adapters, weights, adapter_name, **options)
 
 
 def __getattr__(name: str):
