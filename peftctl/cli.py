@@ -292,6 +292,10 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
               f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
+    if p.get("memory_plan"):
+        from peftctl.train.budget import describe
+
+        out.print(f"  budget       {describe(p['memory_plan'])}")
 
 
 def _render_memory(out, mem: dict[str, Any]) -> None:

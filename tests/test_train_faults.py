@@ -492,19 +492,24 @@ def test_resume_with_another_batch_geometry_trains_each_example_exactly_once(tmp
     seen: list[str] = []
     collate = loop.collate
 
-    def recording(examples, pad_id):  # observes what the loop trains on, then does the real work
+    def recording(examples, pad_id):  # observes what the loop draws, then does the real work
         seen.extend(e.source for e in examples)
-        if len(seen) == 12:  # step 3's micro-batches are drawn: stop after it, as a scheduler would
+        # The loop draws a step's micro-batches ahead, during the step before: 16 drawn means
+        # step 4's are, during step 3. Stop after step 3, as a scheduler would.
+        if len(seen) == 16:
             os.kill(os.getpid(), signal.SIGTERM)
         return collate(examples, pad_id)
 
     monkeypatch.setattr(loop, "collate", recording)
     run("train", recipe, code=143)
-    assert summary(tmp_path / "run")["steps"] == 3 and len(seen) == 12
+    assert summary(tmp_path / "run")["steps"] == 3 and len(seen) == 16
     r = run("train", recipe, "--resume", "auto", "--set", "train.grad_accum=1", "--json")
     s = json.loads(r.stdout)
     assert "train.grad_accum: 2 -> 1" in r.stderr
-    assert len(seen) == 200 and len(set(seen)) == 200  # the 200 rows, each once
+    # The 4 examples drawn ahead for step 4 were not trained: the resumed run draws them first.
+    assert seen[16:20] == seen[12:16]
+    trained = seen[:12] + seen[16:]
+    assert len(trained) == 200 and len(set(trained)) == 200  # the 200 rows, each once
     assert s["steps"] == 3 + 188 // 2 and s["epochs"] == 1.0 and s["examples_seen"] == 200
 
 

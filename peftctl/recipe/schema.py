@@ -142,6 +142,8 @@ class Recipe(Section):
         """train.gradient_checkpointing, or when unset: whether the base model is quantized."""
         if self.train.gradient_checkpointing is not None:
             return self.train.gradient_checkpointing
+        if self.train.memory_budget is not None:
+            return False  # decided by the budget at run time (train.budget)
         return self.model.quantization is not None
 
     def to_yaml(self) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from peftctl.recipe.fields import Section, aka, training_argument
 
@@ -12,6 +13,25 @@ from peftctl.recipe.fields import Section, aka, training_argument
 # 0 <= seed < 2**32; torch and random take more, so this range suits all three.
 MAX_SEED = 2**32 - 1
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+
+
+def _gib_or_auto(value: Any) -> Any:
+    """train.memory_budget: a positive finite number of GiB, or auto."""
+    if value is None or value == "auto":
+        return value
+    number = value
+    if isinstance(value, str):  # as pydantic reads numbers written as strings ("1e400" is one in YAML)
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ValueError(f"must be a number of GiB or auto (got {value!r})")
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number (got {value!r})")
+    if number <= 0:
+        raise ValueError(f"must be > 0 (got {value!r})")
+    return float(number)
 
 
 class TrainSection(Section):
@@ -139,6 +159,25 @@ class TrainSection(Section):
         ),
         json_schema_extra=aka(transformers="gradient_checkpointing", axolotl="gradient_checkpointing"),
     )
+    memory_budget: Annotated[float | Literal["auto"] | None, BeforeValidator(_gib_or_auto)] = Field(
+        default=None,
+        description=(
+            "GiB of device memory the run may use, or auto (the GPU's memory less 5% and 1 GiB). From "
+            "the memory estimate, the run checkpoints as few decoder layers as fit (the first ones) and, "
+            "when even all do not, keeps their inputs in pinned host memory (copies overlapped with "
+            "compute); the choice is in the dry run and summary.json (memory_plan). Replaces "
+            "gradient_checkpointing (set one of them). Unset: gradient_checkpointing decides."
+        ),
+    )
+    kernels: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Fused forward and backward for Llama-family blocks (RMSNorm, the LoRA SwiGLU MLP, q/k/v "
+            "with one shared A matmul, RoPE; Triton kernels on a GPU) and a fused cross-entropy: less "
+            "memory and time, the same function. auto: on with a CUDA GPU; true: also on other devices "
+            "(plain PyTorch versions of the same functions); false: the model's own modules."
+        ),
+    )
     seed: int = Field(
         default=42,
         ge=0,
@@ -208,4 +247,7 @@ class TrainSection(Section):
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("train.early_stopping_patience needs train.eval_every")
+        if self.memory_budget is not None and self.gradient_checkpointing is not None:
+            raise ValueError("set train.memory_budget or train.gradient_checkpointing, not both (the budget "
+                             "decides which layers are checkpointed)")
         return self

@@ -201,7 +201,8 @@ def resolved(recipe):
     q = recipe.model.quantization
     if q is not None and q.bits == 4 and q.compute_dtype == "auto":
         model["quantization"] = q.model_copy(update={"compute_dtype": dtype})
-    checkpointing = recipe.uses_gradient_checkpointing()
+    # With a memory budget, checkpointing is decided at run time (train.budget): left unset.
+    checkpointing = None if recipe.train.memory_budget is not None else recipe.uses_gradient_checkpointing()
     return recipe.model_copy(update={
         "model": recipe.model.model_copy(update=model),
         "train": recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
@@ -348,6 +349,43 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base.config.use_cache = False
 
 
+def packed_attention(peft_model, cfg, device) -> str:
+    """The attention name packed batches are laid out for (`data.packing.layout_for`): the fused
+    forward's own variable-length attention where it runs, else the model's implementation."""
+    from peftctl.train import budget
+
+    attention = peft_model.config._attn_implementation
+    if budget.kernels_on(cfg.kernels, device):
+        from peftctl.adapters.lora.fused import varlen_supported
+        from peftctl.data.packing import FUSED_VARLEN
+
+        if varlen_supported(peft_model.get_base_model(), device):
+            return FUSED_VARLEN
+    return attention
+
+
+def speed_settings(peft_model, cfg, examples, device, reporter: Reporter) -> dict[str, Any]:
+    """Fused kernels (train.kernels) and checkpointing (train.memory_budget, else
+    train.gradient_checkpointing) applied to the model; returns what was chosen, for summary.json."""
+    from peftctl.train import budget
+
+    out: dict[str, Any] = {"kernels": None, "memory_plan": None}
+    if budget.kernels_on(cfg.kernels, device):
+        from peftctl.adapters.lora.fused import enable_fused
+
+        out["kernels"] = enable_fused(peft_model)
+    config = peft_model.get_base_model().config
+    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size), device) \
+        if cfg.memory_budget is not None else None
+    if chosen is not None:
+        budget.apply(peft_model, chosen["checkpoint_layers"], chosen["offload"], device)
+        reporter.log(budget.describe(chosen))
+        out["memory_plan"] = chosen
+    elif cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    return out
+
+
 def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, main: bool, reporter: Reporter) -> None:
     """The run's adapter (the last, or the best evaluation's with load_best_at_end) and tokenizer."""
     from peftctl.train import checkpoint
@@ -459,15 +497,14 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
-                             attention=model.config._attn_implementation, reporter=reporter)
+                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter)
     check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "
         f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
     )
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    speed = speed_settings(model, cfg, dataset.train, accelerator.device, reporter)
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
@@ -518,6 +555,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         "train_examples": len(dataset.train),
         "eval_examples": len(dataset.eval or []),
         "data": {k: vars(v) for k, v in dataset.stats.items()},
+        **speed,
     }
     last_checkpoint: list[Path | None] = [checkpoint.latest(run.path) if main else None]
 

@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType
 from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
-from peftctl.loss import eval_loss, inner_model, loss_sum
+from peftctl.loss import eval_loss, inner_model, loss_sum, prepare
 from peftctl.train.checkpoint import TrainState
 from peftctl.ui import Reporter
 
@@ -218,23 +218,34 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     if cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience:
         reporter.stop()  # a checkpoint written as early stopping ended the run: nothing more to train
         return "early_stopping"
-    for step in range(state.step + 1, steps + 1):
-        # Up to grad_accum micro-batches (an epochs-based run's last step may have fewer); their
-        # token counts come from the host tensors, so nothing here waits for the device.
+    pin = device.type == "cuda"
+
+    def draw() -> tuple[list[MicroBatch], list, int, int, int]:
+        """One step's micro-batches (up to grad_accum: an epochs-based run's last step may have
+        fewer), collated and moved with their loss plans (worked out on the host: the forward
+        waits for nothing), and the stream's epoch, position and count after them."""
         micro = []
         while len(micro) < cfg.grad_accum and (mb := stream.next()) is not None:
             micro.append(mb)
+        return micro, [prepare(mb.batch, device, pin) for mb in micro], stream.epoch, stream.position, \
+            stream.consumed
+
+    ahead = draw() if state.step < steps else None
+    for step in range(state.step + 1, steps + 1):
+        # Drawn ahead, during the last step's backward (see below); their token counts come from
+        # the host tensors, so nothing here waits for the device.
+        micro, moved, epoch_after, position_after, consumed_after = ahead
         if not micro:  # the data ran out: total_steps counts exactly, so this is only a safeguard
             break
         (step_tokens,) = reduce(sum(mb.loss_tokens for mb in micro))
         local_loss = torch.zeros((), dtype=torch.float32, device=device)
         step_terms: dict[str, torch.Tensor] = {}  # the hooks' loss terms of this step (read when logging)
         for i, mb in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in mb.batch.items()}
+            batch, plan = moved[i]
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
             with ctx:
-                loss, _ = loss_sum(model, batch)
+                loss, _ = loss_sum(model, batch, plan)
                 if mb.weight != 1.0:
                     loss = loss * mb.weight  # a stand-in: every process runs a backward, this one adds nothing
                 # DDP averages gradients over processes; multiplying by `world` turns that average
@@ -249,11 +260,17 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                     scaled = scaler.scale(scaled)
                 accelerator.backward(scaled)
             local_loss += loss.detach().float()
+        del moved, batch, plan
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         if type(grad_norm).__name__ == "DTensor":  # FSDP2
             grad_norm = grad_norm.full_tensor()
+        # The next step's batches are collated, pinned and queued for the device now, while the
+        # device runs this step's backward: after the step's one wait (the gradient norm below)
+        # the next forward starts at once. The state takes the stream's position from the values
+        # drawn with this step's batches (a run that stops after this step resumes after it).
+        ahead = draw() if step < steps else None
         grad_norm = float(grad_norm)  # the step's one wait for the device (with the loss below)
         step_loss, inputs, stopping = reduce(float(local_loss), sum(mb.input_tokens for mb in micro),
                                              float(stop_signal()))
@@ -291,7 +308,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         else:
             state.collapsed_steps = 0
 
-        state.step, state.epoch, state.position = step, stream.epoch, stream.position
+        state.step, state.epoch, state.position = step, epoch_after, position_after
         if bad is None:
             state.window_loss += step_loss
             state.window_tokens += step_tokens
@@ -306,7 +323,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 state.last_loss = loss_now
             record = {
                 "step": step,
-                "epoch": round(stream.consumed / len(train), 4),  # passes over the data when the step ended
+                "epoch": round(consumed_after / len(train), 4),  # passes over the data when the step ended
                 "loss": loss_now,
                 "lr": lr,
                 "grad_norm": grad_norm,

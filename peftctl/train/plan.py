@@ -37,6 +37,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     from peftctl import data as data_lib
     from peftctl import models
     from peftctl.train import (
+        budget,
         check_data,
         check_model,
         checkpoint,
@@ -65,11 +66,10 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
     steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
-    lengths, loss_tokens = sequence_lengths(dataset.train)
+    lengths, _ = sequence_lengths(dataset.train)
     mean_len = float(lengths.mean())
-    loss_fraction = float(loss_tokens.sum()) / max(int(lengths.sum()), 1)
     # The longest micro-batch pads every row to its longest sequence.
-    workload = memory.Workload(cfg.batch_size, int(lengths.max()), loss_fraction)
+    workload = budget.workload(dataset.train, cfg.batch_size)
     inspected = inspect_recipe(recipe, workload, built=built)
     checkpoints = 0 if cfg.save_every is None else math.ceil(steps / cfg.save_every)
     return {
@@ -96,6 +96,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "resume_from": str(ckpt) if ckpt else None,
         "nothing_to_train": finished,  # a finished run: why `train` would train nothing
         "memory_estimate_bytes": inspected["memory"],
+        "memory_plan": inspected["memory"]["memory_plan"],
+        "kernels": budget.kernels_on(cfg.kernels, budget.device_of_this_machine()),
         "output_dir": str(Path(recipe.output.dir).resolve()),
     }
 
@@ -148,10 +150,20 @@ def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
         "trainable_percent": 100 * trainable / total,
     }
     if workload is not None:
+        from peftctl.train import budget
+
+        # As the run on this machine would train: fused kernels per train.kernels, checkpointing
+        # per train.memory_budget (its plan) or train.gradient_checkpointing.
+        device = budget.device_of_this_machine()
+        cfg = recipe.train
+        chosen = budget.plan(peft_model, config, cfg, workload, device) if cfg.memory_budget is not None else None
         result["memory"] = memory.estimate(
             peft_model, config, workload=workload, gradient_checkpointing=recipe.uses_gradient_checkpointing(),
-            optimizer=recipe.train.optimizer, momentum=recipe.train.momentum,
+            optimizer=cfg.optimizer, momentum=cfg.momentum, fused=budget.kernels_on(cfg.kernels, device),
+            checkpoint_layers=None if chosen is None else chosen["checkpoint_layers"],
+            offload=chosen is not None and chosen["offload"],
         )
+        result["memory"]["memory_plan"] = chosen
         result["memory"]["workload"] = {"batch": workload.batch, "seq_len": workload.seq_len,
                                         "loss_fraction": workload.loss_fraction}
     return result

@@ -5,7 +5,8 @@ formula needs: no dropout call when the rate is 0; the delta is computed as B(A(
 activations' dtype (the float32 adapter weights are cast down, the activations are never upcast);
 the scaling multiplies the small r-wide intermediate; B @ A is never formed in the forward (DoRA's
 weight norm is the exception the method itself needs, computed without gradient). `lora_delta` is
-the one place a fused kernel would replace.
+the module-graph form; `fused.py` computes the same for linear layers inside Llama-family blocks
+with fused autograd functions (`peftctl.kernels.lora`) when training asks for it.
 
 The layer classes: `Linear` (torch Linear and transformers' Conv1D, stored transposed),
 `Embedding`, `Conv1d`, `Conv2d`, `Conv3d`; bitsandbytes' quantized linears (QLoRA) in `quantized.py`.
@@ -111,7 +112,8 @@ class LoraLayer(AdapterLayer):
         dtype: s multiplies h (skipped when 1), B's bias is scaled in float32 then cast to h's dtype,
         B's weight is cast to it, and `apply_b(h, weight, bias)` applies B as its layer kind does
         (`F.linear`, a 1x1 convolution's `_conv_forward`). The sequence every `lora_delta` shares,
-        written once: where a fused kernel goes."""
+        written once: where a fused kernel goes (`kernels.lora` fuses the same sequence for linear
+        layers on the training fast path, `fused.py`)."""
         b = self.lora_B[adapter_name]
         scale = self.scaling[adapter_name]
         if scale != 1.0:
@@ -164,14 +166,20 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
         weight = self.get_base_layer().weight
+        meta = weight.device.type == "meta"
         # Adapter weights live in float32 (stable optimizer updates) on the base weight's device.
         # They are created with the layer's own default init first, as PEFT does, so that a seed
-        # gives PEFT's numbers (and init_lora_weights=false keeps those random values).
-        self.create_weights(adapter_name, r, config.lora_bias, {"device": weight.device, "dtype": torch.float32})
-        if weight.device.type != "meta":
+        # gives PEFT's numbers (and init_lora_weights=false keeps those random values). Random
+        # values are drawn on the CPU and then moved: a seed gives the same adapter wherever the
+        # base sits (loaded onto a GPU, or in host memory for FSDP to shard; CUDA's generator
+        # draws other numbers than the CPU's).
+        self.create_weights(adapter_name, r, config.lora_bias, {"device": "meta" if meta else "cpu",
+                                                                "dtype": torch.float32})
+        if not meta:
             if init is True or init == "gaussian":
                 self.reset_weights(adapter_name, init)
-            elif isinstance(init, str):
+            self._move_adapter(adapter_name, weight.device)
+            if isinstance(init, str) and init != "gaussian":
                 lora_init.from_base_weight(self, adapter_name, init)
             if config.use_dora:
                 self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.dora_norm(adapter_name))
@@ -180,6 +188,17 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(torch.empty(shape, device="meta"))
         self.set_adapter(self.active_adapters, trainable=False)
         self.match_mode(adapter_name)
+
+    def _move_adapter(self, adapter_name: str, device: torch.device) -> None:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.data.to(device), requires_grad=item.requires_grad)
+            else:
+                item.to(device)
 
     # ---- forward ------------------------------------------------------------------------------
     def dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
