@@ -252,11 +252,18 @@ def test_offloaded_checkpointing_gives_the_gradients_of_plain_checkpointing(tiny
             offloader = OffloadedCheckpoint("cpu", min_bytes=0, force=True)
             for layer in model.base_model.model.model.layers:
                 layer._gradient_checkpointing_func = offloader
-        results.append([_step(model, batch) for _ in range(2)])
+        steps, pooled = [], []
+        for _ in range(2):
+            steps.append(_step(model, batch))
+            if offload:
+                pooled.append(sum(len(v) for v in offloader.pool.values()))
+        results.append(steps)
         if offload:
             assert offloader.waiting == 0
             assert offloader.copied_bytes >= 2 * 2 * 3 * 17 * 64 * 4  # two layer inputs per step, two steps
-            assert sum(len(v) for v in offloader.pool.values()) == 2  # one buffer per layer, reused
+            # Host buffers are reused: the second step allocates none. (How many tensors a checkpoint
+            # saves per layer depends on the torch version: 2.13 saves one input per layer, 2.11 two.)
+            assert pooled[0] >= 2 and pooled[1] == pooled[0], pooled
     for (l0, g0), (l1, g1) in zip(*results, strict=True):
         assert torch.equal(l0, l1)
         assert all(torch.equal(g0[k], g1[k]) for k in g0)
