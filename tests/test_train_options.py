@@ -1,0 +1,186 @@
+"""Training options that change what a run computes, checked by what they do to it end to end:
+`train.gradient_checkpointing` (recomputes each layer, stores none of its activations, same
+result), `train.max_grad_norm` (the applied update's norm, and the logged norm before clipping),
+and the data order (each epoch every example once, a new seeded order each epoch).
+
+Each test runs `peftctl train` in-process and watches the model through torch's global hooks
+(module forward hooks, saved-tensor hooks): instruments on torch, nothing of peftctl replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from clirun import run_json
+from safetensors.torch import load_file
+from torch import nn
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def global_hooks(pre=None, post=None, pack=None):
+    """Forward pre/post hooks on every module, and a saved-tensor pack hook, for the block's duration."""
+    handles = []
+    if pre is not None:
+        handles.append(nn.modules.module.register_module_forward_pre_hook(pre))
+    if post is not None:
+        handles.append(nn.modules.module.register_module_forward_hook(post))
+    saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x) if pack else contextlib.nullcontext()
+    try:
+        with saved:
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_gradient_checkpointing_recomputes_each_layer_keeps_only_its_input_and_trains_the_same(
+        make_recipe, tmp_path):
+    """With `train.gradient_checkpointing: true` each decoder layer's attention runs twice per
+    micro-batch (forward, and again in the backward pass) and autograd keeps nothing from inside a
+    layer but the layer's input (non-reentrant checkpointing packs the rest with its own hooks,
+    which take precedence over ours); without it, once, with all its activations kept. The losses
+    and the trained adapter are the same."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
+
+    steps, layers = 3, 2  # the tiny model has 2 decoder layers
+
+    def train(checkpointing: bool):
+        out = tmp_path / f"gc-{checkpointing}"
+        count = {"attention": 0, "depth": 0, "inputs": 0, "saved_inside": 0, "saved_outside": 0}
+
+        def pre(module, args):
+            if not module.training:  # the final evaluation runs in eval mode
+                return
+            if isinstance(module, LlamaAttention):
+                count["attention"] += 1
+            elif isinstance(module, LlamaDecoderLayer):  # its hooks stay outside the checkpoint
+                count["depth"] += 1
+                count["inputs"] += args[0].numel() * args[0].element_size()
+
+        def post(module, args, output):
+            if module.training and isinstance(module, LlamaDecoderLayer):
+                count["depth"] -= 1
+
+        def pack(t):
+            count["saved_inside" if count["depth"] else "saved_outside"] += t.numel() * t.element_size()
+            return t
+
+        recipe = make_recipe(out=str(out), train={"max_steps": steps, "log_every": 1, "save_every": None,
+                                                  "gradient_checkpointing": checkpointing})
+        with global_hooks(pre, post, pack):
+            s = run_json("train", recipe)
+        assert s["status"] == "completed"
+        return count, load_file(out / "adapter_model.safetensors"), [m["loss"] for m in metrics(out) if "loss" in m]
+
+    results = {checkpointing: train(checkpointing) for checkpointing in (False, True)}
+    plain, ckpt = results[False][0], results[True][0]
+    assert plain["attention"] == steps * layers and ckpt["attention"] == 2 * steps * layers
+    assert plain["inputs"] == ckpt["inputs"] > 0
+    # Without checkpointing a layer keeps far more than its input (q, k, v, attention weights, the
+    # MLP's gate, up and activation at twice the hidden size, norms: > 4 hidden-sized tensors).
+    assert plain["saved_inside"] > 4 * plain["inputs"]
+    assert ckpt["saved_inside"] <= ckpt["inputs"]
+    assert plain["saved_outside"] > 0 and ckpt["saved_outside"] > 0  # the hook saw this run's autograd
+    (_, a, la), (_, b, lb) = results[False], results[True]
+    assert la == pytest.approx(lb, rel=1e-6)
+    # The recomputed forward does the same float32 operations in the same order: same gradients
+    # up to summation-order noise (the unit test's bound).
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_max_grad_norm_clips_the_applied_update_and_logs_the_norm_before_clipping(make_recipe, tmp_path):
+    """Plain SGD (no momentum, no decay, constant lr): step 2's update is a2 - a1 = -lr × g, with g
+    clipped to norm `max_grad_norm` when its norm is larger. The logged grad_norm is the norm before
+    clipping (as transformers' Trainer logs it)."""
+    lr, clip = 1.0, 0.05
+    runs = {}
+    for max_norm in (clip, None):
+        out = tmp_path / f"clip-{max_norm}"
+        run_json("train", make_recipe(out=str(out), train={
+            "max_steps": 2, "save_every": 1, "log_every": 1, "optimizer": "sgd", "momentum": 0.0,
+            "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "lr": lr, "max_grad_norm": max_norm}))
+        a1 = load_file(out / "checkpoints" / "step-000001" / "adapter_model.safetensors")
+        a2 = load_file(out / "checkpoints" / "step-000002" / "adapter_model.safetensors")
+        update = torch.linalg.vector_norm(torch.cat([(a2[k].double() - a1[k].double()).flatten() for k in a1]))
+        norms = [m["grad_norm"] for m in metrics(out) if "grad_norm" in m]
+        runs[max_norm] = (float(update), norms)
+    clipped_update, clipped_norms = runs[clip]
+    free_update, free_norms = runs[None]
+    # Both runs start from the same weights: step 1's gradient, and its logged norm, are the same.
+    assert clipped_norms[0] == pytest.approx(free_norms[0], rel=1e-6)
+    assert clipped_norms[1] > 4 * clip  # clipping acts at step 2, and the log shows the norm before it
+    # Tolerance: a2 is rounded to float32 (half an ulp per element, ~4e-9 for weights ~0.1, over
+    # 1792 elements: ~2e-7 absolute on a norm of 0.05), torch's clip divides by (norm + 1e-6), and
+    # the norm is summed in float32 (~1e-7 relative): rel 1e-4 holds with a wide margin.
+    assert clipped_update == pytest.approx(lr * clip, rel=1e-4)
+    assert free_update == pytest.approx(lr * free_norms[1], rel=1e-4)  # unset: no clipping
+
+
+def test_each_epoch_sees_every_example_once_in_a_new_order_fixed_by_the_seed(make_recipe, tmp_path):
+    """Two epochs of 48 examples in batches of 8: the rows the model trains on, epoch by epoch,
+    are each a permutation of the training data (`peftctl data --json`); the two epochs' orders
+    differ; the same seed repeats the order (into the second epoch), another seed changes it."""
+    def trained_rows(out: str, seed: int, **train) -> tuple[list[tuple[int, ...]], object]:
+        recipe = make_recipe(out=str(tmp_path / out), train={"batch_size": 8, "save_every": None, "seed": seed,
+                                                             **train})
+        rows: list[tuple[int, ...]] = []
+
+        def pre(module, args):
+            if isinstance(module, nn.Embedding) and module.training:  # not the final evaluation
+                for row in args[0].tolist():  # right-padded with the pad id (0)
+                    while row and row[-1] == 0:
+                        row.pop()
+                    rows.append(tuple(row))
+
+        with global_hooks(pre=pre):
+            run_json("train", recipe)
+        return rows, recipe
+
+    rows, recipe = trained_rows("a", 0, max_steps=None, epochs=2)
+    data = [tuple(e["input_ids"]) for e in run_json("data", recipe)["examples"]]
+    assert len(data) == 48 and len(set(data)) == 48  # distinct examples, so rows identify them
+    assert len(rows) == 96
+    first, second = rows[:48], rows[48:]
+    assert sorted(first) == sorted(data) and sorted(second) == sorted(data)  # each exactly once
+    assert first != data and second != first  # shuffled, and anew each epoch
+    assert trained_rows("b", 0, max_steps=7)[0] == rows[:56]  # the same seed: the same order
+    assert trained_rows("c", 1, max_steps=2)[0] != rows[:16]  # another seed: another order
+
+
+def test_data_stream_splits_each_epoch_between_processes_and_resumes_mid_epoch():
+    """DataStream on 2 processes over 11 examples: per epoch each process takes every other
+    example of the global batch, the 11th (a different one each epoch) is left out, and a stream
+    rebuilt at a checkpoint's (epoch, position) continues exactly as the first one."""
+    from peftctl.data import Example
+    from peftctl.train.loop import DataStream
+
+    examples = [Example(input_ids=[i + 1, 7], labels=[i + 1, 7]) for i in range(11)]
+
+    def draws(rank, n, **at):
+        stream = DataStream(examples, batch_size=2, seed=5, rank=rank, world=2, pad_id=0, **at)
+        out = []
+        for _ in range(n):
+            batch = stream.next()
+            out.append((stream.epoch, [int(x) - 1 for x in batch["input_ids"][:, 0]]))
+        return out, stream
+
+    per_rank = [draws(rank, 9)[0] for rank in (0, 1)]  # 3 epochs: global batches of 4, 4, 2
+    assert [len(ids) for _, ids in per_rank[0]] == [len(ids) for _, ids in per_rank[1]] == [2, 2, 1] * 3
+    left_out = []
+    for epoch in range(3):
+        taken = [i for r in per_rank for e, ids in r if e == epoch for i in ids]
+        assert len(taken) == 10 and len(set(taken)) == 10
+        left_out.append(set(range(11)) - set(taken))
+    assert len({frozenset(s) for s in left_out}) > 1  # which example waits varies by epoch
+    # resumed at the (epoch, position) a checkpoint would hold after 4 draws
+    first, stream = draws(0, 4)
+    rest, _ = draws(0, 5, epoch=stream.epoch, position=stream.position)
+    assert first + rest == per_rank[0]
