@@ -1,0 +1,572 @@
+"""A small mutation pass over peftctl: do the tests notice when the code is changed?
+
+    python tools/mutation_pass.py map                      # which tests run which lines (once, ~10 min)
+    python tools/mutation_pass.py run --max-mutants 300    # sample mutants, run the tests that reach each
+    python tools/mutation_pass.py report                   # the table again, and every survivor's diff
+    python tools/mutation_pass.py show ID                  # one mutant's diff
+
+Run it from the repository root with the project's venv (`nice -n 15 .venv/bin/python tools/...`).
+Everything goes to `.mutation/` (git-ignored): `coverage.json` (map), `mutants.jsonl` (results,
+appended as they finish, so an interrupted `run` continues where it stopped), `logs/`.
+
+How it works (no dependency beyond pytest; mutmut 3 wants to own the package layout and run
+every test under its trampolines, which this project's subprocess and multi-process tests defeat):
+
+1. **map**: the suite runs once with a `sys.settrace` line tracer limited to `peftctl/`, recording
+   for each test the peftctl lines it executes, its duration and outcome. Lines run while the test
+   modules are imported count for every test that reaches the same file. Tests that fail on this
+   machine without any mutant (`test_quantized` on CPUs with avx512_bf16, issue 9 §1) are never used
+   to judge a mutant. Lines run only in a subprocess (`peftctl train --num-processes`, the SIGKILL
+   test's child) are not seen: a mutant there is reported as not reached, never as killed.
+2. **generate**: each target file is parsed and every mutation point listed: arithmetic and
+   comparison operators swapped (`+`/`-`, `*`/`/`, `<`/`<=`, `==`/`!=`, `in`/`not in`, ...), `and`/`or`,
+   `not` removed, an `if`/`while` condition negated, `min`/`max` swapped, numbers changed (n -> n+1,
+   0 <-> 1, floats doubled), `True`/`False` flipped, `break`/`continue` swapped, `+=`/`-=` swapped, and
+   statements deleted (replaced by `pass`). Not mutated: docstrings, strings (messages), f-strings,
+   annotations, `raise` arguments, calls that only report (`reporter.*`, `log*`, `warn*`, `print`),
+   `__all__`, and pydantic `Field(...)` descriptions. Each mutant is the file with one source
+   segment replaced, checked to parse to exactly the intended AST.
+3. **run**: a random sample (seeded, proportional over files) of the mutants whose line some
+   passing test reaches. For each: the mutated file is written into a scratch copy of the
+   repository, and a process forked from one that already imported torch, transformers, accelerate
+   and peft (22 s of imports on a loaded 2-core machine, saved per mutant) runs the tests that
+   reach the line, fastest first, within a time budget, stopping at the first failure. A failure,
+   an error or a timeout kills the mutant; all passing means it survived.
+
+Results are facts about the tests, not verdicts: each survivor needs a reading (equivalent,
+harmless, or a gap in the tests), which the report leaves to a person.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import difflib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+TARGETS = ("peftctl/train", "peftctl/data", "peftctl/adapters")
+# Timing-dependent under load, several processes, or children the tracer cannot see: never used
+# to judge a mutant (their in-process code paths are run by other tests as well).
+EXCLUDED_TESTS = ("test_sigkill_then_resume", "test_sigterm_finishes", "test_two_processes_over_gloo",
+                  "test_fsdp2_checkpoint_state")
+PRELOAD = ("torch", "numpy", "yaml", "pydantic", "typer", "safetensors.torch", "tokenizers", "transformers",
+           "transformers.models.llama.modeling_llama", "accelerate", "peft", "pytest", "rich")
+KIND_WEIGHT = {"delete-statement": 0.5}
+_CO_OPTIMIZED = 0x0001  # inspect.CO_OPTIMIZED: set for function bodies, not for module or class bodies
+REPORTING_CALLS = {"log", "advance", "start", "stop", "warn", "warning", "info", "debug", "print", "echo"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. map: which tests run which lines
+
+
+class LineTracer:
+    """A pytest plugin: per test nodeid, the set of 'relpath:line' of peftctl code it executed."""
+
+    def __init__(self, root: Path):
+        self.prefix = str(root / "peftctl") + os.sep
+        self.root = str(root) + os.sep
+        self.current = "<import>"
+        self.lines: dict[str, set[str]] = {"<import>": set()}
+        self.tests: dict[str, dict] = {}
+        self._wanted: dict[object, bool] = {}
+
+    def _global(self, frame, event, arg):
+        code = frame.f_code
+        wanted = self._wanted.get(code)
+        if wanted is None:
+            wanted = self._wanted[code] = code.co_filename.startswith(self.prefix)
+        return self._local if wanted else None
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            # Module and class bodies run once, when first imported (by whichever test): their lines
+            # count as import-time lines, reached by every test that reaches the file.
+            owner = self.current if frame.f_code.co_flags & _CO_OPTIMIZED else "<import>"
+            self.lines.setdefault(owner, set()).add(f"{frame.f_code.co_filename[len(self.root):]}:{frame.f_lineno}")
+        return self._local
+
+    def pytest_sessionstart(self, session):
+        import threading
+
+        threading.settrace(self._global)
+        sys.settrace(self._global)
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.current = nodeid
+        self.tests.setdefault(nodeid, {"duration": 0.0, "outcome": "passed"})
+
+    def pytest_runtest_logreport(self, report):
+        t = self.tests.setdefault(report.nodeid, {"duration": 0.0, "outcome": "passed"})
+        t["duration"] += report.duration
+        if report.outcome == "failed":
+            t["outcome"] = "failed"
+        elif report.outcome == "skipped" and t["outcome"] == "passed":
+            t["outcome"] = "skipped"
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        self.current = "<import>"
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        sys.settrace(None)
+        import threading
+
+        threading.settrace(None)
+
+
+def cmd_map(args) -> None:
+    WORK.mkdir(exist_ok=True)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    sys.path.insert(0, str(ROOT))
+    import pytest
+
+    tracer = LineTracer(ROOT)
+    t0 = time.time()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", *args.pytest_args,
+                        *[f"--deselect={n}" for n in _excluded_nodeids(ROOT)]], plugins=[tracer])
+    data = {"root": str(ROOT), "exit": int(code), "seconds": round(time.time() - t0, 1),
+            "tests": tracer.tests, "lines": {k: sorted(v) for k, v in tracer.lines.items()}}
+    (WORK / "coverage.json").write_text(json.dumps(data))
+    passing = sum(t["outcome"] == "passed" for t in tracer.tests.values())
+    print(f"map: {len(tracer.tests)} tests ({passing} passing) in {data['seconds']} s -> {WORK / 'coverage.json'}")
+
+
+def _excluded_nodeids(root: Path) -> list[str]:
+    out = []
+    for path in sorted((root / "tests").glob("test_*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("def test_") and any(line[4:].startswith(name) for name in EXCLUDED_TESTS):
+                out.append(f"tests/{path.name}::{line[4:line.index('(')]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. generate: mutation points
+
+
+@dataclass
+class Mutant:
+    id: str
+    file: str
+    line: int
+    kind: str
+    before: str
+    after: str
+    start: tuple[int, int]
+    end: tuple[int, int]
+    replacement: str
+
+
+_BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
+               ast.FloorDiv: ast.Div, ast.Mod: ast.Mult, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr,
+               ast.BitOr: ast.BitAnd, ast.LShift: ast.RShift, ast.RShift: ast.LShift}
+_CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+             ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+
+
+def _skipped_subtrees(tree: ast.AST) -> set[int]:
+    """ids of nodes whose subtrees are never mutated: messages, annotations, docstrings, reporting."""
+    skip: set[int] = set()
+
+    def mark(node):
+        for n in ast.walk(node):
+            skip.add(id(n))
+
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            mark(body[0])  # docstring
+        if isinstance(node, ast.Raise):
+            mark(node)  # the exception and its message (deleting the raise is a statement mutant)
+        elif isinstance(node, ast.JoinedStr | ast.Assert):
+            mark(node)
+        elif isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            mark(node.annotation)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            if node.returns is not None:
+                mark(node.returns)
+            for d in node.decorator_list:
+                mark(d)
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name in REPORTING_CALLS or name.startswith("log"):
+                mark(node)
+            if name == "Field":
+                for kw in node.keywords:
+                    if kw.arg == "description":
+                        mark(kw.value)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            mark(node)
+        elif isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            mark(node)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            mark(node)
+    return skip
+
+
+def _is_reporting_stmt(node: ast.stmt) -> bool:
+    if not isinstance(node, ast.Expr) or not isinstance(node.value, ast.Call):
+        return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    f = node.value.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    return name in REPORTING_CALLS or name.startswith("log")
+
+
+def mutation_points(source: str) -> list[tuple[ast.AST, ast.AST, str]]:
+    """(node, mutated copy, kind) for every mutation point of a module's source."""
+    tree = ast.parse(source)
+    skip = _skipped_subtrees(tree)
+    out: list[tuple[ast.AST, ast.AST, str]] = []
+
+    def add(node, kind, change):
+        new = copy.deepcopy(node)
+        change(new)
+        out.append((node, new, kind))
+
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOP_SWAP:
+            add(node, "binop", lambda n: setattr(n, "op", _BINOP_SWAP[type(n.op)]()))
+        elif isinstance(node, ast.AugAssign) and type(node.op) in _BINOP_SWAP:
+            add(node, "augassign", lambda n: setattr(n, "op", _BINOP_SWAP[type(n.op)]()))
+        elif isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                if type(op) in _CMP_SWAP:
+                    add(node, "compare", lambda n, i=i: n.ops.__setitem__(i, _CMP_SWAP[type(n.ops[i])]()))
+        elif isinstance(node, ast.BoolOp):
+            add(node, "boolop", lambda n: setattr(n, "op", ast.Or() if isinstance(n.op, ast.And) else ast.And()))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            out.append((node, copy.deepcopy(node.operand), "not-removed"))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+            v = node.value
+            if isinstance(v, bool):
+                new_v = not v
+            elif isinstance(v, int):
+                new_v = 1 if v == 0 else 0 if v == 1 else v + 1
+            else:
+                new_v = 1.0 if v == 0 else v * 2
+            add(node, "constant", lambda n, new_v=new_v: setattr(n, "value", new_v))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
+            add(node, "min-max", lambda n: setattr(n.func, "id", "max" if n.func.id == "min" else "min"))
+        if isinstance(node, ast.If | ast.While) and id(node.test) not in skip:
+            out.append((node.test, ast.UnaryOp(op=ast.Not(), operand=copy.deepcopy(node.test)), "negate-condition"))
+        if isinstance(node, ast.Break | ast.Continue):
+            out.append((node, ast.Continue() if isinstance(node, ast.Break) else ast.Break(), "break-continue"))
+        elif isinstance(node, ast.stmt) and not isinstance(
+                node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Pass | ast.Import | ast.ImportFrom
+                | ast.Global | ast.Nonlocal | ast.Break | ast.Continue) and not _is_reporting_stmt(node):
+            out.append((node, ast.Pass(), "delete-statement"))
+    return out
+
+
+def _offset(lines: list[str], line: int, col: int) -> int:
+    # ast columns are UTF-8 byte offsets
+    return sum(len(x) for x in lines[: line - 1]) + len(lines[line - 1].encode()[:col].decode())
+
+
+def generate(root: Path, files: list[str]) -> list[Mutant]:
+    mutants: list[Mutant] = []
+    for rel in files:
+        source = (root / rel).read_text(encoding="utf-8")
+        lines = source.splitlines(keepends=True)
+        for node, new, kind in mutation_points(source):
+            start = _offset(lines, node.lineno, node.col_offset)
+            end = _offset(lines, node.end_lineno, node.end_col_offset)
+            text = ast.unparse(new)
+            replacement = text if isinstance(new, ast.stmt) else f"({text})"
+            mutated = source[:start] + replacement + source[end:]
+            try:
+                mtree = ast.parse(mutated)
+            except SyntaxError:
+                continue
+            # The mutated file must be the intended AST: the original with exactly this node replaced.
+            expected = ast.parse(source)
+            target = next(n for n in ast.walk(expected) if type(n) is type(node)
+                          and (n.lineno, n.col_offset, n.end_lineno, n.end_col_offset)
+                          == (node.lineno, node.col_offset, node.end_lineno, node.end_col_offset))
+            _replace_node(expected, target, new)
+            if ast.dump(mtree) != ast.dump(expected) or ast.dump(mtree) == ast.dump(ast.parse(source)):
+                continue
+            before = source[start:end]
+            mid = f"{rel}:{node.lineno}:{node.col_offset}:{kind}:{replacement[:40]}"
+            mutants.append(Mutant(id="", file=rel, line=node.lineno, kind=kind, before=before.strip()[:200],
+                                  after=replacement.strip()[:200], start=(node.lineno, node.col_offset),
+                                  end=(node.end_lineno, node.end_col_offset), replacement=replacement))
+            mutants[-1].id = _short_hash(mid)
+    return mutants
+
+
+def _replace_node(tree: ast.AST, target: ast.AST, new: ast.AST) -> None:
+    for parent in ast.walk(tree):
+        for field, value in ast.iter_fields(parent):
+            if value is target:
+                setattr(parent, field, new)
+                return
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    if item is target:
+                        value[i] = new
+                        return
+    raise LookupError("node not found")
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def mutated_source(root: Path, m: Mutant) -> str:
+    source = (root / m.file).read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    start, end = _offset(lines, *m.start), _offset(lines, *m.end)
+    return source[:start] + m.replacement + source[end:]
+
+
+def target_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for t in TARGETS for p in (root / t).rglob("*.py"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. run
+
+
+def tests_for(m: Mutant, cov: dict) -> list[str]:
+    """Passing tests that execute the mutant's line (or, for import-time lines, any line of its file)."""
+    key = f"{m.file}:{m.line}"
+    usable = {n for n, t in cov["tests"].items() if t["outcome"] == "passed"}
+    hits = [n for n in usable if key in cov["line_sets"].get(n, ())]
+    if not hits and key in cov["line_sets"].get("<import>", ()):
+        hits = [n for n in usable if any(x.startswith(m.file + ":") for x in cov["line_sets"].get(n, ()))]
+    return sorted(hits, key=lambda n: cov["tests"][n]["duration"])
+
+
+def _scratch(root: Path) -> Path:
+    scratch = WORK / "tree"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for rel in files:
+        src = root / rel
+        if src.is_file() and not rel.startswith((".mutation/", "runs/")):
+            dst = scratch / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return scratch
+
+
+def _run_tests_forked(scratch: Path, tests: list[str], log: Path, timeout: float) -> tuple[str, float]:
+    """pytest on `tests` in a forked child importing peftctl from `scratch`; (outcome, seconds)."""
+    t0 = time.time()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.setpgid(0, 0)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(scratch)
+            sys.path.insert(0, str(scratch))
+            os.environ["PYTHONPATH"] = str(scratch)
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            import pytest
+
+            code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(scratch),
+                                *tests])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(code))
+        except BaseException:  # noqa: BLE001 - the child must never return into the parent's loop
+            import traceback
+
+            traceback.print_exc()
+            os._exit(99)
+    deadline = t0 + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout", time.time() - t0
+        time.sleep(0.2)
+    code = os.waitstatus_to_exitcode(status)
+    # pytest: 0 all passed, 1 a test failed, 2 interrupted (a collection or import error), 3 internal error
+    outcome = {0: "survived", 1: "killed"}.get(code, f"killed-error-{code}")
+    return outcome, time.time() - t0
+
+
+def load_cov() -> dict:
+    path = WORK / "coverage.json"
+    if not path.exists():
+        sys.exit(f"no {path}: run `python tools/mutation_pass.py map` first")
+    cov = json.loads(path.read_text())
+    cov["line_sets"] = {k: set(v) for k, v in cov["lines"].items()}
+    return cov
+
+
+def cmd_run(args) -> None:
+    cov = load_cov()
+    mutants = generate(ROOT, target_files(ROOT))
+    reached = [m for m in mutants if tests_for(m, cov)]
+    rng = random.Random(args.seed)
+    by_file: dict[str, list[Mutant]] = {}
+    for m in reached:
+        by_file.setdefault(m.file, []).append(m)
+    # Proportional over files (each file at least one), then shuffled.
+    share = args.max_mutants / max(len(reached), 1)
+    sample: list[Mutant] = []
+    for _, ms in sorted(by_file.items()):
+        k = min(len(ms), max(1, round(len(ms) * share)))
+        # Weighted sampling without replacement (Efraimidis-Spirakis keys u^(1/w)): statement
+        # deletions are half of all points and mostly coarse, so they weigh half.
+        keyed = sorted(ms, key=lambda m: -rng.random() ** (1 / KIND_WEIGHT.get(m.kind, 1.0)))
+        sample += keyed[:k]
+    rng.shuffle(sample)
+    sample = sample[: args.max_mutants]
+    print(f"{len(mutants)} mutants generated in {len(target_files(ROOT))} files; {len(reached)} on lines a "
+          f"passing test reaches; running {len(sample)}", flush=True)
+    (WORK / "generated.json").write_text(json.dumps(
+        {"generated": len(mutants), "reached": len(reached), "sampled": [m.id for m in sample],
+         "by_kind": _count(m.kind for m in mutants),
+         "unreached_by_file": _count(m.file for m in mutants if m not in reached)}))
+
+    results = WORK / "mutants.jsonl"
+    done = {json.loads(x)["id"] for x in results.read_text().splitlines()} if results.exists() else set()
+    for mod in PRELOAD:  # imported once here; every forked child reuses them
+        try:
+            __import__(mod)
+        except Exception:  # noqa: BLE001 - optional ones may be missing
+            pass
+    assert "peftctl" not in sys.modules, "the parent must not import peftctl: children import the mutant"
+    scratch = _scratch(ROOT)
+    (WORK / "logs").mkdir(exist_ok=True)
+    for i, m in enumerate(sample):
+        if m.id in done:
+            continue
+        tests = tests_for(m, cov)
+        chosen, budget = [], 0.0
+        for n in tests:  # fastest first, within the time budget
+            if chosen and budget + cov["tests"][n]["duration"] > args.budget:
+                break
+            chosen.append(n)
+            budget += cov["tests"][n]["duration"]
+        original = (scratch / m.file).read_text(encoding="utf-8")
+        (scratch / m.file).write_text(mutated_source(ROOT, m), encoding="utf-8")
+        try:
+            outcome, secs = _run_tests_forked(scratch, chosen, WORK / "logs" / f"{m.id}.log",
+                                              timeout=args.timeout_factor * budget + 60)
+        finally:
+            (scratch / m.file).write_text(original, encoding="utf-8")
+        rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": chosen,
+               "tests_reaching": len(tests)}
+        with results.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if outcome == "killed":  # keep the logs of survivors, errors and timeouts
+            (WORK / "logs" / f"{m.id}.log").unlink(missing_ok=True)
+        print(f"[{i + 1}/{len(sample)}] {outcome:9s} {secs:6.1f}s {m.file}:{m.line} {m.kind}: "
+              f"{m.before[:50]!r} -> {m.after[:50]!r}", flush=True)
+    cmd_report(args)
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. report
+
+
+def _results() -> list[dict]:
+    path = WORK / "mutants.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    latest = {r["id"]: r for r in rows}  # a re-run replaces an earlier result
+    return list(latest.values())
+
+
+def _diff(r: dict) -> str:
+    m = Mutant(**{k: (tuple(v) if k in ("start", "end") else v) for k, v in r.items() if k in Mutant.__dataclass_fields__})
+    a = (ROOT / m.file).read_text(encoding="utf-8").splitlines()
+    b = mutated_source(ROOT, m).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, m.file, m.file + " (mutant)", n=1, lineterm=""))
+
+
+def cmd_report(args) -> None:
+    rows = _results()
+    gen = json.loads((WORK / "generated.json").read_text()) if (WORK / "generated.json").exists() else {}
+    if gen:
+        print(f"generated {gen['generated']}, on reached lines {gen['reached']}, sampled {len(gen['sampled'])}")
+    outcomes = _count(r["outcome"] for r in rows)
+    print("outcomes:", ", ".join(f"{k} {v}" for k, v in outcomes.items()))
+    per_file: dict[str, dict[str, int]] = {}
+    for r in rows:
+        d = per_file.setdefault(r["file"], {"run": 0, "survived": 0})
+        d["run"] += 1
+        d["survived"] += r["outcome"] == "survived"
+    print(f"{'file':42s} {'run':>4s} {'survived':>8s}")
+    for f, d in sorted(per_file.items()):
+        print(f"{f:42s} {d['run']:4d} {d['survived']:8d}")
+    survivors = sorted((r for r in rows if r["outcome"] == "survived"), key=lambda r: (r["file"], r["line"]))
+    print(f"\n{len(survivors)} survivors:")
+    for r in survivors:
+        print(f"\n[{r['id']}] {r['file']}:{r['line']} {r['kind']} (ran {len(r['tests_run'])} of "
+              f"{r['tests_reaching']} reaching tests)")
+        if getattr(args, "diffs", True):
+            print(_diff(r))
+
+
+def cmd_show(args) -> None:
+    for r in _results():
+        if r["id"] == args.id:
+            print(json.dumps({k: v for k, v in r.items() if k != "replacement"}, indent=1))
+            print(_diff(r))
+            return
+    sys.exit(f"no mutant {args.id}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("map", help="run the suite under the line tracer")
+    m.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. a subset of tests)")
+    r = sub.add_parser("run", help="generate, sample and run mutants")
+    r.add_argument("--max-mutants", type=int, default=300)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--budget", type=float, default=60.0, help="seconds of (mapped) test time per mutant")
+    r.add_argument("--timeout-factor", type=float, default=4.0)
+    rep = sub.add_parser("report", help="summarize the results")
+    rep.add_argument("--no-diffs", dest="diffs", action="store_false")
+    s = sub.add_parser("show", help="one mutant's record and diff")
+    s.add_argument("id")
+    args, extra = p.parse_known_args()
+    if extra and args.cmd != "map":
+        p.error(f"unrecognized arguments: {extra}")
+    if args.cmd == "map":
+        args.pytest_args = [*args.pytest_args, *extra]
+    {"map": cmd_map, "run": cmd_run, "report": cmd_report, "show": cmd_show}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
