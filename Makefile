@@ -36,7 +36,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check peftctl tests recipes bench
+	$(VENV)/bin/ruff check peftctl tests recipes bench tools
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
