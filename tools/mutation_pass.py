@@ -132,15 +132,29 @@ def cmd_map(args) -> None:
     sys.path.insert(0, str(ROOT))
     import pytest
 
+    _default_sigint()
     tracer = LineTracer(ROOT)
     t0 = time.time()
     code = pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", *args.pytest_args,
                         *[f"--deselect={n}" for n in _excluded_nodeids(ROOT)]], plugins=[tracer])
-    data = {"root": str(ROOT), "exit": int(code), "seconds": round(time.time() - t0, 1),
+    seconds = round(time.time() - t0, 1)
+    data = {"root": str(ROOT), "exit": int(code), "seconds": seconds,
             "tests": tracer.tests, "lines": {k: sorted(v) for k, v in tracer.lines.items()}}
+    if args.merge and (WORK / "coverage.json").exists():  # a partial map updates the full one
+        old = json.loads((WORK / "coverage.json").read_text())
+        old["tests"].update(data["tests"])
+        for k, v in data["lines"].items():
+            old["lines"][k] = sorted(set(old["lines"].get(k, [])) | set(v)) if k == "<import>" else v
+        data = old
     (WORK / "coverage.json").write_text(json.dumps(data))
     passing = sum(t["outcome"] == "passed" for t in tracer.tests.values())
-    print(f"map: {len(tracer.tests)} tests ({passing} passing) in {data['seconds']} s -> {WORK / 'coverage.json'}")
+    print(f"map: {len(tracer.tests)} tests ({passing} passing) in {seconds} s -> {WORK / 'coverage.json'}")
+
+
+def _default_sigint() -> None:
+    # A job started in the background (`nohup ... &`) inherits SIGINT ignored; the signal tests
+    # expect the interpreter's default handler, as in a terminal or CI.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _excluded_nodeids(root: Path) -> list[str]:
@@ -457,6 +471,7 @@ def cmd_run(args) -> None:
             __import__(mod)
         except Exception:  # noqa: BLE001 - optional ones may be missing
             pass
+    _default_sigint()
     assert "peftctl" not in sys.modules, "the parent must not import peftctl: children import the mutant"
     scratch = _scratch(ROOT)
     (WORK / "logs").mkdir(exist_ok=True)
@@ -477,8 +492,11 @@ def cmd_run(args) -> None:
                                               timeout=args.timeout_factor * budget + 60)
         finally:
             (scratch / m.file).write_text(original, encoding="utf-8")
+        log = WORK / "logs" / f"{m.id}.log"
+        failed = [x.split(" ", 2)[1] for x in log.read_text(errors="replace").splitlines()
+                  if x.startswith(("FAILED ", "ERROR "))] if log.exists() else []
         rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": chosen,
-               "tests_reaching": len(tests)}
+               "tests_reaching": len(tests), "failed": failed[:3]}
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         if outcome == "killed":  # keep the logs of survivors, errors and timeouts
@@ -551,6 +569,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("map", help="run the suite under the line tracer")
     m.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. a subset of tests)")
+    m.add_argument("--merge", action="store_true", help="update the existing map with these tests' results")
     r = sub.add_parser("run", help="generate, sample and run mutants")
     r.add_argument("--max-mutants", type=int, default=300)
     r.add_argument("--seed", type=int, default=0)
