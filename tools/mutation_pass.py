@@ -63,6 +63,7 @@ EXCLUDED_TESTS = ("test_sigkill_then_resume", "test_sigterm_finishes", "test_two
                   "test_fsdp2_checkpoint_state")
 PRELOAD = ("torch", "numpy", "yaml", "pydantic", "typer", "safetensors.torch", "tokenizers", "transformers",
            "transformers.models.llama.modeling_llama", "accelerate", "peft", "pytest", "rich")
+HARNESS_EXIT, HARNESS_ERROR = 99, "harness-error"
 KIND_WEIGHT = {"delete-statement": 0.5}
 _CO_OPTIMIZED = 0x0001  # inspect.CO_OPTIMIZED: set for function bodies, not for module or class bodies
 REPORTING_CALLS = {"log", "advance", "start", "stop", "warn", "warning", "info", "debug", "print", "echo"}
@@ -412,7 +413,7 @@ def _run_tests_forked(scratch: Path, tests: list[str], log: Path, timeout: float
             import traceback
 
             traceback.print_exc()
-            os._exit(99)
+            os._exit(HARNESS_EXIT)
     deadline = t0 + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -425,7 +426,7 @@ def _run_tests_forked(scratch: Path, tests: list[str], log: Path, timeout: float
         time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
     # pytest: 0 all passed, 1 a test failed, 2 interrupted (a collection or import error), 3 internal error
-    outcome = {0: "survived", 1: "killed"}.get(code, f"killed-error-{code}")
+    outcome = {0: "survived", 1: "killed", HARNESS_EXIT: HARNESS_ERROR}.get(code, f"killed-error-{code}")
     return outcome, time.time() - t0
 
 
@@ -457,6 +458,14 @@ def cmd_run(args) -> None:
         sample += keyed[:k]
     rng.shuffle(sample)
     sample = sample[: args.max_mutants]
+    previous = WORK / "generated.json"
+    if previous.exists() and not args.resample:  # continue the sample already begun
+        by_id = {m.id: m for m in mutants}
+        ids = json.loads(previous.read_text())["sampled"]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            sys.exit(f"{len(missing)} sampled mutants no longer exist (the source changed): rerun with --resample")
+        sample = [by_id[i] for i in ids]
     print(f"{len(mutants)} mutants generated in {len(target_files(ROOT))} files; {len(reached)} on lines a "
           f"passing test reaches; running {len(sample)}", flush=True)
     (WORK / "generated.json").write_text(json.dumps(
@@ -464,17 +473,10 @@ def cmd_run(args) -> None:
          "by_kind": _count(m.kind for m in mutants),
          "unreached_by_file": _count(m.file for m in mutants if m not in reached)}))
 
-    results = WORK / "mutants.jsonl"
-    done = {json.loads(x)["id"] for x in results.read_text().splitlines()} if results.exists() else set()
-    for mod in PRELOAD:  # imported once here; every forked child reuses them
-        try:
-            __import__(mod)
-        except Exception:  # noqa: BLE001 - optional ones may be missing
-            pass
-    _default_sigint()
-    assert "peftctl" not in sys.modules, "the parent must not import peftctl: children import the mutant"
-    scratch = _scratch(ROOT)
-    (WORK / "logs").mkdir(exist_ok=True)
+    # Harness errors (the child failed outside pytest: e.g. the venv was being reinstalled) are no
+    # verdict on the mutant: they run again.
+    done = {r["id"] for r in _results() if r["outcome"] != HARNESS_ERROR}
+    scratch = _prepare_children()
     for i, m in enumerate(sample):
         if m.id in done:
             continue
@@ -485,24 +487,65 @@ def cmd_run(args) -> None:
                 break
             chosen.append(n)
             budget += cov["tests"][n]["duration"]
-        original = (scratch / m.file).read_text(encoding="utf-8")
-        (scratch / m.file).write_text(mutated_source(ROOT, m), encoding="utf-8")
+        _judge(m, chosen, scratch, timeout=args.timeout_factor * budget + 60, phase="sample",
+               label=f"{i + 1}/{len(sample)}", tests_reaching=len(tests))
+    cmd_report(args)
+
+
+def _judge(m: Mutant, chosen: list[str], scratch: Path, *, timeout: float, phase: str, label: str,
+           tests_reaching: int, previous: list[str] = ()) -> str:
+    """Run `chosen` against mutant `m` in the scratch tree; append the record; return the outcome."""
+    original = (scratch / m.file).read_text(encoding="utf-8")
+    (scratch / m.file).write_text(mutated_source(ROOT, m), encoding="utf-8")
+    log = WORK / "logs" / f"{m.id}.log"
+    try:
+        outcome, secs = _run_tests_forked(scratch, chosen, log, timeout=timeout)
+    finally:
+        (scratch / m.file).write_text(original, encoding="utf-8")
+    failed = [x.split(" ", 2)[1] for x in log.read_text(errors="replace").splitlines()
+              if x.startswith(("FAILED ", "ERROR "))] if log.exists() else []
+    rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": [*previous, *chosen],
+           "tests_reaching": tests_reaching, "failed": failed[:3], "phase": phase}
+    with (WORK / "mutants.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if outcome == "killed":  # keep the logs of survivors, errors and timeouts
+        log.unlink(missing_ok=True)
+    print(f"[{label}] {phase} {outcome:9s} {secs:6.1f}s {m.file}:{m.line} {m.kind}: "
+          f"{m.before[:50]!r} -> {m.after[:50]!r} {failed[:1]}", flush=True)
+    return outcome
+
+
+def _prepare_children() -> Path:
+    for mod in PRELOAD:  # imported once here; every forked child reuses them
         try:
-            outcome, secs = _run_tests_forked(scratch, chosen, WORK / "logs" / f"{m.id}.log",
-                                              timeout=args.timeout_factor * budget + 60)
-        finally:
-            (scratch / m.file).write_text(original, encoding="utf-8")
-        log = WORK / "logs" / f"{m.id}.log"
-        failed = [x.split(" ", 2)[1] for x in log.read_text(errors="replace").splitlines()
-                  if x.startswith(("FAILED ", "ERROR "))] if log.exists() else []
-        rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": chosen,
-               "tests_reaching": len(tests), "failed": failed[:3]}
-        with results.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if outcome == "killed":  # keep the logs of survivors, errors and timeouts
-            (WORK / "logs" / f"{m.id}.log").unlink(missing_ok=True)
-        print(f"[{i + 1}/{len(sample)}] {outcome:9s} {secs:6.1f}s {m.file}:{m.line} {m.kind}: "
-              f"{m.before[:50]!r} -> {m.after[:50]!r}", flush=True)
+            __import__(mod)
+        except Exception:  # noqa: BLE001 - optional ones may be missing
+            pass
+    _default_sigint()
+    assert "peftctl" not in sys.modules, "the parent must not import peftctl: children import the mutant"
+    (WORK / "logs").mkdir(exist_ok=True)
+    return _scratch(ROOT)
+
+
+def cmd_confirm(args) -> None:
+    """Survivors of the sampled run again, with every reaching test that has not judged them yet
+    (no time budget): the tests the budget left out, or tests added since (after `map --merge`)."""
+    cov = load_cov()
+    by_id = {m.id: m for m in generate(ROOT, target_files(ROOT))}
+    todo = [r for r in _results(sampled_only=True) if r["outcome"] == "survived" and r.get("phase") != args.phase]
+    scratch = _prepare_children()
+    for i, r in enumerate(todo):
+        m = by_id[r["id"]]
+        tests = tests_for(m, cov)
+        chosen = [n for n in tests if n not in set(r["tests_run"])]
+        if not chosen:
+            rec = {**r, "phase": args.phase}
+            with (WORK / "mutants.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            continue
+        timeout = args.timeout_factor * sum(cov["tests"][n]["duration"] for n in chosen) + 60
+        _judge(m, chosen, scratch, timeout=timeout, phase=args.phase, label=f"{i + 1}/{len(todo)}",
+               tests_reaching=len(tests), previous=r["tests_run"])
     cmd_report(args)
 
 
@@ -517,10 +560,24 @@ def _count(items) -> dict[str, int]:
 # 4. report
 
 
-def _results() -> list[dict]:
+def _all_records() -> list[dict]:
     path = WORK / "mutants.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    latest = {r["id"]: r for r in rows}  # a re-run replaces an earlier result
+    for r in rows:  # older records: exit 99 was counted as an error kill
+        if r["outcome"] == f"killed-error-{HARNESS_EXIT}":
+            r["outcome"] = HARNESS_ERROR
+    return rows
+
+
+def _results(sampled_only: bool = False) -> list[dict]:
+    rows = _all_records()
+    latest: dict[str, dict] = {}
+    for r in rows:  # a re-run replaces an earlier result; a harness error replaces nothing
+        if r["outcome"] != HARNESS_ERROR or r["id"] not in latest:
+            latest[r["id"]] = r
+    if sampled_only and (WORK / "generated.json").exists():
+        sampled = set(json.loads((WORK / "generated.json").read_text())["sampled"])
+        return [r for r in latest.values() if r["id"] in sampled]
     return list(latest.values())
 
 
@@ -532,12 +589,19 @@ def _diff(r: dict) -> str:
 
 
 def cmd_report(args) -> None:
-    rows = _results()
+    rows = _results(sampled_only=True)  # the latest sample's mutants, their latest result
     gen = json.loads((WORK / "generated.json").read_text()) if (WORK / "generated.json").exists() else {}
     if gen:
-        print(f"generated {gen['generated']}, on reached lines {gen['reached']}, sampled {len(gen['sampled'])}")
-    outcomes = _count(r["outcome"] for r in rows)
-    print("outcomes:", ", ".join(f"{k} {v}" for k, v in outcomes.items()))
+        print(f"generated {gen['generated']} ({', '.join(f'{k} {v}' for k, v in gen['by_kind'].items())}); "
+              f"on lines a passing test reaches {gen['reached']}; sampled {len(gen['sampled'])}")
+    sampled = {r["id"] for r in rows}
+    history = [r for r in _all_records() if r["id"] in sampled]
+    state: dict[str, str] = {}
+    for phase in dict.fromkeys(r.get("phase", "sample") for r in history):  # in order of first appearance
+        for r in history:
+            if r.get("phase", "sample") == phase and (r["outcome"] != HARNESS_ERROR or r["id"] not in state):
+                state[r["id"]] = r["outcome"]
+        print(f"after {phase}:", ", ".join(f"{k} {v}" for k, v in _count(state.values()).items()))
     per_file: dict[str, dict[str, int]] = {}
     for r in rows:
         d = per_file.setdefault(r["file"], {"run": 0, "survived": 0})
@@ -575,6 +639,10 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--budget", type=float, default=60.0, help="seconds of (mapped) test time per mutant")
     r.add_argument("--timeout-factor", type=float, default=4.0)
+    r.add_argument("--resample", action="store_true", help="draw a new sample instead of continuing the last one")
+    c = sub.add_parser("confirm", help="run the survivors again with every reaching test not yet run")
+    c.add_argument("--phase", default="confirm", help="a name for this round (a survivor is judged once per phase)")
+    c.add_argument("--timeout-factor", type=float, default=4.0)
     rep = sub.add_parser("report", help="summarize the results")
     rep.add_argument("--no-diffs", dest="diffs", action="store_false")
     s = sub.add_parser("show", help="one mutant's record and diff")
@@ -584,7 +652,7 @@ def main() -> None:
         p.error(f"unrecognized arguments: {extra}")
     if args.cmd == "map":
         args.pytest_args = [*args.pytest_args, *extra]
-    {"map": cmd_map, "run": cmd_run, "report": cmd_report, "show": cmd_show}[args.cmd](args)
+    {"map": cmd_map, "run": cmd_run, "confirm": cmd_confirm, "report": cmd_report, "show": cmd_show}[args.cmd](args)
 
 
 if __name__ == "__main__":
