@@ -388,3 +388,73 @@ def test_train_with_packing_saves_the_recipe_template(make_recipe, tmp_path):
     # one epoch sees every example once, and padding in the packed batches is not counted
     assert summary["tokens_seen"] == train["tokens"]
     assert summary["steps"] == -(-train["packed_sequences"] // 4) and summary["final_eval"]["eval_loss"] > 0
+
+
+# A turn ends with a special token and, only at the end of a conversation, a newline: rendered up
+# to an assistant turn, the text leaves the whole conversation right after that turn's <|im_end|>.
+END_ONLY_NEWLINE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ '\n' }}{% endif %}"
+)
+
+
+def test_a_turn_ending_exactly_at_a_special_token_keeps_it_in_the_loss(tmp_path, tok):
+    """A span boundary right after a special token is outside it: the token stays whole in the loss
+    (only a boundary strictly inside a special token's text moves to its start)."""
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
+    (ex,) = build(tok, path, chat_template=END_ONLY_NEWLINE).train
+    assert labelled(tok, ex) == "First answer<|im_end|>Second answer<|im_end|>\n"
+
+
+def test_a_tokenizer_without_a_fast_backend_is_refused_by_name(make_recipe, tmp_path):
+    """Labels are placed by character offsets, which only the Rust (tokenizers) backend gives: a
+    Python-only tokenizer (here Canine's, built without files) is an input error naming its class."""
+    from transformers import CanineTokenizer
+
+    CanineTokenizer().save_pretrained(tmp_path / "slow-tokenizer")
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two"}])
+    recipe = make_recipe(model={"tokenizer": str(tmp_path / "slow-tokenizer")},
+                         data={"train": str(text), "format": "text", "eval": None})
+    r = run_cli("data", recipe, code=2)
+    assert "tokenizer CanineTokenizer has no fast (tokenizers) backend" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stats_percentiles_and_histogram_describe_the_token_lengths(make_recipe, tmp_path):
+    """`data --stats`: min, mean, median, p95 and max of the examples' token lengths (numpy's
+    percentile, linear interpolation, as the reference), and a histogram of contiguous integer
+    ranges from the shortest to the longest whose counts are the examples in each range."""
+    import numpy as np
+
+    # lengths about 10 tokens apart, so that neighbouring percentiles differ
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(["x"] * (5 * k))} for k in range(1, 41)])
+    recipe = make_recipe(data={"train": str(text), "format": "text", "eval": None, "max_length": 512})
+    lengths = np.array([len(e["input_ids"]) for e in json.loads(run_cli("data", recipe, "--json").stdout)["examples"]])
+    assert len(set(lengths.tolist())) == 40
+    s = json.loads(run_cli("data", recipe, "--stats", "--json").stdout)["stats"]["train"]
+    assert s["length"] == {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                           "median": int(np.median(lengths)), "p95": int(np.percentile(lengths, 95)),
+                           "max": int(lengths.max())}
+    bins = s["histogram"]
+    assert len(bins) == 10 and bins[0]["from"] == lengths.min() and bins[-1]["to"] == lengths.max()
+    assert all(a["to"] + 1 == b["from"] for a, b in zip(bins, bins[1:], strict=False))
+    assert [b["count"] for b in bins] == [int(((lengths >= b["from"]) & (lengths <= b["to"])).sum()) for b in bins]
+
+
+def test_eval_split_holds_out_at_least_one_example(tmp_path, tok, chat_data):
+    data = data_lib.build(DataSection(train=str(chat_data[0]), eval_split=0.001), tok)
+    assert len(data.eval) == 1 and len(data.train) == 47
+
+
+def test_rows_of_a_json_list_are_numbered_from_one(tmp_path, tok):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"text": "ok"}, {"txt": "bad"}]))
+    with pytest.raises(InputError, match=rf"{path} row 2: missing field 'text'"):
+        build(tok, path, format="text")
+
+
+def test_packing_fill_is_the_share_of_packed_positions_holding_tokens(tok, chat_data):
+    plain = data_lib.build(DataSection(train=str(chat_data[0]), max_length=128), tok)
+    packed = data_lib.build(DataSection(train=str(chat_data[0]), max_length=128, packing=True), tok)
+    tokens = sum(len(e.input_ids) for e in plain.train)
+    assert len(packed.train) < len(plain.train) / 2  # examples of about 40 tokens, up to 3 in 128
+    assert packed.stats["train"].packing_fill == round(tokens / (len(packed.train) * 128), 4)
