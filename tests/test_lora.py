@@ -305,3 +305,30 @@ def test_a_target_that_fails_leaves_the_model_as_it_was(tiny_llama):
     with pytest.raises(TypeError, match="model.norm is a"):
         pm.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj", "v_proj", "model.norm"]))
     assert [n for n, _ in pm.named_modules()] == before and list(pm.peft_config) == ["default"]
+
+
+def test_two_adapters_with_their_own_copy_of_a_module_cannot_be_active_together():
+    """modules_to_save keeps one trained copy per adapter; only one copy can answer a forward
+    (PEFT refuses too)."""
+    pm = get_peft_model(make("mlp"), LoraConfig(target_modules=["lin0"], modules_to_save=["lm_head"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin0"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\] each train their own copy"):
+        pm.set_adapter(["default", "other"])
+
+
+def test_save_pretrained_records_the_base_model_and_refuses_a_file(tiny_llama, tiny_model_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # the model's name_or_path, as PEFT
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{m}.weight"
+                                    for i in (0, 1) for m in "AB"]  # no embedding matrices unless asked
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file; save_pretrained needs a folder"):
+        pm.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"

@@ -124,13 +124,22 @@ def test_max_grad_norm_clips_the_applied_update_and_logs_the_norm_before_clippin
     assert free_update == pytest.approx(lr * free_norms[1], rel=1e-4)  # unset: no clipping
 
 
-def test_each_epoch_sees_every_example_once_in_a_new_order_fixed_by_the_seed(make_recipe, tmp_path):
-    """Two epochs of 48 examples in batches of 8: the rows the model trains on, epoch by epoch,
-    are each a permutation of the training data (`peftctl data --json`); the two epochs' orders
-    differ; the same seed repeats the order (into the second epoch), another seed changes it."""
-    def trained_rows(out: str, seed: int, **train) -> tuple[list[tuple[int, ...]], object]:
+def test_each_epoch_sees_every_example_once_in_a_new_order_and_the_log_counts_them(
+        make_recipe, tmp_path, tiny_model_dir):
+    """Two epochs of 48 examples in batches of 8. The rows the model trains on, epoch by epoch, are
+    each a permutation of the training data (`peftctl data --json`); the two epochs' orders differ;
+    the same seed repeats the order (into the second epoch), another seed changes it. What the
+    run logs counts those rows: tokens seen, loss tokens, step 1's loss (the mean cross-entropy
+    over the first batch's loss tokens, computed here with transformers), and a window of two
+    steps logs the token-weighted mean of its steps. With save_every unset the run writes no
+    checkpoint, not even for an evaluation that improved."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    def trained_rows(out: str, seed: int, **train) -> tuple[list[tuple[int, ...]], object, dict]:
         recipe = make_recipe(out=str(tmp_path / out), train={"batch_size": 8, "save_every": None, "seed": seed,
-                                                             **train})
+                                                             "scheduler": "constant", **train})
         rows: list[tuple[int, ...]] = []
 
         def pre(module, args):
@@ -141,18 +150,50 @@ def test_each_epoch_sees_every_example_once_in_a_new_order_fixed_by_the_seed(mak
                     rows.append(tuple(row))
 
         with global_hooks(pre=pre):
-            run_json("train", recipe)
-        return rows, recipe
+            summary = run_json("train", recipe)
+        return rows, recipe, summary
 
-    rows, recipe = trained_rows("a", 0, max_steps=None, epochs=2)
-    data = [tuple(e["input_ids"]) for e in run_json("data", recipe)["examples"]]
+    rows, recipe, summary = trained_rows("a", 0, max_steps=None, epochs=2, log_every=1, eval_every=6)
+    examples = run_json("data", recipe)["examples"]
+    data = [tuple(e["input_ids"]) for e in examples]
     assert len(data) == 48 and len(set(data)) == 48  # distinct examples, so rows identify them
     assert len(rows) == 96
     first, second = rows[:48], rows[48:]
     assert sorted(first) == sorted(data) and sorted(second) == sorted(data)  # each exactly once
     assert first != data and second != first  # shuffled, and anew each epoch
-    assert trained_rows("b", 0, max_steps=7)[0] == rows[:56]  # the same seed: the same order
+    same, _, _ = trained_rows("b", 0, max_steps=7, log_every=2)
+    assert same == rows[:56]  # the same seed: the same order
     assert trained_rows("c", 1, max_steps=2)[0] != rows[:16]  # another seed: another order
+
+    labels = {tuple(e["input_ids"]): e["labels"] for e in examples}
+    loss_tokens = {x: sum(y != -100 for y in labels[x][1:]) for x in data}  # position 0 predicts nothing
+    assert summary["tokens_seen"] == 2 * sum(map(len, data))  # padding is not counted
+    assert summary["loss_tokens_seen"] == 2 * sum(loss_tokens.values())
+    logged = [m for m in metrics(tmp_path / "a") if "loss" in m]
+    assert [m["loss_tokens"] for m in logged] == [sum(loss_tokens[x] for x in rows[8 * i: 8 * i + 8])
+                                                  for i in range(12)]
+    assert all(0 < a["elapsed_s"] < b["elapsed_s"] for a, b in zip(logged, logged[1:], strict=False))
+    # Step 1 runs the base model (LoRA's B starts at zero): its loss, example by example, in float32.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    total = 0.0
+    with torch.no_grad():
+        for x in rows[:8]:
+            logits = base(input_ids=torch.tensor([x])).logits[0, :-1]
+            target = torch.tensor(labels[x][1:])
+            total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+    # The run sums the same per-token terms in another order (chunked head): float32 rounding only.
+    assert logged[0]["loss"] == pytest.approx(total / logged[0]["loss_tokens"], rel=1e-5)
+    # Logging every 2 steps (run b, the same run up to step 7) gives the token-weighted means.
+    windows = [m for m in metrics(tmp_path / "b") if "loss" in m]
+    assert [m["step"] for m in windows] == [2, 4, 6, 7]
+    for w, steps in zip(windows, [(1, 2), (3, 4), (5, 6), (7,)], strict=True):
+        parts = [logged[s - 1] for s in steps]
+        assert w["loss_tokens"] == sum(p["loss_tokens"] for p in parts)
+        assert w["loss"] == pytest.approx(sum(p["loss"] * p["loss_tokens"] for p in parts) / w["loss_tokens"], rel=1e-6)
+    evals = [m for m in metrics(tmp_path / "a") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [6, 12]
+    assert all(m["eval_perplexity"] == pytest.approx(math.exp(m["eval_loss"]), rel=1e-12) for m in evals)
+    assert not (tmp_path / "a" / "checkpoints").exists()  # save_every unset: none, even for a better eval
 
 
 def test_data_stream_splits_each_epoch_between_processes_and_resumes_mid_epoch():
@@ -184,3 +225,34 @@ def test_data_stream_splits_each_epoch_between_processes_and_resumes_mid_epoch()
     first, stream = draws(0, 4)
     rest, _ = draws(0, 5, epoch=stream.epoch, position=stream.position)
     assert first + rest == per_rank[0]
+
+
+def test_resume_applies_the_recipes_new_hyperparameters_and_clears_stale_temporaries(make_recipe, tmp_path):
+    """A resumed recipe may change optimizer settings (README: "other changes ... are allowed");
+    the optimizer state comes from the checkpoint, the settings from the recipe. With plain SGD,
+    weight decay w adds lr × w × a to step 3's update, so two resumes of the same checkpoint
+    that differ only in weight decay differ by exactly lr × Δw × a2. Resuming also deletes the
+    hidden temporaries a killed checkpoint write leaves (`.NAME.tmp`, `.NAME.old`), nothing else."""
+    lr = 0.1
+    sgd = {"optimizer": "sgd", "momentum": 0.0, "scheduler": "constant", "warmup_steps": 0, "lr": lr,
+           "weight_decay": 0.1, "max_grad_norm": None, "log_every": 1, "save_every": 2}
+    first = tmp_path / "first"
+    recipe = make_recipe(out=str(first), train={**sgd, "max_steps": 2})
+    run_json("train", recipe)
+    ckpts = first / "checkpoints"
+    for name in (".step-000004.tmp", ".step-000002.old", ".keep"):
+        (ckpts / name).mkdir()
+        (ckpts / name / "file").write_text("x")
+    same = run_json("train", recipe, "--resume", "auto", "--set", "train.max_steps=3")
+    assert same["status"] == "completed" and same["steps"] == 3
+    assert sorted(p.name for p in ckpts.iterdir()) == [".keep", "step-000002", "step-000003"]
+
+    other = tmp_path / "other"
+    run_json("train", recipe, "--resume", ckpts / "step-000002", "--set", "train.max_steps=3",
+             "--set", f"output.dir={other}", "--set", "train.weight_decay=0.6")
+    a2 = load_file(ckpts / "step-000002" / "adapter_model.safetensors")
+    a3 = load_file(first / "adapter_model.safetensors")
+    b3 = load_file(other / "adapter_model.safetensors")
+    for k in a2:
+        # float32 rounding of a3, b3 (~1e-8 for weights ~0.1) against a difference of ~5e-3
+        torch.testing.assert_close(b3[k] - a3[k], -lr * 0.5 * a2[k], atol=1e-6, rtol=0)
