@@ -434,6 +434,7 @@ def test_stats_percentiles_and_histogram_describe_the_token_lengths(make_recipe,
     assert s["length"] == {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
                            "median": int(np.median(lengths)), "p95": int(np.percentile(lengths, 95)),
                            "max": int(lengths.max())}
+    assert [b["examples"] for b in s["by_source"]] == [40]
     bins = s["histogram"]
     assert len(bins) == 10 and bins[0]["from"] == lengths.min() and bins[-1]["to"] == lengths.max()
     assert all(a["to"] + 1 == b["from"] for a, b in zip(bins, bins[1:], strict=False))
@@ -458,3 +459,11 @@ def test_packing_fill_is_the_share_of_packed_positions_holding_tokens(tok, chat_
     tokens = sum(len(e.input_ids) for e in plain.train)
     assert len(packed.train) < len(plain.train) / 2  # examples of about 40 tokens, up to 3 in 128
     assert packed.stats["train"].packing_fill == round(tokens / (len(packed.train) * 128), 4)
+
+
+def test_a_response_cut_off_entirely_by_truncation_drops_the_row_as_without_loss(tmp_path, tok):
+    rows = [{"prompt": "word " * 40, "completion": "answer"}, {"prompt": "short", "completion": "answer"}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    d = build(tok, path, format="completion", max_length=16)
+    assert len(d.train) == 1 and tok.decode(d.train[0].input_ids).startswith("short")
+    assert (d.stats["train"].dropped_no_loss, d.stats["train"].truncated) == (1, 0)

@@ -332,3 +332,13 @@ def test_save_pretrained_records_the_base_model_and_refuses_a_file(tiny_llama, t
     with pytest.raises(ValueError, match="is a file; save_pretrained needs a folder"):
         pm.save_pretrained(tmp_path / "file")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_merged_adapter_cannot_be_deleted():
+    pm = random_lora(make("mlp"), target_modules=["lin0"])
+    pm.base_model.merge_adapter()
+    with pytest.raises(ValueError, match="adapter 'default' is merged; unmerge it before deleting it"):
+        pm.delete_adapter("default")
+    pm.base_model.unmerge_adapter()
+    pm.delete_adapter("default")
+    assert not pm.peft_config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,19 @@ def test_resume_applies_the_recipes_new_hyperparameters_and_clears_stale_tempora
     for k in a2:
         # float32 rounding of a3, b3 (~1e-8 for weights ~0.1) against a difference of ~5e-3
         torch.testing.assert_close(b3[k] - a3[k], -lr * 0.5 * a2[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow"])
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(make_recipe, tmp_path, monkeypatch, tracker):
+    """Enabling a tracker whose package is missing is an input error, in a dry run too, and nothing
+    is written. (A `None` in sys.modules is how Python marks a module as unavailable: imports fail
+    and importlib.util.find_spec returns None.)"""
+    from clirun import run
+
+    monkeypatch.setitem(sys.modules, tracker, None)
+    out = tmp_path / "run"
+    recipe = make_recipe(out=str(out), tracking={tracker: True})
+    for args in (["--dry-run"], []):
+        r = run("train", recipe, *args, code=2)
+        assert f"tracking.{tracker} is true but the {tracker} package is not installed" in r.stderr
+    assert not out.exists()

@@ -147,6 +147,14 @@ def cmd_map(args) -> None:
         for k, v in data["lines"].items():
             old["lines"][k] = sorted(set(old["lines"].get(k, [])) | set(v)) if k == "<import>" else v
         data = old
+        # Drop tests that no longer exist (renamed or removed since the full map).
+        for nodeid in list(data["tests"]):
+            path, _, name = nodeid.partition("::")
+            func = name.split("[")[0]
+            source = (ROOT / path).read_text(encoding="utf-8") if (ROOT / path).exists() else ""
+            if f"def {func}(" not in source:
+                data["tests"].pop(nodeid)
+                data["lines"].pop(nodeid, None)
     (WORK / "coverage.json").write_text(json.dumps(data))
     passing = sum(t["outcome"] == "passed" for t in tracer.tests.values())
     print(f"map: {len(tracer.tests)} tests ({passing} passing) in {seconds} s -> {WORK / 'coverage.json'}")
@@ -425,8 +433,10 @@ def _run_tests_forked(scratch: Path, tests: list[str], log: Path, timeout: float
             return "timeout", time.time() - t0
         time.sleep(0.2)
     code = os.waitstatus_to_exitcode(status)
-    # pytest: 0 all passed, 1 a test failed, 2 interrupted (a collection or import error), 3 internal error
-    outcome = {0: "survived", 1: "killed", HARNESS_EXIT: HARNESS_ERROR}.get(code, f"killed-error-{code}")
+    # pytest: 0 all passed, 1 a test failed, 2 interrupted (a collection or import error), 3 internal
+    # error; 4 (usage: a test id that does not exist) and 5 (no tests) say nothing about the mutant.
+    outcome = {0: "survived", 1: "killed", 4: HARNESS_ERROR, 5: HARNESS_ERROR,
+               HARNESS_EXIT: HARNESS_ERROR}.get(code, f"killed-error-{code}")
     return outcome, time.time() - t0
 
 
@@ -563,8 +573,8 @@ def _count(items) -> dict[str, int]:
 def _all_records() -> list[dict]:
     path = WORK / "mutants.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    for r in rows:  # older records: exit 99 was counted as an error kill
-        if r["outcome"] == f"killed-error-{HARNESS_EXIT}":
+    for r in rows:  # older records counted these exits as error kills
+        if r["outcome"] in (f"killed-error-{HARNESS_EXIT}", "killed-error-4", "killed-error-5"):
             r["outcome"] = HARNESS_ERROR
     return rows
 
