@@ -11,20 +11,43 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+
+class _Commands(TyperGroup):
+    """The command group: a usage error (a missing or mistyped flag, found by the parser before the
+    command runs) still prints one JSON object on stdout when --json was given."""
+
+    def invoke(self, ctx: Any):
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        _state["emitted"] = False
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # Typer carries its own copy of click: its UsageError is known by its shape (exit code 2).
+            usage = getattr(e, "exit_code", None) == 2 and callable(getattr(e, "format_message", None))
+            if usage and "--json" in args and not _state["emitted"]:
+                param = getattr(e, "param", None)
+                flag = (param.opts[0] if param.opts else param.name) if param is not None else None
+                _write_json(_error_result(e.exit_code, [_error(flag, None, None, e.format_message())]))
+            raise
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Parameter-efficient fine-tuning (LoRA) of transformers models, driven by YAML recipes.",
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "emitted": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
@@ -53,12 +76,49 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _error(source: str | None, line: int | None, path: str | None, message: str) -> dict[str, Any]:
+    return {"source": source, "line": line, "path": path or None, "message": message}
+
+
+def _errors(e: BaseException) -> list[dict[str, Any]]:
+    """An error as `--json` lists it: each problem's source (file or flag), line, dotted path, message."""
+    problems = getattr(e, "problems", None)
+    if problems:  # a recipe's problems, each placed
+        return [_error(p.source, p.line, p.path, p.message) for p in problems]
+    path = getattr(e, "path", None)  # a bad user file (userfiles.BadFileError)
+    if path is not None and getattr(e, "problem", None):
+        return [_error(str(path), None, None, e.problem)]
+    flag = re.match(r"--[a-z][a-z0-9-]*", str(e))  # a flag's error names the flag first
+    return [_error(flag[0] if flag else None, None, None, str(e))]
+
+
+def _error_result(code: int, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"ok": False, "exit_code": code, "errors": errors}
+
+
+def _write_json(result: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(result, default=str) + "\n")
+    _state["emitted"] = True
+
+
 def handled(fn):
-    """Turn peftctl's errors into a message and an exit code; anything else is exit 1."""
+    """Turn peftctl's errors into a message and an exit code; anything else is exit 1.
+
+    With --json, a failure still prints one JSON object on stdout (unless the command printed its
+    own): {"ok": false, "exit_code": N, "errors": [{"source", "line", "path", "message"}, ...]}.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from peftctl.errors import PeftctlError
+
+        _state["emitted"] = False
+        as_json = bool(kwargs.get("json_"))
+
+        def fail(message: str, code: int, errors: list[dict[str, Any]]) -> None:
+            if as_json and not _state["emitted"]:
+                _write_json(_error_result(code, errors))
+            _fail(message, code)
 
         try:
             return fn(*args, **kwargs)
@@ -67,21 +127,26 @@ def handled(fn):
         except PeftctlError as e:
             if _state["debug"]:
                 raise
-            _fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, _errors(e))
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            fail("interrupted", 130, [_error(None, None, None, "interrupted")])
         except Exception as e:  # a bug or an unforeseen failure: still one line, exit 1
             if _state["debug"]:
                 raise
+            from peftctl.fsio import disk_full_reason
+
+            if (reason := disk_full_reason(e)) is not None:  # a full disk is no bug: say so
+                _fail(f"{reason} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", 1)
             first = (str(e).splitlines() or [""])[0]
-            _fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", 1)
+            fail(f"{type(e).__name__}: {first} (run with --debug for the traceback)", 1,
+                 [_error(None, None, None, f"{type(e).__name__}: {first}")])
 
     return wrapper
 
 
 def _emit(result: dict[str, Any], as_json: bool, render) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        _write_json(result)
     else:
         render(result)
 
@@ -108,11 +173,21 @@ def _main(
 @app.command()
 @handled
 def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Check a recipe (schema, files) without loading any weights."""
+    """Check a recipe (schema, files) without loading any weights.
+
+    --json prints {"recipe", "valid": true, "notes", "resolved"}, or for an invalid recipe (exit 2)
+    {"recipe", "valid": false, "ok": false, "exit_code": 2, "errors": [{"source", "line", "path", "message"}]}.
+    """
+    from peftctl.errors import PeftctlError
     from peftctl.validate import check_files
 
-    r = _load_recipe(recipe, set_)
-    notes = check_files(r, source=str(recipe))
+    try:
+        r = _load_recipe(recipe, set_)
+        notes = check_files(r, source=str(recipe))
+    except PeftctlError as e:
+        if json_:
+            _write_json({"recipe": str(recipe), "valid": False, **_error_result(e.exit_code, _errors(e))})
+        raise
     result = {"recipe": str(recipe), "valid": True, "notes": notes, "resolved": r.model_dump(mode="json")}
 
     def render(res):
@@ -173,12 +248,17 @@ def train(
             raise typer.Exit(e.exit_code) from None
         if json_:  # the summary says how it ended
             sys.stdout.write((Path(r.output.dir) / "summary.json").read_text(encoding="utf-8"))
+            _state["emitted"] = True
         raise
     if not main:
         return
 
     def render(s):
         out = _stdout()
+        if s.get("nothing_trained"):
+            out.print(f"already finished ({s['nothing_trained']}): nothing trained, nothing written")
+            out.print(f"run folder: {s.get('run_dir', r.output.dir)}")
+            return
         loss = f", train loss {s['train_loss']:.4f}" if s.get("train_loss") is not None else ""
         why = " (early stopping)" if s.get("stop_reason") == "early_stopping" else ""
         out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
@@ -207,6 +287,8 @@ def _render_plan(p: dict[str, Any]) -> None:
               f"process(es), {p['epochs']} epochs, {p['warmup_steps']} warmup)")
     out.print(f"  tokens       about {p['tokens']:,}")
     out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
+    if p.get("nothing_to_train"):
+        out.print(f"  finished     {p['nothing_to_train']}: train would train nothing")
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
               f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
@@ -324,7 +406,9 @@ def merge(
     quantize: Annotated[str | None, typer.Option(
         help="Re-quantize the merged model with bitsandbytes: nf4 or fp4 (4-bit, double quantization) or "
              "int8; it loads quantized with from_pretrained.")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file of the merged model.")] = "5GB",
+    max_shard_size: Annotated[str | None, typer.Option(
+        help="Largest safetensors file of the merged model (500MB, 2GB, 4GiB or bytes; default 5GB).",
+        show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Merge adapters into their base model (a plain transformers folder with the tokenizer), or
@@ -389,7 +473,9 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write (new or empty).")] = ...,  # type: ignore[assignment]
     dtype: Annotated[str | None, typer.Option(
         help="For merged and gguf: float32, bfloat16 or float16 (gguf default: float16).")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="For merged: largest safetensors file.")] = "5GB",
+    max_shard_size: Annotated[str | None, typer.Option(
+        help="For merged: largest safetensors file (500MB, 2GB, 4GiB or bytes; default 5GB).",
+        show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Export a run: the PEFT adapter with a model card, a merged transformers model, or a GGUF file."""
@@ -426,8 +512,12 @@ def inspect(
     from rich.table import Table
 
     if target.is_dir():
+        from peftctl.errors import InputError
         from peftctl.inspect import inspect_adapter
 
+        if set_ or memory:
+            flag = "--set" if set_ else "--memory"
+            raise InputError(f"{flag} applies to a recipe; {target} is a folder (an adapter or run)")
         _emit(inspect_adapter(target), json_, _render_adapter)
         return
     from peftctl.inspect import inspect_recipe
@@ -503,6 +593,8 @@ def data_(
     if show is not None and show < 0:
         raise InputError("--show must be >= 0")
     r = _load_recipe(recipe, set_)
+    if split == "eval" and r.data.eval is None and r.data.eval_split is None:
+        raise InputError("--split eval: the recipe has no eval data (set data.eval or data.eval_split)")
     data, tokenizer = report.load(r, _reporter())
     report.split_examples(data, split)
     if json_:
@@ -510,9 +602,10 @@ def data_(
         if stats:
             head["stats"] = report.stats(data)
         if stats and show is None:
-            sys.stdout.write(json.dumps(head) + "\n")
+            _write_json(head)
             return
         # Streamed: every example of a large data set would not fit in one string.
+        _state["emitted"] = True
         sys.stdout.write(json.dumps(head)[:-1] + ', "examples": [')
         for i, ex in enumerate(report.examples_json(data, tokenizer, split, show)):
             sys.stdout.write(("," if i else "") + json.dumps(ex))

@@ -85,12 +85,16 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     from peftctl.adapters.io import has_adapter
 
     reporter = reporter or Reporter()
+    if recipe.data.eval is None and recipe.data.eval_split is None:  # before anything loads
+        raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
     if not base and adapter is None:
         adapter = recipe.output.dir
         if not has_adapter(adapter):
             raise InputError(
                 f"no adapter in {adapter} (the recipe's output.dir); pass --adapter RUN_DIR, or --base"
             )
+    # The base model's files before the data is read (a truncated weights file is an error now).
+    models.check_model_files(recipe.model, models.resolve(recipe.model.name_or_path, recipe.model.cache_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if base:
         tokenizer = models.load_tokenizer(recipe.model)
@@ -105,5 +109,10 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     if not base:
         model = runs.attach_saved_adapter(model, adapter)
+    # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).
+    rows = models.embedding_rows(model)
+    if rows is not None:
+        models.check_token_ids(tokenizer.get_vocab(), rows,
+                               models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
     result = score(model, tokenizer, examples, recipe.eval, device, reporter)
     return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

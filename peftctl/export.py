@@ -4,6 +4,7 @@ merged model as a transformers folder (`merged`), or as one GGUF file for llama.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,19 +23,54 @@ _TOKENIZER_FILES = (
 )
 
 
-def model_card(run, summary: dict | None) -> str:
+def _builtin_note(run) -> str | None:
+    """What the base model is when the run used a built-in alias (its weights are a GGUF file's)."""
+    from peftctl import models
+
+    alias = run.recipe.model.name_or_path if run.recipe is not None else None
+    alias = alias if alias in models.BUILTIN_MODELS else models.builtin_for_hub_id(
+        run.adapter_config.get("base_model_name_or_path"))
+    if alias is None:
+        return None
+    b = models.BUILTIN_MODELS[alias]
+    return (f"The base model was peftctl's built-in `{alias}`: `{b.hub_id}` as the {b.gguf_file} file of the "
+            f"`{b.distribution}` package holds it, dequantized to floating point. The adapter loads on `{b.hub_id}` "
+            "from the hub as well; its outputs there differ slightly, by the quantization error of the GGUF file's "
+            "weights it was trained on.")
+
+
+def _portable_fields(run) -> dict[str, Any]:
+    """What a recipe run's adapter config records today, for runs trained before too: the built-in
+    model under its original hub id (not this machine's cache path), and the task type (CAUSAL_LM)
+    that PEFT's AutoPeftModel needs."""
+    from peftctl import models
+
+    if run.recipe is None:
+        return {}
+    update: dict[str, Any] = {}
+    if run.recipe.model.name_or_path in models.BUILTIN_MODELS:
+        update["base_model_name_or_path"] = models.base_model_reference(run.recipe.model)
+    if run.adapter_config.get("task_type") is None:
+        update["task_type"] = "CAUSAL_LM"
+    return update
+
+
+def model_card(run, summary: dict | None, converted_from: str | None = None) -> str:
     cfg = run.adapter_config
+    base = cfg.get("base_model_name_or_path")
+    note = _builtin_note(run)
     lines = [
         "---",
         "library_name: peft",
-        f"base_model: {cfg.get('base_model_name_or_path')}",
+        f"base_model: {base}",
         "tags: [peftctl, " + str(cfg.get("peft_type", "")).lower() + "]",
         "---",
         "",
         f"# {cfg.get('peft_type')} adapter",
         "",
-        f"Trained with peftctl on `{cfg.get('base_model_name_or_path')}`.",
+        f"Trained with peftctl on `{base}`.",
         "",
+        *([note, ""] if note else []),
         "| setting | value |",
         "|---|---|",
     ]
@@ -66,6 +102,13 @@ def model_card(run, summary: dict | None) -> str:
         "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
         "```",
     ]
+    if converted_from is not None:
+        lines += [
+            "",
+            f"Trained with `init_lora_weights: {converted_from}`, which moves part of the base weights into the "
+            "adapter. This folder holds the equivalent plain LoRA (rank 2r, `init_lora_weights: true`) for the "
+            "original base model: load it on the unchanged base, as any LoRA adapter.",
+        ]
     if quantization is not None:
         lines += [
             "",
@@ -79,11 +122,15 @@ def model_card(run, summary: dict | None) -> str:
 
 
 def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None = None,
-           max_shard_size: str = "5GB", reporter: Reporter | None = None) -> dict[str, Any]:
+           max_shard_size: str | int | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
     from peftctl import runs
 
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if max_shard_size is not None and fmt != "merged":
+        raise InputError(f"--max-shard-size applies to --format merged, not {fmt}")
+    if dtype is not None and fmt == "peft":
+        raise InputError("--dtype applies to --format merged or gguf; --format peft copies the adapter as saved")
     if fmt == "merged":
         from peftctl.merge import merge_run
 
@@ -92,15 +139,71 @@ def export(run_dir: str | Path, fmt: str, out_dir: str | Path, dtype: str | None
     if fmt == "gguf":
         return _export_gguf(run_dir, out_dir, dtype or "float16", reporter or Reporter())
     run = runs.read_run(run_dir)
+    portable = _portable_fields(run)
+    run.adapter_config.update(portable)
+    converted = _plain_lora(run, reporter or Reporter()) if _changes_base_weights(run) else None
+    if converted is not None and portable:
+        converted = (converted[0], converted[1].model_copy(update=portable))
     files = []
     with atomic_dir(out_dir) as tmp:
+        if converted is not None:
+            from peftctl.adapters import io
+
+            tensors, config = converted
+            io.save_tensors(tensors, tmp)
+            config.save_pretrained(tmp)
+            files += ["adapter_config.json", "adapter_model.safetensors"]
         for name in ("adapter_config.json", "adapter_model.safetensors", *_TOKENIZER_FILES):
-            if (run.path / name).exists():
+            if (run.path / name).exists() and name not in files:
                 shutil.copy2(run.path / name, tmp / name)
                 files.append(name)
-        (tmp / "README.md").write_text(model_card(run, run.summary), encoding="utf-8")
+        if converted is None:  # the run's config, with what older runs did not record
+            (tmp / "adapter_config.json").write_text(json.dumps(run.adapter_config, indent=2, sort_keys=True) + "\n",
+                                                     encoding="utf-8")
+        card = model_card(run, run.summary) if converted is None else model_card(
+            dataclasses.replace(run, adapter_config=converted[1].to_peft_dict()), run.summary,
+            converted_from=run.adapter_config.get("init_lora_weights"))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         files.append("README.md")
-    return {"format": fmt, "output": str(out_dir), "files": files}
+    result = {"format": fmt, "output": str(out_dir), "files": files}
+    if converted is not None:
+        result["converted_from"] = run.adapter_config.get("init_lora_weights")
+    return result
+
+
+def _changes_base_weights(run) -> bool:
+    init = run.adapter_config.get("init_lora_weights")
+    return run.adapter_config.get("peft_type") == "LORA" and isinstance(init, str) and init != "gaussian"
+
+
+def _plain_lora(run, reporter: Reporter):
+    """A PiSSA / OLoRA run as the equivalent plain LoRA of rank 2r on the original base model.
+
+    Such an adapter only fits a base whose weights went through its init (W - scaling * B0 A0), and
+    PEFT redoes that init when it loads the adapter: for `pissa_niter_<n>` with its own random
+    generator, so its base moves away from the one trained on. The init is recomputed here on the
+    original base (deterministic in peftctl, so the same B0, A0 as in training on this machine), and
+    the trained B A becomes [B | -B0] [A ; A0], which any PEFT loads on the original base.
+    """
+    from peftctl import models
+    from peftctl.adapters import io
+    from peftctl.adapters.config import AdapterConfig
+    from peftctl.adapters.lora.init import as_plain_lora
+    from peftctl.adapters.peft_model import PeftModel, get_peft_model_state_dict
+
+    reporter.log(f"converting the {run.adapter_config.get('init_lora_weights')} adapter to plain LoRA for the "
+                 "original base model (this loads the base model)")
+    try:
+        config = AdapterConfig.from_pretrained(run.path)
+        spec = run.model_section
+        base = models.load_model(spec.model_copy(update={"quantization": None}))
+        initial = PeftModel._for_loading(base, config, "default")  # runs the init: B0, A0
+        start = {k: t.clone() for k, t in get_peft_model_state_dict(initial).items()}
+        return as_plain_lora(io.read_weights(run.path), start, config,
+                             f"{run.path} (its init, recomputed on {spec.name_or_path})")
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{run.path}: cannot convert the {run.adapter_config.get('init_lora_weights')} adapter to "
+                         f"plain LoRA: {e}") from None
 
 
 def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, Any]:

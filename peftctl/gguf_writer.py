@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
+from peftctl.models import check_token_ids
 
 ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -109,9 +110,7 @@ def _vocabulary(tj: dict, vocab_size: int) -> tuple[list[str], list[int], list[s
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
     for content, t in added.items():
         ids[content] = t["id"]
-    if max(ids.values()) >= vocab_size:
-        raise InputError(f"GGUF export: the tokenizer has ids up to {max(ids.values())}, the model's vocabulary "
-                         f"only {vocab_size} rows")
+    check_token_ids(ids, vocab_size, "GGUF export")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [_UNUSED] * vocab_size
     for text, i in ids.items():

@@ -22,26 +22,31 @@ def meta_model(recipe):
     from peftctl import models
     from peftctl.adapters import attach
 
-    source = models.resolve(recipe.model.name_or_path, recipe.model.cache_dir, convert=False)
-    config = models.load_config(recipe.model, source)
-    dtype = models.resolve_dtype(recipe.model.dtype)
+    spec = recipe.model
+    source = models.resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    models.check_model_files(spec, source)  # headers only: a truncated weights file shows before a real run
+    config = models.load_config(spec, source)
+    dtype = models.resolve_dtype(spec.dtype)
+    # The attention implementation loading gives (packing shapes its batches for it).
+    kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
     if recipe.model.quantization is not None:
         models.quantize_skeleton(model, recipe.model.quantization, dtype)
     try:
         return attach(model, recipe.adapter), config, dtype
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
 
-def inspect_recipe(recipe, workload=None) -> dict[str, Any]:
+def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
     """Which modules the recipe adapts and the parameter counts; with a `memory.Workload`, the
-    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length)."""
+    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length).
+    `built`: what `meta_model(recipe)` returned, when the caller has it already."""
     from peftctl.adapters.io import wrappers
     from peftctl.adapters.layer import AdapterLayer
 
-    peft_model, config, dtype = meta_model(recipe)
+    peft_model, config, dtype = built if built is not None else meta_model(recipe)
     rows = []
     for name, module in wrappers(peft_model.base_model.model):
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module.original_module
@@ -83,14 +88,10 @@ def _quantized(module) -> bool:
 
 
 def _saved_shapes(folder: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
     from peftctl.adapters.config import WEIGHTS_NAME
+    from peftctl.userfiles import safetensors_keys
 
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise InputError(f"{folder}: inspect reads {WEIGHTS_NAME}; this adapter is a pickle file (adapter_model.bin)")
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: list(shape) for k, (_, shape) in safetensors_keys(folder / WEIGHTS_NAME).items()}
 
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
@@ -103,15 +104,14 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
 
     from peftctl.adapters.config import AdapterConfig
     from peftctl.adapters.io import PREFIX, has_adapter
-    from peftctl.adapters.matching import pattern_key
+    from peftctl.adapters.matching import saved_pattern_value
+    from peftctl.runs import check_adapter_files, read_summary
 
     folder = Path(path)
     if not has_adapter(folder):
         raise InputError(f"{folder}: no adapter here (adapter_config.json and adapter_model.safetensors)")
-    try:
-        config = AdapterConfig.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: {e}") from None
+    check_adapter_files(folder)  # a bad file is an error naming it
+    config = AdapterConfig.from_pretrained(folder)
     shapes = _saved_shapes(folder)
     modules = []
     for key, shape in shapes.items() if config.method == "lora" else ():
@@ -120,8 +120,10 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
             continue
         name = key.removeprefix(PREFIX).removesuffix(suffix)
         rank = shape[0]
-        alpha_key = pattern_key(getattr(config, "alpha_pattern", {}), name)
-        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        try:
+            alpha = saved_pattern_value(config.alpha_pattern, name, config.lora_alpha, "alpha_pattern")
+        except ValueError as e:
+            raise InputError(f"{folder}: {e}") from None
         params = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{PREFIX}{name}.lora_"))
         modules.append({
             "module": name, "rank": rank, "lora_alpha": alpha,
@@ -145,10 +147,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
         "other_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and has_adapter(p)),
     }
-    summary = folder / "summary.json"
-    if summary.exists():
-        import json
-
-        s = json.loads(summary.read_text(encoding="utf-8"))
+    s = read_summary(folder)
+    if s is not None:
         result["run"] = {k: s.get(k) for k in ("status", "steps", "train_loss", "final_eval", "trainable_params")}
     return result

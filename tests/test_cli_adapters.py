@@ -75,7 +75,7 @@ def test_merge_input_errors_exit_2(two_runs, tmp_path):
     r = run("merge", *two_runs, "--weights", "1", "-o", tmp_path / "x", code=2)
     assert "--weights has 1 values for 2 adapters" in r.stderr
     r = run("merge", *two_runs, "--combination", "ties", "-o", tmp_path / "x", code=2)
-    assert "needs a density" in r.stderr
+    assert "--combination ties needs --density" in r.stderr
     r = run("merge", two_runs[0], "--rank", "2", "-o", tmp_path / "x", code=2)
     assert "--adapter-only" in r.stderr
     assert not (tmp_path / "x").exists()
@@ -92,3 +92,130 @@ def test_recipe_adapter_options_validate_with_lines(make_recipe):
     res = run_json("inspect", recipe)
     assert {m["module"]: list(m["rank"].values()) for m in res["modules"]}["model.layers.0.self_attn.v_proj"] == [2]
     assert any(m["module"] == "lm_head" and m["trainable_params"] == 320 * 64 for m in res["modules"])
+
+
+def test_export_of_a_pissa_run_is_plain_lora_for_the_original_base(make_recipe, tmp_path, tiny_model_dir):
+    """PEFT redoes a pissa_niter init with its own random generator when it loads such an adapter,
+    so the file as trained loads away from the run. The export is the equivalent plain LoRA: PEFT
+    loads it on the original base with the run's outputs (float32 sums in another order: ~1e-6)."""
+    peft = pytest.importorskip("peft", reason="peft is the interop reference")
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    recipe = make_recipe(adapter={"init_lora_weights": "pissa_niter_4", "r": 4, "lora_alpha": 8,
+                                  "target_modules": ["q_proj", "v_proj"]}, train={"max_steps": 2})
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    res = run_json("export", run_dir, "--format", "peft", "-o", tmp_path / "share")
+    assert res["converted_from"] == "pissa_niter_4"
+    cfg = json.loads((tmp_path / "share" / "adapter_config.json").read_text())
+    assert cfg["init_lora_weights"] is True and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert "equivalent plain LoRA" in (tmp_path / "share" / "README.md").read_text()
+    ids = torch.randint(0, 300, (2, 12))
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # noqa: E731
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
+        got = peft.PeftModel.from_pretrained(base(), tmp_path / "share")(input_ids=ids).logits
+        as_trained = peft.PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-5
+    assert (as_trained - want).abs().max() > 1e-3  # the unconverted file, in PEFT: its own init, another base
+
+
+def test_misspelt_pattern_keys_are_refused_before_any_work(make_recipe, tmp_path):
+    """{q_porj: 16} was ignored by validate, inspect, the dry run and training alike."""
+    recipe = make_recipe(adapter={"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_porj": 16}})
+    for command in (["validate"], ["inspect"], ["train", "--dry-run"]):
+        r = run(*command, recipe, code=2)
+        assert "rank_pattern key 'q_porj' matches no module that target_modules selects (q_proj, v_proj); " \
+               "did you mean q_proj" in r.stderr, command
+    # With the model's default targets only the model says which modules are adapted: inspect, the
+    # dry run and train check against it (validate loads no model).
+    recipe = make_recipe(adapter={"r": 4, "target_modules": None, "alpha_pattern": {"q_porj": 16}})
+    for command in (["inspect"], ["train", "--dry-run"], ["train"]):
+        r = run(*command, recipe, code=2)
+        assert "alpha_pattern key(s) 'q_porj' match no module this adapter adapts; did you mean: q_proj" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_loads_with_peft_auto_class(two_runs, tiny_model_dir):
+    """A recipe run records its task type, so PEFT's AutoPeftModelForCausalLM loads the run folder
+    alone (base model from base_model_name_or_path) and gives peftctl's outputs."""
+    peft = pytest.importorskip("peft", reason="peft is the interop reference")
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    run_dir = two_runs[1]
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(run_dir)
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_recipe_trains_causal_language_models_only(make_recipe):
+    recipe = make_recipe(adapter={"task_type": "SEQ_CLS"})
+    r = run("validate", recipe, code=2)
+    assert "adapter: task_type: peftctl trains causal language models" in r.stderr and "(got SEQ_CLS)" in r.stderr
+    run("validate", make_recipe(adapter={"task_type": "CAUSAL_LM"}))
+
+
+def test_combined_adapter_keeps_layer_ranks_and_biases(tmp_path, tiny_model_dir, chat_data):
+    """A run with rank_pattern and lora_bias, combined with itself at weights 0.5 and 0.5 (cat, or
+    svd at each layer's own rank), is the run's adapter again: ranks, biases and outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    recipe = tmp_path / "r.yaml"
+    adapter = {"r": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 1}, "lora_bias": True}
+    recipe.write_text(recipe_text(tiny_model_dir, str(chat_data[0]), None, "run", adapter=adapter,
+                                  train={"max_steps": 3, "log_every": 3, "lr": 0.05}))
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    ids = torch.randint(0, 300, (2, 10))
+
+    def outputs(folder):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    expected = outputs(run_dir)
+    for combination, rank in (("cat", 8), ("svd", 4)):
+        out = tmp_path / combination
+        res = run_json("merge", run_dir, run_dir, "--weights", "0.5,0.5", "--adapter-only",
+                       "--combination", combination, "-o", out)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert res["r"] == cfg["r"] == rank and cfg["lora_bias"] is True
+        assert cfg["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.v_proj": rank // 4 for i in (0, 1)}
+        assert torch.allclose(outputs(out), expected, atol=1e-4), combination
+
+
+def test_merged_model_with_a_trained_head_is_untied(tmp_path, chat_data):
+    """modules_to_save: [lm_head] on a model with tied embeddings: the merged folder says the
+    embeddings are not tied, so re-tying (tie_weights, as loading and resizing do) keeps the head."""
+    from tiny import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from peftctl import PeftModel
+
+    base_dir = build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(base_dir, str(chat_data[0]), None, str(tmp_path / "run"),
+                                  adapter={"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+                                  train={"max_steps": 3, "log_every": 3, "lr": 0.05}))
+    run_json("train", recipe)
+    res = run_json("merge", tmp_path / "run", "-o", tmp_path / "merged")
+    assert res["max_logit_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.tie_word_embeddings is False
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "run")
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+        merged.tie_weights()
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)

@@ -406,17 +406,16 @@ def test_a_turn_ending_exactly_at_a_special_token_keeps_it_in_the_loss(tmp_path,
     assert labelled(tok, ex) == "First answer<|im_end|>Second answer<|im_end|>\n"
 
 
-def test_a_tokenizer_without_a_fast_backend_is_refused_by_name(make_recipe, tmp_path):
+def test_a_tokenizer_without_a_fast_backend_is_refused_by_name(tmp_path):
     """Labels are placed by character offsets, which only the Rust (tokenizers) backend gives: a
-    Python-only tokenizer (here Canine's, built without files) is an input error naming its class."""
+    Python-only tokenizer (here Canine's, built without files) is an input error naming its class,
+    raised before anything is tokenized (its cache fingerprint is taken from its saved files)."""
     from transformers import CanineTokenizer
 
-    CanineTokenizer().save_pretrained(tmp_path / "slow-tokenizer")
-    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two"}])
-    recipe = make_recipe(model={"tokenizer": str(tmp_path / "slow-tokenizer")},
-                         data={"train": str(text), "format": "text", "eval": None})
-    r = run_cli("data", recipe, code=2)
-    assert "tokenizer CanineTokenizer has no fast (tokenizers) backend" in r.stderr and "Traceback" not in r.stderr
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two"}])
+    with pytest.raises(InputError, match="tokenizer CanineTokenizer has no fast \\(tokenizers\\) backend"):
+        data_lib.build(DataSection(train=str(path), format="text", cache_dir=str(tmp_path / "cache")),
+                       CanineTokenizer())
 
 
 def test_stats_percentiles_and_histogram_describe_the_token_lengths(make_recipe, tmp_path):
@@ -467,3 +466,159 @@ def test_a_response_cut_off_entirely_by_truncation_drops_the_row_as_without_loss
     d = build(tok, path, format="completion", max_length=16)
     assert len(d.train) == 1 and tok.decode(d.train[0].input_ids).startswith("short")
     assert (d.stats["train"].dropped_no_loss, d.stats["train"].truncated) == (1, 0)
+
+
+# ---- every part of a row reaches the chat template, or the row is refused (issue 19 §2) ---------
+
+# A template that renders tool calls; and one in Qwen3's manner, which renders an assistant turn's
+# reasoning_content only after the last user message (earlier turns' reasoning is dropped).
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.tool_calls or [] %}<call>{{ c.name }}"
+    "({{ c.arguments | tojson }})</call>{% endfor %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+REASONING_TEMPLATE = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and "
+    "loop.index0 > ns.last and m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+USER = {"role": "user", "content": "hi"}
+CALL = [{"name": "add", "arguments": {"a": 1}}]
+
+
+@pytest.mark.parametrize("messages, template, refused", [
+    # keys the template ignores: the row would be trained on a rendering without them
+    ([USER, {"role": "assistant", "content": "yo", "weight": 0}], None, "messages[1].weight: the chat template ignores"),
+    ([USER, {"role": "assistant", "content": "", "tool_calls": CALL}], None, "messages[1].tool_calls: the chat template ignores"),
+    ([USER, {"role": "assistant", "content": "yo", "name": "bot"}], None, "messages[1].name: the chat template ignores"),
+    ([USER, {"role": "assistant", "content": "a", "reasoning_content": "r1"}, USER,
+      {"role": "assistant", "content": "b", "reasoning_content": "r2"}], REASONING_TEMPLATE,
+     "messages[1].reasoning_content: the chat template ignores"),
+    # a whole message the template leaves out (zephyr renders no tool turns)
+    ([USER, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "yo"}], "zephyr",
+     "messages[1]: the chat template leaves out this tool message's content"),
+    # rendered: passes, and what the key carries is in the training text
+    ([USER, {"role": "assistant", "content": "", "tool_calls": CALL}], TOOL_TEMPLATE, '<call>add({"a": 1})</call>'),
+    ([USER, {"role": "assistant", "content": "a"}, USER, {"role": "assistant", "content": "b", "reasoning_content": "r2"}],
+     REASONING_TEMPLATE, "<think>r2</think>b"),
+    # a tool result written as a JSON string (Llama 3.1's template pipes tool content through tojson)
+    ([USER, {"role": "tool", "content": '{"t": "20 °C"}'}, {"role": "assistant", "content": "yo"}],
+     "{% for m in messages %}{{ m.role }}: {% if m.role == 'tool' %}{{ m.content | tojson }}{% else %}"
+     "{{ m.content }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+     'tool: "{\\"t\\": \\"20 °C\\"}"'),
+    # null and empty values carry nothing (datasets fills missing keys with null)
+    ([{**USER, "name": None, "tool_calls": []}, {"role": "assistant", "content": "yo"}], None, "assistant\nyo"),
+])
+def test_every_message_key_reaches_the_template_or_the_row_is_refused(tmp_path, tok, messages, template, refused):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}])
+    if "ignores" in refused or "leaves out" in refused:
+        with pytest.raises(InputError) as e:
+            build(tok, path, chat_template=template)
+        assert str(e.value).startswith(f"{path} row 1: {refused}")
+    else:
+        (ex,) = build(tok, path, chat_template=template).train
+        assert refused in tok.decode(ex.input_ids)
+
+
+def test_a_rows_tools_reach_the_template_or_the_row_is_refused(tmp_path, tok):
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    row = {"messages": [USER, {"role": "assistant", "content": "yo"}], "functions": tools}
+    path = write_jsonl(tmp_path / "t.jsonl", [row])
+    with pytest.raises(InputError, match=r"row 1: field 'functions': the chat template ignores the tool definitions"):
+        build(tok, path, columns={"tools": "functions"})
+    listing = ("{% for t in tools or [] %}<tool>{{ t.function.name }}</tool>\n{% endfor %}"
+               "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (ex,) = build(tok, path, columns={"tools": "functions"}, chat_template=listing).train
+    assert tok.decode(ex.input_ids).startswith("<tool>add</tool>\n<|im_start|>user")
+    assert labelled(tok, ex) == "yo<|im_end|>\n"
+
+
+def test_a_message_key_shadowed_by_a_column_mapping_is_refused(tmp_path, tok):
+    rows = [{"conversations": [{"from": "human", "value": "Hi", "role": "system"}, {"from": "gpt", "value": "Yo"}]}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    with pytest.raises(InputError, match=r"row 1: conversations\[0\]\.role: not used: the message's role is read from 'from'"):
+        build(tok, path, format="sharegpt")
+
+
+def test_a_weighted_message_is_refused_end_to_end(make_recipe, tmp_path):
+    data = write_jsonl(tmp_path / "w.jsonl", [{"messages": [USER, {"role": "assistant", "content": "yo", "weight": 1}]}])
+    recipe = make_recipe(data={"train": str(data), "eval": None})
+    out = run_cli("train", recipe, "--dry-run", code=2)
+    assert f"{data} row 1: messages[1].weight: the chat template ignores this key" in out.stderr
+    assert "per-message weights are not supported" in out.stderr and not (tmp_path / "run").exists()
+
+
+# ---- the prompt scoring generates from is the training sequence's own beginning (issue 19 §4) ----
+
+def _prefix(ex) -> bool:
+    return ex.prompt_ids == ex.input_ids[: len(ex.prompt_ids)]
+
+
+def test_generation_prompt_is_a_token_prefix_of_the_training_sequence(tmp_path, tok, make_recipe):
+    # The tiny byte-level BPE tokenizes "answer 19" whole as "er", "Ġ19", while the prompt
+    # "question 1 answer " alone ends "er", "Ġ": training must see the prompt's own tokens.
+    row = {"prompt": "question 1 answer ", "completion": "19"}
+    ids = tok("question 1 answer 19", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[-2:] == ["er", "Ġ19"]  # the premise of the test
+    prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+    response_ids = tok("19<|im_end|>", add_special_tokens=False)["input_ids"]
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    d = data_lib.build(DataSection(train=str(path), eval=str(path), format="completion"), tok)
+    (ex,) = d.eval
+    assert ex.input_ids == prompt_ids + response_ids and ex.prompt_ids == prompt_ids
+    assert tok.convert_ids_to_tokens(ex.input_ids)[len(prompt_ids) - 2 : len(prompt_ids) + 1] == ["er", "Ġ", "1"]
+    assert labelled(tok, ex) == "19<|im_end|>" and ex.reference == "19"
+    assert d.stats["train"].split_at_response == 1 and d.stats["eval"].merged_at_response == 0
+    (train,) = d.train
+    assert train.input_ids == ex.input_ids  # training and eval data are tokenized alike
+
+    # Every format whose eval data keeps a prompt: the prompt is a prefix of the training sequence.
+    cases = [
+        ("preference", {"prompt": "question 1 answer ", "chosen": "19", "rejected": "20"}, {}),
+        ("alpaca", {"instruction": "Convert", "input": "May 1, 1999", "output": "1999-05-01"}, {"max_length": 256}),
+        ("classification", {"text": "question 1", "label": 1}, {}),
+        ("chat", {"messages": [USER, {"role": "assistant", "content": "19"}]}, {}),
+        # a template whose generation prompt ends in a space: "assistant: " + "19" merges as above
+        ("chat", {"messages": [USER, {"role": "assistant", "content": "19"}]},
+         {"chat_template": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}"}),
+    ]
+    for fmt, r, kw in cases:
+        path = write_jsonl(tmp_path / f"{fmt}.jsonl", [r])
+        (ex,) = data_lib.build(DataSection(train=str(path), eval=str(path), format=fmt, **kw), tok).eval
+        assert _prefix(ex) and len(ex.prompt_ids) < len(ex.input_ids), (fmt, kw)
+        assert ex.input_ids[len(ex.prompt_ids)] == ex.labels[len(ex.prompt_ids)], (fmt, kw)  # loss starts there
+        assert tok.decode(ex.input_ids).startswith(tok.decode(ex.prompt_ids) + ex.reference), (fmt, kw)
+        if fmt == "preference" or "chat_template" in kw:  # the boundary moved when tokenized whole
+            assert tok.convert_ids_to_tokens(ex.input_ids)[len(ex.prompt_ids) - 1 :][:2] == ["Ġ", "1"], (fmt, kw)
+
+    # End to end: `peftctl data --split eval --json` shows what `peftctl eval` generates from.
+    recipe = make_recipe(data={"train": str(tmp_path / "c.jsonl"), "eval": str(tmp_path / "c.jsonl"),
+                               "format": "completion"})
+    (shown,) = json.loads(run_cli("data", recipe, "--json", "--split", "eval").stdout)["examples"]
+    assert shown["prompt_ids"] == prompt_ids and shown["input_ids"] == prompt_ids + response_ids
+    assert shown["reference"] == "19"
+
+
+def test_a_tokenizer_that_cannot_split_keeps_its_tokens_and_the_prompt_stops_before_the_merge(tmp_path):
+    # SentencePiece style (Metaspace): a piece tokenized alone gets a space in front ("19" -> "▁19"),
+    # so pieces would not spell the text; the whole text's tokens stay, the prompt ends before "▁19"
+    # and the reference starts with the prompt's space (scoring compares answers without spaces).
+    from tiny import corpus
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(corpus() + ["question 1 answer 19"] * 5,
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "question 1 answer ", "completion": "19"}])
+    d = data_lib.build(DataSection(train=str(path), eval=str(path), format="completion"), sp)
+    (ex,) = d.eval
+    assert sp.convert_ids_to_tokens(ex.input_ids) == ["▁question", "▁1", "▁answer", "▁19", "</s>"]
+    assert sp.convert_ids_to_tokens(ex.prompt_ids) == ["▁question", "▁1", "▁answer"]
+    assert ex.reference == " 19" and d.stats["eval"].merged_at_response == 1

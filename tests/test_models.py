@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
 
-from peftctl import models
+from peftctl import models, runs
 from peftctl.errors import InputError
 from peftctl.recipe import ModelSection
 
@@ -21,7 +22,8 @@ def fake_builtin(tmp_path, monkeypatch, tiny_model_dir):
     (pkg / "tiny.gguf").write_bytes(b"GGUF")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-builtin",
-                        models.Builtin("fake_models_pkg", "fake-models-pkg", "tiny.gguf", "a test model"))
+                        models.Builtin("fake_models_pkg", "fake-models-pkg", "tiny.gguf", "a test model",
+                                       "test-org/tiny-model"))
     import transformers
 
     real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
@@ -90,3 +92,58 @@ def test_path_like_names_that_do_not_exist(tmp_path):
     with pytest.raises(InputError, match="no such file or folder"):
         models.resolve(str(tmp_path / "nope"))
     assert models.resolve("org/name").kind == "hub"
+
+
+def test_a_run_on_a_builtin_records_the_original_model(fake_builtin, tmp_path, chat_data):
+    """adapter_config.json names the built-in's original hub model, not the machine's cache path; the
+    model card says what the weights were; peftctl reads that name back as the built-in; and a
+    run's embeddings, once resized, are saved with the adapter although the hub name cannot be read."""
+    import warnings
+
+    from clirun import run_json
+    from safetensors import safe_open
+    from tiny import recipe_text
+
+    from peftctl import AutoPeftModelForCausalLM, PeftModel
+    from peftctl import recipe as recipe_lib
+    from peftctl.train import prepare_model
+
+    recipe = tmp_path / "r.yaml"
+    text = recipe_text("tiny-builtin", str(chat_data[0]), None, "run", train={"max_steps": 2, "log_every": 2})
+    recipe.write_text(text.replace("name_or_path: tiny-builtin", f"name_or_path: tiny-builtin\n  cache_dir: {fake_builtin}"))
+    run_json("train", recipe)
+    cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "test-org/tiny-model" and cfg["task_type"] == "CAUSAL_LM"
+    run_json("export", tmp_path / "run", "--format", "peft", "-o", tmp_path / "shared")
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert "base_model: test-org/tiny-model" in card and "built-in `tiny-builtin`" in card
+    assert "tiny.gguf" in card and "dequantized" in card and str(fake_builtin / "models") not in card
+    # A run trained before runs recorded these (this machine's cache path, no task type) exports them right.
+    config_path = tmp_path / "run" / "adapter_config.json"
+    config_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(fake_builtin / "models" / "tiny-builtin"),
+                                       "task_type": None}))
+    run_json("export", tmp_path / "run", "--format", "peft", "-o", tmp_path / "old")
+    old = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    assert old == cfg and "base_model: test-org/tiny-model" in (tmp_path / "old" / "README.md").read_text()
+    # The exported folder has no recipe: its base name leads back to the built-in, for the
+    # commands and for AutoPeftModel.
+    assert runs.read_run(tmp_path / "shared").model_section.name_or_path == "tiny-builtin"
+    ids = torch.randint(0, 300, (1, 8))
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "shared")
+    direct = PeftModel.from_pretrained(models.load_model(ModelSection(name_or_path="tiny-builtin")), tmp_path / "run")
+    with torch.no_grad():
+        assert torch.allclose(auto(input_ids=ids).logits, direct(input_ids=ids).logits, atol=1e-6)
+    # A run whose vocabulary outgrew the base (resized embeddings) saves them, though the recorded
+    # hub name cannot be read offline: the run knows the vocabulary it loaded.
+    peft_model, _ = prepare_model(recipe_lib.load(recipe))
+    peft_model.get_base_model().resize_token_embeddings(330)
+    with pytest.warns(UserWarning, match="330 tokens and the base model's 320"):
+        peft_model.save_pretrained(tmp_path / "resized")
+    with safe_open(str(tmp_path / "resized" / "adapter_model.safetensors"), "pt") as f:
+        assert f.get_slice("base_model.model.model.embed_tokens.weight").get_shape() == [330, 64]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_model(recipe_lib.load(recipe))[0].save_pretrained(tmp_path / "plain")
+    assert not [w for w in caught if "save_embedding_layers" in str(w.message)]  # the vocabulary is the base's
+    with safe_open(str(tmp_path / "plain" / "adapter_model.safetensors"), "pt") as f:
+        assert all("lora_" in k for k in f.keys())

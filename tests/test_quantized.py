@@ -1,7 +1,14 @@
 """Quantized bases (bitsandbytes 4-bit and 8-bit, on CPU): LoRA and DoRA numerics against the
-dequantized formula, interop with PEFT both ways, k-bit training, and end to end: a QLoRA run, its
-merge into the full-precision base (and re-quantized), its GGUF and merged exports, and the
-memory estimate."""
+dequantized formula, interop with PEFT both ways, k-bit training, evaluation that changes nothing,
+and end to end: a QLoRA run, its merge into the full-precision base (and re-quantized), its GGUF and
+merged exports, and the memory estimate.
+
+bitsandbytes has two CPU paths for a 4-bit layer. The plain one (any CPU) dequantizes the weight and
+multiplies in the layer's compute dtype. On a CPU with AVX512-BF16 it repacks the weight at the
+first eval-mode forward and computes in bfloat16 from then on, with no backward (peftctl.bnb says
+more). peftctl keeps its layers on the plain path, so the tests that touch 4-bit layers run on both
+(`cpu_path`): on a CPU without AVX512-BF16 the second is skipped (bitsandbytes has no such kernel
+there), so CI on either kind of CPU checks what it can, and this kind checks both."""
 
 from __future__ import annotations
 
@@ -18,6 +25,21 @@ from peftctl.recipe import ModelSection, QuantizationSection
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(params=["plain", "avx512_bf16"])
+def cpu_path(request, monkeypatch):
+    """The CPU path bitsandbytes' 4-bit layers built during the test would take if left alone:
+    "plain" as on a CPU without AVX512-BF16 (bitsandbytes' own CPU check made to say no), or
+    "avx512_bf16" on a CPU that has it (bitsandbytes would repack and compute in bfloat16)."""
+    import bitsandbytes as bnb
+
+    if request.param == "plain":
+        # Linear4bit reads this check once, when it is built: layers built in the test never repack.
+        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
+    elif not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has no bfloat16 CPU path to check here")
+    return request.param
+
+
 def quantized(folder, bits: int, dtype: str = "float32"):
     # Pinned to the CPU: these tests compare with CPU references (on a GPU machine the product would
     # otherwise place a quantized base on the GPU).
@@ -25,10 +47,34 @@ def quantized(folder, bits: int, dtype: str = "float32"):
                                           quantization=QuantizationSection(bits=bits)), device_map={"": "cpu"})
 
 
+def loaded_by_transformers(folder, bits: int):
+    """The model quantized as a user's own code loads it, without peftctl: left alone, bitsandbytes
+    would repack its 4-bit layers at their first eval-mode forward on an AVX512-BF16 CPU."""
+    from transformers import AutoModelForCausalLM
+
+    config = models.quantization_config(QuantizationSection(bits=bits), torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=config,
+                                                device_map={"": "cpu"})
+
+
+def _quantized_layers(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+# The plain path computes x @ W.T in float32 from the dequantized W, as the references here do, but
+# not necessarily summing in the same order: the results agree to float32 rounding of sums of at most
+# 128 products of magnitude below 1, about 128 * 2**-24 < 1e-5. The same arithmetic run again in one
+# process gives the same bits; 1e-6 leaves room for the order of threaded reductions.
+ATOL = 1e-5
+AGAIN = 1e-6
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dora", [False, True])
-def test_lora_and_dora_over_quantized_layers_follow_the_formula(tiny_model_dir, bits, dora):
-    model = get_peft_model(quantized(tiny_model_dir, bits),
+def test_lora_and_dora_over_quantized_layers_follow_the_formula(tiny_model_dir, bits, dora, cpu_path):
+    model = get_peft_model(loaded_by_transformers(tiny_model_dir, bits),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                                       use_dora=dora))
     layer = model.base_model.model.model.layers[1].mlp.down_proj
@@ -37,13 +83,17 @@ def test_lora_and_dora_over_quantized_layers_follow_the_formula(tiny_model_dir, 
     x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     w = dequantize(layer.base_layer)
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    model.eval()  # where bitsandbytes would repack
     with torch.no_grad():
         base = layer.base_layer(x)
-        if bits == 4:  # bitsandbytes' 4-bit matmul is the dequantized weight's, exactly
-            torch.testing.assert_close(base, x @ w.T, rtol=0, atol=1e-5)
+        if bits == 4:  # the 4-bit layer multiplies by the dequantized weight in float32, on every CPU
+            torch.testing.assert_close(base, x @ w.T, rtol=0, atol=ATOL)
+        # (8 bits in eval mode is LLM.int8's inference: the activations are rounded to int8 too.)
         factor = layer.lora_magnitude_vector["default"] / (w + s * b @ a).norm(dim=1) if dora else 1.0
         expected = factor * (base + s * (x @ a.T) @ b.T)
-        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=ATOL)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=ATOL)  # a second call, after the first
+    assert torch.equal(dequantize(layer.base_layer), w)  # running and reading it changed nothing
     with pytest.raises(ValueError, match=r"merging into a quantized Linear(4bit|8bitLt) weight is refused: .* rounded "
                                          r"back to (4|8) bits.*peftctl merge RUN_DIR"):
         model.merge_and_unload()
@@ -72,17 +122,20 @@ def test_dora_with_dropout_over_quantized_layers_runs_the_base_on_the_dropped_in
         factor = layer.lora_magnitude_vector["default"] / (dequantize(layer.base_layer) + s * b @ a).norm(dim=1)
         expected = layer.base_layer(x) + (factor - 1) * layer.base_layer(xd) + factor * (s * (xd @ a.T) @ b.T)
     assert layer.base_layer.bias is None and (xd == 0).any()
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_adapters_move_both_ways_with_peft(tiny_model_dir, tmp_path, bits):
+def test_quantized_adapters_move_both_ways_with_peft(tiny_model_dir, tmp_path, bits, cpu_path):
     peft = pytest.importorskip("peft", reason="peft is the reference for interop")
+    # PEFT's bases are loaded by peftctl's loader, which keeps them on the plain path: PEFT over a
+    # base bitsandbytes repacked would compute in bfloat16 (about 4e-3 off per layer), no reference to
+    # 1e-5. peftctl's own base is loaded as a user's code would (it must keep it plain by itself).
     torch.manual_seed(0)
     ref = peft.get_peft_model(quantized(tiny_model_dir, bits), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=True))
     ref.save_pretrained(tmp_path / "from_peft")
-    ours = PeftModel.from_pretrained(quantized(tiny_model_dir, bits), tmp_path / "from_peft")
+    ours = PeftModel.from_pretrained(loaded_by_transformers(tiny_model_dir, bits), tmp_path / "from_peft")
     ours.save_pretrained(tmp_path / "from_peftctl")
     back = peft.PeftModel.from_pretrained(quantized(tiny_model_dir, bits), tmp_path / "from_peftctl")
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -90,8 +143,91 @@ def test_quantized_adapters_move_both_ways_with_peft(tiny_model_dir, tmp_path, b
         expected = ref.eval()(input_ids=ids).logits
         with ours.disable_adapter():
             assert (ours.eval()(input_ids=ids).logits - expected).abs().max() > 0.1  # the adapter matters
-        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(back.eval()(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=ATOL)
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_evaluating_a_quantized_model_changes_nothing(tiny_model_dir, bits, cpu_path):
+    """Eval-mode forwards, with and without the adapter, and reading the weights leave the model as
+    it was: training-mode logits and gradients, the base's outputs, the dequantized weights and
+    DoRA's weight norms are the same before and after."""
+    from peftctl.adapters.lora.quantized import QuantizedLinear
+
+    # DoRA on q_proj and v_proj; k_proj, o_proj and the MLP stay bitsandbytes layers that the
+    # adapters' gradients flow back through.
+    model = get_peft_model(loaded_by_transformers(tiny_model_dir, bits), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True))
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def state():
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=ids).logits
+        return {
+            "logits": out.logits.detach(), "base": base,
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+            "weights": {n: dequantize(m) for n, m in _quantized_layers(model).items()},
+            "norms": {n: m.dora_norm("default") for n, m in model.named_modules() if isinstance(m, QuantizedLinear)},
+        }
+
+    before = state()
+    assert len(before["weights"]) == 14 and len(before["norms"]) == 4
+    assert all(g.abs().sum() > 0 for n, g in before["grads"].items() if "layers.0" in n)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+        with model.disable_adapter():
+            model(input_ids=ids)
+    for m in _quantized_layers(model).values():
+        dequantize(m)
+    after = state()
+    for key in ("logits", "base"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=AGAIN)
+    for key in ("grads", "weights", "norms"):
+        assert after[key].keys() == before[key].keys()
+        for name in before[key]:
+            torch.testing.assert_close(after[key][name], before[key][name], rtol=0, atol=AGAIN, msg=f"{key} {name}")
+    if bits == 4:  # eval mode computes as training mode does (no dropout here); 8 bits: see above
+        torch.testing.assert_close(evaluated, before["logits"], rtol=0, atol=ATOL)
+
+
+def test_a_4bit_model_bitsandbytes_repacked_is_refused_by_name(tiny_model_dir, cpu_path):
+    """A model the user's code ran in eval mode before adapting it: on the AVX512-BF16 path its 4-bit
+    weights are repacked (block scales in bfloat16, no backward), so adapting or reading one is refused,
+    naming the layer and what to do, and the layer is left as it was; on the plain path it adapts."""
+    from peftctl.bnb import keep_plain_layout
+
+    model = loaded_by_transformers(tiny_model_dir, 4)
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids)
+        out = layer(x)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    if cpu_path == "avx512_bf16":
+        with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.q_proj: bitsandbytes has repacked "
+                                             r".*Load the model again and adapt it before running it"):
+            get_peft_model(model, config)
+        with pytest.raises(ValueError, match="bitsandbytes has repacked this 4-bit weight"):
+            dequantize(layer)
+        with torch.no_grad():
+            assert torch.equal(layer(x), out)  # the refusals changed nothing
+        model = loaded_by_transformers(tiny_model_dir, 4)  # the remedy the message gives
+        keep_plain_layout(model)
+        with torch.no_grad():
+            model(input_ids=ids)
+    adapted = get_peft_model(model, config)
+    adapted.train()
+    layer = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    xg = x.clone().requires_grad_()
+    w = dequantize(layer.base_layer)
+    layer.base_layer(xg).sum().backward()  # the 4-bit base layer passes the input's gradient back
+    torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x), rtol=0, atol=ATOL)
 
 
 def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_the_same_gradients(make_recipe):
@@ -199,6 +335,31 @@ def qlora_run(tmp_path_factory, tiny_model_dir, chat_data):
     return folder / "run", summary
 
 
+def test_a_qlora_run_trains_the_same_with_and_without_evaluations(tmp_path, tiny_model_dir, chat_data, cpu_path):
+    """`eval_every: 1` evaluates after every step; the training losses are those of a run without.
+    (8-bit bases: test_evaluating_a_quantized_model_changes_nothing.)"""
+    from tiny import recipe_text
+
+    losses, evals = {}, {}
+    for every in (None, 1):
+        out = tmp_path / f"run-{every}"
+        recipe = tmp_path / f"recipe-{every}.yaml"
+        # DoRA on q_proj and v_proj reads the base weights; the other quantized layers pass gradients back.
+        recipe.write_text(recipe_text(tiny_model_dir, str(chat_data[0]), str(chat_data[1]), str(out),
+                                      model={"quantization": {"bits": 4}},
+                                      adapter={"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+                                      train={"max_steps": 4, "log_every": 1, "lr": 2e-2,
+                                             **({"eval_every": every} if every else {})}))
+        run_json("train", recipe)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[every] = [r["loss"] for r in rows if "loss" in r]
+        evals[every] = [r["step"] for r in rows if "eval_loss" in r]
+    assert evals == {None: [4], 1: [1, 2, 3, 4]} and len(losses[None]) == 4
+    assert losses[None][-1] < losses[None][0] - 0.05  # it trains
+    # The same steps, the same arithmetic: equal up to the order of threaded reductions.
+    assert losses[1] == pytest.approx(losses[None], rel=0, abs=1e-6)
+
+
 def test_a_qlora_run_trains_and_records_how(qlora_run):
     run_dir, summary = qlora_run
     assert summary["status"] == "completed"
@@ -216,9 +377,9 @@ def _probe(model, tokenizer, texts) -> torch.Tensor:
                           .logits[0].float().cpu() for t in texts])
 
 
-def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path, tiny_model_dir):
+def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path, tiny_model_dir, cpu_path):
     peft = pytest.importorskip("peft", reason="peft is the reference for the merge")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftctl.merge import PROBES
 
@@ -231,11 +392,10 @@ def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path,
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir).merge_and_unload()
     merged_logits = _probe(merged, tok, PROBES)
     torch.testing.assert_close(merged_logits, _probe(ref, tok, PROBES), rtol=0, atol=1e-5)
-    # how far the model as trained (4-bit base + adapter, in PEFT) is from it, as reported
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    trained = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=q, device_map={"": "cpu"}), run_dir)
+    # How far the model as trained (4-bit nf4 base with double quantization, float32 compute, plus the
+    # adapter, in PEFT) is from it, as reported. The base computes on the plain path as in training
+    # (peftctl's loader keeps it there; see `cpu_path`).
+    trained = peft.PeftModel.from_pretrained(quantized(tiny_model_dir, 4), run_dir)
     trained_logits = _probe(trained, tok, PROBES)
     report = res["vs_quantized_training_model"]
     assert report["tokens"] == merged_logits.shape[0]
@@ -245,10 +405,11 @@ def test_merge_of_a_qlora_adapter_is_made_in_full_precision(qlora_run, tmp_path,
         float((trained_logits.argmax(-1) == merged_logits.argmax(-1)).float().mean()))
 
 
-def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path):
+def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path, cpu_path):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from peftctl.bnb import keep_plain_layout
     from peftctl.merge import PROBES
 
     run_dir, _ = qlora_run
@@ -259,10 +420,13 @@ def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path):
     # the config says how to load it
     requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map={"": "cpu"})
     assert isinstance(requantized.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    # The reported distance is the file's, on the plain path (the dequantized weights at the model's
+    # dtype, the same on every CPU); bitsandbytes' bfloat16 path would give other numbers for it.
+    keep_plain_layout(requantized)
     tok = AutoTokenizer.from_pretrained(tmp_path / "q")
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
     moved = (_probe(requantized, tok, PROBES) - _probe(full, tok, PROBES)).abs().max()
-    assert float(moved) == pytest.approx(res["quantized"]["vs_merged"]["max_abs_logit_diff"], abs=1e-5)
+    assert float(moved) == pytest.approx(res["quantized"]["vs_merged"]["max_abs_logit_diff"], abs=ATOL)
     r = run("merge", run_dir, "--quantize", "int4", "-o", tmp_path / "x", code=2)
     assert "--quantize must be one of nf4, fp4, int8" in r.stderr
 

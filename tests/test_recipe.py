@@ -146,3 +146,211 @@ def test_adapter_section_is_the_python_config_class():
     r = recipe.loads(GOOD, source="r.yaml", base_dir="/base")
     assert type(r.adapter) is LoraConfig
     assert r.adapter == LoraConfig(r=8, lora_alpha=16, target_modules=["v_proj", "q_proj"])
+
+
+# ---- hostile and unusual YAML ------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 7, width: int = 9) -> str:
+    """`levels` levels of `width` aliases: width**levels values from a few hundred bytes."""
+    names = [chr(ord("a") + i) for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    for prev, name in zip(names, names[1:], strict=False):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_at_once():
+    import time
+
+    text = alias_bomb()  # 9**7 = 4.8 million values; 53 s and 1.2 GiB before expansion was capped
+    start = time.perf_counter()
+    got = problems(text)
+    elapsed = time.perf_counter() - start
+    # f (line 6) is the first key whose expansion crosses 100,000 values (9**6 = 531,441)
+    assert got == ["r.yaml:6 f: more than 100,000 values once YAML aliases are expanded (an alias repeats all it "
+                   "names); a recipe is far smaller"]
+    assert elapsed < 5, f"refusing took {elapsed:.1f}s"  # about 0.2 s here; the cap is what bounds it
+    # the same through --set
+    got = problems(GOOD, ["adapter.target_modules=[" + alias_bomb(3, 50).replace("\n", ", ")[:-2] + "]"])
+    assert got[0].startswith("--set: --set 'adapter.target_modules=") and "more than 100,000 values" in got[0]
+
+
+def test_recursive_aliases_and_deep_nesting_are_refused():
+    assert problems("a: &x [*x]\n") == ["r.yaml:1 a.0: a YAML alias inside the value it names (a recursive alias)"]
+    got = problems(GOOD.replace("model:\n", "model: &m\n  <<: *m\n"))
+    assert got == ["r.yaml:1 model: a YAML alias inside the value it names (a recursive alias)"]
+    got = problems("data: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert got == ["r.yaml:1: nested deeper than 64 levels"]
+    # nesting that aliases build up, one level per line
+    chain = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 200))
+    # a63 (line 64) holds its number 65 levels down
+    assert problems(chain) == ["r.yaml:64 a63: nested deeper than 64 levels once YAML aliases are expanded"]
+
+
+def test_merge_keys_work_and_errors_point_at_the_line_written():
+    text = """\
+x-source: &source
+  format: alpaca
+  columns: {instruction: q, output: a}
+x-adapter: &adapter {r: 4, lora_alpha: 8}
+adapter:
+  <<: *adapter
+  r: 16
+data:
+  train:
+    - <<: *source
+      path: a.jsonl
+    - <<: [{weight: 2, columns: {instruction: question, output: answer}}, *source]
+      path: b.jsonl
+    - <<: *source
+      path: c.jsonl
+output: {dir: out}
+"""
+    r = recipe.loads(text, source="r.yaml", base_dir="/base")
+    assert r.adapter.r == 16 and r.adapter.lora_alpha == 8  # the mapping's own key wins over the merged one
+    first, second, third = r.data.train
+    assert first.path == "/base/a.jsonl" and first.format == "alpaca" and first.columns == {"instruction": "q", "output": "a"}
+    # the earlier merged mapping wins over the later one
+    assert second.format == "alpaca" and second.weight == 2 and second.columns == {"instruction": "question", "output": "answer"}
+    assert third == first.model_copy(update={"path": "/base/c.jsonl"})
+    # an error in a merged field is reported at the line where that value is written (line 2), for
+    # each place it is merged into
+    got = problems(text.replace("format: alpaca", "format: alpacca"))
+    assert got == [f"r.yaml:2 data.train.{i}.format: must be one of 'text', 'completion', 'alpaca', 'chat', "
+                   "'sharegpt', 'preference' or 'classification' (got 'alpacca')" for i in range(3)]
+    got = problems(text.replace("lora_alpha: 8", "lora_alpha: .nan"))
+    assert got == ["r.yaml:4 adapter.lora_alpha: must be a finite number (got nan)"]
+    assert problems(text.replace("<<: *adapter", "<<: 3")) == [
+        "r.yaml:6 adapter: a merge key (<<) takes a mapping or a list of mappings"]
+    # the x- keys are not fields, so they are not in the recipe as it runs
+    assert "x-source" not in r.to_yaml() and "<<" not in r.to_yaml()
+
+
+def _float_fields():
+    """(dotted field, YAML value setting it to inf) for every float field in the schema."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from peftctl.adapters.registry import config_classes
+
+    def floats(annotation) -> str | None:
+        if annotation is float:
+            return "scalar"
+        args = get_args(annotation)
+        if annotation is not None and getattr(annotation, "__origin__", None) is dict and args[1] is float:
+            return "dict"
+        return next((k for a in args if (k := floats(a))), None)
+
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str, base: str):
+        for name, field in model.model_fields.items():
+            kind = floats(field.annotation)
+            if kind:
+                out.append((f"{prefix}{name}", base, kind))
+            sub = recipe._unwrap_model(field.annotation, None)
+            if sub is not None and sub is not model:
+                walk(sub, f"{prefix}{name}.", base)
+
+    for section, field in recipe.Recipe.model_fields.items():
+        if section == "adapter":
+            for cls in config_classes():
+                walk(cls, "adapter.", "")
+        else:
+            sub = recipe._unwrap_model(field.annotation, None)
+            walk(sub, f"{section}.", "")
+    return out
+
+
+FLOAT_FIELDS = _float_fields()
+
+
+def test_float_fields_are_found():
+    names = {f for f, _, _ in FLOAT_FIELDS}
+    # the walk sees every kind of place a float sits: plain, optional, in a dict, in a list's items
+    assert {"train.lr", "train.epochs", "train.max_grad_norm", "adapter.lora_alpha", "adapter.alpha_pattern",
+            "data.train.weight", "model.quantization.int8_threshold"} <= names
+
+
+@pytest.mark.parametrize("field,_,kind", FLOAT_FIELDS, ids=[f for f, _, _ in FLOAT_FIELDS])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_no_float_field_takes_inf_or_nan(field, _, kind, value):
+    sets = []
+    if field.startswith("model.quantization."):
+        sets.append("model.quantization.bits=8" if "int8" in field else "model.quantization.bits=4")
+    if field == "data.train.weight":
+        sets.append(f"data.train=[{{path: a.jsonl, weight: {value}}}]")
+        target = "data.train.0.weight"
+    elif kind == "dict":
+        sets.append(f"{field}={{q_proj: {value}}}")
+        target = field  # a dict value is placed at the dict
+    else:
+        sets.append(f"{field}={value}")
+        target = field
+    got = problems(GOOD, sets)
+    assert any(p.startswith(f"--set {sets[-1]} {target}: must be a finite number") for p in got), got
+
+
+def test_non_finite_numbers_in_the_file_and_the_python_api():
+    from pydantic import ValidationError
+
+    from peftctl import LoraConfig
+
+    assert problems(GOOD.replace("max_steps: 10", "lr: 1e400")) == [
+        "r.yaml:12 train.lr: must be a finite number (got '1e400')"]
+    assert problems(GOOD.replace("max_steps: 10", "epochs: 1e400")) == [
+        "r.yaml:12 train.epochs: must be a finite number (got '1e400')"]
+    assert problems(GOOD.replace("lora_alpha: 16", "lora_alpha: .inf")) == [
+        "r.yaml:6 adapter.lora_alpha: must be a finite number (got inf)"]
+    with pytest.raises(ValidationError, match="finite number"):
+        LoraConfig(lora_alpha=float("inf"))
+
+
+def test_seed_is_one_every_seeded_library_takes():
+    import random
+
+    import numpy as np
+    import torch
+
+    assert problems(GOOD.replace("max_steps: 10", "seed: -1")) == ["r.yaml:12 train.seed: must be >= 0 (got -1)"]
+    assert problems(GOOD.replace("max_steps: 10", f"seed: {2**40}")) == [
+        f"r.yaml:12 train.seed: must be <= 4294967295 (got {2**40})"]
+    assert problems(GOOD.replace("max_steps: 10", f"seed: {2**70}")) == [
+        f"r.yaml:12 train.seed: must be between -2**63 and 2**63 - 1, the integers torch and numpy hold (got {2**70})"]
+    assert problems(GOOD.replace("max_steps: 10", "seed: 2**70")) == [
+        "r.yaml:12 train.seed: must be an integer (got '2**70')"]
+    top = recipe.loads(GOOD.replace("max_steps: 10", f"seed: {recipe.MAX_SEED}"), base_dir="/b").train.seed
+    np.random.seed(top), torch.manual_seed(top), random.seed(top)  # the largest accepted seed works in each
+    with pytest.raises(ValueError):
+        np.random.seed(top + 1)  # and one more would not
+
+
+def test_set_blames_the_flag_for_the_sections_it_creates():
+    assert problems(GOOD, ["nope.x=1"]) == [
+        "--set nope.x=1 nope: unknown field; known fields: model, adapter, data, train, eval, tracking, output"]
+    got = problems(GOOD, ["model.quantization.bits=3"])
+    assert got == ["--set model.quantization.bits=3 model.quantization.bits: must be one of 4 or 8 (got 3)"]
+    # a section that the file has stays the file's: its own problem is placed at its line
+    got = problems(GOOD.replace("max_steps: 10", "max_steps: 10\n  epochs: 1"), ["train.lr=1e-3"])
+    assert got == ["r.yaml:11 train: set max_steps or epochs, not both"]
+
+
+def test_symlinked_data_files_keep_their_name(tmp_path):
+    # A content-addressed store (the hub cache) links a named file to a nameless blob: the file's
+    # type comes from the name it was given under.
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "3f2a9c").write_text('{"text": "hello"}\n')
+    (tmp_path / "train.jsonl").symlink_to(tmp_path / "blobs" / "3f2a9c")
+    r = recipe.loads("data: {train: train.jsonl, format: text}\noutput: {dir: out}\n", base_dir=tmp_path)
+    assert r.data.train[0].path == str(tmp_path / "train.jsonl")
+
+
+def test_no_integer_beyond_int64_anywhere():
+    huge = 10**30  # torch raised a many-line C++ overflow error for adapter.r; other fields overflowed later
+    got = problems(GOOD.replace("r: 8", f"r: {huge}"), [f"train.grad_accum={huge}", f"adapter.layers_to_transform=[1, {huge}]"])
+    bound = "must be between -2**63 and 2**63 - 1, the integers torch and numpy hold"
+    assert got == [f"r.yaml:5 adapter.r: {bound} (got {huge})",
+                   f"--set adapter.layers_to_transform=[1, {huge}] adapter.layers_to_transform.1: {bound} (got {huge})",
+                   f"--set train.grad_accum={huge} train.grad_accum: {bound} (got {huge})"]

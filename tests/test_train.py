@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,11 +18,15 @@ import torch
 from clirun import run, run_json
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+def env() -> dict[str, str]:
+    # Read when a process starts, not at import: conftest's session fixture points PEFTCTL_CACHE at
+    # a private cache only after this module is imported (the user's cache stays untouched).
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def spawn(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "peftctl", *map(str, args)], env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "peftctl", *map(str, args)], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -30,7 +35,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Complete lines only: while a run writes, the last one may be half written.
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -79,6 +85,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(make_recipe
     steps = [m["step"] for m in metrics(killed) if "loss" in m]
     assert steps == list(range(1, 41))
     assert losses(killed) == losses(whole)
+    assert [m["lr"] for m in metrics(killed) if "loss" in m] == [m["lr"] for m in metrics(whole) if "loss" in m]
     # keep_checkpoints: the last two (plus the best eval's), and no temporary folder left over
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     best = f"step-{summary(killed)['best_eval']['step']:06d}"
@@ -224,7 +231,9 @@ def test_optimizers_schedules_precision_and_checkpointing_train(make_recipe, tmp
         s = run_json("train", make_recipe(out=str(tmp_path / f"r{i}"), train={"max_steps": 4, "log_every": 1, **train}))
         assert s["final_eval"]["eval_loss"] < base - 0.01, (train, s["final_eval"], base)
     last = [m for m in metrics(tmp_path / "r2") if "loss" in m]
-    assert last[-1]["lr"] == pytest.approx(5e-3 * 0.5)  # cosine_with_min_lr ends at lr × min_lr_ratio
+    # cosine_with_min_lr, warmup 1 of 4 steps: step 4 uses min + (1 - min)·½(1 + cos(π·2/3)), and
+    # lr × min_lr_ratio is reached when it ends
+    assert last[-1]["lr"] == pytest.approx(5e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 2 / 3))))
 
     out = tmp_path / "fp16"
     s = run_json("train", make_recipe(out=str(out), model={"dtype": "float16"},
@@ -326,7 +335,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     two = tmp_path / "two"
     recipe = make_recipe(out=str(two), train={**train, "max_steps": 100000, "batch_size": 2})
     cmd = [sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (two / "metrics.jsonl").exists() and len(metrics(two)) >= 2, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
@@ -335,11 +344,11 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     stopped = summary(two)
     n = stopped["steps"]
     assert stopped["status"] == "interrupted" and stopped["num_processes"] == 2
-    assert stopped["epochs"] == round(n * 2 * 2 / 48, 4)  # n steps of 2 examples on each of 2 processes
+    assert stopped["epochs"] == pytest.approx(n * 2 * 2 / 48)  # n steps of 2 examples on each of 2 processes
     assert stopped["last_checkpoint"] == f"checkpoints/step-{n:06d}"
 
     p = subprocess.run([*cmd, "--resume", "auto", "--set", f"train.max_steps={n + 2}", "--json"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+                       env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)  # one JSON object, from the main process
     assert s["status"] == "completed" and s["steps"] == n + 2 and s["resumed_from"].endswith(f"step-{n:06d}")

@@ -198,33 +198,38 @@ def test_each_epoch_sees_every_example_once_in_a_new_order_and_the_log_counts_th
 
 
 def test_data_stream_splits_each_epoch_between_processes_and_resumes_mid_epoch():
-    """DataStream on 2 processes over 11 examples: per epoch each process takes every other
-    example of the global batch, the 11th (a different one each epoch) is left out, and a stream
-    rebuilt at a checkpoint's (epoch, position) continues exactly as the first one."""
+    """DataStream on 2 processes: per epoch each process takes every other example of a global
+    micro-batch, every example is drawn exactly once per epoch (a micro-batch never crosses an
+    epoch's end), a process with no share of the last one runs a stand-in of weight 0, and a
+    stream rebuilt at a checkpoint's (epoch, position) continues exactly as the first one."""
     from peftctl.data import Example
     from peftctl.train.loop import DataStream
 
-    examples = [Example(input_ids=[i + 1, 7], labels=[i + 1, 7]) for i in range(11)]
-
-    def draws(rank, n, **at):
+    def draws(n_examples, rank, n, **at):
+        examples = [Example(input_ids=[i + 1, 7], labels=[i + 1, 7]) for i in range(n_examples)]
         stream = DataStream(examples, batch_size=2, seed=5, rank=rank, world=2, pad_id=0, **at)
         out = []
         for _ in range(n):
-            batch = stream.next()
-            out.append((stream.epoch, [int(x) - 1 for x in batch["input_ids"][:, 0]]))
+            mb = stream.next()
+            out.append((stream.epoch, mb.weight, [int(x) - 1 for x in mb.batch["input_ids"][:, 0]]))
         return out, stream
 
-    per_rank = [draws(rank, 9)[0] for rank in (0, 1)]  # 3 epochs: global batches of 4, 4, 2
-    assert [len(ids) for _, ids in per_rank[0]] == [len(ids) for _, ids in per_rank[1]] == [2, 2, 1] * 3
-    left_out = []
+    # 11 examples: global micro-batches of 4, 4 and 3 per epoch
+    per_rank = [draws(11, rank, 9)[0] for rank in (0, 1)]
+    assert [len(ids) for _, _, ids in per_rank[0]] == [2, 2, 2] * 3
+    assert [len(ids) for _, _, ids in per_rank[1]] == [2, 2, 1] * 3
+    orders = []
     for epoch in range(3):
-        taken = [i for r in per_rank for e, ids in r if e == epoch for i in ids]
-        assert len(taken) == 10 and len(set(taken)) == 10
-        left_out.append(set(range(11)) - set(taken))
-    assert len({frozenset(s) for s in left_out}) > 1  # which example waits varies by epoch
+        taken = [i for r in per_rank for e, _, ids in r if e == epoch for i in ids]
+        assert sorted(taken) == list(range(11))  # each example once
+        orders.append(taken)
+    assert orders[0] != orders[1] != orders[2]
+    # 9 examples: the last global micro-batch of an epoch has 1, so process 1 runs a stand-in
+    (_, weight, _), = [d for d in draws(9, 1, 3)[0][2:]]
+    assert weight == 0.0 and all(w == 1.0 for _, w, _ in draws(9, 0, 3)[0])
     # resumed at the (epoch, position) a checkpoint would hold after 4 draws
-    first, stream = draws(0, 4)
-    rest, _ = draws(0, 5, epoch=stream.epoch, position=stream.position)
+    first, stream = draws(11, 0, 4)
+    rest, _ = draws(11, 0, 5, epoch=stream.epoch, position=stream.position)
     assert first + rest == per_rank[0]
 
 

@@ -48,7 +48,7 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_tiny_llama(folder: Path, seed: int = 0, vocab_size: int = 320):
+def build_tiny_llama(folder: Path, seed: int = 0, vocab_size: int = 320, tie_word_embeddings: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +59,7 @@ def build_tiny_llama(folder: Path, seed: int = 0, vocab_size: int = 320):
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

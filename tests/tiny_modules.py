@@ -136,3 +136,13 @@ def tiny_gemma3(seed: int = 0):
     config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=16, vocab_size=320, sliding_window=16)
     return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_phi(seed: int = 0):
+    """A tiny Phi: its output head has a bias."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(seed)
+    config = PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       vocab_size=320, max_position_embeddings=64)
+    return PhiForCausalLM(config).eval()

@@ -6,6 +6,7 @@ into them directly (one schema, two front doors: YAML and Python), and `peftctl 
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import os
@@ -15,6 +16,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_NAME = "adapter_config.json"
+# True while a config is built from a saved adapter_config.json (`from_peft_dict`): validators that
+# only judge a new config (e.g. pattern keys that match no target) let a saved file through, as PEFT does.
+READING_SAVED: contextvars.ContextVar[bool] = contextvars.ContextVar("peftctl_reading_saved", default=False)
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -35,29 +39,68 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
 
 
-class AdapterConfig(BaseModel):
+class _ConfigCall(type(BaseModel)):
+    """Checks the keyword arguments of a direct call, `LoraConfig(...)`, as PEFT's dataclasses do:
+    an unknown name is a TypeError (with the closest field names); a PEFT option the method does not
+    implement is a ValueError naming it, unless it holds the value that leaves it off; inert PEFT
+    keys (`inert_peft_keys`) are accepted and dropped. A recipe's `adapter` section, validated as a
+    nested model, does not pass through here and gets pydantic's errors with line numbers."""
+
+    def __call__(cls, *args: Any, **data: Any):
+        extra = [k for k in data if k not in cls.model_fields]
+        if extra:
+            import difflib
+
+            refused = []
+            for key in extra:
+                value = data.pop(key)
+                if key == "peft_type" and value not in (cls.peft_type, None):
+                    refused.append(f"peft_type={value!r} (this is a {cls.peft_type} config)")
+                elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
+                    refused.append(f"{key}={value!r}")
+                elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
+                    close = difflib.get_close_matches(key, list(cls.model_fields), n=2)
+                    raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}"
+                                    + (f"; did you mean {' or '.join(close)}?" if close else ""))
+            if refused:
+                raise ValueError(f"{cls.__name__}: PEFT options peftctl does not implement: {', '.join(refused)}")
+        return super().__call__(*args, **data)
+
+
+class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     """Fields shared by all methods. Subclasses set `method` (a Literal) and `peft_type`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+    # No field takes inf or NaN (a scaling of inf would silently poison every output).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True, allow_inf_nan=False)
 
     # The PEFT `peft_type` string written to adapter_config.json (e.g. "LORA").
     peft_type: ClassVar[str]
     # PEFT config keys this method does not implement, with the values that mean "off". An adapter
     # file carrying another value is refused on load, since ignoring it would change the numbers.
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+    # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
+    # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
+    inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
+
 
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(
         default=None,
-        description="PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json.",
+        description=(
+            "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json, where it tells "
+            "PEFT's AutoPeftModel which model class to load. SEQ_CLS and TOKEN_CLS also train and save "
+            "the model's head in full (modules named classifier or score), QUESTION_ANS its qa_outputs, "
+            "as PEFT does. A recipe trains a causal language model: unset, its run records CAUSAL_LM."
+        ),
     )
     target_modules: list[str] | str | None = Field(
         default=None,
         description=(
-            "Modules to adapt: a list of names (a name matches a module whose dotted path equals it "
-            "or ends with '.' + it), a regular expression string (full match against the dotted "
-            "path), or 'all-linear' (every linear layer except the output head). Empty: the "
-            "default for the model type (q_proj and v_proj for Llama-style models)."
+            "Modules to adapt: a list of names (a name matches a module whose dotted path equals it, "
+            "whatever layers_to_transform says, or ends with '.' + it), a regular expression string "
+            "(full match against the dotted path), or 'all-linear' (every linear layer except the "
+            "output head). Empty: PEFT's default for the model type (q_proj and v_proj for "
+            "Llama-style models)."
         ),
     )
     exclude_modules: list[str] | str | None = Field(
@@ -68,7 +111,8 @@ class AdapterConfig(BaseModel):
         default=None,
         description=(
             "Adapt only these layer indices (the number after layers_pattern, or after the first "
-            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'."
+            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'; "
+            "a target given as a module's full path is adapted whatever its layer (PEFT's rule)."
         ),
     )
     layers_pattern: str | list[str] | None = Field(
@@ -78,8 +122,9 @@ class AdapterConfig(BaseModel):
     modules_to_save: list[str] | None = Field(
         default=None,
         description=(
-            "Modules trained in full and saved with the adapter (e.g. 'lm_head', 'score'), matched "
-            "by name or dotted suffix. Each adapter gets its own copy; the original stays frozen."
+            "Modules trained in full and saved with the adapter (e.g. 'lm_head', 'score'): every "
+            "module whose dotted path ends with a name (a plain suffix, as in PEFT: 'norm' also "
+            "selects 'input_layernorm'). Each adapter gets its own copy; the original stays frozen."
         ),
     )
     inference_mode: bool = Field(
@@ -127,18 +172,30 @@ class AdapterConfig(BaseModel):
         """
         known = set(cls.model_fields) - {"method"}
         kwargs: dict[str, Any] = {}
-        refused = []
+        refused, unknown = [], []
         for key, value in d.items():
             if key in known:
                 kwargs[key] = value
             elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
                 refused.append(f"{key}={value!r}")
+            elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
+                unknown.append(key)
         if refused:
             raise ValueError(
                 f"this {cls.peft_type} adapter uses options peftctl does not implement: "
                 + ", ".join(refused)
             )
-        return cls(**kwargs)
+        if unknown:  # PEFT likewise warns about keys of a newer version and ignores them
+            import warnings
+
+            warnings.warn(f"adapter_config.json keys unknown to peftctl are ignored: {', '.join(unknown)}",
+                          UserWarning, stacklevel=3)
+        # A saved adapter: checks that only a new config needs (see `LoraConfig`) are skipped.
+        token = READING_SAVED.set(True)
+        try:
+            return cls(**kwargs)
+        finally:
+            READING_SAVED.reset(token)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         from peftctl.fsio import atomic_write_text
@@ -147,20 +204,43 @@ class AdapterConfig(BaseModel):
         atomic_write_text(path, json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> AdapterConfig:
-        from peftctl.adapters.registry import config_from_peft_dict
-
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        subfolder: str | None = None) -> AdapterConfig:
+        """The config in a local adapter folder (PEFT's hub keywords are not taken: TypeError).
+        A missing or bad adapter_config.json is `BadFileError` (a ValueError) naming it."""
+        path = pretrained_model_name_or_path
         folder = Path(path) / subfolder if subfolder else Path(path)
-        with open(folder / CONFIG_NAME, encoding="utf-8") as f:
-            d = json.load(f)
-        cfg = config_from_peft_dict(d)
-        if cls is not AdapterConfig and not isinstance(cfg, cls):
-            raise ValueError(f"{folder / CONFIG_NAME} holds a {d.get('peft_type')} adapter, not {cls.__name__}")
-        return cfg
+        return read_config_file(folder / CONFIG_NAME, cls)
 
     @property
     def is_prompt_learning(self) -> bool:
         return False
+
+
+def read_config_file(path: str | os.PathLike, cls: type[AdapterConfig] | None = None) -> AdapterConfig:
+    """The config in an adapter_config.json file, of class `cls` (None or AdapterConfig: any method).
+
+    Raises `BadFileError` (a ValueError) naming the file when it is missing, unreadable, not a JSON
+    object, of an unknown `peft_type`, or holds values the config refuses.
+    """
+    from pydantic import ValidationError
+
+    from peftctl.adapters.registry import config_from_peft_dict
+    from peftctl.userfiles import BadFileError, read_json
+
+    d = read_json(path, "an adapter config")
+    try:
+        cfg = config_from_peft_dict(d)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise BadFileError(path, f"{where}: {err['msg']}{more}" if where else f"{err['msg']}{more}") from None
+    except (ValueError, TypeError) as e:
+        raise BadFileError(path, str(e)) from None
+    if cls not in (None, AdapterConfig) and not isinstance(cfg, cls):
+        raise BadFileError(path, f"holds a {d.get('peft_type')} adapter, not {cls.__name__}")
+    return cfg
 
 
 # PEFT's name for the base config class (`PeftConfig.from_pretrained(path).base_model_name_or_path`).

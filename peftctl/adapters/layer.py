@@ -24,6 +24,9 @@ class AdapterLayer(nn.Module, abc.ABC):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
+        # A new layer takes the mode (train / eval) of the module it wraps, so that adding an adapter
+        # to a model in eval mode gives no dropout in training mode.
+        self.training = base_layer.training
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -61,8 +64,9 @@ class AdapterLayer(nn.Module, abc.ABC):
 
     # ---- what a method provides ------------------------------------------------------------
     @abc.abstractmethod
-    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
-        """Create (or replace) this adapter's weights in the layer."""
+    def update_layer(self, adapter_name: str, config, module_name: str = "") -> None:
+        """Create (or replace) this adapter's weights in the layer (`module_name`: its path, for
+        per-module settings and errors)."""
 
     @abc.abstractmethod
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -92,6 +96,13 @@ class AdapterLayer(nn.Module, abc.ABC):
                 params = [mod] if isinstance(mod, nn.Parameter) else mod.parameters()
                 for p in params:
                     p.requires_grad_(trainable and name in self.active_adapters)
+
+    def match_mode(self, adapter_name: str) -> None:
+        """Put this adapter's modules (dropout, A, B, ...) in the layer's own mode (train / eval)."""
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr)
+            if isinstance(container, nn.Module):  # the ModuleDict / ParameterDict and what it holds
+                container.train(self.training)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:

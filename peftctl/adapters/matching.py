@@ -1,10 +1,33 @@
 """Which modules an adapter config targets: names, dotted suffixes, regexes, `all-linear`, layer
-indices, and per-module patterns. The rules are PEFT's, so an adapter_config.json selects the same
-modules here as there."""
+indices, `modules_to_save`, the modules a task type trains in full, and per-module rank / alpha
+patterns. Module selection follows PEFT's rules exactly (tested case by case against PEFT), so an
+adapter_config.json selects the same modules here as there.
+
+PEFT's rules, as implemented here:
+- `target_modules` list: a module matches when its dotted path *equals* an entry (a full path: no
+  layer filter applies, whatever `layers_to_transform` says) or *ends with* "." + an entry (then
+  `layers_to_transform` / `layers_pattern` filter it). A list of 20 or more entries is first condensed
+  to the shortest dotted suffixes that still tell the targets from the other modules (PEFT's
+  `_find_minimal_target_modules`), and those suffixes are what the layer filter then sees.
+- `target_modules` string: a regex that must match the whole path; `all-linear`: every `nn.Linear`
+  and transformers `Conv1D` except a transformers model's output embedding (for a classification
+  model without one, its `score` / `classifier` head when the task type is SEQ_CLS).
+- `exclude_modules`: a regex (full match) or a list (equal, or dotted suffix).
+- Modules under a `modules_to_save` name (the name as a regex between dots) are never targeted.
+- `modules_to_save`: a module is saved in full when its path *ends with* a name (a plain string
+  suffix, not a dotted one: `norm` also selects `input_layernorm`, as in PEFT).
+- Task types SEQ_CLS and TOKEN_CLS add `classifier` and `score` to `modules_to_save`, QUESTION_ANS
+  adds `qa_outputs` (PEFT's task model classes do so); those that the model lacks are skipped.
+
+Rank and alpha patterns are where peftctl deliberately differs: see `pattern_key`.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
+import warnings
 
 from torch import nn
 
@@ -13,21 +36,63 @@ from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 
-# Defaults when target_modules is unset, by model type (the attention projections PEFT uses).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-        "olmo", "olmo2", "granite", "smollm3", "opt", "gptj", "codegen", "cohere",
-    )},
+# Defaults when target_modules is unset, by model type: PEFT 0.21's table
+# (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), entry for entry; a test
+# compares the two. A string entry is a regex over the whole module path.
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
     "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
-    "t5": ["q", "v"],
-    "phi": ["q_proj", "v_proj"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
+
+# Modules a task type trains in full (PEFT's PeftModelForSequenceClassification etc. add them to
+# modules_to_save); those a model does not have are skipped.
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+# PEFT's list of classification head names that `all-linear` leaves out for SEQ_CLS (in its order).
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+# PEFT condenses target lists of this many entries or more (MIN_TARGET_MODULES_FOR_OPTIMIZATION).
+_CONDENSE_FROM = 20
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -42,6 +107,7 @@ def _linear_types() -> tuple[type, ...]:
 
 
 def _name_matches(name: str, spec: list[str] | str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: regex full match, or equal / dotted suffix."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
@@ -71,16 +137,32 @@ def in_selected_layers(name: str, config) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def pattern_key(patterns, name: str) -> str | None:
-    """The first rank_pattern / alpha_pattern key whose regex matches the end of `name` (PEFT's rule)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
+# ---- modules_to_save, with the task type's modules ----------------------------------------------
+
+
+def task_modules_to_save(config) -> tuple[str, ...]:
+    return TASK_MODULES_TO_SAVE.get(str(getattr(config, "task_type", None) or ""), ())
+
+
+def modules_to_save_names(config) -> list[str] | None:
+    """`modules_to_save` with the names the task type adds (PEFT's order, duplicates dropped)."""
+    names = list(config.modules_to_save or [])
+    names += [n for n in task_modules_to_save(config) if n not in names]
+    return names or None
+
+
+def _regex_or_literal(m: str) -> str:
+    # PEFT puts the name into the regex as it is; a name that is no valid regex means itself.
+    try:
+        re.compile(m)
+        return m
+    except re.error:
+        return re.escape(m)
 
 
 def _under_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+    return bool(modules_to_save) and any(
+        re.match(rf"(^|.*\.){_regex_or_literal(m)}($|\..*)", name) for m in modules_to_save)
 
 
 def candidate_modules(model: nn.Module):
@@ -103,32 +185,82 @@ def resolve_targets(model: nn.Module, config) -> list[str] | str:
                 f"target_modules is unset and there is no default for model type {model_type!r}; "
                 "set target_modules (a list of names, a regex, or 'all-linear')"
             )
-        return DEFAULT_TARGETS[model_type]
+        default = DEFAULT_TARGETS[model_type]
+        return default if isinstance(default, str) else list(default)
     return spec
+
+
+def condensed_targets(targets: list[str], other_names: list[str]) -> list[str]:
+    """PEFT's `_find_minimal_target_modules`: the fewest dotted suffixes that match every entry of
+    `targets` (full paths or suffixes) and no name in `other_names`. PEFT applies it to lists of 20
+    entries or more, and then matches those suffixes, layer filter included."""
+
+    def suffixes(s: str) -> list[str]:
+        parts = s.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    others = {suffix for item in other_names for suffix in suffixes(item)}
+    required: set[str] = set()
+    # Shortest suffixes first; sorted as PEFT sorts, so that ties resolve the same way.
+    for item, item_suffixes in sorted({t: suffixes(t) for t in set(targets)}.items(), key=lambda kv: kv[1]):
+        for suffix in item_suffixes:
+            if suffix in required or suffix in others:
+                continue
+            if not any(item.endswith("." + r) for r in required):
+                required.add(suffix)
+                break
+    return sorted(required) if required else sorted(set(targets))
+
+
+def _output_heads(model: nn.Module, config) -> set[int]:
+    """Modules `all-linear` leaves out, as PEFT does: a transformers model's output embedding, or,
+    for SEQ_CLS without one, its classification head."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return set()
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    head = model.get_output_embeddings()
+    if head is not None:
+        return {id(head)}
+    if str(getattr(config, "task_type", None) or "") == "SEQ_CLS":
+        for name in SEQ_CLS_HEAD_NAMES:
+            if getattr(model, name, None) is not None:
+                return {id(getattr(model, name))}
+    return set()
 
 
 def find_targets(model: nn.Module, config) -> list[str]:
     """Dotted names of the modules `config` adapts, in model order. Errors name what exists."""
     spec = resolve_targets(model, config)
+    candidates = list(candidate_modules(model))
+    if isinstance(spec, list) and len(set(spec)) >= _CONDENSE_FROM:
+        everything = [n for n, _ in model.named_modules()]
+        spec = condensed_targets(spec, [n for n in everything if n not in spec and not _name_matches(n, spec)])
     linear_types = _linear_types()
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = _output_heads(model, config) if spec == ALL_LINEAR else set()
+    saved = modules_to_save_names(config)
     names = []
-    for name, module in candidate_modules(model):
+    for name, module in candidates:
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if config.exclude_modules and _name_matches(name, config.exclude_modules):
+            continue
+        if _under_modules_to_save(name, saved):
+            continue
         if spec == ALL_LINEAR:
-            hit = isinstance(base, linear_types) and base is not output_head and not (
-                output_head is None and name.split(".")[-1] == "lm_head"
-            )
+            hit = isinstance(base, linear_types) and id(base) not in heads and id(module) not in heads
+            hit = hit and in_selected_layers(name, config)  # peftctl's extension: PEFT refuses layers here
+        elif isinstance(spec, str):
+            hit = re.fullmatch(spec, name) is not None
+        elif name in spec:
+            hit = True  # a full path: PEFT adapts it whatever the layer filter says
         else:
-            hit = _name_matches(name, spec)
-        if hit and config.exclude_modules and _name_matches(name, config.exclude_modules):
-            hit = False
-        if hit and (_under_modules_to_save(name, config.modules_to_save) or not in_selected_layers(name, config)):
-            hit = False
+            hit = any(name.endswith("." + t) for t in spec) and in_selected_layers(name, config)
         if hit:
             names.append(name)
     if not names:
-        leaf_names = sorted({n.split(".")[-1] for n, m in candidate_modules(model) if not list(m.children())})
+        leaf_names = sorted({n.split(".")[-1] for n, m in candidates if not list(m.children())})
         raise ValueError(
             f"target_modules {spec!r} matches no module of this model; module names here include: "
             + ", ".join(leaf_names[:12])
@@ -136,20 +268,199 @@ def find_targets(model: nn.Module, config) -> list[str]:
     return names
 
 
+# bitsandbytes' quantized layers (also their weightless stand-ins on the meta device, `inspect`'s).
+_QUANTIZED_TYPES = ("Linear4bit", "Linear8bitLt")
+
+
+def _refuse_quantized(name: str, module: nn.Module) -> None:
+    """A ValueError when `module` is, or holds, a quantized layer: training a copy in full needs
+    floating-point weights (and gradients for them), which integer-coded weights do not have."""
+    for sub_name, sub in module.named_modules():
+        params = list(sub.parameters(recurse=False))
+        if type(sub).__name__ in _QUANTIZED_TYPES or any(not p.is_floating_point() for p in params):
+            what = f"is a quantized layer ({type(sub).__name__})" if not sub_name else (
+                f"holds a quantized layer ({name}.{sub_name}: {type(sub).__name__})")
+            raise ValueError(
+                f"modules_to_save names {name}, which {what}: its weights are stored as integer codes, "
+                "so it cannot be trained in full; adapt it with LoRA instead (list it in target_modules), "
+                "or load the base model unquantized"
+            )
+
+
 def find_modules_to_save(model: nn.Module, config) -> list[str]:
-    """Dotted names of the modules `modules_to_save` names (exact name or dotted suffix)."""
-    if not config.modules_to_save:
+    """Dotted names of the modules saved in full: those whose path ends with a `modules_to_save`
+    name or one the task type adds (PEFT's plain-suffix rule). A name of the user's that matches
+    nothing is an error (PEFT ignores it); a task's name the model lacks is skipped."""
+    wanted = modules_to_save_names(config)
+    if not wanted:
         return []
-    found = [name for name, _ in candidate_modules(model) if _name_matches(name, config.modules_to_save)]
-    missing = [m for m in config.modules_to_save if not any(_name_matches(n, [m]) for n in found)]
+    candidates = list(candidate_modules(model))
+    found = [name for name, _ in candidates if any(name.endswith(m) for m in wanted)]
+    task_names = task_modules_to_save(config)
+    missing = [m for m in config.modules_to_save or [] if m not in task_names
+               and not any(n.endswith(m) for n in found)]
     if missing:
-        top = sorted({n.split(".")[-1] for n, m in candidate_modules(model) if not list(m.children())})
+        top = sorted({n.split(".")[-1] for n, m in candidates if not list(m.children())})
         raise ValueError(
             f"modules_to_save {missing!r} matches no module of this model; module names here include: "
             + ", ".join(top[:12])
         )
+    if task_names and not config.modules_to_save and not any(n.endswith(m) for n in found for m in task_names):
+        warnings.warn(
+            f"task_type {config.task_type} trains the model's head in full, found by the name "
+            f"{' or '.join(task_names)}; this model has no such module, so no head is trained or saved "
+            "(name it in modules_to_save)", UserWarning, stacklevel=3)
+    for name in found:
+        _refuse_quantized(name, model.get_submodule(name))
     adapted = [n for n in found if isinstance(model.get_submodule(n), AdapterLayer)]
     if adapted:
         raise ValueError(f"modules_to_save names {adapted[0]}, which an adapter already adapts; it cannot also be saved in full")
     # Outermost matches only: a module inside one already saved in full is saved with it.
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]
+
+
+# ---- rank_pattern / alpha_pattern ----------------------------------------------------------------
+#
+# A key is a regex that matches a module when it matches the module's whole dotted path or the part
+# after one of its dots (PEFT's rule: `re.match(rf"(.*\.)?({key})$", path)`). PEFT applies the
+# *first* matching key in the dict's order, which is insertion order when the adapter is created and
+# sorted order after a reload (adapter_config.json is written with sorted keys): overlapping keys
+# then give a layer one scaling in training and another when loaded. peftctl's rule does not depend
+# on order: the most specific matching key wins.
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> re.Pattern:
+    return re.compile(rf"(?:{key})$")
+
+
+def pattern_coverage(key: str, name: str) -> int | None:
+    """How many trailing dotted parts of `name` the key matches (the fewest it can; the whole path
+    when it only matches that), or None when it does not match the module."""
+    regex = _compiled(key)
+    starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
+    for start in reversed(starts):  # shortest suffix first
+        # Matching from `start` (not on a sliced string): `^` only matches at the path's start, as in PEFT.
+        if regex.match(name, start):
+            return name.count(".", start) + 1
+    return None
+
+
+def _is_plain(key: str) -> bool:
+    """A dotted name without regex syntax (dots aside)."""
+    return re.escape(key).replace(r"\.", ".") == key
+
+
+def _specificity(key: str, name: str) -> tuple[int, int] | None:
+    coverage = pattern_coverage(key, name)
+    return None if coverage is None else (coverage, int(_is_plain(key)))
+
+
+def pattern_key(patterns, name: str, field: str = "pattern") -> str | None:
+    """The `rank_pattern` / `alpha_pattern` key that applies to module `name`, or None.
+
+    Most specific wins, whatever the dict's order: (1) the key that matches more trailing parts of
+    the module's dotted path (a key matching the whole path beats every suffix; `self_attn.q_proj`
+    beats `q_proj`); (2) at equal length, a plain dotted name beats a regular expression (`q_proj`
+    beats `.*_proj`). Keys still tied with different values are ambiguous: ValueError naming them.
+    """
+    scored = [(s, k) for k in patterns if (s := _specificity(k, name)) is not None]
+    if not scored:
+        return None
+    best = max(s for s, _ in scored)
+    top = [k for s, k in scored if s == best]
+    if len({patterns[k] for k in top}) > 1:
+        raise ValueError(
+            f"{field} keys {top[0]!r} and {top[1]!r} both match module {name} equally specifically "
+            f"(the last {best[0]} part(s) of its path) with different values ({patterns[top[0]]} and "
+            f"{patterns[top[1]]}); make one of them more specific, e.g. a longer part of the path"
+        )
+    return top[0]
+
+
+def pattern_value(patterns, name: str, default, field: str = "pattern"):
+    key = pattern_key(patterns, name, field)
+    return patterns[key] if key is not None else default
+
+
+def peft_pattern_key(patterns, name: str) -> str | None:
+    """The key PEFT applies: the first in the dict's order that matches (`get_pattern_key`)."""
+    return next((k for k in patterns if pattern_coverage(k, name) is not None), None)
+
+
+PATTERN_FIELDS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
+
+
+def check_patterns(config, names: list[str], model: nn.Module, loading: bool = False) -> None:
+    """Every rank_pattern / alpha_pattern key must apply to at least one adapted module (`names`);
+    a misspelt key is an error naming it and the closest module names (when loading a saved adapter,
+    a warning, as PEFT gives: the file's weights are what they are). Ties are errors (`pattern_key`).
+    When loading a file, PEFT's first-match rule (the file's order) and the most-specific rule must
+    agree for every module: otherwise the file does not say which value the adapter was trained with."""
+    for field in PATTERN_FIELDS:
+        patterns = getattr(config, field, None) or {}
+        if not patterns:
+            continue
+        used = {k for k in patterns if any(pattern_coverage(k, n) is not None for n in names)}
+        unused = [k for k in patterns if k not in used]
+        if unused:
+            adapted = sorted({n.split(".")[-1] for n in names})
+            others = sorted({n.split(".")[-1] for n, _ in candidate_modules(model)})
+            close: list[str] = []
+            for k in unused:  # the adapted modules' names first, then any module's
+                leaf = k.split(".")[-1]
+                for m in difflib.get_close_matches(leaf, adapted, n=3, cutoff=0.6) or difflib.get_close_matches(
+                        leaf, others, n=3, cutoff=0.6):
+                    if m not in close:
+                        close.append(m)
+            message = (f"{field} key(s) {', '.join(repr(k) for k in unused)} match no module this adapter adapts"
+                       + (f"; did you mean: {', '.join(close)}?" if close else "")
+                       + f" (adapted: {', '.join(sorted({n.split('.')[-1] for n in names}))})")
+            if not loading:
+                raise ValueError(message)
+            warnings.warn(message + "; those keys are ignored", UserWarning, stacklevel=4)
+        for name in names:
+            if loading:
+                saved_pattern_value(patterns, name, None, field)
+            else:
+                pattern_key(patterns, name, field)
+
+
+def saved_pattern_value(patterns, name: str, default, field: str = "pattern"):
+    """The value a saved adapter's pattern gives module `name`: PEFT's first match in the file's
+    order and the most specific key must agree, since the file cannot say which one the adapter was
+    trained with; ValueError otherwise."""
+    key = pattern_key(patterns, name, field)
+    first = peft_pattern_key(patterns, name)
+    if first is not None and patterns[first] != patterns[key]:
+        raise ValueError(
+            f"{field} keys {first!r} and {key!r} both match module {name} with different values; "
+            f"PEFT applies the first in the file ({first!r}: {patterns[first]}), peftctl the more "
+            f"specific ({key!r}: {patterns[key]}), and the file cannot say which one the adapter was "
+            "trained with; rewrite the pattern so that no two keys match one module")
+    return patterns[key] if key is not None else default
+
+
+def peft_safe_patterns(config, names: list[str]) -> dict:
+    """Pattern fields to write to adapter_config.json so that PEFT, which applies the first matching
+    key in the file's (sorted) order, resolves every module as peftctl does: the config's own
+    patterns when they already agree, else one anchored full-path key per module whose value
+    differs from the default (`^model\\.layers\\.0\\.self_attn\\.q_proj`), which no other module
+    matches."""
+    update = {}
+    for field, default_field in PATTERN_FIELDS.items():
+        patterns = getattr(config, field, None) or {}
+        if not patterns:
+            continue
+        ordered = dict(sorted(patterns.items()))
+        default = getattr(config, default_field)
+        resolved = {n: pattern_value(patterns, n, default, field) for n in names}
+
+        def in_peft(n: str, ordered=ordered, default=default):
+            k = peft_pattern_key(ordered, n)
+            return ordered[k] if k is not None else default
+
+        if all(in_peft(n) == v for n, v in resolved.items()):
+            continue
+        update[field] = {f"^{re.escape(n)}": v for n, v in resolved.items() if v != default}
+    return update

@@ -16,9 +16,17 @@ from torch import nn
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
 from peftctl.adapters.layer import AdapterLayer
-from peftctl.adapters.matching import ALL_LINEAR, find_modules_to_save, find_targets, resolve_targets
+from peftctl.adapters.matching import (
+    ALL_LINEAR,
+    check_patterns,
+    find_modules_to_save,
+    find_targets,
+    modules_to_save_names,
+    resolve_targets,
+)
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.adapters.registry import layer_module
+from peftctl.bnb import keep_plain_layout
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
 
@@ -31,15 +39,20 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class AdapterModel(nn.Module):
     """Holds the transformers model with adapter layers injected into it."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", loading: bool = False):
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapper is in the model's mode (train / eval)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        # The base model's vocabulary size, when the caller knows it (the CLI records the loaded
+        # base's); None: read from the config's base_model_name_or_path when saving (see io.embeddings_to_save).
+        self.base_vocab_size: int | None = None
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.inject_adapter(adapter_name, config)
+        self.inject_adapter(adapter_name, config, loading=loading)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     def __getattr__(self, name: str):
@@ -51,7 +64,10 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     # ---- adding and removing ------------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> list[str]:
+    def inject_adapter(self, adapter_name: str, config: AdapterConfig, loading: bool = False) -> list[str]:
+        """Add an adapter's layers to the model. `loading`: the config comes from a saved adapter
+        (rank / alpha pattern keys that match nothing then warn, as in PEFT, instead of raising)."""
+        io.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
         if adapter_name == BASE:
@@ -61,8 +77,17 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 f"this model holds {', '.join(methods)} adapters; a {config.method} adapter cannot be added to it"
             )
+        trains_biases = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if trains_biases and getattr(config, "bias", "none") != "none":
+            # PEFT's rule: the base model's biases are shared by every adapter, so one adapter at most
+            # may train (and save) them.
+            raise ValueError(
+                f"adapter {trains_biases[0]!r} already trains the base model's biases (bias="
+                f"{self.peft_config[trains_biases[0]].bias!r}); only one adapter may, so give {adapter_name!r} bias='none'"
+            )
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
+        check_patterns(config, names, self.model, loading=loading)
         saved = find_modules_to_save(self.model, config)
         for name in names:
             if isinstance(self.model.get_submodule(name), ModulesToSaveWrapper):
@@ -98,6 +123,9 @@ class AdapterModel(nn.Module):
     def _recorded_config(self, config: AdapterConfig, names: list[str]) -> AdapterConfig:
         """The config as saved: what was actually built, in PEFT's terms."""
         update = {}
+        saved = modules_to_save_names(config)
+        if saved != config.modules_to_save:
+            update["modules_to_save"] = saved  # with the task type's head, as PEFT records it
         if not config.target_modules:
             # The model type's default targets, written out: readers of the file need the names.
             update["target_modules"] = resolve_targets(self.model, config)
@@ -176,13 +204,14 @@ class AdapterModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters: {', '.join(unknown)}")
         modules = list(self.wrappers())
+        before = [module.batch_adapter_names for module in modules]
         for module in modules:
             module.batch_adapter_names = list(adapter_names)
         try:
             yield
-        finally:
-            for module in modules:
-                module.batch_adapter_names = None
+        finally:  # as they were (a nested block leaves the outer one's names)
+            for module, names in zip(modules, before, strict=True):
+                module.batch_adapter_names = names
 
     # ---- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -208,6 +237,8 @@ class AdapterModel(nn.Module):
                 setattr(parent, attr, module.get_base_layer())
             else:  # modules_to_save: the trained copy when merging, the original when unloading
                 setattr(parent, attr, module.active_module if merge else module.original_module)
+        if merge:
+            _untie_split_embeddings(self.model)
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -226,11 +257,16 @@ class AdapterModel(nn.Module):
             raise ValueError(f"{what} is defined for LoRA adapters; this model holds {', '.join(methods)}")
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", **kwargs) -> None:
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
         from peftctl.adapters.lora.combine import add_weighted_adapter
 
         self._lora_only("add_weighted_adapter")
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                             density=density, majority_sign_method=majority_sign_method)
 
     def resize_adapter_rank(self, adapter_name: str, r: int) -> dict:
         from peftctl.adapters.lora.resize import resize_rank
@@ -251,7 +287,36 @@ def _untie_before_merge(model: nn.Module, layer: AdapterLayer) -> None:
         return
     for module, key in owners:
         setattr(module, key, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+    _record_untied(model)
+
+
+def _record_untied(model: nn.Module) -> None:
+    """Say in the model's config (and its text config) that the word embeddings are not tied, so that
+    nothing re-ties them (`tie_weights()`, `resize_token_embeddings`, saving and loading)."""
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
         if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers 5's record of what it tied
+    if isinstance(tied, dict):
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for target, source in list(tied.items()):
+            if target in params and source in params and params[target] is not params[source]:
+                tied.pop(target)
+
+
+def _untie_split_embeddings(model: nn.Module) -> None:
+    """After a merge: a config that ties the word embeddings while the input and output embeddings
+    hold different weights (a trained `modules_to_save` copy of one of them took its place) is
+    corrected, so the trained copy is not overwritten by a later re-tie."""
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if inp is None or out is None:
+        return
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: None)()
+    tied = any(getattr(c, "tie_word_embeddings", False) for c in (config, text) if c is not None)
+    if tied and getattr(inp, "weight", None) is not getattr(out, "weight", None):
+        _record_untied(model)

@@ -17,6 +17,7 @@ class ModulesToSaveWrapper(nn.Module):
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
         self.original_module = module
+        self.training = module.training  # the wrapper takes the wrapped module's mode
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
@@ -29,6 +30,7 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name not in self.modules_to_save:
             self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.modules_to_save[adapter_name].requires_grad_(False)
+        self.modules_to_save.train(self.training)  # the model's current mode
 
     @property
     def adapter_names(self) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftctl.data.store import FORMAT_VERSION, Table
+from peftctl.fsio import check_output_dir, temp_dir
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -64,8 +65,9 @@ def load_or_build(key: str, cache_dir: Path | None, build: Callable[[Path], None
         return Table(final), True
     if final.exists():  # a folder without meta.json is not a finished table (removed by hand?)
         shutil.rmtree(final, ignore_errors=True)
+    check_output_dir(cache_dir, "data cache folder")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
+    tmp = temp_dir(cache_dir, key)
     try:
         build(tmp)
         try:

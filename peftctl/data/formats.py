@@ -6,13 +6,20 @@ chat template, including ones that add text around each message: each assistant 
 the conversation rendered up to that turn's generation prompt stops matching the full rendering,
 and ends where the conversation rendered up to and including that turn stops matching it.
 
+A format also says where each response starts (`Rendered.boundaries`): tokenization keeps every
+token on one side of it, so the tokens before a response are the prompt's own. A conversation is
+rendered with every key of every message (and the row's tools); a row whose rendering leaves out
+part of it (a message's content, or a key without which the template renders the same text) is
+refused, naming the message and key.
+
 Pure Python (no torch, no numpy): the recipe schema imports FORMAT_FIELDS from here.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # The fields each format reads; `data.columns` maps any of them onto another column name.
@@ -20,9 +27,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages", "role", "content"),
-    "sharegpt": ("messages", "role", "content"),
-    "preference": ("prompt", "chosen", "rejected"),
+    "chat": ("messages", "role", "content", "tools"),
+    "sharegpt": ("messages", "role", "content", "tools"),
+    "preference": ("prompt", "chosen", "rejected", "tools"),
     "classification": ("text", "label"),
 }
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
@@ -33,8 +40,6 @@ DEFAULT_ROLES: dict[str, dict[str, str]] = {
     "sharegpt": {"human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"},
 }
 ROLES = ("system", "user", "assistant", "tool")
-# Message keys besides role and content that templates use (tool calling); others are dropped.
-PASSED_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{inp_intro}. Write a response that appropriately "
@@ -50,10 +55,16 @@ class RowError(ValueError):
 class Rendered:
     text: str
     spans: list[tuple[int, int]]  # (start, end) character spans that carry loss
-    prompt: str | None = None  # for scoring by generation: the prompt text ...
-    reference: str | None = None  # ... and the reference answer
+    # Where each response starts (character offsets): tokens never straddle these, so the tokens
+    # before a response are the prompt's own tokens, as when a model generates from the prompt.
+    boundaries: list[int] = field(default_factory=list)
+    prompt_end: int | None = None  # for scoring by generation: text[:prompt_end] is the prompt ...
+    reference: str | None = None  # ... and this the reference answer
     add_special_tokens: bool = True  # False when a chat template already wrote them
     rejected: Rendered | None = None  # preference data: the rejected response, rendered alike
+    # Chat: the template's generation prompt is not how it renders the assistant turn in the
+    # conversation; the prompt kept for scoring is the conversation's rendering (training's).
+    prompt_differs: bool = False
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -74,15 +85,13 @@ class Formatter:
     """Renders the rows of one source: its format, column names, role map and `train_on`."""
 
     def __init__(self, fmt: str, tokenizer, *, columns: dict[str, str] | None = None,
-                 roles: dict[str, str] | None = None, train_on: str = "assistant", chat=None,
-                 want_prompts: bool = False):
+                 roles: dict[str, str] | None = None, train_on: str = "assistant", chat=None):
         self.fmt = fmt
         self.columns = {**DEFAULT_COLUMNS.get(fmt, {}), **(columns or {})}
         self.roles = {**DEFAULT_ROLES.get(fmt, {}), **(roles or {})}
         self.train_on = train_on
         self.eos = tokenizer.eos_token or ""
         self.chat = chat  # a templates.ChatRenderer, or None when the tokenizer has no template
-        self.want_prompts = want_prompts  # eval data: prompts for scoring by generation
         # Special (added) tokens, longest first, to keep loss spans from cutting through one.
         self.special_texts = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
         self.specials = re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts else None
@@ -122,7 +131,7 @@ class Formatter:
     def _response(self, prompt: str, response: str) -> Rendered:
         text = prompt + response + self.eos
         span = (0, len(text)) if self.train_on == "all" else (len(prompt), len(text))
-        return Rendered(text, [span], prompt=prompt, reference=response)
+        return Rendered(text, [span], boundaries=[len(prompt)], prompt_end=len(prompt), reference=response)
 
     def _text(self, row):
         text = self._str(row, "text", nonempty=True) + self.eos
@@ -157,12 +166,14 @@ class Formatter:
 
     # ---- conversations ---------------------------------------------------------------------
 
-    def _messages(self, value: Any, field: str = "messages") -> list[dict[str, Any]]:
+    def _messages(self, value: Any, field: str = "messages") -> tuple[list[dict[str, Any]], list[str]]:
+        """The messages as the chat template gets them (role mapped, content as text, every other key
+        as it is), and where each came from ("messages[3]") for error messages."""
         col = self._col(field)
         if not isinstance(value, list) or not value:
             raise RowError(f"field {col!r} must be a non-empty list of messages")
         role_key, content_key = self._col("role"), self._col("content")
-        out = []
+        out, wheres = [], []
         for i, m in enumerate(value):
             where = f"{col}[{i}]"
             if not isinstance(m, dict):
@@ -182,10 +193,17 @@ class Formatter:
             content = self._content(m.get(content_key), f"{where}.{content_key}")
             if mapped == "assistant" and not content.strip() and not m.get("tool_calls"):
                 raise RowError(f"{where}: the assistant message is empty")
+            for own, mapped_from in (("role", role_key), ("content", content_key)):
+                if own != mapped_from and own in m:
+                    raise RowError(f"{where}.{own}: not used: the message's {own} is read from {mapped_from!r} "
+                                   "(data.columns); remove one of the two")
+            # Every other key reaches the template as it is (None is a key's absence: datasets
+            # fills keys missing from a row with null); _unrendered refuses what the template ignores.
             msg = {"role": mapped, "content": content}
-            msg.update({k: m[k] for k in PASSED_MESSAGE_KEYS if m.get(k) is not None})
+            msg.update((k, v) for k, v in m.items() if k not in (role_key, content_key) and v is not None)
             out.append(msg)
-        return out
+            wheres.append(where)
+        return out, wheres
 
     @staticmethod
     def _content(value: Any, where: str) -> str:
@@ -202,23 +220,38 @@ class Formatter:
             return "".join(texts)
         raise RowError(f"{where} must be a string, got {type(value).__name__}")
 
-    def _conversation(self, messages: list[dict[str, Any]], first_trained: int = 0) -> Rendered:
-        """Render a conversation; loss on its assistant turns from index `first_trained` on."""
+    def _tools(self, row: dict[str, Any]) -> list | None:
+        """The row's tool definitions (for templates that render them, as apply_chat_template's tools)."""
+        col = self._col("tools")
+        tools = row.get(col)
+        if tools is not None and not isinstance(tools, list):
+            raise RowError(f"field {col!r} must be a list of tool definitions, got {type(tools).__name__}")
+        return tools or None
+
+    def _conversation(self, messages: list[dict[str, Any]], wheres: list[str], first_trained: int = 0,
+                      tools: list | None = None) -> Rendered:
+        """Render a conversation (with the row's tools); loss on its assistant turns from index
+        `first_trained` on."""
         if self.chat is None:
             raise RowError("this format needs a chat template, and the tokenizer has none: set data.chat_template")
         trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
         if not trained:
             raise RowError("no assistant message: nothing to learn from")
-        render = self.chat
+
+        def render(msgs: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+            return self.chat(msgs, add_generation_prompt, tools=tools)
+
         text = render(messages)
+        self._unrendered(messages, wheres, text, render)
+        if tools and self.chat(messages) == text:
+            raise RowError(f"field {self._col('tools')!r}: the chat template ignores the tool definitions (it "
+                           "renders the same text without them), so the row would be trained as if it had "
+                           "none; remove them, or use a template that renders them (data.chat_template)")
         last = len(messages) - 1
-        if self.train_on == "all":
-            spans, located = [(0, len(text))], []
-        else:
-            spans, located = [], trained[-1:] if self.train_on == "last" else trained
-        prompt = None
-        for i in located:
-            before = self._prompt_for(messages, i)
+        every = self.train_on == "all"
+        spans, boundaries, prompt_end, differs = [], [], None, False
+        for i in trained[-1:] if self.train_on == "last" else trained:
+            before = self._prompt_for(messages, i, render)
             upto = text if i == last else render(messages[: i + 1])
             start, end = _common_prefix(before, text), _common_prefix(upto, text)
             if end < len(upto):
@@ -229,18 +262,53 @@ class Formatter:
                 start = self._outside_special(text, start)
             content = messages[i]["content"].strip()
             if end <= start or (content and content not in text[start:end]):
+                if every:  # no loss span to get wrong; the turn just has no boundary
+                    continue
                 raise RowError(
                     f"cannot locate assistant message {i} in the chat template's output: the template "
                     "renders a conversation differently from its beginning (set data.chat_template to a "
                     "template that does not)"
                 )
             spans.append((start, end))
+            boundaries.append(start)
             if i == last:
-                prompt = before
-        if prompt is None and self.want_prompts and messages[last]["role"] == "assistant":
-            prompt = self._prompt_for(messages, last)
-        reference = messages[last]["content"] if prompt is not None else None
-        return Rendered(text, spans, prompt=prompt, reference=reference, add_special_tokens=False)
+                # Scoring generates from the conversation as training rendered it up to this turn,
+                # so the prompt's tokens are the training sequence's own.
+                prompt_end, differs = start, start < len(before)
+        if every:
+            spans = [(0, len(text))]
+        reference = messages[last]["content"] if prompt_end is not None else None
+        return Rendered(text, spans, boundaries=boundaries, prompt_end=prompt_end, reference=reference,
+                        add_special_tokens=False, prompt_differs=differs)
+
+    def _unrendered(self, messages: list[dict[str, Any]], wheres: list[str], text: str, render) -> None:
+        """Refuse a conversation whose rendering dropped part of it: a message's content that is not in
+        the text, or a key of a message (beyond role and content) without which the template renders
+        the very same text. An empty value ("", [], {}) carries nothing and is not checked."""
+        for i, m in enumerate(messages):
+            content = m["content"].strip()
+            # As written, or as a JSON string (Llama 3.1's template writes tool results with tojson).
+            if content and content not in text and json.dumps(content, ensure_ascii=False)[1:-1] not in text:
+                raise RowError(
+                    f"{wheres[i]}: the chat template leaves out this {m['role']} message's content, so the "
+                    "row would be trained without it; use a template that renders it (data.chat_template)"
+                )
+            for key, value in m.items():
+                if key in ("role", "content") or (isinstance(value, str | list | dict) and not value):
+                    continue
+                without = [*messages[:i], {k: v for k, v in m.items() if k != key}, *messages[i + 1 :]]
+                try:
+                    ignored = render(without) == text
+                except RowError:  # the template cannot do without the key: it reads it
+                    ignored = False
+                if ignored:
+                    hint = ("; per-message weights are not supported (data.train_on chooses the turns that "
+                            "carry loss)" if key == "weight" else "")
+                    raise RowError(
+                        f"{wheres[i]}.{key}: the chat template ignores this key (it renders the same text "
+                        f"without it), so the row would be trained as if it were not there; remove the key, "
+                        f"or use a template that renders it (data.chat_template){hint}"
+                    )
 
     def _outside_special(self, text: str, pos: int) -> int:
         """`pos`, or the start of the special token whose text contains it."""
@@ -253,10 +321,10 @@ class Formatter:
                 return m.start()
         return pos
 
-    def _prompt_for(self, messages: list[dict[str, Any]], i: int) -> str:
+    def _prompt_for(self, messages: list[dict[str, Any]], i: int, render) -> str:
         """The text before message i's content: the conversation so far and the generation prompt."""
         try:
-            return self.chat(messages[:i], add_generation_prompt=True)
+            return render(messages[:i], add_generation_prompt=True)
         except RowError:
             if i:
                 raise
@@ -266,7 +334,7 @@ class Formatter:
         value = row.get(self._col("messages"))
         if value is None:
             raise self._missing("messages")
-        return self._conversation(self._messages(value))
+        return self._conversation(*self._messages(value), tools=self._tools(row))
 
     _sharegpt = _chat
 
@@ -279,16 +347,23 @@ class Formatter:
                 raise self._missing(f)
         if any(isinstance(v, list) for v in values.values()):
             # Conversational pairs (TRL's layout): prompt messages, then the chosen or rejected turns.
-            def turns(field: str, role: str) -> list[dict[str, Any]]:
+            def turns(field: str, role: str) -> tuple[list[dict[str, Any]], list[str]]:
                 v = values[field]
                 if isinstance(v, str):
-                    return self._messages([{self._col("role"): role, self._col("content"): v}], field)
+                    messages, _ = self._messages([{self._col("role"): role, self._col("content"): v}], field)
+                    return messages, [self._col(field)]
                 return self._messages(v, field)
 
-            prompt = turns("prompt", "user")
-            chosen = self._conversation(prompt + turns("chosen", "assistant"), first_trained=len(prompt))
-            chosen.rejected = self._conversation(prompt + turns("rejected", "assistant"), first_trained=len(prompt))
+            prompt, where = turns("prompt", "user")
+            pairs = [turns(f, "assistant") for f in ("chosen", "rejected")]
+            tools = self._tools(row)
+            chosen, rejected = (self._conversation(prompt + m, where + w, first_trained=len(prompt), tools=tools)
+                                for m, w in pairs)
+            chosen.rejected = rejected
             return chosen
+        if self._tools(row):
+            raise RowError(f"field {self._col('tools')!r}: tool definitions go with conversations (prompt, chosen "
+                           "and rejected as message lists), not plain text")
         prompt = self._str(row, "prompt")
         chosen = self._response(prompt, self._str(row, "chosen", nonempty=True))
         chosen.rejected = self._response(prompt, self._str(row, "rejected", nonempty=True))

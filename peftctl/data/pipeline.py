@@ -32,6 +32,9 @@ class DataStats:
     dropped_no_loss: int = 0  # rows with no token to learn from (after truncation)
     tokens: int = 0
     loss_tokens: int = 0
+    split_at_response: int = 0  # rows tokenized as prompt and response apart (tokenize.py)
+    merged_at_response: int = 0  # rows whose prompt ends inside a token that could not be split
+    prompt_differs: int = 0  # chat rows whose generation prompt differs from the rendered turn
     from_cache: int = 0  # sources read from the cache
     sources: int = 0
     packed_sequences: int | None = None
@@ -69,7 +72,6 @@ class _Builder:
         formatter = Formatter(
             fmt, self.tokenizer, columns=spec.columns if spec.columns is not None else cfg.columns,
             roles=spec.roles if spec.roles is not None else cfg.roles, train_on=cfg.train_on, chat=self.chat,
-            want_prompts=prompts,
         )
         src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
         key = cache.cache_key({
@@ -96,6 +98,18 @@ class _Builder:
             + (f", {c['dropped_too_long']:,} dropped as too long" if c["dropped_too_long"] else "")
             + (f", {c['dropped_no_loss']:,} without loss tokens dropped" if c["dropped_no_loss"] else "")
         )
+        for count, what in (
+            (c.get("split_at_response"), "tokenized as prompt and response apart: tokenized whole, the prompt's "
+             "last characters and the response's first made one token, which generating from the prompt never "
+             "gives"),
+            (c.get("merged_at_response"), "have a token holding the prompt's last characters and the response's "
+             "first, and this tokenizer's pieces would not spell the same text: the token is kept, and scoring "
+             "generates from the tokens before it"),
+            (c.get("prompt_differs"), "end in a turn that the chat template renders differently after its "
+             "generation prompt (add_generation_prompt): scoring generates from the conversation as trained"),
+        ):
+            if count:
+                self.reporter.log(f"{split}: {spec.path}: {count:,} rows {what}")
         return table, cached
 
 
@@ -106,6 +120,8 @@ def _stats(tables: list[tuple[Table, bool]], examples: ExampleSet, count_rows: b
         for t, _ in tables:
             total.add(Counts(**t.stats))
         s.rows, s.dropped_too_long, s.dropped_no_loss = total.rows, total.dropped_too_long, total.dropped_no_loss
+        s.split_at_response, s.merged_at_response = total.split_at_response, total.merged_at_response
+        s.prompt_differs = total.prompt_differs
     s.examples = len(examples)
     s.tokens = int(examples.lengths().sum())
     s.loss_tokens = int(examples.loss_counts().sum())
@@ -135,6 +151,10 @@ def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, report
     implementation; packing shapes its batches for it.
     """
     reporter = reporter or Reporter()
+    # Every source is found, and its files checked readable, before any is read: a bad eval file
+    # stops the build before the training data is tokenized.
+    for s in [*cfg.train, *(cfg.eval or [])]:
+        sources.resolve(s.path, split=s.split, subset=s.subset, text_sample_by=cfg.text_sample_by)
     builder = _Builder(cfg, tokenizer, reporter)
     layout = layout_for(attention) if cfg.packing else None
     # Prompts (for scoring by generation) are kept for eval data only, which eval_split takes from train.

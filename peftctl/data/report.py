@@ -57,6 +57,10 @@ def describe(example: Example, tokenizer) -> dict[str, Any]:
         "loss_tokens": example.num_loss_tokens,
         "truncated": example.truncated,
     }
+    if example.prompt_ids is not None and example.reference is not None:
+        # What `peftctl eval` generates from (the sequence's own first tokens) and the answer it expects.
+        out["prompt_ids"] = example.prompt_ids
+        out["reference"] = example.reference
     if example.rejected is not None:
         out["rejected"] = {k: v for k, v in describe(example.rejected, tokenizer).items()
                            if k in ("input_ids", "labels", "text", "tokens", "loss_tokens")}

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from peftctl.errors import InputError
+from peftctl.userfiles import MAX_JSON_DEPTH, loads, reading
 
 READERS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 GLOB_CHARS = set("*?[")
@@ -64,7 +65,8 @@ class Source:
             if f.suffix.lower() == ".parquet":
                 import pyarrow.parquet as pq
 
-                total += pq.ParquetFile(f).metadata.num_rows
+                with reading(f, "a Parquet file"):
+                    total += pq.ParquetFile(f).metadata.num_rows
             else:
                 with open(f, "rb") as fh:
                     total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
@@ -147,16 +149,20 @@ def resolve(spec: str, *, split: str | None = None, subset: str | None = None,
                 f"data source {spec}: the folder holds no data files ({', '.join(READERS)}) and was "
                 "not written by datasets' save_to_disk"
             )
-        return Source(spec, "files", files, **kw)
+        return Source(spec, "files", [_check_file(p) for p in files], **kw)
     if looks_like_path(spec):
         raise InputError(f"data file {spec} not found")
     return Source(spec, "hub", **kw)
 
 
 def _check_file(path: Path) -> Path:
+    """A data file of a known type that can be opened (checked when it is found, so an unreadable
+    file stops `validate`, a dry run or a run before anything loads)."""
+    from peftctl.userfiles import check_readable
+
     if path.suffix.lower() not in READERS:
         raise InputError(f"data file {path}: unknown type {path.suffix!r}; use one of {', '.join(READERS)}")
-    return path
+    return check_readable(path, "a data file")
 
 
 def _hub_reachable() -> bool:
@@ -229,9 +235,11 @@ def _read_jsonl(path: Path, src: Source) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads(line)  # refuses deep nesting before the parser recurses
         except json.JSONDecodeError as e:
             raise InputError(f"{path} row {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except ValueError as e:
+            raise InputError(f"{path} row {number}: invalid JSON: {e}") from None
         yield Row(0, number, value)
 
 
@@ -244,9 +252,11 @@ def _read_json(path: Path, src: Source) -> Iterator[Row]:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        value = json.loads(text)
+        value = loads(text, MAX_JSON_DEPTH + 1)  # the list of rows is one level more
     except json.JSONDecodeError as e:
         raise InputError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError as e:
+        raise InputError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(value, list):
         raise InputError(f"{path}: a .json file must hold a list of rows (objects); got {type(value).__name__}")
     for i, item in enumerate(value, start=1):
@@ -290,17 +300,20 @@ def _read_text(path: Path, src: Source) -> Iterator[Row]:
 
 
 def _read_parquet(path: Path, src: Source) -> Iterator[Row]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for value in batch.to_pylist():
-                number += 1
-                yield Row(0, number, value)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path}: cannot read it as Parquet: {str(e).splitlines()[0][:300]}") from None
+    number = 0
+    with reading(path, "a Parquet file"):
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    while True:
+        with reading(path, f"a Parquet file readable past row {number}" if number else "a Parquet file"):
+            batch = next(batches, None)
+            values = batch.to_pylist() if batch is not None else []
+        if batch is None:
+            return
+        for value in values:
+            number += 1
+            yield Row(0, number, value)
 
 
 def _dataset_rows(ds) -> Iterator[Row]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 IGNORE = -100
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokens never straddle a prompt / response boundary (tokenize.py)
 
 
 @dataclass

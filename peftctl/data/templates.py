@@ -124,15 +124,17 @@ class ChatRenderer:
             variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
             self.template.globals.update(variables, tools=None, documents=None)
 
-    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
         import jinja2
 
         try:
             if self.template is None:
                 return self.tokenizer.apply_chat_template(
-                    messages, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt
+                    messages, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    tools=tools,
                 )
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            extra = {"tools": tools} if tools is not None else {}
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
         except jinja2.TemplateError as e:
             raise TemplateError(f"the chat template refused this conversation: {e}") from None
         except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:

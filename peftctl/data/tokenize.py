@@ -4,6 +4,14 @@ Rendering (Python, Jinja) and tokenizing (Rust, which releases the GIL and uses 
 while the tokenizer encodes one batch in a worker thread, the next batch is rendered. A token
 carries loss when any of its characters lies in a loss span; the spans are mapped to tokens with
 the tokenizer's own character-to-token map, so no per-token Python work is done.
+
+The tokens before a response are the prompt's own tokens, as when a model generates from the
+prompt: where tokenizing the whole text merges the prompt's last characters with the response's
+first (byte-level BPE: "answer " + "7" gives "Ġanswer", "Ġ7"; the prompt alone ends in "Ġ"), the
+row is tokenized in pieces cut at each response's start and the ids joined, as TRL's DPO and
+torchtune do. A tokenizer whose pieces do not spell the same text as the whole (SentencePiece-style
+ones add a space in front of each piece) keeps the whole text's tokens; the prompt kept for scoring
+then ends before the merged token, so it is still a prefix of the training sequence.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ class Counts:
     dropped_no_loss: int = 0  # no token left to learn from (after truncation)
     tokens: int = 0
     loss_tokens: int = 0
+    split_at_response: int = 0  # tokenized in pieces: whole, the prompt's end merged into the response
+    merged_at_response: int = 0  # the same merge, and pieces would not spell the text: whole tokens kept
+    prompt_differs: int = 0  # chat: the generation prompt is not how the template renders the turn
 
     def add(self, other: Counts) -> None:
         for k, v in asdict(other).items():
@@ -76,11 +87,44 @@ def _ids_and_mask(enc, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.nda
     return ids, mask
 
 
+def _straddling(enc, pos: int) -> int | None:
+    """The token that holds the characters on both sides of `pos`, if one does."""
+    t = enc.char_to_token(pos - 1) if pos > 0 else None
+    return t if t is not None and enc.token_to_chars(t)[1] > pos else None
+
+
+def _first_token_from(enc, pos: int, text_len: int) -> int:
+    """The first token whose characters start at or after `pos`."""
+    for c in range(pos, text_len):
+        t = enc.char_to_token(c)
+        if t is not None:
+            return t
+    return len(enc.ids)
+
+
+@dataclass
+class Tokens:
+    """One rendered text as token ids and a loss mask (1 where the token carries loss)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    prompt_len: int | None = None  # the first prompt_len ids are the prompt for scoring by generation
+    reference_head: str = ""  # prompt characters inside the response's first token (merged, below)
+    split: bool = False  # tokenized in pieces at the response boundaries
+    merged: bool = False  # a boundary falls inside a token, and pieces would not spell the same text
+
+
 class Tokenizer:
-    """Encodes rendered rows with the fast backend, honouring each row's add_special_tokens."""
+    """Encodes rendered rows with the fast backend, honouring each row's add_special_tokens and
+    response boundaries."""
 
     def __init__(self, tokenizer):
         self.backend = backend_of(tokenizer)
+        # The ids encoding adds around a text (BOS, EOS, [CLS] ... [SEP]), to add them around pieces.
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        self.around = next(((full[:k], full[k + len(plain):]) for k in range(len(full) - len(plain) + 1)
+                            if full[k : k + len(plain)] == plain), None)
 
     def encode(self, texts: list[str], specials: list[bool]):
         out = [None] * len(texts)
@@ -91,16 +135,69 @@ class Tokenizer:
                 out[i] = enc
         return out
 
-    def encode_batch(self, batch: list[tuple[Row, Rendered]], prompts: bool):
+    def tokenize(self, rendered: list[Rendered]) -> list[Tokens]:
+        whole = self.encode([r.text for r in rendered], [r.add_special_tokens for r in rendered])
+        out: list[Tokens | None] = [None] * len(rendered)
+        pieces: list[str] = []
+        split: list[tuple[int, list[int], int]] = []  # (row, piece bounds, index of its first piece)
+        for k, (r, enc) in enumerate(zip(rendered, whole, strict=True)):
+            cuts = sorted({b for b in r.boundaries if 0 < b < len(r.text)})
+            straddled = any(_straddling(enc, b) is not None for b in cuts)
+            if straddled and self.around is not None:
+                bounds = [0, *cuts, len(r.text)]
+                split.append((k, bounds, len(pieces)))
+                pieces += [r.text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            else:  # (without knowing what encoding adds around a text, pieces cannot be joined)
+                out[k] = self._whole(r, enc, merged=straddled)
+        if pieces:
+            encoded = self.backend.encode_batch(pieces, add_special_tokens=False)
+            for k, bounds, first in split:
+                joined = self._joined(rendered[k], encoded[first : first + len(bounds) - 1], bounds, whole[k])
+                out[k] = joined if joined is not None else self._whole(rendered[k], whole[k], merged=True)
+        return out
+
+    def _whole(self, r: Rendered, enc, merged: bool = False) -> Tokens:
+        ids, mask = _ids_and_mask(enc, r.spans)
+        tokens = Tokens(ids, mask, merged=merged)
+        if r.prompt_end is not None:
+            t = _straddling(enc, r.prompt_end)
+            if t is not None:  # the prompt ends inside the response's first token: stop before it
+                tokens.prompt_len = t
+                tokens.reference_head = r.text[enc.token_to_chars(t)[0] : r.prompt_end]
+            else:
+                tokens.prompt_len = _first_token_from(enc, r.prompt_end, len(r.text))
+        return tokens
+
+    def _joined(self, r: Rendered, encs, bounds: list[int], whole) -> Tokens | None:
+        """The pieces' ids joined (with the specials encoding adds around a text), or None when
+        they do not spell the same text as the whole (decoded alike)."""
+        before, after = self.around if r.add_special_tokens else ([], [])
+        ids = [np.asarray(before, dtype=np.int32)]
+        mask = [np.zeros(len(before), dtype=np.uint8)]
+        count, prompt_len = len(before), None
+        for enc, a, b in zip(encs, bounds, bounds[1:], strict=False):
+            if a == r.prompt_end:
+                prompt_len = count
+            spans = [(max(s, a) - a, min(e, b) - a) for s, e in r.spans if s < b and e > a]
+            piece_ids, piece_mask = _ids_and_mask(enc, spans)
+            ids.append(piece_ids)
+            mask.append(piece_mask)
+            count += len(piece_ids)
+        ids.append(np.asarray(after, dtype=np.int32))
+        mask.append(np.zeros(len(after), dtype=np.uint8))
+        joined = np.concatenate(ids)
+        decode = self.backend.decode
+        if decode(joined.tolist(), skip_special_tokens=False) != decode(whole.ids, skip_special_tokens=False):
+            return None
+        return Tokens(joined, np.concatenate(mask), prompt_len=prompt_len, split=True)
+
+    def encode_batch(self, batch: list[tuple[Row, Rendered]]):
         rendered = [r for _, r in batch]
-        specials = [r.add_special_tokens for r in rendered]
-        main = self.encode([r.text for r in rendered], specials)
-        prompt = self.encode([r.prompt or "" for r in rendered], specials) if prompts else None
+        main = self.tokenize(rendered)
         rejected = None
         if any(r.rejected is not None for r in rendered):
-            rejected = self.encode([r.rejected.text for r in rendered],
-                                   [r.rejected.add_special_tokens for r in rendered])
-        return main, prompt, rejected
+            rejected = self.tokenize([r.rejected for r in rendered])
+        return main, rejected
 
 
 def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableWriter, *, max_length: int,
@@ -132,12 +229,12 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
             yield batch
 
     def finish(batch, encoded) -> None:
-        main, prompt, rejected = encoded
+        main, rejected = encoded
         out: dict[str, list] = {k: [] for k in ("ids", "loss", "rows", "files", "truncated", "prompts", "refs",
                                                 "rej_ids", "rej_loss")}
-        for k, ((row, r), enc) in enumerate(zip(batch, main, strict=True)):
-            ids, mask = _ids_and_mask(enc, r.spans)
-            pair = _ids_and_mask(rejected[k], r.rejected.spans) if rejected is not None else None
+        for k, ((row, r), tokens) in enumerate(zip(batch, main, strict=True)):
+            ids, mask = tokens.ids, tokens.mask
+            pair = (rejected[k].ids, rejected[k].mask) if rejected is not None else None
             too_long = len(ids) > max_length or (pair is not None and len(pair[0]) > max_length)
             if too_long and truncation == "drop":
                 counts.dropped_too_long += 1
@@ -149,14 +246,20 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
                 counts.dropped_no_loss += 1
                 continue
             counts.truncated += too_long
+            both = [tokens] + ([rejected[k]] if rejected is not None else [])
+            counts.split_at_response += any(t.split for t in both)
+            counts.merged_at_response += any(t.merged for t in both)
             out["ids"].append(ids)
             out["loss"].append(mask)
             out["rows"].append(row.number)
             out["files"].append(row.file)
             out["truncated"].append(too_long)
             if prompts:
-                out["prompts"].append(np.asarray(prompt[k].ids if r.prompt is not None else [], dtype=np.int32))
-                out["refs"].append(r.reference if r.prompt is not None else None)
+                scored = tokens.prompt_len is not None and r.reference is not None
+                counts.prompt_differs += scored and r.prompt_differs
+                # The prompt is the training sequence's own beginning (before any truncation).
+                out["prompts"].append(tokens.ids[: tokens.prompt_len] if scored else np.zeros(0, dtype=np.int32))
+                out["refs"].append(tokens.reference_head + r.reference if scored else None)
             if pair is not None:
                 out["rej_ids"].append(pair[0])
                 out["rej_loss"].append(pair[1])
@@ -172,7 +275,7 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
             pending = None
             for batch in batches():
                 # Once a row is bad the data will not be used: keep reading only to report more bad rows.
-                job = None if errors else pool.submit(encoder.encode_batch, batch, prompts)
+                job = None if errors else pool.submit(encoder.encode_batch, batch)
                 if pending is not None:
                     finish(pending[0], pending[1].result())
                 pending = (batch, job) if job is not None else None

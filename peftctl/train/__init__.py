@@ -4,21 +4,77 @@ Everything that can be wrong with the user's input (the output folder, a checkpo
 whether the recipe still fits it, trackers, tokenizer, data rows, model, adapter targets) is
 checked before the run folder is created or touched, so bad input leaves nothing behind; from then
 on the folder always ends with a summary.json that says how the run ended: completed, interrupted
-(a signal), diverged (NaN/inf) or failed. Only the main process writes files and logs.
+(a signal), diverged (NaN/inf, or a collapsed model) or failed. Only the main process writes files
+and logs; it holds the folder's lock (`lock.py`) while it does, so two runs never share a folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
+import re
 import resource
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, PeftctlError, RuntimeFailure
-from peftctl.fsio import atomic_write_text, is_nonempty_dir, refuse_nonempty
+from peftctl.fsio import atomic_write_text, check_output_dir, disk_full_reason
+from peftctl.train.lock import LOCK_NAME, RunLock
 from peftctl.ui import Reporter
+
+# A temporary name of fsio's atomic writes and of checkpoint folders: `.NAME.XXXX.tmp` (or `.old`).
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)$")
+# What a run writes besides the adapter and tokenizer files (removed when a run starts again).
+_ATTEMPT_FILES = ("metrics.jsonl", "summary.json", "curves.png", "tensorboard")
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a folder holds, but the run lock (which outlives the runs that held it)."""
+    return [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+
+
+def refuse_in_use(path: Path) -> None:
+    """Refuse a folder whose lock another process holds (a run in progress: its files are not final)."""
+    holder = RunLock.holder(path)
+    if holder is not None:
+        raise InputError(f"output.dir {path} is in use by another peftctl train (pid {holder}); "
+                         "wait for it to end, or stop it, before starting another run there")
+
+
+def _refuse_used(path: Path, hint: str) -> None:
+    """Refuse a folder that holds anything: nothing the user had is overwritten."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output.dir {path} exists and is not a folder")
+    if _entries(path):
+        refuse_in_use(path)
+        raise InputError(f"output.dir {path} is not empty; {hint}")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json, or None when there is none (or it cannot be read: unknown)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def restartable(run_dir: Path) -> bool:
+    """Whether `--resume auto` starts the run in `run_dir` again from the beginning: the folder
+    holds only temporaries, or a run that wrote no complete checkpoint and did not complete (killed
+    before its first checkpoint, or failed or diverged before it)."""
+    from peftctl.train import checkpoint
+
+    names = {p.name for p in _entries(run_dir) if not _TEMPORARY.match(p.name)}
+    if not names:
+        return True
+    if "recipe.yaml" not in names or checkpoint.latest(run_dir) is not None:
+        return False
+    return (read_summary(run_dir) or {}).get("status") != "completed"
 
 
 class RunFolder:
@@ -26,18 +82,46 @@ class RunFolder:
 
     def __init__(self, path: Path):
         self.path = path
+        self.lock = RunLock(path)
 
-    def create(self, recipe_yaml: str) -> None:
-        refuse_nonempty(self.path, "output.dir")  # again: something may have appeared while we loaded
+    def create(self, recipe_yaml: str, restart: bool = False) -> list[str]:
+        """Start the run here: a new or empty folder, or (`restart`) one whose earlier attempt left no
+        checkpoint, whose files and temporaries are then removed (returned)."""
+        hint = "choose another or remove it"
+        if not restart:
+            _refuse_used(self.path, hint)  # again: something may have appeared while we loaded
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        removed = []
+        if restart:
+            if not restartable(self.path):
+                raise InputError(f"output.dir {self.path} changed while the model loaded; {hint}")
+            removed = self._clear_attempt()
+        elif _entries(self.path):
+            raise InputError(f"output.dir {self.path} is not empty; {hint}")
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
-        (self.path / "metrics.jsonl").touch()
+        atomic_write_text(self.path / "metrics.jsonl", "")
+        return removed
+
+    def _clear_attempt(self) -> list[str]:
+        from peftctl.train import checkpoint
+
+        removed = []
+        for p in sorted(self.path.iterdir()):
+            if p.name in _ATTEMPT_FILES or p.name == checkpoint.CHECKPOINTS or _TEMPORARY.match(p.name):
+                removed.append(p.name)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return removed
 
     def reopen(self, recipe_yaml: str, step: int) -> list[str]:
         """Continue a run from its checkpoint at `step`: drop what was written after it (metrics
         lines, later checkpoints). Returns the names of the checkpoints removed."""
         from peftctl.train import checkpoint
 
+        self.lock.acquire()
         removed = checkpoint.clear_after(self.path, step)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
         metrics = self.path / "metrics.jsonl"
@@ -57,7 +141,14 @@ class RunFolder:
             f.write(json.dumps(record) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2, default=str) + "\n"
+        try:
+            atomic_write_text(self.path / "summary.json", text)
+        except OSError as e:
+            if disk_full_reason(e) is None or not self.lock.held:
+                raise
+            self.lock.free_reserve()  # the disk is full: the space held for this moment
+            atomic_write_text(self.path / "summary.json", text)
 
 
 def versions() -> dict[str, str]:
@@ -87,16 +178,20 @@ def peak_memory_bytes(device) -> int:
 def prepare_model(recipe, *, dtype=None, device_map=None):
     """Load the base model and tokenizer and attach a fresh adapter; input errors exit 2."""
     from peftctl import models
-    from peftctl.adapters import attach
+    from peftctl.adapters import TaskType, attach, io
 
     model, tokenizer = models.load(recipe.model, dtype=dtype, device_map=device_map)
-    config = recipe.adapter.model_copy(
-        update={"base_model_name_or_path": models.base_model_reference(recipe.model)}
-    )
+    base_vocab = io.vocabulary_rows(model)  # before anything resizes the embeddings
+    config = recipe.adapter.model_copy(update={
+        "base_model_name_or_path": models.base_model_reference(recipe.model),
+        "task_type": recipe.adapter.task_type or TaskType.CAUSAL_LM.value,  # runs train causal LMs
+    })
     try:
         peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
-        raise InputError(f"adapter: {e}") from None
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
+    # Saving compares the vocabulary with this: embeddings resized for new tokens are saved too.
+    peft_model.base_model.base_vocab_size = base_vocab
     return peft_model, tokenizer
 
 
@@ -140,41 +235,110 @@ def data_hashes(data_cfg) -> dict[str, str]:
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (None: start fresh), or an input error saying why not."""
+    """The checkpoint to continue from (None: start fresh, or again), or an input error saying why not.
+
+    With `--resume auto`, a folder whose run wrote no complete checkpoint starts again from the
+    beginning (`restartable`), so that a job which always passes it survives a kill at any moment.
+    """
     from peftctl.train import checkpoint
 
+    check_output_dir(run_dir, "output.dir")
     if resume is None:
-        refuse_nonempty(run_dir, "output.dir", hint="resume it with --resume auto, choose another "
-                        "(--set output.dir=...) or remove it")
+        _refuse_used(run_dir, "resume it with --resume auto, choose another (--set output.dir=...) or remove it")
         return None
     if resume == "auto":
         found = checkpoint.latest(run_dir)
-        if found is None and is_nonempty_dir(run_dir):
-            raise InputError(f"--resume auto: output.dir {run_dir} holds no complete checkpoint to resume "
-                             "from; choose another output.dir or remove it")
-        return found
+        if found is not None or restartable(run_dir):
+            return found
+        _refuse_used(run_dir, "it holds no checkpoint to resume from; choose another output.dir or remove it")
     ckpt = Path(resume)
     if not (ckpt / checkpoint.STATE_FILE).is_file():
         raise InputError(f"--resume {resume}: not a checkpoint folder (no {checkpoint.STATE_FILE}); "
                          f"checkpoints are RUN_DIR/{checkpoint.CHECKPOINTS}/step-NNNNNN")
     if ckpt.resolve().parent.parent != run_dir.resolve():
-        refuse_nonempty(run_dir, "output.dir", hint="a checkpoint of another run continues into a new folder")
+        _refuse_used(run_dir, "a checkpoint of another run continues into a new folder")
     return ckpt
 
 
-def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str], reporter: Reporter) -> None:
-    import yaml
-
+def check_resume_fits(ckpt: Path, recipe_dump: dict, hashes: dict[str, str]) -> list[str]:
+    """Refuse (input error) a recipe that makes the checkpoint another run; return the other changes."""
     from peftctl.train import checkpoint
 
-    state = checkpoint.read_state(ckpt)
-    saved = yaml.safe_load((ckpt / "recipe.yaml").read_text(encoding="utf-8"))
+    state, saved = checkpoint.check(ckpt)  # every file it holds, before anything loads
     refusals, notes = checkpoint.compare(saved, recipe_dump, state.data_sha256, hashes)
     if refusals:
         raise InputError(f"cannot resume from {ckpt}: the recipe changed in ways that make it another run:\n"
                          + "\n".join(f"  {r}" for r in refusals))
-    if notes:
-        reporter.log(f"resuming from {ckpt.name} with recipe changes: " + "; ".join(notes))
+    return notes
+
+
+def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> str | None:
+    """Why the run in `run_dir` trains nothing more, or None.
+
+    A run that completed (early stopping included) is finished unless the recipe asks for more than
+    it did: a larger `train.max_steps` or `train.epochs`, or, after early stopping, a patience that
+    its evaluations no longer exhaust. Going back to an older checkpoint (`--resume PATH`) is always
+    allowed.
+    """
+    from peftctl.train import checkpoint
+    from peftctl.train.loop import target_examples
+
+    summary = read_summary(run_dir) if resume is not None else None
+    if summary is None or summary.get("status") != "completed":
+        return None
+    if resume != "auto" and (ckpt is None or ckpt.resolve() != (checkpoint.latest(run_dir) or ckpt).resolve()):
+        return None
+    steps, n = int(summary.get("steps") or 0), int(summary.get("train_examples") or 1)
+    if summary.get("stop_reason") == "early_stopping" and cfg.early_stopping_patience is not None:
+        since = checkpoint.read_state(ckpt).evals_since_best if ckpt is not None else None
+        if since is None or since >= cfg.early_stopping_patience:
+            return (f"it stopped early at step {steps}: eval_loss had not improved for "
+                    f"{cfg.early_stopping_patience} evaluations")
+    done = summary.get("examples_seen")
+    if done is None:  # a summary written before examples were counted
+        done = round(float(summary.get("epochs") or 0) * n)
+    if cfg.max_steps is not None and cfg.max_steps > steps:
+        return None
+    if cfg.max_steps is None and target_examples(cfg, n) > done:
+        return None
+    return f"it completed {steps} steps ({done / n:.4g} epochs)"
+
+
+def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: Callable[[], dict[str, str]]):
+    """(checkpoint to continue from or None, recipe changes allowed, why the run is finished or None).
+
+    Reads files only: an input error if the folder or checkpoint cannot be used. `hashes` gives the
+    data's digests (`data_hashes`), called only when there is a checkpoint to compare them with."""
+    from peftctl.train import checkpoint
+
+    if resume == "auto" and checkpoint.latest(run_dir) is None and \
+            (read_summary(run_dir) or {}).get("status") == "completed":
+        finished = finished_run(resume, run_dir, run_recipe.train, None)
+        if finished is None:
+            raise InputError(f"output.dir {run_dir}: the run completed without checkpoints (train.save_every "
+                             "unset), so it cannot train on; start a new run in another output.dir")
+        return None, [], finished
+    ckpt = find_resume_checkpoint(resume, run_dir)
+    notes = check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes()) if ckpt is not None else []
+    return ckpt, notes, finished_run(resume, run_dir, run_recipe.train, ckpt)
+
+
+# Checks `train` makes before it creates the run folder, shared with `train --dry-run` (plan.py),
+# which makes train's checks in train's order (with the model on the meta device): what one refuses
+# before the first step, the other refuses with the same message and exit code.
+
+
+def check_model(recipe, model, tokenizer) -> None:
+    """The model with its adapter (loaded, or on the meta device) against the tokenizer: every token
+    has an embedding row."""
+    from peftctl import models
+
+    models.check_tokenizer_fits(tokenizer, model, recipe.model)
+
+
+def check_data(dataset, num_processes: int) -> None:
+    if len(dataset.train) < num_processes:
+        raise InputError(f"{len(dataset.train)} training examples cannot feed {num_processes} processes")
 
 
 def enable_gradient_checkpointing(peft_model) -> None:
@@ -207,12 +371,50 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     tokenizer.save_pretrained(run_dir)
 
 
+def _on_main(accelerator, fn) -> None:
+    """Run `fn` on the main process only; its failure is raised on every process (as an input
+    error where it was one), so that no process waits for the others in a collective."""
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except Exception as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [None if error is None else (isinstance(error, InputError), str(error))]
+        broadcast_object_list(box, from_process=0)
+        if box[0] is not None and error is None:
+            is_input, message = box[0]
+            raise (InputError if is_input else RuntimeFailure)(message)
+    if error is not None:
+        raise error
+
+
+def already_finished(run_dir: Path, why: str, reporter: Reporter) -> dict[str, Any]:
+    """A finished run started again: nothing is trained or written; its summary, with `nothing_trained`."""
+    reporter.log(f"{run_dir}: the run has already finished ({why}); nothing to train. To train on, "
+                 "resume it with a larger train.max_steps or train.epochs"
+                 + (" or early_stopping_patience" if "stopped early" in why else "") + ".")
+    return {**(read_summary(run_dir) or {}), "nothing_trained": why}
+
+
 def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run a recipe: load, attach, read data, train, save. Returns the summary.
 
     `resume`: None (a new run: output.dir must be new or empty), "auto" (the latest checkpoint in
-    output.dir, or a new run when there is none), or a checkpoint folder.
+    output.dir; a new run when there is none; the run again from the beginning when its folder holds
+    no complete checkpoint; nothing when the run has finished), or a checkpoint folder.
     """
+    run = RunFolder(Path(recipe.output.dir))
+    try:
+        return _train(recipe, reporter, resume, run)
+    finally:
+        run.lock.release()
+
+
+def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, gather_object, set_seed
@@ -234,14 +436,26 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     if fsdp and recipe.model.quantization is not None:
         raise InputError("model.quantization: a quantized base is not sharded by FSDP here; train it on one GPU "
                          "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
-    run = RunFolder(Path(recipe.output.dir))
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
-    hashes = data_hashes(recipe.data)
-    ckpt = find_resume_checkpoint(resume, run.path)
-    if ckpt is not None:
-        check_resume_fits(ckpt, run_recipe.model_dump(mode="json"), hashes, reporter)
+    refuse_in_use(run.path)  # before anything is read: a run in progress has not said how it ends
+    # --resume is checked before any data is read (the data's digests only when a checkpoint needs them)
+    hashes = functools.cache(lambda: data_hashes(recipe.data))
+    ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
+    if finished is not None:
+        return already_finished(run.path, finished, reporter)
+    hashes()  # the data files found and read (digested) before the model loads
+    if _entries(run.path):
+        # A run continues (or starts again) here: the folder is locked before it is read again for
+        # good, so that two processes never pick the same checkpoint and write the same files.
+        _on_main(accelerator, run.lock.acquire)
+        ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
+    if finished is not None:
+        return already_finished(run.path, finished, reporter)
+    if notes:
+        reporter.log(f"resuming from {ckpt.name} with recipe changes: " + "; ".join(notes))
+    restart = ckpt is None and resume == "auto" and bool(_entries(run.path))
     trackers.check_installed(recipe.tracking)
 
     set_seed(cfg.seed)
@@ -249,10 +463,10 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     # Straight onto this process's GPU (no full copy in host memory first); FSDP shards from the host.
     device_map = {"": accelerator.device} if accelerator.device.type == "cuda" and not fsdp else None
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
+    check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
                              attention=model.config._attn_implementation, reporter=reporter)
-    if len(dataset.train) < accelerator.num_processes:
-        raise InputError(f"{len(dataset.train)} training examples cannot feed {accelerator.num_processes} processes")
+    check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "
@@ -263,7 +477,9 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
-    steps = total_steps(cfg, len(dataset.train), accelerator.num_processes)
+    # Finished steps count as they were made; the rest at this recipe's batch geometry.
+    done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
+    steps = total_steps(cfg, len(dataset.train), accelerator.num_processes, done.step, done.epoch, done.position)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
@@ -275,16 +491,22 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
         state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter)
         reporter.log(f"resuming from {ckpt} at step {state.step} of {steps}")
     else:
-        state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes)
+        state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes())
 
     recipe_yaml = run_recipe.to_yaml()
-    if main:
-        if ckpt is not None and run.path.exists():
+
+    def open_folder() -> None:
+        if ckpt is not None and ckpt.resolve().parent.parent == run.path.resolve():
             removed = run.reopen(recipe_yaml, state.step)
             if removed:
                 reporter.log(f"removed the checkpoints after step {state.step}: {', '.join(removed)}")
         else:
-            run.create(recipe_yaml)
+            removed = run.create(recipe_yaml, restart=restart)
+            if restart:
+                reporter.log(f"{run.path} held no complete checkpoint: starting the run again from the beginning"
+                             + (f" (removed {', '.join(removed)})" if removed else ""))
+
+    _on_main(accelerator, open_folder)
     sinks: list[Any] = []
     summary: dict[str, Any] = {
         "status": "running",
@@ -321,7 +543,11 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
             reporter.log(f"checkpoint {last_checkpoint[0].relative_to(run.path)}")
         accelerator.wait_for_everyone()
 
-    def where_to_resume() -> str:
+    def where_to_resume(before: int | None = None) -> str:
+        if before is not None:  # the checkpoints written since step `before` hold the collapsed model
+            good = [p for s, p in checkpoint.checkpoint_dirs(run.path) if s < before] if main else []
+            return f"last checkpoint before the collapse {good[-1]}" if good else \
+                "no checkpoint from before the collapse is left"
         if last_checkpoint[0] is None:
             return "no checkpoint was written"
         return f"last checkpoint {last_checkpoint[0]}"
@@ -355,8 +581,11 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
         raise Interrupted(e.signum, f"stopped at once by a second {e} during step {state.step + 1}; "
                           f"{where_to_resume()}") from None
     except Diverged as e:
-        summary.update(status="diverged", error=str(e))
-        raise Diverged(e.step, f"{e.what}; {where_to_resume()}") from None
+        summary.update(status="diverged", stop_reason=e.reason, error=str(e))
+        # A collapse first seen at step `since` was made by the update of the step before: the
+        # checkpoints from that step on hold the collapsed model.
+        before = e.since - 1 if e.since is not None else None
+        raise Diverged(e.step, f"{e.what}; {where_to_resume(before)}", e.reason, e.since) from None
     except PeftctlError as e:
         if summary["status"] == "running":
             summary.update(status="failed", error=str(e))
@@ -365,14 +594,21 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
         summary.update(status="interrupted", stop_reason="KeyboardInterrupt")
         raise
     except Exception as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        raise RuntimeFailure(f"training failed: {type(e).__name__}: {e}") from e
+        reason = disk_full_reason(e)
+        if reason is None:
+            summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise RuntimeFailure(f"training failed: {type(e).__name__}: {e}") from e
+        message = (f"training failed after step {state.step}: {reason} (writing into {run.path}); "
+                   f"{where_to_resume()}; make room and continue with --resume auto")
+        summary.update(status="failed", error=message)
+        raise RuntimeFailure(message) from None
     finally:
         best_ckpt = checkpoint.step_name(state.best_step) if state.best_step is not None else None
+        examples_seen = state.epoch * len(dataset.train) + state.position
         summary.update(
             steps=state.step,
-            epochs=round(state.step * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-                         / len(dataset.train), 4),
+            epochs=examples_seen / len(dataset.train),  # exact: every example counts once per pass
+            examples_seen=examples_seen,
             train_loss=state.last_loss,
             final_eval=state.evals[-1] if state.evals else None,
             best_eval=None if state.best_step is None else {
@@ -393,12 +629,22 @@ def train(recipe, reporter: Reporter | None = None, resume: str | None = None) -
             versions=versions(),
         )
         if main:
+            # Whatever fails here (a full disk) is said, and does not hide how the run ended.
             for sink in sinks:
-                sink.close(summary)
-            run.write_summary(summary)
+                try:
+                    sink.close(summary)
+                except Exception as e:
+                    reporter.log(f"could not close {type(sink).__name__}: {disk_full_reason(e) or e}")
+            try:
+                run.write_summary(summary)
+            except OSError as e:
+                reporter.log(f"could not write {run.path / 'summary.json'}: {disk_full_reason(e) or e}")
             if state.step:
-                reporter.log(report.terminal_chart(run.path))
-                image = report.write_image(run.path)
-                if image is not None:
-                    reporter.log(f"curves: {image}")
+                try:
+                    reporter.log(report.terminal_chart(run.path))
+                    image = report.write_image(run.path)
+                    if image is not None:
+                        reporter.log(f"curves: {image}")
+                except OSError as e:
+                    reporter.log(f"could not draw the curves: {disk_full_reason(e) or e}")
     return summary

@@ -7,6 +7,11 @@ position, counters, best eval, data file hashes). A checkpoint is built in a hid
 folder and renamed into place, so a kill at any instant leaves the previous one intact and never a
 half-written one under a step name. The `.pt` files are read back with `weights_only=True`: no
 code runs on loading them.
+
+A checkpoint to resume from is checked whole (`check`) before any model loads: every file it needs
+is there and parses (the `.pt` files memory-mapped, so their tensors are not read twice), and
+trainer_state.json holds the fields TrainState has with their types. A bad one is an input error
+naming the file (`userfiles.BadFileError`), and nothing is written.
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftctl.errors import InputError
-from peftctl.fsio import atomic_write_text
+from peftctl.errors import InputError, PeftctlError
+from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
+from peftctl.userfiles import BadFileError, check_readable, read_json, reading, torch_load
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -41,6 +48,7 @@ class TrainState:
     tokens_seen: int = 0
     loss_tokens_seen: int = 0
     skipped_steps: int = 0
+    collapsed_steps: int = 0  # consecutive steps with the signature of a collapsed model (loop.py)
     last_loss: float | None = None
     best_eval_loss: float | None = None
     best_step: int | None = None
@@ -57,8 +65,43 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The state in a trainer_state.json dict: `step` is required, other fields default; every
+        field present must have its type (ValueError naming the field). Unknown keys are ignored."""
+        if "step" not in d:
+            raise ValueError("no step")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if key in hints and not _conforms(value, hints[key]):
+                raise ValueError(f"{key} must be {_type_name(hints[key])} (got {value!r:.60})")
+        if d["step"] < 0:
+            raise ValueError(f"step must be >= 0 (got {d['step']})")
+        return cls(**{k: v for k, v in d.items() if k in hints})
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether a JSON value has the type a TrainState field is annotated with."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp in (int, float):  # JSON has one number type; a bool is not a count
+        return isinstance(value, int | float if tp is float else int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return names.get(tp, {list: "a list", dict: "an object"}.get(typing.get_origin(tp), str(tp)))
 
 
 def step_name(step: int) -> str:
@@ -84,10 +127,39 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> TrainState:
+    path = Path(ckpt) / STATE_FILE
+    d = read_json(path, "a checkpoint's trainer state")
     try:
-        return TrainState.from_dict(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise InputError(f"{ckpt}: not a readable checkpoint ({e})") from None
+        return TrainState.from_dict(d)
+    except ValueError as e:
+        raise BadFileError(path, f"not a checkpoint's trainer state: {e}") from None
+
+
+# The files a checkpoint must hold besides the adapter, and what each is (scaler.pt: float16 runs only).
+PAYLOAD_FILES = {"optimizer.pt": "an optimizer state", "scheduler.pt": "a learning-rate schedule state",
+                 "rng_state.pt": "the random generators' states"}
+OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state"}
+
+
+def check(ckpt: Path) -> tuple[TrainState, dict[str, Any]]:
+    """Check every file of a checkpoint without loading a model: trainer_state.json, recipe.yaml,
+    the adapter (config and safetensors header), and the `.pt` files (memory-mapped, pickles loaded
+    with weights_only). Returns (state, the recipe it was written with, as a dict). A missing or bad
+    file is `BadFileError` naming it."""
+    from peftctl import recipe as recipe_lib
+    from peftctl.runs import check_adapter_files
+
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    check_readable(ckpt / "recipe.yaml", "the recipe the checkpoint was written with")
+    saved = recipe_lib.load(ckpt / "recipe.yaml").model_dump(mode="json")
+    check_adapter_files(ckpt)
+    for name, what in PAYLOAD_FILES.items():
+        torch_load(ckpt / name, what, mmap=True)
+    for name, what in OPTIONAL_PAYLOAD_FILES.items():
+        if (ckpt / name).exists():
+            torch_load(ckpt / name, what, mmap=True)
+    return state, saved
 
 
 # ---- RNG states ---------------------------------------------------------------------------------
@@ -129,11 +201,10 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
-    """Saved key -> full CPU tensor. Under FSDP2 every process must call this (it gathers)."""
-    from peftctl.adapters import io
-
+    """Saved key -> full CPU tensor: what save_pretrained writes (biases the adapter trains and resized
+    embeddings included). Under FSDP2 every process must call this (it gathers)."""
     out = {}
-    for key, t in io.adapter_tensors(peft_model.base_model.model, "default").items():
+    for key, t in peft_model.adapter_tensors_to_save("default").items():
         t = t.detach()
         if _is_sharded(t):
             t = t.full_tensor()
@@ -151,8 +222,7 @@ def save_adapter(peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = peft_model.peft_config["default"].model_copy(update={"inference_mode": True})
-    config.save_pretrained(folder)
+    peft_model.saved_config("default").save_pretrained(folder)
 
 
 def copy_adapter(src: Path, dest: Path) -> None:
@@ -171,7 +241,9 @@ def load_adapter(peft_model, ckpt: Path) -> None:
 
     try:
         io.load_weights(peft_model.base_model.model, "default", io.read_weights(ckpt), str(ckpt))
-    except (ValueError, FileNotFoundError) as e:
+    except PeftctlError:
+        raise  # a bad file: the error names it
+    except ValueError as e:
         raise InputError(str(e)) from None
 
 
@@ -219,20 +291,21 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(payload.step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_dir(root, final.name)
     try:
         if payload.adapter is None:
             peft_model.save_pretrained(tmp)
         else:
             save_adapter(peft_model, payload.adapter, tmp)
-        torch.save(payload.optimizer, tmp / "optimizer.pt")
-        torch.save(payload.scheduler, tmp / "scheduler.pt")
+        _save(payload.optimizer, tmp / "optimizer.pt")
+        _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
-            torch.save(payload.scaler, tmp / "scaler.pt")
-        torch.save(payload.rng, tmp / "rng_state.pt")
+            _save(payload.scaler, tmp / "scaler.pt")
+        _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         # Written last: a folder with a trainer_state.json is complete.
         atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
+        apply_umask(tmp)
         _fsync_dir(tmp)
         if final.exists():  # the same step again (a resumed run that had already finished)
             old = root / f".{final.name}.old"
@@ -247,6 +320,13 @@ def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: i
             shutil.rmtree(tmp, ignore_errors=True)
     prune(run_dir, keep, payload.state.best_step)
     return final
+
+
+def _save(obj: Any, path: Path) -> None:
+    # Through a Python file object: a failed write then carries its OSError (a full disk, the
+    # file-size limit) as the context of torch's "unexpected pos" error (fsio.disk_full_reason).
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -281,12 +361,13 @@ def clear_after(run_dir: Path, step: int) -> list[str]:
 
 
 def read_payload_files(ckpt: Path) -> dict[str, Any]:
-    def load(name: str):
-        path = ckpt / name
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-
-    return {"optimizer": load("optimizer.pt"), "scheduler": load("scheduler.pt"),
-            "scaler": load("scaler.pt"), "rng": load("rng_state.pt")}
+    """The `.pt` files' contents by name without the suffix ("optimizer", ...; "scaler": None when
+    the run had none). Errors are `BadFileError` naming the file."""
+    out = {name.removesuffix(".pt"): torch_load(ckpt / name, what) for name, what in PAYLOAD_FILES.items()}
+    for name, what in OPTIONAL_PAYLOAD_FILES.items():
+        out[name.removesuffix(".pt")] = torch_load(ckpt / name, what) if (ckpt / name).exists() else None
+    out["rng"] = out.pop("rng_state")
+    return out
 
 
 def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter) -> TrainState:
@@ -294,21 +375,27 @@ def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: 
     are loaded before the model is prepared: `load_adapter`). Returns its TrainState."""
     state = read_state(ckpt)
     files = read_payload_files(ckpt)
-    load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
+    with reading(ckpt / "optimizer.pt", "an optimizer state that fits this run's adapter and optimizer"):
+        load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
     # The schedule continues from the checkpoint's step, with the recipe's own peak lr.
     base_lrs = list(scheduler.base_lrs)
-    scheduler.load_state_dict(files["scheduler"])
+    with reading(ckpt / "scheduler.pt", "a learning-rate schedule state"):
+        scheduler.load_state_dict(files["scheduler"])
     scheduler.base_lrs = base_lrs
     for group, base, fn in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     if scaler is not None and files["scaler"] is not None:
-        scaler.load_state_dict(files["scaler"])
+        with reading(ckpt / "scaler.pt", "a loss scaler state"):
+            scaler.load_state_dict(files["scaler"])
     rngs, world = files["rng"], accelerator.num_processes
+    if not isinstance(rngs, list) or not rngs:
+        raise BadFileError(ckpt / "rng_state.pt", "not the random generators' states (a list with one per process)")
     if len(rngs) != world:
         reporter.log(f"the checkpoint was written by {len(rngs)} processes, this run has {world}: "
                      "random streams (dropout) restart from its first")
-    set_rng_state(rngs[min(accelerator.process_index, len(rngs) - 1)])
+    with reading(ckpt / "rng_state.pt", "the random generators' states"):
+        set_rng_state(rngs[min(accelerator.process_index, len(rngs) - 1)])
     state.world_size = world
     return state
 

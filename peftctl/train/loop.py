@@ -25,39 +25,117 @@ from accelerate.utils import DistributedType
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
 from peftctl.train.checkpoint import TrainState
-from peftctl.train.loss import IGNORE, eval_loss, loss_sum
+from peftctl.train.loss import IGNORE, _inner_model, eval_loss, loss_sum
 from peftctl.ui import Reporter
 
 
 class Diverged(RuntimeFailure):
-    def __init__(self, step: int, what: str):
-        super().__init__(f"training diverged at step {step}: {what}")
-        self.step, self.what = step, what
+    """The run cannot go on: a NaN or inf loss or gradient, or a collapsed model (`reason`)."""
+
+    def __init__(self, step: int, what: str, reason: str = "nonfinite", since: int | None = None):
+        verb = "collapsed" if reason == "collapsed" else "diverged"
+        super().__init__(f"training {verb} at step {step}: {what}")
+        self.step, self.what, self.reason = step, what, reason
+        self.since = since  # the first bad step, when it is earlier than `step`
 
 
-def total_steps(cfg, n_examples: int, world: int) -> int:
+# A collapsed model: the gradient norm exactly 0 and the loss at ln(vocabulary size) (every token
+# equally likely) on this many consecutive steps. A learning rate orders of magnitude too high
+# (a typo such as 1e4) pushes the activations into saturation: the output no longer depends on the
+# input, so every gradient is exactly 0 and nothing can recover, but nothing is NaN either. A run
+# that converged has small but never exactly zero gradients, and a loss far below ln(V).
+COLLAPSE_STEPS = 5
+# Uniform logits give ln(V) up to float32 rounding of the log-sum-exp (relative 1e-7); 1e-4 leaves
+# room for bfloat16 models, whose logits the loss reads in float32.
+COLLAPSE_RTOL = 1e-4
+
+
+def looks_collapsed(grad_norm: float, mean_loss: float, vocab_size: int) -> bool:
+    """One step's signature of a collapsed model (see COLLAPSE_STEPS)."""
+    uniform = math.log(vocab_size)
+    return grad_norm == 0.0 and abs(mean_loss - uniform) <= COLLAPSE_RTOL * uniform
+
+
+def target_examples(cfg, n_examples: int) -> int | None:
+    """Examples an epochs-based run draws in all (every example `epochs` times, a fractional last
+    epoch taking the first part of its shuffle); None for a run of `max_steps`."""
     if cfg.max_steps is not None:
+        return None
+    return max(1, round((cfg.epochs or 1.0) * n_examples))
+
+
+def micro_batches_between(n_examples: int, per_micro: int, start: int, stop: int) -> int:
+    """Global micro-batches that draw the examples from `start` to `stop` (counted over the whole
+    run: epoch × n + position). A micro-batch takes `per_micro` examples and never crosses the end
+    of an epoch (the last one of an epoch is smaller)."""
+    count, pos = 0, start
+    while pos < stop:
+        seg_end = min((pos // n_examples + 1) * n_examples, stop)
+        count += -(-(seg_end - pos) // per_micro)
+        pos = seg_end
+    return count
+
+
+def total_steps(cfg, n_examples: int, world: int, step: int = 0, epoch: int = 0, position: int = 0) -> int:
+    """The run's optimizer steps: `max_steps`, or as many as draw `target_examples` from the state
+    (`step`, `epoch`, `position`) on: finished steps are counted as they were made, the rest at the
+    recipe's batch geometry (batch_size × grad_accum × processes), the last step possibly smaller."""
+    target = target_examples(cfg, n_examples)
+    if target is None:
         return cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    return max(1, math.ceil((cfg.epochs or 1.0) * n_examples / per_step))
+    micro = micro_batches_between(n_examples, cfg.batch_size * world, epoch * n_examples + position, target)
+    return step + -(-micro // cfg.grad_accum)
+
+
+def examples_in_steps(cfg, n_examples: int, world: int, steps: int) -> int:
+    """Examples that `steps` steps from the start draw (the plan's epochs: examples / n)."""
+    target = target_examples(cfg, n_examples)
+    per_micro, micro, pos = cfg.batch_size * world, steps * cfg.grad_accum, 0
+    while micro > 0 and (target is None or pos < target):
+        left = n_examples - pos % n_examples
+        need = -(-left // per_micro)
+        if micro >= need:
+            pos, micro = pos + left, micro - need
+        else:
+            pos, micro = pos + micro * per_micro, 0
+    return pos if target is None else min(pos, target)
+
+
+class MicroBatch:
+    """One process's share of a global micro-batch, on the host, with its counts (counted here, so
+    that the loop needs no device sync per micro-batch). `weight` is 0 for a stand-in: a process
+    whose share is empty (the last micro-batch of an epoch smaller than the number of processes)
+    still runs an example forward and backward, as every process must, with its loss times 0."""
+
+    __slots__ = ("batch", "loss_tokens", "input_tokens", "weight")
+
+    def __init__(self, batch: dict[str, torch.Tensor], real: bool):
+        self.batch, self.weight = batch, 1.0 if real else 0.0
+        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
+        self.input_tokens = count_input_tokens(batch) if real else 0
 
 
 class DataStream:
-    """Endless micro-batches: each epoch a fresh seeded shuffle of all examples.
+    """Micro-batches: each epoch a fresh seeded shuffle of all examples.
 
-    A global micro-batch is the next `world × batch_size` examples of the epoch's order; process
-    `rank` takes every `world`-th of them. The position is counted in examples over all processes,
-    so a checkpoint's position means the same with another batch size or number of processes.
+    A global micro-batch is the next `world × batch_size` examples of the epoch's order (fewer at
+    the end of an epoch: micro-batches never cross one); process `rank` takes every `world`-th of
+    them. The position is counted in examples over all processes, so a checkpoint's position means
+    the same with another batch size or number of processes. With `limit` (examples over the whole
+    run), the stream ends there and `next` returns None; every example is drawn once per epoch.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int,
-                 pad_id: int, epoch: int = 0, position: int = 0):
+                 pad_id: int, epoch: int = 0, position: int = 0, limit: int | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.rank, self.world, self.pad_id = rank, world, pad_id
-        self.epoch, self.position = epoch, position
-        # Every process gets the same number of examples: the epoch's last len % world are dropped.
-        self.usable = len(examples) - len(examples) % world
+        self.epoch, self.position, self.limit = epoch, position, limit
         self._order: tuple[int, list[int]] | None = None
+
+    @property
+    def consumed(self) -> int:
+        """Examples drawn since the run began, over all processes."""
+        return self.epoch * len(self.examples) + self.position
 
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
@@ -66,12 +144,19 @@ class DataStream:
             self._order = (epoch, order)
         return self._order[1]
 
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.usable:
+    def next(self) -> MicroBatch | None:
+        n = len(self.examples)
+        if self.limit is not None and self.consumed >= self.limit:
+            return None
+        if self.position >= n:
             self.epoch, self.position = self.epoch + 1, 0
-        chunk = self.order(self.epoch)[self.position : min(self.position + self.world * self.batch_size, self.usable)]
-        self.position += len(chunk)
-        return collate([self.examples[j] for j in chunk[self.rank :: self.world]], self.pad_id)
+        end = min(self.position + self.world * self.batch_size, n)
+        if self.limit is not None:
+            end = min(end, self.position + self.limit - self.consumed)
+        chunk = self.order(self.epoch)[self.position : end]
+        self.position = end
+        mine = chunk[self.rank :: self.world]
+        return MicroBatch(collate([self.examples[j] for j in (mine or chunk[:1])], self.pad_id), bool(mine))
 
 
 def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples: list[Example] | None,
@@ -86,7 +171,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     device = accelerator.device
     params = [p for p in model.parameters() if p.requires_grad]
     stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
-                        state.epoch, state.position)
+                        state.epoch, state.position, limit=target_examples(cfg, len(train)))
+    vocab_size = getattr(getattr(_inner_model(model), "config", None), "vocab_size", None)
     keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
     def reduce(*values: float) -> list[float]:
@@ -125,30 +211,44 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     model.train()
     start = window_start = time.perf_counter()
     time_before = state.train_time_s
+    if cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience:
+        reporter.stop()  # a checkpoint written as early stopping ended the run: nothing more to train
+        return "early_stopping"
     for step in range(state.step + 1, steps + 1):
-        micro = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(cfg.grad_accum)]
-        (step_tokens,) = reduce(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
-        local_loss = 0.0
-        for i, batch in enumerate(micro):
+        # Up to grad_accum micro-batches (an epochs-based run's last step may have fewer); their
+        # token counts come from the host tensors, so nothing here waits for the device.
+        micro = []
+        while len(micro) < cfg.grad_accum and (mb := stream.next()) is not None:
+            micro.append(mb)
+        if not micro:  # the data ran out: total_steps counts exactly, so this is only a safeguard
+            break
+        (step_tokens,) = reduce(sum(mb.loss_tokens for mb in micro))
+        local_loss = torch.zeros((), dtype=torch.float32, device=device)
+        for i, mb in enumerate(micro):
+            batch = {k: v.to(device, non_blocking=True) for k, v in mb.batch.items()}
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
             with ctx:
                 loss, _ = loss_sum(model, batch)
+                if mb.weight != 1.0:
+                    loss = loss * mb.weight  # a stand-in: every process runs a backward, this one adds nothing
                 # DDP averages gradients over processes; multiplying by `world` turns that average
                 # into the sum over all loss tokens divided by their global count.
                 scaled = loss * (world / max(step_tokens, 1))
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 accelerator.backward(scaled)
-            local_loss += float(loss.detach())
+            local_loss += loss.detach().float()
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         if type(grad_norm).__name__ == "DTensor":  # FSDP2
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        step_loss, inputs, stopping = reduce(local_loss, sum(count_input_tokens(b) for b in micro),
+        grad_norm = float(grad_norm)  # the step's one wait for the device (with the loss below)
+        step_loss, inputs, stopping = reduce(float(local_loss), sum(mb.input_tokens for mb in micro),
                                              float(stop_signal()))
+        # The rate this step's update uses: logged for this step (the scheduler then moves on).
+        lr = optimizer.param_groups[0]["lr"]
 
         # A float16 loss scaler skips steps with inf gradients by itself (and lowers its scale);
         # otherwise a non-finite loss or gradient means the run has diverged.
@@ -173,6 +273,12 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        if bad is None and step_tokens and vocab_size and looks_collapsed(grad_norm, step_loss / step_tokens,
+                                                                          vocab_size):
+            state.collapsed_steps += 1
+        else:
+            state.collapsed_steps = 0
+
         state.step, state.epoch, state.position = step, stream.epoch, stream.position
         if bad is None:
             state.window_loss += step_loss
@@ -182,25 +288,36 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         state.window_inputs += inputs
         if step % cfg.log_every == 0 or step == steps:
             now = time.perf_counter()
-            state.last_loss = state.window_loss / max(state.window_tokens, 1)
+            # The mean loss per token over the steps since the last line (None: all were skipped).
+            loss_now = state.window_loss / state.window_tokens if state.window_tokens else None
+            if loss_now is not None:
+                state.last_loss = loss_now
             record = {
                 "step": step,
-                "epoch": round(stream.epoch + stream.position / max(stream.usable, 1), 4),
-                "loss": state.last_loss,
-                "lr": scheduler.get_last_lr()[0],
+                "epoch": round(stream.consumed / len(train), 4),  # passes over the data when the step ended
+                "loss": loss_now,
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": state.window_inputs / max(now - window_start, 1e-9),
                 "loss_tokens": int(state.window_tokens),
                 "elapsed_s": time_before + now - start,
             }
             write_metrics(record)
-            reporter.advance(step, {"loss": state.last_loss, "lr": record["lr"], "tok/s": round(record["tokens_per_s"])})
-            reporter.log(f"step {step}/{steps}  loss {state.last_loss:.4f}  lr {record['lr']:.3g}  "
+            reporter.advance(step, {"loss": state.last_loss, "lr": lr, "tok/s": round(record["tokens_per_s"])})
+            shown = "-" if loss_now is None else f"{loss_now:.4f}"
+            reporter.log(f"step {step}/{steps}  loss {shown}  lr {lr:.3g}  "
                          f"tok/s {record['tokens_per_s']:.0f}")
             state.window_loss = state.window_tokens = state.window_inputs = 0.0
             window_start = now
         else:
             reporter.advance(step, {"loss": state.last_loss})
+
+        if state.collapsed_steps >= COLLAPSE_STEPS:  # the step is done and logged; the run ends here
+            since = step - state.collapsed_steps + 1
+            raise Diverged(step, f"since step {since} the gradient norm has been exactly 0 and the loss "
+                                 f"{step_loss / step_tokens:.4f} = ln({vocab_size}) (every token equally likely): "
+                                 f"the model collapsed; the learning rate (train.lr {cfg.lr:g}) is most likely "
+                                 "far too high", reason="collapsed", since=since)
 
         improved = False
         if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
@@ -208,8 +325,11 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         patience_out = (cfg.early_stopping_patience is not None
                         and state.evals_since_best >= cfg.early_stopping_patience)
         state.train_time_s = time_before + time.perf_counter() - start
-        if ((cfg.save_every is not None and (step % cfg.save_every == 0 or step == steps))
-                or stopping or (improved and keep_best) or (patience_out and keep_best)):
+        # While the model looks collapsed no periodic checkpoint is written: pruning would otherwise
+        # delete the last good ones before the collapse is certain.
+        periodic = cfg.save_every is not None and (step % cfg.save_every == 0 or step == steps)
+        if ((periodic and not state.collapsed_steps) or stopping or (improved and keep_best)
+                or (patience_out and keep_best)):
             checkpoint(state)
         if stopping:
             reporter.stop()

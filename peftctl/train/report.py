@@ -6,7 +6,6 @@ Used at the end of every run and by `peftctl report RUN_DIR`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,11 @@ IMAGE_NAME = "curves.png"
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, eval records) of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise InputError(f"{run_dir}: no metrics.jsonl here (not a peftctl run folder)")
+    """(train records, eval records) of a run's metrics.jsonl (`runs.read_metrics` checks each line)."""
+    from peftctl.runs import read_metrics as records
+
     train, evals = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a half line left by a killed process
+    for record in records(run_dir):
         if "loss" in record:
             train.append(record)
         elif "eval_loss" in record:
@@ -116,12 +110,12 @@ def write_image(run_dir: Path, path: Path | None = None) -> Path | None:
 
 def report(run_dir: Path, image: bool = True) -> dict[str, Any]:
     """Everything `peftctl report` shows: summary, curves, the chart, and the image's path."""
+    from peftctl.runs import read_summary
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder")
-    summary = None
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_summary(run_dir)
     c = curves(run_dir)
     written = write_image(run_dir) if image and c["loss"] else None
     return {

@@ -2,17 +2,29 @@
 types and results (same inputs, same seed for the random DARE masks, same numbers).
 
 - linear, ties, dare_linear, dare_ties, magnitude_prune: combine the A matrices and the B matrices
-  separately, each adapter weighted by sqrt(|weight * scaling|) (the sign on A). Needs equal ranks.
+  separately, each adapter weighted by sqrt(|weight * scaling|) (the sign on A). Needs equal ranks
+  in each layer.
 - cat: stack A and B (rank = sum of ranks); exact: the delta is the weighted sum of deltas.
 - svd (and ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd): combine the full
-  deltas, then keep the top `svd_rank` singular directions (default: the largest rank).
+  deltas, then keep the top `svd_rank` singular directions (default: the layer's largest rank).
 
-The new adapter has lora_alpha = r, so its scaling is 1; it starts inactive and frozen.
+Each layer keeps its own rank: with `rank_pattern` the layers' ranks differ, and the new adapter
+records them in its own `rank_pattern` (r is the largest). The new adapter has lora_alpha = r in
+every layer (`alpha_pattern` likewise), so its scaling is 1; it starts inactive and frozen.
+
+B's biases (`lora_bias`): adapter i adds scaling_i * b_i to the layer's output, so the new bias is
+the combination of the vectors scaling_i * b_i with the same method and weights as the deltas: the
+weighted sum sum_i weight_i * scaling_i * b_i for linear, cat and svd (exact: a one-adapter
+combination with weight 1 is that adapter), TIES / DARE / magnitude pruning of those vectors for the
+others. An adapter without lora_bias contributes zero. Adapters that train the base model's own
+biases (`bias`: all or lora_only) cannot be combined: those biases are not a delta that can be
+weighted (PEFT refuses them too).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -26,7 +38,7 @@ COMBINATION_TYPES = (*FACTOR_TYPES, "cat", *SVD_TYPES)
 
 
 def _merge_tensors(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor, density, sign_method):
-    kind = kind.removesuffix("_svd") if kind != "svd" else "linear"
+    kind = "linear" if kind in ("svd", "cat") else kind.removesuffix("_svd")
     if kind == "linear":
         return mu.task_arithmetic(tensors, weights)
     if kind == "ties":
@@ -38,7 +50,7 @@ def _merge_tensors(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor
     return mu.magnitude_prune(tensors, weights, density)
 
 
-def _check(model, adapters: list[str], weights: list[float], combination_type: str, svd_rank, density):
+def _check(model, adapters: list[str], weights: list[float], combination_type: str, density) -> None:
     model._check_names(adapters)
     if len(weights) != len(adapters):
         raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
@@ -53,18 +65,35 @@ def _check(model, adapters: list[str], weights: list[float], combination_type: s
             raise ValueError(f"adapter {name!r} uses DoRA: its magnitude vector cannot be combined")
         if c.changes_base_weights:
             raise ValueError(f"adapter {name!r} was initialised with {c.init_lora_weights}, which changed the base weights")
+        if c.bias != "none":
+            raise ValueError(f"adapter {name!r} trains the base model's own biases (bias={c.bias!r}); they are not "
+                             "a delta that can be weighted, so it cannot be combined (train it with bias='none')")
     for wrapper in model.wrappers():
         if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
             raise ValueError("adapters that each train their own copy of the same module (modules_to_save) "
                              "cannot be combined")
-    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
-    if combination_type in FACTOR_TYPES and len(adapters) > 1 and len(set(ranks)) != 1:
-        raise ValueError(f"combination_type {combination_type} needs adapters of equal rank (got {ranks}); use cat or svd")
-    if combination_type == "cat":
-        return sum(ranks)
-    if combination_type in SVD_TYPES:
-        return svd_rank or max(ranks)
-    return ranks[0]
+
+
+def _layer_ranks(model, adapters: list[str], combination_type: str, svd_rank: int | None) -> dict[str, int]:
+    """{module path: the new adapter's rank there}, each layer from its own adapters' ranks."""
+    out = {}
+    for name, layer in model.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        ranks = {a: layer.r[a] for a in adapters if a in layer.r}
+        if not ranks:
+            continue
+        if combination_type == "cat":
+            out[name] = sum(ranks.values())
+        elif combination_type in SVD_TYPES:
+            out[name] = svd_rank or max(ranks.values())
+        elif len(set(ranks.values())) != 1:
+            listed = ", ".join(f"{a}: {r}" for a, r in ranks.items())
+            raise ValueError(f"combination_type {combination_type} needs adapters of equal rank in each layer "
+                             f"({name} has ranks {listed}); use cat or svd")
+        else:
+            out[name] = next(iter(ranks.values()))
+    return out
 
 
 def _target_modules(model, adapters: list[str]) -> list[str]:
@@ -82,11 +111,15 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         raise ValueError(f"an adapter named {adapter_name!r} already exists")
     if len(adapters) == 1:
         combination_type = "linear"  # one adapter: a plain re-weighting (PEFT's rule)
-    new_rank = _check(model, adapters, weights, combination_type, svd_rank, density)
+    _check(model, adapters, weights, combination_type, density)
+    ranks = _layer_ranks(model, adapters, combination_type, svd_rank)
+    r = max(ranks.values())
+    pattern = {re.escape(name): k for name, k in ranks.items() if k != r}  # exact paths, as resize_rank writes
     configs = [model.peft_config[a] for a in adapters]
     saved = sorted({m for c in configs for m in c.modules_to_save or []})
     config = configs[0].model_copy(update={
-        "r": new_rank, "lora_alpha": new_rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "lora_bias": any(c.lora_bias for c in configs),
         "target_modules": _target_modules(model, adapters), "layers_to_transform": None, "layers_pattern": None,
         "modules_to_save": saved or None,
     })
@@ -94,7 +127,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     with torch.no_grad():
         for layer in model.adapter_layers():
             if isinstance(layer, LoraLayer) and adapter_name in layer.r:
-                _combine_layer(layer, adapters, weights, adapter_name, combination_type, new_rank,
+                _combine_layer(layer, adapters, weights, adapter_name, combination_type, layer.r[adapter_name],
                                density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
         # A module trained in full by one of the adapters: the new adapter starts from that copy.
         for wrapper in model.wrappers():
@@ -143,3 +176,18 @@ def _combine_layer(layer: LoraLayer, adapters, weights, new, kind, new_rank, den
         for i, (w, target) in enumerate(((w_a, target_a), (w_b, target_b))):
             tensors = [_factors(layer, n)[i] for n, _ in present]
             target.copy_(_merge_tensors(kind, tensors, w.to(tensors[0].device), density, sign_method))
+    _combine_bias(layer, present, new, kind, density, sign_method)
+
+
+def _combine_bias(layer: LoraLayer, present, new: str, kind: str, density, sign_method) -> None:
+    """B's bias of the new adapter: the sources' output biases scaling * b, combined like the deltas
+    (the new adapter's scaling is 1)."""
+    target = layer.lora_B[new].bias if new in layer.lora_B else None
+    if target is None:
+        return
+    vectors = []
+    for n, _ in present:
+        b = layer.lora_B[n].bias if n in layer.lora_B else None
+        vectors.append(torch.zeros_like(target) if b is None else b * layer.scaling[n])
+    w = torch.tensor([w for _, w in present], device=target.device, dtype=target.dtype)
+    target.copy_(_merge_tensors(kind, vectors, w, density, sign_method))

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.config import READING_SAVED, AdapterConfig
 
 # init_lora_weights values peftctl implements. "pissa_niter_<n>" (fast randomized SVD) also works.
 INITS = (True, False, "gaussian", "pissa", "olora")
@@ -39,6 +39,11 @@ class LoraConfig(AdapterConfig):
         "megatron_config": (None,),
         "ensure_weight_tying": (False, None),
     }
+    # PEFT's settings of features refused here (loftq/eva/corda/lora_ga inits, QALoRA, Megatron).
+    inert_peft_keys: ClassVar[tuple[str, ...]] = (
+        *AdapterConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "qalora_group_size", "megatron_core",
+    )
 
     method: Literal["lora"] = Field(default="lora", description="Adapter method.")
     r: int = Field(default=8, ge=1, description="Rank of the update matrices A (r x in) and B (out x r).")
@@ -92,8 +97,11 @@ class LoraConfig(AdapterConfig):
         default={},
         description=(
             "Per-module ranks overriding r: {pattern: rank}. A pattern is a regex matched against "
-            "the end of the module's dotted path, e.g. {v_proj: 16, 'layers.0.self_attn.q_proj': 4}; "
-            "the first matching pattern wins."
+            "the module's dotted path or its end after a dot, e.g. {v_proj: 16, "
+            "'layers.0.self_attn.q_proj': 4}. When several match, the most specific wins, whatever "
+            "their order: the one matching more parts of the path (a full path beats all), then a "
+            "plain name over a regex; still tied with different values is an error. A key that "
+            "matches no adapted module is an error."
         ),
     )
     alpha_pattern: dict[str, float] = Field(
@@ -117,6 +125,35 @@ class LoraConfig(AdapterConfig):
         if bad:
             raise ValueError(f"rank_pattern ranks must be >= 1 (got {v[bad[0]]} for {bad[0]!r})")
         return v
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _keys_are_regexes(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        for key in v:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{info.field_name} key {key!r} is not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _pattern_keys_fit_the_targets(self):
+        """A plain pattern key (a dotted name) that no module selected by a list of target names can
+        match is a misspelling: an error naming it, before any model is loaded. Regex keys, and
+        targets given as a regex, all-linear or the model's default, are checked against the model
+        when the adapter is created. Skipped for a saved adapter's config (PEFT only warns there)."""
+        if READING_SAVED.get() or not isinstance(self.target_modules, list) or not self.target_modules:
+            return self
+        for field in ("rank_pattern", "alpha_pattern"):
+            bad = [k for k in getattr(self, field) if _plain(k) and not any(_can_match(k, t) for t in self.target_modules)]
+            if bad:
+                import difflib
+
+                close = difflib.get_close_matches(bad[0].split(".")[-1], [t.split(".")[-1] for t in self.target_modules], n=2)
+                raise ValueError(
+                    f"{field} key {bad[0]!r} matches no module that target_modules selects "
+                    f"({', '.join(self.target_modules)})" + (f"; did you mean {' or '.join(close)}?" if close else ""))
+        return self
 
     @model_validator(mode="after")
     def _lora_bias_limits(self):
@@ -148,6 +185,27 @@ class LoraConfig(AdapterConfig):
     def changes_base_weights(self) -> bool:
         """PiSSA and OLoRA move part of the base weight into the adapter when it is created."""
         return isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian"
+
+
+def _plain(key: str) -> bool:
+    """A dotted name: no regex syntax but the dots (each of which matches any one character)."""
+    return re.escape(key).replace(r"\.", ".") == key
+
+
+def _same(key: str, text: str) -> bool:
+    """Whether plain `key` (as the regex it is: a dot matches any character) matches `text` whole."""
+    return len(key) == len(text) and all(k == "." or k == c for k, c in zip(key, text, strict=True))
+
+
+def _can_match(key: str, target: str) -> bool:
+    """Whether plain `key` can match the path of a module that target name `target` selects: such a
+    path equals `target` or ends with "." + `target`, and a key matches the path or its end after a
+    dot."""
+    if len(key) <= len(target):  # the key matches the target itself or a dotted end of it
+        start = len(target) - len(key)
+        return (start == 0 or target[start - 1] == ".") and _same(key, target[start:])
+    # A longer key matches a path that ends with "." + target.
+    return _same(key[len(key) - len(target) - 1:], "." + target)
 
 
 CONFIG_CLASS = LoraConfig

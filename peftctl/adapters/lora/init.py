@@ -41,3 +41,57 @@ def from_base_weight(layer, adapter_name: str, init: str) -> None:
         layer.lora_B[adapter_name].weight.copy_(b)
         residual = w - scale * (b @ a)
         weight.copy_(layer.from_out_first(residual).to(weight.dtype))
+
+
+# ---- PiSSA / OLoRA as a plain LoRA on the original base ---------------------------------------
+#
+# After init the base is W_res = W - s B0 A0; after training the model computes W_res + s B A. On the
+# original W the same outputs come from the update s (B A - B0 A0) = s [B | -B0] [A ; A0]: a plain
+# LoRA of rank 2r with the same scaling (PEFT's `subtract_mutated_init`, used by
+# `save_pretrained(path_initial_model_for_weight_conversion=...)`). It loads on the original base in
+# any PEFT version, next to other adapters, and can be disabled or merged like any LoRA.
+
+_A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+_B_SUFFIXES = (".lora_B.weight", ".lora_embedding_B")
+
+
+def as_plain_lora(tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config, source: str):
+    """(tensors, config) of the plain LoRA equivalent to a PiSSA / OLoRA adapter on the original base.
+
+    `tensors`: the trained adapter's saved tensors (PEFT keys); `initial`: the same adapter's tensors
+    right after init (A0, B0; other keys are ignored); `source` names where `initial` came from, for
+    errors. A becomes [A ; A0] (rows), B becomes [B | -B0] (columns); other tensors (modules_to_save
+    copies, trained biases) are kept as they are. The config gets init_lora_weights=true, r and every
+    rank_pattern value doubled, and lora_alpha (and alpha_pattern) changed to keep each module's
+    scaling: doubled, or multiplied by sqrt(2) with rsLoRA (scaling = alpha / sqrt(r)).
+    Raises ValueError for DoRA (the magnitude re-normalises the weight: no additive update) and
+    when `initial` lacks a factor or holds one of another shape.
+    """
+    if getattr(config, "use_dora", False):
+        raise ValueError("a DoRA adapter cannot be converted to plain LoRA: its weight normalisation is not an additive update")
+    if config.init_lora_weights is False:
+        raise ValueError("init_lora_weights=false starts from random A and B: the adapter's change since then is "
+                         "not its effect, so there is nothing to convert")
+    out = {}
+    for key, t in tensors.items():
+        factor = next(((i, s) for i, group in enumerate((_A_SUFFIXES, _B_SUFFIXES)) for s in group if key.endswith(s)),
+                      None)
+        if factor is None:
+            out[key] = t
+            continue
+        if key not in initial:
+            raise ValueError(f"{source}: the initial adapter has no {key}; it is not this adapter's initial state")
+        t0 = initial[key].to(device=t.device, dtype=t.dtype)
+        if t0.shape != t.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(t0.shape)} there and {tuple(t.shape)} here; "
+                             "it is not this adapter's initial state")
+        out[key] = torch.cat([t, t0], dim=0) if factor[0] == 0 else torch.cat([t, -t0], dim=1)
+    alpha_factor = 2**0.5 if config.use_rslora else 2
+    config = config.model_copy(update={
+        "init_lora_weights": True,
+        "r": 2 * config.r,
+        "lora_alpha": alpha_factor * config.lora_alpha,
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: alpha_factor * v for k, v in config.alpha_pattern.items()},
+    })
+    return out, config

@@ -23,7 +23,7 @@ from torch import nn
 
 from peftctl.adapters.layer import AdapterLayer
 from peftctl.adapters.lora import init as lora_init
-from peftctl.adapters.matching import pattern_key
+from peftctl.adapters.matching import pattern_value
 
 
 def check_rows(names: list[str], x: torch.Tensor) -> None:
@@ -105,11 +105,9 @@ class LoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config, module_name: str = "", r: int | None = None,
                      lora_alpha: float | None = None) -> None:
         if r is None:
-            key = pattern_key(config.rank_pattern, module_name)
-            r = config.rank_pattern[key] if key is not None else config.r
+            r = pattern_value(config.rank_pattern, module_name, config.r, "rank_pattern")
         if lora_alpha is None:
-            key = pattern_key(config.alpha_pattern, module_name)
-            lora_alpha = config.alpha_pattern[key] if key is not None else config.lora_alpha
+            lora_alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha, "alpha_pattern")
         init = config.init_lora_weights
         if isinstance(init, str) and init != "gaussian" and not any(init.startswith(k) for k in self.base_weight_inits):
             raise ValueError(
@@ -144,6 +142,7 @@ class LoraLayer(AdapterLayer):
             shape = self.magnitude_shape()
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(torch.empty(shape, device="meta"))
         self.set_adapter(self.active_adapters, trainable=False)
+        self.match_mode(adapter_name)
 
     # ---- forward ------------------------------------------------------------------------------
     def dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:

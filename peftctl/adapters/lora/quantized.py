@@ -4,8 +4,11 @@
 The base layer computes as bitsandbytes does (dequantize and matmul in its compute dtype); the
 adapter adds `B(A(x)) * s` in the activations' dtype exactly as over a float linear (the forward
 is `Linear`'s). What needs the base weight as numbers, DoRA's weight norm, reads it dequantized
-into float32 without gradient. Merging into the quantized weight is refused (`base_params` says
-why); PiSSA and OLoRA, which rewrite the base weight, are refused as over any non-float layer.
+into float32 without gradient (`peftctl.bnb.dequantize`, which changes nothing in the layer). A
+4-bit base stays in bitsandbytes' plain layout on every CPU (`peftctl.bnb.keep_plain_layout`, which
+`AdapterModel` applies to the whole model): evaluating the model changes nothing in how it trains.
+Merging into the quantized weight is refused (`base_params` says why); PiSSA and OLoRA, which
+rewrite the base weight, are refused as over any non-float layer.
 
 These classes join the dispatch table (`layer.register_layer`) once bitsandbytes is imported,
 which a model holding its layers has done; peftctl never imports it for a model without them.
@@ -16,29 +19,19 @@ from __future__ import annotations
 import torch
 
 from peftctl.adapters.lora.linear import Linear
+from peftctl.bnb import dequantize, keep_plain_layout
+
+__all__ = ["QuantizedLinear", "dequantize", "layer_types"]
 
 _LEVELS = {"Linear4bit": "4 bits (16 levels per block of 64 weights)", "Linear8bitLt": "8 bits (255 levels per row)"}
 
 
-def dequantize(base) -> torch.Tensor:
-    """The weight of a bitsandbytes Linear4bit or Linear8bitLt as a float32 (out, in) tensor."""
-    import bitsandbytes as bnb
-
-    weight = base.weight
-    if isinstance(weight, bnb.nn.Params4bit):
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks 4-bit weights for its CPU kernel on CPUs with AVX512-BF16 at the
-            # first inference call; unpack a copy to read the values.
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-        return bnb.functional.dequantize_4bit(data, state).float()
-    # LLM.int8: int8 rows and one float scale per row (SCB, the row's largest magnitude).
-    scale = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
-    return bnb.functional.int8_vectorwise_dequant(weight.data, scale).float()
-
-
 class QuantizedLinear(Linear):
     base_weight_inits = ()  # PiSSA and OLoRA rewrite the base weight: not a quantized one
+
+    def __init__(self, base_layer, adapter_name: str, config, module_name: str = "", **kwargs):
+        keep_plain_layout(base_layer, module_name)  # before anything reads its weight (DoRA's magnitude)
+        super().__init__(base_layer, adapter_name, config, module_name=module_name, **kwargs)
 
     def reads_base_weight(self) -> bool:
         return True

@@ -75,6 +75,7 @@ def resize_rank(model, adapter_name: str, r: int) -> dict:
             new_b.view(new_b.shape[0], -1)[:, :keep] = b[:, :keep]
             if old_bias is not None:
                 layer.lora_B[adapter_name].bias.copy_(old_bias)
+        layer.match_mode(adapter_name)  # the new modules take the layer's mode (train / eval)
         alpha = scaling * (math.sqrt(r) if layer.use_rslora[adapter_name] else r)
         layer.lora_alpha[adapter_name] = alpha
         alphas[module_name] = alpha
