@@ -514,7 +514,7 @@ def _judge(m: Mutant, chosen: list[str], scratch: Path, *, timeout: float, phase
         (scratch / m.file).write_text(original, encoding="utf-8")
     failed = [x.split(" ", 2)[1] for x in log.read_text(errors="replace").splitlines()
               if x.startswith(("FAILED ", "ERROR "))] if log.exists() else []
-    rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": [*previous, *chosen],
+    rec = {**asdict(m), "outcome": outcome, "seconds": round(secs, 1), "tests_run": list(dict.fromkeys([*previous, *chosen])),
            "tests_reaching": tests_reaching, "failed": failed[:3], "phase": phase}
     with (WORK / "mutants.jsonl").open("a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -543,11 +543,13 @@ def cmd_confirm(args) -> None:
     cov = load_cov()
     by_id = {m.id: m for m in generate(ROOT, target_files(ROOT))}
     todo = [r for r in _results(sampled_only=True) if r["outcome"] == "survived" and r.get("phase") != args.phase]
+    only = [x.strip() for x in Path(args.only).read_text().splitlines() if x.strip()] if args.only else []
     scratch = _prepare_children()
     for i, r in enumerate(todo):
         m = by_id[r["id"]]
         tests = tests_for(m, cov)
-        chosen = [n for n in tests if n not in set(r["tests_run"])]
+        ran = set(r["tests_run"])
+        chosen = [n for n in tests if _named(n, only)] if only else [n for n in tests if n not in ran]
         if not chosen:
             rec = {**r, "phase": args.phase}
             with (WORK / "mutants.jsonl").open("a") as f:
@@ -557,6 +559,11 @@ def cmd_confirm(args) -> None:
         _judge(m, chosen, scratch, timeout=timeout, phase=args.phase, label=f"{i + 1}/{len(todo)}",
                tests_reaching=len(tests), previous=r["tests_run"])
     cmd_report(args)
+
+
+def _named(nodeid: str, names: list[str]) -> bool:
+    """Whether a test id is one of `names`: a test id, a function without its parameters, or a file."""
+    return any(nodeid == x or nodeid.startswith((x + "[", x + "::")) for x in names)
 
 
 def _count(items) -> dict[str, int]:
@@ -653,6 +660,9 @@ def main() -> None:
     c = sub.add_parser("confirm", help="run the survivors again with every reaching test not yet run")
     c.add_argument("--phase", default="confirm", help="a name for this round (a survivor is judged once per phase)")
     c.add_argument("--timeout-factor", type=float, default=4.0)
+    c.add_argument("--only", help="a file of test ids, one a line (a function without its parameters names them "
+                                  "all; a file path names its tests): run only these, e.g. tests added or changed "
+                                  "since the sample; they run again even if they ran before")
     rep = sub.add_parser("report", help="summarize the results")
     rep.add_argument("--no-diffs", dest="diffs", action="store_false")
     s = sub.add_parser("show", help="one mutant's record and diff")
