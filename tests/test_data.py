@@ -120,6 +120,26 @@ def test_sharegpt_roles_and_column_mapping(tmp_path, tok):
     assert labelled(tok, ex) == " A.<|im_end|>"
 
 
+def test_a_rows_system_prompt_is_rendered_and_its_history_never_dropped(tmp_path, tok):
+    # LLaMA-Factory's alpaca and sharegpt rows carry `system` (and alpaca `history`): a system prompt
+    # reaches the text, a history is refused (issue 19 §2: nothing the user wrote is ignored).
+    sysrow = {"instruction": "Add", "input": "2 and 2", "output": "4", "system": "You add numbers."}
+    (ex,) = build(tok, write_jsonl(tmp_path / "a.jsonl", [sysrow]), format="alpaca", max_length=512).train
+    text = tok.decode(ex.input_ids)
+    assert text.startswith("You add numbers.\n\n### Instruction:\nAdd") and "Below is" not in text
+    assert labelled(tok, ex) == "4<|im_end|>"
+    hist = {**sysrow, "history": [["Add 1 and 1", "2"]]}
+    with pytest.raises(InputError, match="row 1: field 'history': earlier turns are a conversation"):
+        build(tok, write_jsonl(tmp_path / "h.jsonl", [hist]), format="alpaca")
+    rows = [{"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    (ex,) = build(tok, write_jsonl(tmp_path / "s.jsonl", rows), format="sharegpt").train
+    assert tok.decode(ex.input_ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                        "<|im_start|>assistant\nYo<|im_end|>\n")
+    both = [{"system": "A", "messages": [{"role": "system", "content": "B"}, *CHAT["messages"]]}]
+    with pytest.raises(InputError, match="row 1: field 'system': the row has a system prompt and its first message"):
+        build(tok, write_jsonl(tmp_path / "b.jsonl", both))
+
+
 def test_preference_pairs_tokenize_chosen_and_rejected(tmp_path, tok):
     rows = [
         {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Rome"},

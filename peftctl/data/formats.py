@@ -26,9 +26,9 @@ from typing import Any
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages", "role", "content", "tools"),
-    "sharegpt": ("messages", "role", "content", "tools"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "chat": ("messages", "role", "content", "tools", "system"),
+    "sharegpt": ("messages", "role", "content", "tools", "system"),
     "preference": ("prompt", "chosen", "rejected", "tools"),
     "classification": ("text", "label"),
 }
@@ -144,11 +144,20 @@ class Formatter:
         instruction = self._str(row, "instruction", nonempty=True)
         inp = self._str(row, "input", required=False)
         output = self._str(row, "output", nonempty=True)
+        # LLaMA-Factory's alpaca rows may carry a system prompt and earlier turns: the system prompt
+        # takes the place of Alpaca's preamble; earlier turns are a conversation (never dropped).
+        system = self._str(row, "system", required=False)
+        history = row.get(self._col("history"))
+        if history not in (None, [], ""):
+            raise RowError(f"field {self._col('history')!r}: earlier turns are a conversation, which the alpaca "
+                           "format does not render; write the row as messages (format: chat)")
         prompt = ALPACA_PROMPT.format(
             inp_intro=", paired with an input that provides further context" if inp else "",
             instruction=instruction,
             inp=f"### Input:\n{inp}\n\n" if inp else "",
         )
+        if system.strip():
+            prompt = system + prompt[prompt.index("\n\n### Instruction:"):]
         return self._response(prompt, output)
 
     def _classification(self, row):
@@ -334,7 +343,15 @@ class Formatter:
         value = row.get(self._col("messages"))
         if value is None:
             raise self._missing("messages")
-        return self._conversation(*self._messages(value), tools=self._tools(row))
+        messages, wheres = self._messages(value)
+        # A row-level system prompt (LLaMA-Factory's and axolotl's `system` column) opens the conversation.
+        system = self._str(row, "system", required=False)
+        if system.strip():
+            if messages[0]["role"] == "system":
+                raise RowError(f"field {self._col('system')!r}: the row has a system prompt and its first message "
+                               "is a system message too; keep one of the two")
+            messages, wheres = [{"role": "system", "content": system}, *messages], [self._col("system"), *wheres]
+        return self._conversation(messages, wheres, tools=self._tools(row))
 
     _sharegpt = _chat
 

@@ -162,7 +162,15 @@ def _check_file(path: Path) -> Path:
 
     if path.suffix.lower() not in READERS:
         raise InputError(f"data file {path}: unknown type {path.suffix!r}; use one of {', '.join(READERS)}")
-    return check_readable(path, "a data file")
+    check_readable(path, "a data file")
+    if path.suffix.lower() == ".parquet":  # its footer (the schema) is cheap to read: a corrupt file stops here
+        import pyarrow.parquet as pq
+
+        from peftctl.userfiles import reading
+
+        with reading(path, "a Parquet file"):
+            pq.read_schema(path)
+    return path
 
 
 def _hub_reachable() -> bool:
