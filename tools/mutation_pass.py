@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -190,6 +191,7 @@ class Mutant:
     start: tuple[int, int]
     end: tuple[int, int]
     replacement: str
+    context: str = ""  # the enclosing function and the line's text: finds the mutant again after edits
 
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -309,6 +311,7 @@ def generate(root: Path, files: list[str]) -> list[Mutant]:
     for rel in files:
         source = (root / rel).read_text(encoding="utf-8")
         lines = source.splitlines(keepends=True)
+        where = _functions(source)
         for node, new, kind in mutation_points(source):
             start = _offset(lines, node.lineno, node.col_offset)
             end = _offset(lines, node.end_lineno, node.end_col_offset)
@@ -331,9 +334,28 @@ def generate(root: Path, files: list[str]) -> list[Mutant]:
             mid = f"{rel}:{node.lineno}:{node.col_offset}:{kind}:{replacement[:40]}"
             mutants.append(Mutant(id="", file=rel, line=node.lineno, kind=kind, before=before.strip()[:200],
                                   after=replacement.strip()[:200], start=(node.lineno, node.col_offset),
-                                  end=(node.end_lineno, node.end_col_offset), replacement=replacement))
+                                  end=(node.end_lineno, node.end_col_offset), replacement=replacement,
+                                  context=f"{where.get(node.lineno, '')}|{lines[node.lineno - 1].strip()}"))
             mutants[-1].id = _short_hash(mid)
     return mutants
+
+
+def _functions(source: str) -> dict[int, str]:
+    """line -> the innermost function or class around it (dotted), for every line inside one."""
+    out: dict[int, str] = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = f"{prefix}{child.name}"
+                for line in range(child.lineno, child.end_lineno + 1):
+                    out[line] = name
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return out
 
 
 def _replace_node(tree: ast.AST, target: ast.AST, new: ast.AST) -> None:
@@ -541,17 +563,24 @@ def cmd_confirm(args) -> None:
     """Survivors of the sampled run again, with every reaching test that has not judged them yet
     (no time budget): the tests the budget left out, or tests added since (after `map --merge`)."""
     cov = load_cov()
-    by_id = {m.id: m for m in generate(ROOT, target_files(ROOT))}
+    current = generate(ROOT, target_files(ROOT))
     todo = [r for r in _results(sampled_only=True) if r["outcome"] == "survived" and r.get("phase") != args.phase]
     only = [x.strip() for x in Path(args.only).read_text().splitlines() if x.strip()] if args.only else []
     scratch = _prepare_children()
     for i, r in enumerate(todo):
-        m = by_id[r["id"]]
+        m = relocate(r, current)
+        if m is None:  # its code is gone or rewritten since the sample: no longer judged
+            rec = {**r, "outcome": "gone", "phase": args.phase}
+            with (WORK / "mutants.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"[{i + 1}/{len(todo)}] {args.phase} gone      {r['file']}:{r['line']} {r['kind']}: "
+                  f"{r['before'][:50]!r} (the code changed since the sample)", flush=True)
+            continue
         tests = tests_for(m, cov)
         ran = set(r["tests_run"])
         chosen = [n for n in tests if _named(n, only)] if only else [n for n in tests if n not in ran]
         if not chosen:
-            rec = {**r, "phase": args.phase}
+            rec = {**r, **asdict(m), "phase": args.phase}
             with (WORK / "mutants.jsonl").open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             continue
@@ -559,6 +588,33 @@ def cmd_confirm(args) -> None:
         _judge(m, chosen, scratch, timeout=timeout, phase=args.phase, label=f"{i + 1}/{len(todo)}",
                tests_reaching=len(tests), previous=r["tests_run"])
     cmd_report(args)
+
+
+def relocate(r: dict, current: list[Mutant]) -> Mutant | None:
+    """The mutant of record `r` in today's source, under `r`'s id: the same file, kind, text and
+    replacement, on the nearest line (the code around it may have moved since the sample); None
+    when no such mutation point is left."""
+    same = [m for m in current if (m.file, m.kind, m.before, m.replacement)
+            == (r["file"], r["kind"], r["before"], r["replacement"])]
+    context = r.get("context") or _sample_context(r)
+    function, _, text = context.partition("|")
+    if context:  # the same text on a rewritten line is another mutant (a function may be renamed)
+        same = [m for m in same if m.context.partition("|")[2] == text]
+    if not same:
+        return None
+    m = min(same, key=lambda m: (m.id != r["id"], m.context.partition("|")[0] != function,
+                                 abs(m.line - r["line"]), m.start[1] != r["start"][1]))
+    return dataclasses.replace(m, id=r["id"])
+
+
+def _sample_context(r: dict) -> str:
+    """A record's context from the sampled source, for records written before contexts were
+    recorded: `.mutation/sample-source/` holds a copy of the files as they were sampled."""
+    path = WORK / "sample-source" / r["file"]
+    if not path.exists():
+        return ""
+    source = path.read_text(encoding="utf-8")
+    return f"{_functions(source).get(r['line'], '')}|{source.splitlines()[r['line'] - 1].strip()}"
 
 
 def _named(nodeid: str, names: list[str]) -> bool:
@@ -600,7 +656,15 @@ def _results(sampled_only: bool = False) -> list[dict]:
 
 def _diff(r: dict) -> str:
     m = Mutant(**{k: (tuple(v) if k in ("start", "end") else v) for k, v in r.items() if k in Mutant.__dataclass_fields__})
-    a = (ROOT / m.file).read_text(encoding="utf-8").splitlines()
+    source = (ROOT / m.file).read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    try:
+        here = source[_offset(lines, *m.start): _offset(lines, *m.end)].strip()[:200]
+    except IndexError:  # the file is shorter now
+        here = None
+    if here != m.before:
+        return f"    (the source moved since this result: {m.before!r} -> {m.after!r})"
+    a = source.splitlines()
     b = mutated_source(ROOT, m).splitlines()
     return "\n".join(difflib.unified_diff(a, b, m.file, m.file + " (mutant)", n=1, lineterm=""))
 
@@ -634,6 +698,11 @@ def cmd_report(args) -> None:
               f"{r['tests_reaching']} reaching tests)")
         if getattr(args, "diffs", True):
             print(_diff(r))
+    gone = sorted((r for r in rows if r["outcome"] == "gone"), key=lambda r: (r["file"], r["line"]))
+    if gone:
+        print(f"\n{len(gone)} survivors whose code changed since the sample (no longer judged):")
+        for r in gone:
+            print(f"[{r['id']}] {r['file']}:{r['line']} {r['kind']}: {r['before'][:60]!r} -> {r['after'][:60]!r}")
 
 
 def cmd_show(args) -> None:
