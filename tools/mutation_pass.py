@@ -561,33 +561,43 @@ def _prepare_children() -> Path:
 
 def cmd_confirm(args) -> None:
     """Survivors of the sampled run again, with every reaching test that has not judged them yet
-    (no time budget): the tests the budget left out, or tests added since (after `map --merge`)."""
+    (no time budget): the tests the budget left out, or tests added since (after `map --merge`).
+    The cheapest run first; with --max-minutes the rest wait for the next confirm of this phase."""
     cov = load_cov()
     current = generate(ROOT, target_files(ROOT))
     todo = [r for r in _results(sampled_only=True) if r["outcome"] == "survived" and r.get("phase") != args.phase]
     only = [x.strip() for x in Path(args.only).read_text().splitlines() if x.strip()] if args.only else []
-    scratch = _prepare_children()
-    for i, r in enumerate(todo):
+    runs = []
+    for r in todo:
         m = relocate(r, current)
         if m is None:  # its code is gone or rewritten since the sample: no longer judged
-            rec = {**r, "outcome": "gone", "phase": args.phase}
-            with (WORK / "mutants.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"[{i + 1}/{len(todo)}] {args.phase} gone      {r['file']}:{r['line']} {r['kind']}: "
-                  f"{r['before'][:50]!r} (the code changed since the sample)", flush=True)
+            _append({**r, "outcome": "gone", "phase": args.phase})
+            print(f"{args.phase} gone {r['file']}:{r['line']} {r['kind']}: {r['before'][:50]!r} "
+                  "(the code changed since the sample)", flush=True)
             continue
         tests = tests_for(m, cov)
         ran = set(r["tests_run"])
         chosen = [n for n in tests if _named(n, only)] if only else [n for n in tests if n not in ran]
-        if not chosen:
-            rec = {**r, **asdict(m), "phase": args.phase}
-            with (WORK / "mutants.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if not chosen:  # nothing new reaches it: it stays a survivor, at today's position
+            _append({**r, **asdict(m), "phase": args.phase})
             continue
-        timeout = args.timeout_factor * sum(cov["tests"][n]["duration"] for n in chosen) + 60
-        _judge(m, chosen, scratch, timeout=timeout, phase=args.phase, label=f"{i + 1}/{len(todo)}",
-               tests_reaching=len(tests), previous=r["tests_run"])
+        runs.append((sum(cov["tests"][n]["duration"] for n in chosen), r, m, tests, chosen))
+    runs.sort(key=lambda x: x[0])
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    scratch = _prepare_children() if runs else None
+    for i, (cost, r, m, tests, chosen) in enumerate(runs):
+        if deadline and time.time() > deadline:
+            print(f"--max-minutes reached: {len(runs) - i} survivors not judged in phase {args.phase!r} "
+                  "(run confirm again with the same phase to continue)", flush=True)
+            break
+        _judge(m, chosen, scratch, timeout=args.timeout_factor * cost + 60, phase=args.phase,
+               label=f"{i + 1}/{len(runs)}", tests_reaching=len(tests), previous=r["tests_run"])
     cmd_report(args)
+
+
+def _append(rec: dict) -> None:
+    with (WORK / "mutants.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def relocate(r: dict, current: list[Mutant]) -> Mutant | None:
@@ -729,6 +739,7 @@ def main() -> None:
     c = sub.add_parser("confirm", help="run the survivors again with every reaching test not yet run")
     c.add_argument("--phase", default="confirm", help="a name for this round (a survivor is judged once per phase)")
     c.add_argument("--timeout-factor", type=float, default=4.0)
+    c.add_argument("--max-minutes", type=float, help="stop starting mutants after this long (wall time)")
     c.add_argument("--only", help="a file of test ids, one a line (a function without its parameters names them "
                                   "all; a file path names its tests): run only these, e.g. tests added or changed "
                                   "since the sample; they run again even if they ran before")
