@@ -2,6 +2,8 @@
 
     python tools/mutation_pass.py map                      # which tests run which lines (once, ~10 min)
     python tools/mutation_pass.py run --max-mutants 300    # sample mutants, run the tests that reach each
+    python tools/mutation_pass.py map --merge TEST...      # map tests added since (after edits: lines move)
+    python tools/mutation_pass.py confirm --only FILE      # survivors against those tests (FILE: ids)
     python tools/mutation_pass.py report                   # the table again, and every survivor's diff
     python tools/mutation_pass.py show ID                  # one mutant's diff
 
@@ -32,6 +34,12 @@ every test under its trampolines, which this project's subprocess and multi-proc
    and peft (22 s of imports on a loaded 2-core machine, saved per mutant) runs the tests that
    reach the line, fastest first, within a time budget, stopping at the first failure. A failure,
    an error or a timeout kills the mutant; all passing means it survived.
+4. **confirm**: the survivors again, against the reaching tests the budget left out, or only the
+   tests named in `--only FILE` (tests added since the sample: map them first with `map --merge`,
+   since edits move lines). Each survivor is first found again in today's source (the same text
+   and replacement on a line of the same text, the nearest), so edits since the sample move it
+   rather than lose it; one whose line was rewritten is reported `gone`. Cheapest first;
+   `--max-minutes` stops starting new ones, and the same `--phase` continues later.
 
 Results are facts about the tests, not verdicts: each survivor needs a reading (equivalent,
 harmless, or a gap in the tests), which the report leaves to a person.
@@ -704,8 +712,8 @@ def cmd_report(args) -> None:
     survivors = sorted((r for r in rows if r["outcome"] == "survived"), key=lambda r: (r["file"], r["line"]))
     print(f"\n{len(survivors)} survivors:")
     for r in survivors:
-        print(f"\n[{r['id']}] {r['file']}:{r['line']} {r['kind']} (ran {len(r['tests_run'])} of "
-              f"{r['tests_reaching']} reaching tests)")
+        print(f"\n[{r['id']}] {r['file']}:{r['line']} {r['kind']} (judged by {len(r['tests_run'])} tests; "
+              f"{r['tests_reaching']} reach its line in today's map)")
         if getattr(args, "diffs", True):
             print(_diff(r))
     gone = sorted((r for r in rows if r["outcome"] == "gone"), key=lambda r: (r["file"], r["line"]))
