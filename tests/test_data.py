@@ -418,6 +418,22 @@ END_ONLY_NEWLINE = (
 )
 
 
+def test_a_loss_span_holding_no_token_adds_nothing_to_the_loss():
+    """Labels follow the tokens whose characters lie in a loss span; a span of characters that no
+    token holds (spaces a whitespace-splitting tokenizer drops) marks no token, and does not fail."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from peftctl.data.tokenize import _ids_and_mask
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    enc = tok.encode("a   b")
+    assert enc.ids == [0, 1] and enc.char_to_token(2) is None
+    ids, mask = _ids_and_mask(enc, [(1, 4)])
+    assert ids.tolist() == [0, 1] and mask.tolist() == [0, 0]
+    assert _ids_and_mask(enc, [(1, 4), (4, 5)])[1].tolist() == [0, 1]
+
+
 def test_a_turn_ending_exactly_at_a_special_token_keeps_it_in_the_loss(tmp_path, tok):
     """A span boundary right after a special token is outside it: the token stays whole in the loss
     (only a boundary strictly inside a special token's text moves to its start)."""

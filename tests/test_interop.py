@@ -136,6 +136,8 @@ def test_non_default_name_uses_peft_subfolder_layout(tiny_llama, tmp_path):
     in_ours = peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs", subfolder="other",
                                                 adapter_name="other")
     assert torch.allclose(logits(in_ours, ids), logits(theirs, ids), atol=1e-5)
+    config = peftctl.LoraConfig.from_pretrained(tmp_path / "theirs", subfolder="other")
+    assert config.r == peft.LoraConfig.from_pretrained(tmp_path / "theirs", subfolder="other").r == 2
 
 
 def test_options_peftctl_does_not_implement_are_refused(tiny_llama, tmp_path):
