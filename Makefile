@@ -35,8 +35,10 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# ruff, then the import layers (pyproject.toml [tool.importlinter]; docs/ARCHITECTURE.md "Rooms").
 lint: setup
 	$(VENV)/bin/ruff check peftctl tests recipes bench tools
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,6 +8,7 @@ byte-level tokenizer in --work, then trains the same recipe five ways and compar
 first:
 
     one       python -m peftctl train R  (batch 8, one GPU)
+    one-again the same again (the run-to-run noise of one GPU)
     ddp       accelerate launch --config_file configs/ddp.yaml --num_processes 2 -m peftctl train R  (batch 4 each)
     np2       python -m peftctl train R --num-processes 2  (batch 4 each)
     fsdp      accelerate launch --config_file configs/fsdp.yaml --num_processes 2 -m peftctl train R
@@ -138,7 +139,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ddp-check"))
-    ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (ddp, np2, fsdp, resumed)")
+    ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out (ddp, np2, fsdp, resumed, one-again)")
+    ap.add_argument("--fsdp-repeats", type=int, default=1, help="run the FSDP2 training this many times")
     args = ap.parse_args()
     import torch
 
@@ -158,8 +160,14 @@ def main() -> None:
         "np2": peftctl("train", recipe, "--num-processes", 2, *sets(runs / "np2", 4)),
         "fsdp": accelerate("fsdp.yaml", "train", recipe, *sets(runs / "fsdp", 4)),
     }
+    # One GPU again: how far two runs of the same training differ (kernels whose reductions are not
+    # deterministic; in bfloat16 a step's rounding differences grow through later steps): the noise
+    # floor the other rows' differences are read against.
+    plans["one-again"] = peftctl("train", recipe, *sets(runs / "one-again", 8))
+    for k in range(2, args.fsdp_repeats + 1):
+        plans[f"fsdp{k}"] = accelerate("fsdp.yaml", "train", recipe, *sets(runs / f"fsdp{k}", 4))
     for name, cmd in plans.items():
-        if name not in args.skip:
+        if name not in args.skip and not (name.startswith("fsdp") and "fsdp" in args.skip):
             times[name] = run(name, cmd, runs / f"{name}.log")
     if "resumed" not in args.skip:
         cmd = accelerate("ddp.yaml", "train", recipe, *sets(runs / "resumed", 4))

@@ -11,7 +11,7 @@ over the timed steps.
   (its defaults: gradient checkpointing), get_peft_model, model.train(); loss = model(**batch).loss.
   peftctl: its product path: a recipe with `model.quantization: {bits: 4}`; models.load_model,
   adapters.attach, train.enable_gradient_checkpointing, model.train(), train.optim.build_optimizer,
-  and the train loop's loss (train.loss.loss_sum).
+  and the train loop's loss (loss.loss_sum).
 - bf16-gc: the same in bfloat16 without quantization (PEFT with non-reentrant checkpointing and
   enable_input_require_grads, as bench/train_throughput.py).
 
@@ -132,9 +132,9 @@ def load_peftctl(args, setup: str):
     from peftctl import models
     from peftctl.adapters import attach
     from peftctl.inspect import inspect_recipe
+    from peftctl.loss import loss_sum
     from peftctl.memory import Workload
     from peftctl.train import enable_gradient_checkpointing
-    from peftctl.train.loss import loss_sum
     from peftctl.train.optim import build_optimizer
 
     recipe = recipe_for(args, setup)

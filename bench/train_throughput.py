@@ -77,7 +77,7 @@ def run_one(args) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss
     else:
-        from peftctl.train.loss import loss_sum
+        from peftctl.loss import loss_sum
 
         def step():
             loss, n = loss_sum(model, batch)

@@ -8,8 +8,9 @@ peftctl (and `peftctl --help`) stays fast.
 from __future__ import annotations
 
 from peftctl import adapters as _adapters  # cheap: its own names load on first use
+from peftctl.constants import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = list(_adapters.__all__)
 

@@ -20,20 +20,37 @@ handing it over) is refused, naming the layer: its block scales were rounded to 
 bitsandbytes' inverse (used before it saves such a layer) does not give the weight back (0.50.2,
 measured: 0.1% off with double quantization, 2% without, where it reads the scales transposed).
 
-Public bitsandbytes API only: `dequantize_4bit`, `int8_vectorwise_dequant`, and the layer
-attribute `support_avx512bf16_for_cpu` (no leading underscore; bitsandbytes sets it at
-construction from its CPU check and reads it at each forward; versions without the repacking lack
-it and have nothing to switch off). Whether a weight is repacked is read from its quantization
-state's `packing_format_for_cpu` flag (absent: not repacked).
+Public bitsandbytes API: `dequantize_4bit`, `int8_vectorwise_dequant`. What is not documented sits
+in one function each, behind a version check: the layer attribute `support_avx512bf16_for_cpu`
+(bitsandbytes sets it at construction from its CPU check and reads it at each forward; versions
+without the repacking lack it and have nothing to switch off) is set only on the bitsandbytes
+versions it was checked with (`CPU_SWITCH_CHECKED`), in `_keep_layer_plain`; on another version that
+has the attribute, the layer's forward is the public fallback `plain_forward` instead (the weight
+dequantized by `dequantize_4bit`, then one matmul: what the plain path computes; tested to give the
+same outputs and gradients). Whether a weight is repacked is read from its quantization state's
+`packing_format_for_cpu` flag, in `_repacked` (absent: not repacked).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+# bitsandbytes versions [from, to) whose undocumented CPU switch peftctl checked (0.50.2: it is read
+# at every forward, and off it keeps the plain path; tests/test_quantized.py).
+CPU_SWITCH_CHECKED = ((0, 50), (0, 51))
+
+
+def switch_checked(version: str) -> bool:
+    """Whether bitsandbytes `version` (e.g. "0.50.2") is one whose CPU switch was checked."""
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    low, high = CPU_SWITCH_CHECKED
+    return low <= parts < high
 
 
 def _repacked(layer) -> bool:
@@ -68,9 +85,39 @@ def keep_plain_layout(model: torch.nn.Module, prefix: str = "") -> None:
     for name, module in layers:
         if _repacked(module):
             raise _refuse_repacked(name)
+    checked = switch_checked(bnb.__version__)
     for _, module in layers:
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        _keep_layer_plain(module, checked)
+
+
+def _keep_layer_plain(layer, checked: bool) -> None:
+    """The one place peftctl switches off bitsandbytes' CPU repacking of a Linear4bit: its
+    undocumented `support_avx512bf16_for_cpu` set to False on a `checked` version; elsewhere, where
+    the layer has it, its forward replaced by the public `plain_forward` (which never repacks)."""
+    if not hasattr(layer, "support_avx512bf16_for_cpu"):
+        return  # a bitsandbytes without the repacking: nothing to switch off
+    if checked:
+        layer.support_avx512bf16_for_cpu = False
+    elif "forward" not in vars(layer):
+        layer.forward = functools.partial(plain_forward, layer)  # an instance attribute shadows the class's
+
+
+def plain_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """A Linear4bit's output on bitsandbytes' plain CPU path, through its public API only: the weight
+    dequantized (`dequantize_4bit`) to the layer's compute dtype (x's when unset), x @ W.T + bias in
+    it, returned in x's dtype; the gradient flows to x (and a trainable bias). x: (..., in_features)
+    -> (..., out_features). Off the CPU, the layer's own forward (the repacking is CPU-only)."""
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+
+    if x.device.type != "cpu":
+        return type(layer).forward(layer, x)
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None) or layer.quant_state
+    dtype = layer.compute_dtype or x.dtype
+    w = bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), w, bias).to(x.dtype)
 
 
 def dequantize(base) -> torch.Tensor:

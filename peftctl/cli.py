@@ -44,7 +44,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Parameter-efficient fine-tuning (LoRA) of transformers models, driven by YAML recipes.",
+    help="Parameter-efficient fine-tuning (LoRA, DoRA, IA3) of transformers models, driven by YAML recipes.",
 )
 
 _state = {"debug": False, "emitted": False}
@@ -292,6 +292,10 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
               f"adapter+grads+optimizer {_gib(mem['adapter_weights'] + mem['gradients'] + mem['optimizer_states'])}, "
               f"activations {_gib(mem['activations'])}, logits {_gib(mem['logits'])}")
+    if p.get("memory_plan"):
+        from peftctl.train.budget import describe
+
+        out.print(f"  budget       {describe(p['memory_plan'])}")
 
 
 def _render_memory(out, mem: dict[str, Any]) -> None:
@@ -457,10 +461,11 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def _check_dtype(dtype: str | None) -> None:
+    from peftctl.constants import DTYPES
     from peftctl.errors import InputError
 
-    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
-        raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
 
 
 @app.command()
@@ -531,12 +536,11 @@ def inspect(
         q = res["quantization"]
         quant = "" if q is None else (f", {q['bits']}-bit {q['quant_type']}" if q["bits"] == 4 else ", 8-bit")
         table = Table(title=f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant})")
-        for col in ("module", "type", "shape", "rank", "trainable"):
-            table.add_column(col, justify="right" if col in ("rank", "trainable") else "left")
+        for col in ("module", "type", "shape", "adapter", "trainable"):
+            table.add_column(col, justify="right" if col == "trainable" else "left")
         for row in res["modules"]:
-            ranks = ",".join(str(v) for v in row["rank"].values())
-            table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])), ranks,
-                          f"{row['trainable_params']:,}")
+            table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])),
+                          ", ".join(v for v in row["adapter"].values() if v), f"{row['trainable_params']:,}")
         out = _stdout()
         out.print(table)
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
@@ -547,19 +551,28 @@ def inspect(
     _emit(result, json_, render)
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _render_adapter(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     cfg = res["config"]
-    flags = [k for k in ("use_rslora", "use_dora", "lora_bias") if cfg.get(k)]
     table = Table(title=f"{res['method']} adapter in {res['path']} (base: {res['base_model']})")
-    for col in ("module", "rank", "alpha", "scaling", "params"):
+    # The method's own columns (LoRA: rank, lora_alpha, scaling; IA3: scales, features).
+    columns = ["module", *[k for k in (res["modules"][0] if res["modules"] else {}) if k not in ("module", "params")],
+               "params"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "module" else "right")
     for m in res["modules"]:
-        table.add_row(m["module"], str(m["rank"]), f"{m['lora_alpha']:g}", f"{m['scaling']:.4g}", f"{m['params']:,}")
+        table.add_row(*(_cell(m.get(c)) for c in columns))
     out = _stdout()
     out.print(table)
-    out.print(f"r={cfg.get('r')} lora_alpha={cfg.get('lora_alpha')} {' '.join(flags)} bias={cfg.get('bias')}".rstrip())
+    # The method's scalar options (lists and patterns are in --json).
+    out.print(" ".join(f"{k}={v}" for k, v in cfg.items() if isinstance(v, bool | int | float | str)))
     if res["other_tensors"]:
         out.print("also saved: " + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in res["other_tensors"].items()))
     out.print(f"adapter params: {res['adapter_params']:,} ({res['file_bytes'] / 2**20:.2f} MiB on disk)")

@@ -48,7 +48,7 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
 
 def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = None) -> dict[str, Any]:
     """eval_loss (mean over loss tokens), perplexity, and exact match where references exist."""
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     reporter = reporter or Reporter()
     model.eval()

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from peftctl.constants import DTYPES
 from peftctl.errors import InputError
 from peftctl.fsio import atomic_dir
 from peftctl.ui import Reporter
@@ -55,6 +56,18 @@ def _portable_fields(run) -> dict[str, Any]:
     return update
 
 
+def _card_settings(cfg: dict) -> list[str]:
+    """The adapter_config.json keys a model card lists: the method and its own options (those set),
+    the targets and the task type."""
+    from peftctl.adapters.config import AdapterConfig
+    from peftctl.adapters.registry import config_classes
+
+    cls = next((c for c in config_classes() if c.peft_type == cfg.get("peft_type")), None)
+    own = [k for k in (cls.model_fields if cls else ()) if k not in AdapterConfig.model_fields]
+    keys = ["peft_type", *own, "target_modules", "task_type"]
+    return [k for k in keys if k in cfg and cfg[k] not in (None, {}, [])]
+
+
 def model_card(run, summary: dict | None, converted_from: str | None = None) -> str:
     cfg = run.adapter_config
     base = cfg.get("base_model_name_or_path")
@@ -74,10 +87,8 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
         "| setting | value |",
         "|---|---|",
     ]
-    for key in ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
-                "task_type"):
-        if key in cfg:
-            lines.append(f"| {key} | {cfg[key]} |")
+    for key in _card_settings(cfg):
+        lines.append(f"| {key} | {cfg[key]} |")
     quantization = run.recipe.model.quantization if run.recipe is not None else None
     if quantization is not None:
         how = (f"{quantization.bits}-bit {quantization.quant_type}" + (" (double quantization)" if quantization.double_quant else "")
@@ -212,8 +223,8 @@ def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, 
     from peftctl.fsio import refuse_nonempty
     from peftctl.merge import merged_model
 
-    if dtype not in gguf_writer.DTYPES:
-        raise InputError(f"--dtype for gguf must be one of {', '.join(gguf_writer.DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype for gguf must be one of {', '.join(DTYPES)}, got {dtype!r}")
     refuse_nonempty(Path(out_dir))
     run = runs.read_run(run_dir)
     # What the file cannot hold is refused before any weights load.

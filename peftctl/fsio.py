@@ -1,16 +1,21 @@
 """Writing files so that nothing the user had is lost and no reader sees half a file.
 
-Every file is written to a temporary name in the same folder and renamed into place; folders are
-built under a temporary name and renamed whole. Files and folders get the permissions the user's
-umask gives (0644 and 0755 under umask 022), not the private 0600/0700 of `tempfile`'s names.
+Every file is written to a temporary name in the same folder and renamed into place (`atomic_file`,
+`atomic_write_text`); every folder is built under a temporary name and renamed whole (`atomic_dir`:
+the one builder, for outputs, checkpoints and cache entries alike, with one rule for a folder
+already there: refused, replaced, or, for a cache entry another process finished, kept). Before a
+rename, what was written is flushed to the disk (fsync), and the folder after it. Files and folders
+get the permissions the user's umask gives (0644 and 0755 under umask 022), not the private
+0600/0700 of `tempfile`'s names.
 A write that fails because the disk is full, a quota is used up or a file outgrew the file-size
 limit is recognised by `disk_full_reason`, so that the message says so.
 
 Temporary folders (`temp_dir`: the one place every atomic folder builder gets them) are named
 `.NAME.PID@HOST.XXXX.tmp`: the process that made them and a hash of the machine's name. A process
 killed mid-build (SIGKILL, power loss) cannot remove its own; the next `temp_dir` in the same folder
-removes every such folder whose process, on this machine, no longer runs. Folders of live processes,
-of other machines (a shared file system) and names peftctl did not make are never touched.
+removes every such folder whose process, on this machine, no longer runs. `atomic_file`'s temporary
+files are named the same way and removed by the same rule. Those of live processes, of other
+machines (a shared file system) and names peftctl did not make are never touched.
 
 Output paths are checked before any work (`check_output_dir`): a path below a regular file or a
 dangling symbolic link is an input error naming it; a symbolic link to an empty folder is that folder.
@@ -45,9 +50,23 @@ def umask() -> int:
     return mask
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where peftctl keeps what it builds once and reuses (converted models under `models/`, tokenized
+    data under `data/`): `cache_dir` if given, else $PEFTCTL_CACHE, else $XDG_CACHE_HOME/peftctl
+    (~/.cache/peftctl)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("PEFTCTL_CACHE"):
+        return Path(os.environ["PEFTCTL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftctl"
+
+
 def _temp_file(folder: Path, name: str) -> tuple[int, str]:
-    """mkstemp beside the final file, with the mode a plain open() would give it (mkstemp: 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    """mkstemp beside the final file, with the mode a plain open() would give it (mkstemp: 0600),
+    named as `temp_dir` names folders (.NAME.PID@HOST.XXXXXXXX.tmp): one policy for leftovers, a
+    dead process's file removed with its folders (`clean_stale_temporaries`)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}@{_HOST}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
 
@@ -89,20 +108,20 @@ def disk_full_reason(exc: BaseException) -> str | None:
     return None
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path.parent, path.name)
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not os.path.isdir(path):  # some file systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -111,7 +130,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`."""
+    """Yield a temporary path beside `path`; on success it gets the user's umask, is flushed to the
+    disk and renamed to `path` (the folder flushed too), as `atomic_dir` does for a folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_file(path.parent, path.name)
@@ -119,14 +139,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         apply_umask(tmp)  # the writer may have replaced the file with a private one of its own
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# .NAME.PID@HOST.XXXXXXXX<suffix>, as temp_dir names them (mkdtemp's part: letters, digits, "_").
+# .NAME.PID@HOST.XXXXXXXX<suffix>, as temp_dir and _temp_file name them (mkdtemp's and mkstemp's
+# part: letters, digits, "_").
 _TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[0-9a-f]{8})\.[a-z0-9_]+\.[a-z]+$")
 
 
@@ -209,15 +232,48 @@ def refuse_nonempty(path: Path, what: str = "output folder", hint: str = "choose
         raise InputError(f"{what} {path} is not empty; {hint}")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder under a temporary name beside `path`, then rename it into place.
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file and folder under `root` (and `root`) to the disk: a folder renamed into
+    place after this holds, after a power loss, what it held when it was renamed."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                _fsync(p)
+        _fsync(folder)
 
-    `path` must not exist or be an empty folder (checked before and again at the rename). A
-    symbolic link to an empty folder is that folder: the folder is replaced, the link kept.
+
+EXISTS = ("refuse", "replace", "keep")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, exists: str = "refuse", done: str | None = None,
+               what: str = "output folder") -> Iterator[Path]:
+    """Build a folder under a temporary name beside `path`, then rename it into place: the one way
+    peftctl writes a folder. A reader never sees a half-built folder under `path`, and a build that
+    fails or is killed leaves none (a killed one's temporary is removed by the next `temp_dir` in
+    that folder). Before the rename, the folder gets the user's umask (`apply_umask`) and every file
+    in it and the folder itself are flushed to the disk (`fsync_tree`); after it, the parent folder.
+
+    `path` is checked before any work (`check_output_dir`; `what` names it in errors). A symbolic
+    link to a folder is that folder: the folder is replaced, the link kept. When the build ends and
+    `path` is a folder that holds anything, `exists` decides (an empty folder is simply replaced):
+
+    - "refuse" (a user's output): an InputError; a non-empty `path` is refused before the build too.
+    - "replace" (a checkpoint of a step written again): the old folder is swapped out and removed.
+    - "keep" (a cache entry, whose name stands for its content): when it holds `done` (the file a
+      finished build writes last), another process finished the same build first: that folder is
+      kept and this one discarded; without it, it is an interrupted build's leftover and replaced.
     """
+    if exists not in EXISTS:
+        raise ValueError(f"exists must be one of {', '.join(EXISTS)}, got {exists!r}")
+    if exists == "keep" and done is None:
+        raise ValueError('exists="keep" needs `done`, the file a finished build holds')
     path = Path(path)
-    refuse_nonempty(path)
+    if exists == "refuse":
+        refuse_nonempty(path, what)
+    else:
+        check_output_dir(path, what)
     if path.is_symlink():
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,9 +281,39 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         apply_umask(tmp)
-        if path.is_dir():
-            path.rmdir()  # empty (checked above); fails loudly if something appeared meanwhile
-        os.replace(tmp, path)
+        fsync_tree(tmp)
+        _rename_into_place(tmp, path, exists, done, what)
+        _fsync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_into_place(tmp: Path, path: Path, exists: str, done: str | None, what: str) -> None:
+    try:
+        os.replace(tmp, path)  # `path` absent or an empty folder: done
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
+            raise
+    if exists == "refuse":
+        raise InputError(f"{what} {path} is not empty (something was written there meanwhile); "
+                         "choose another or remove it")
+    if exists == "keep" and (path / str(done)).exists():
+        return  # the same content, finished by another process: ours is removed by the caller
+    aside = temp_dir(path.parent, path.name, ".old")  # an empty folder, which the rename replaces
+    os.replace(path, aside)
+    os.replace(tmp, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary folder beside what is being written (`temp_dir`), removed when the block ends:
+    for intermediate files too large for the system's temporary folder."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(parent, name, suffix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,11 +24,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from peftctl.constants import DTYPES
 from peftctl.errors import InputError
 from peftctl.models import check_token_ids
 
 ARCHITECTURES = ("llama",)
-DTYPES = ("float32", "float16", "bfloat16")
 _TENSOR_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",

@@ -12,12 +12,11 @@ with those of the model as it was trained (quantized base plus adapter) on a few
 from __future__ import annotations
 
 import gc
-import shutil
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError
-from peftctl.fsio import atomic_dir, refuse_nonempty, temp_dir
+from peftctl.fsio import atomic_dir, refuse_nonempty, scratch_dir
 from peftctl.ui import Reporter
 
 COMBINED = "combined"
@@ -44,7 +43,7 @@ def _check_options(n: int, weights, combination_type, rank, adapter_only, quanti
     """Every option checked before any work: a bad or ineffective one is an input error naming the flag."""
     import math
 
-    from peftctl.adapters.lora.combine import COMBINATION_TYPES, SVD_TYPES
+    from peftctl.adapters.lora.config import SVD_TYPES
 
     combines = n > 1 or (weights is not None and list(weights) != [1.0])
     weights = [1.0] * n if weights is None else list(weights)
@@ -54,9 +53,10 @@ def _check_options(n: int, weights, combination_type, rank, adapter_only, quanti
         raise InputError(f"--weights must be finite numbers, got {','.join(map(str, weights))}")
     if combination_type is not None and n == 1:
         raise InputError("--combination combines several adapters; one was given")
-    combination_type = combination_type or "cat"
-    if combination_type not in COMBINATION_TYPES:
-        raise InputError(f"--combination must be one of {', '.join(COMBINATION_TYPES)}, got {combination_type!r}")
+    combination_type = combination_type or "cat"  # for the checks here; the method's default is used (_combination_for)
+    known = _combination_types()
+    if combination_type not in known:
+        raise InputError(f"--combination must be one of {', '.join(known)}, got {combination_type!r}")
     uses_density = combination_type not in ("linear", "cat", "svd")
     if density is not None and not (combines and uses_density):
         raise InputError("--density applies to combining several adapters with ties, dare_linear, dare_ties, "
@@ -83,6 +83,39 @@ def _check_options(n: int, weights, combination_type, rank, adapter_only, quanti
     if max_shard_size is not None:
         shard_bytes(max_shard_size)
     return weights, combination_type
+
+
+def _combination_types() -> list[str]:
+    """Every method's combination types (LoRA's first, in its order)."""
+    from peftctl.adapters.registry import config_classes
+
+    out: list[str] = []
+    for cls in config_classes():
+        out += [t for t in cls.combination_types if t not in out]
+    return out
+
+
+def _combination_for(runs_: list, weights: list[float], given: str | None) -> str | None:
+    """The combination type for the runs' adapters (None: nothing is combined): `given` (--combination)
+    or their method's default; an input error when they are of different methods, or their method
+    does not combine that way (or at all)."""
+    from peftctl.adapters.registry import config_from_peft_dict
+
+    classes = {type(config_from_peft_dict(r.adapter_config)) for r in runs_}
+    if len(classes) > 1:
+        kinds = ", ".join(sorted(c.peft_type for c in classes))
+        raise InputError(f"the adapters are of different methods ({kinds}): they cannot be merged together")
+    cls = classes.pop()
+    if len(runs_) == 1 and weights == [1.0]:
+        return None
+    if not cls.combination_types:
+        raise InputError(f"{cls.peft_type} adapters cannot be combined or re-weighted (PEFT's add_weighted_adapter is "
+                         "defined for LoRA and IA3 only); merge one run at a time")
+    kind = given or cls.default_combination
+    if kind not in cls.combination_types:
+        raise InputError(f"--combination {kind} is not defined for {cls.peft_type} adapters; they combine with: "
+                         + ", ".join(cls.combination_types))
+    return kind
 
 
 def shard_bytes(size: str | int | None) -> int:
@@ -198,9 +231,11 @@ def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = No
     from peftctl import runs
 
     reporter = reporter or Reporter()
+    given = combination_type
     weights, combination_type = _check_options(len(run_dirs), weights, combination_type, None, False, None,
                                                density=density, svd_rank=svd_rank)
     runs_ = [runs.read_run(d) for d in run_dirs]
+    combination_type = _combination_for(runs_, weights, given) or combination_type
     spec = runs_[0].model_section
     report: dict[str, Any] = {}
     trained = None
@@ -214,6 +249,7 @@ def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = No
     merged = model.merge_and_unload(safe_merge=True)
     after = probe_logits(merged, tokenizer)
     report["max_logit_diff"] = distance(before, after)["max_abs_logit_diff"]
+    report["combination_type"] = None if len(run_dirs) == 1 and weights == [1.0] else combination_type
     if trained is not None:
         report["vs_quantized_training_model"] = distance(trained, after)
         q = report["vs_quantized_training_model"]
@@ -241,7 +277,7 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     weights, combination_type = _check_options(len(run_dirs), weights, combination_type, rank, adapter_only, quantize,
                                                density=density, svd_rank=svd_rank, max_shard_size=max_shard_size)
     max_shard_size = None if adapter_only else shard_bytes(max_shard_size)
-    models._quiet_transformers()
+    models.quiet_transformers()
     result: dict[str, Any] = {
         "output": str(out_dir),
         "adapters": [str(d) for d in run_dirs],
@@ -250,6 +286,8 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     }
     if adapter_only:
         runs_ = [runs.read_run(d) for d in run_dirs]
+        combination_type = _combination_for(runs_, weights, given["combination_type"]) or combination_type
+        result["combination_type"] = None if len(run_dirs) == 1 and weights == [1.0] else combination_type
         model, name, tokenizer = _combined(runs_, runs_[0].model_section, weights, combination_type, density,
                                            svd_rank, reporter)
         result["base_model"] = runs_[0].model_section.name_or_path
@@ -265,13 +303,15 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
             tokenizer.save_pretrained(tmp)
         reporter.log(f"adapter written to {out_dir}")
         config = model.peft_config[name]
-        return {**result, "mode": "adapter", "r": config.r, "lora_alpha": config.lora_alpha}
+        return {**result, "mode": "adapter", "method": config.method,
+                **{k: getattr(config, k) for k in ("r", "lora_alpha") if hasattr(config, k)}}
 
     merged, tokenizer, report = merged_model(run_dirs, **given,
                                              density=density, svd_rank=svd_rank, reporter=reporter)
     spec = runs.read_run(run_dirs[0]).model_section
     out_dtype = models.resolve_dtype(dtype or spec.dtype)
     merged = merged.to(out_dtype)
+    result["combination_type"] = report["combination_type"]
     result.update(base_model=spec.name_or_path, mode="model", dtype=str(out_dtype).removeprefix("torch."),
                   parameters=sum(p.numel() for p in merged.parameters()), max_logit_diff=report["max_logit_diff"])
     if "vs_quantized_training_model" in report:
@@ -284,16 +324,12 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
         return result
     # bitsandbytes quantizes as transformers loads a folder: write the merged model next to
     # out_dir, load it back quantized, and remove it.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(out_dir.parent, out_dir.name, ".unquantized")
-    try:
+    with scratch_dir(out_dir.parent, out_dir.name, ".unquantized") as staging:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         del merged
         _release_memory()
         result["quantized"] = _write_quantized(staging, tokenizer, report["probe_logits"], out_dir, quantize,
                                                out_dtype, max_shard_size, reporter)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

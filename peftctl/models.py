@@ -13,13 +13,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftctl.errors import InputError, RuntimeFailure
-from peftctl.fsio import apply_umask, temp_dir
+from peftctl.fsio import atomic_dir, cache_root
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,6 @@ class ModelSource:
     @property
     def description(self) -> str:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("PEFTCTL_CACHE"):
-        return Path(os.environ["PEFTCTL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "peftctl"
 
 
 def _looks_like_path(name: str) -> bool:
@@ -124,8 +114,9 @@ def _strip_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _quiet_transformers() -> None:
-    # transformers draws its own tqdm bars for every load; peftctl reports progress itself.
+def quiet_transformers() -> None:
+    """Turn off transformers' own progress bars (it draws one for every load; peftctl reports
+    progress itself). Called before loading, here and by `merge`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -161,10 +152,10 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(final.parent, final.name)
-    try:
+    quiet_transformers()
+    # The marker is written last; a folder without it (an older version's, interrupted) is
+    # replaced, one another process finished meanwhile kept.
+    with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
         with _reading_gguf(gguf):
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -172,15 +163,6 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _DONE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        apply_umask(tmp)
-        if final.exists():  # a stale, incomplete folder from an older version: replace it
-            if (final / _DONE_MARKER).exists():
-                return final  # someone else finished first
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -252,6 +234,28 @@ def quantize_skeleton(model, quantization, dtype) -> None:
                                             compress_statistics=config.bnb_4bit_use_double_quant,
                                             quant_type=config.bnb_4bit_quant_type)
             setattr(parent, name, new)
+
+
+def meta_model(spec):
+    """(the base model of a recipe's model section built on the meta device: no weights read or
+    allocated; its config; its torch dtype). A quantized base gets bitsandbytes' layer types where
+    loading would put them (`quantize_skeleton`), so adapters attached to it, parameter counts and
+    the memory estimate are those of the real run. Reads the config and the weight files' headers
+    (a truncated weights file shows here, before a real run): input errors as `load_model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
+    check_model_files(spec, source)  # headers only
+    config = load_config(spec, source)
+    dtype = resolve_dtype(spec.dtype)
+    # The attention implementation loading gives (packing shapes its batches for it).
+    kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
+    if spec.quantization is not None:
+        quantize_skeleton(model, spec.quantization, dtype)
+    return model, config, dtype
 
 
 def _common_kwargs(spec, source: ModelSource) -> dict[str, Any]:
@@ -531,7 +535,7 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     import torch
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     source = source or resolve(spec.name_or_path, spec.cache_dir)
     dtype = dtype if dtype is not None else resolve_dtype(spec.dtype)
     quantized = spec.quantization is not None

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from clirun import run, run_json
-from test_recipe import alias_bomb
+from tiny import alias_bomb
 
 
 def errors_json(*args, code=2) -> dict:

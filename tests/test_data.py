@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from tiny import recipe_text
 from transformers import AutoTokenizer
 
 from peftctl import data as data_lib
@@ -79,18 +80,43 @@ def test_masking_with_templates_that_add_text_around_messages(tmp_path, tok, tem
 
 
 def test_fast_renderer_renders_as_apply_chat_template(tok):
+    """The renderer compiled once through transformers' private helper, and its public fallback
+    (apply_chat_template per row, on transformers versions the helper was not checked with), give
+    apply_chat_template's text, and refuse what it refuses."""
+    import transformers
+
+    from peftctl.data.templates import compile_checked
+
+    assert compile_checked("5.24.0") and not compile_checked("5.23.1") and not compile_checked("6.0.0")
     messages = [{"role": "system", "content": "S"}, *CHAT["messages"]]
     for template in [tok.chat_template, ZEPHYR_STYLE, *NAMED_TEMPLATES.values()]:
-        render = ChatRenderer(tok, template)
+        renders = [ChatRenderer(tok, template, private=True), ChatRenderer(tok, template, private=False)]
+        assert renders[0].template is not None and renders[1].template is None  # the two ways
+        if compile_checked(transformers.__version__):
+            assert ChatRenderer(tok, template).template is not None  # the product's way here: the fast one
         msgs = messages[1:] if "raise_exception" in template else messages
         for gen in (False, True):
             try:
                 ref = tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
             except Exception:  # the template refuses: ours must too
-                with pytest.raises(ValueError):
-                    render(msgs, gen)
+                for render in renders:
+                    with pytest.raises(ValueError):
+                        render(msgs, gen)
                 continue
-            assert render(msgs, gen) == ref
+            assert [render(msgs, gen) for render in renders] == [ref, ref]
+
+
+def test_template_syntax_error_is_the_same_input_error_both_ways(tok):
+    from peftctl.data.templates import use_chat_template
+    from peftctl.errors import InputError
+
+    broken = "{% for message in messages %}{{ message['content'] }}\n{% endfor"
+    errors = []
+    for private in (True, False):
+        with pytest.raises(InputError) as e:
+            use_chat_template(tok, broken, private=private)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith("data.chat_template: Jinja syntax error on line 2")
 
 
 def test_completion_alpaca_classification_mask_the_prompt(tmp_path, tok):
@@ -231,6 +257,74 @@ def test_hub_dataset_offline_fails_fast_and_clearly(tok):
     assert "HF_HUB_OFFLINE=1" in str(e.value)
 
 
+class _ProxyStandIn:
+    """A local HTTP proxy stand-in: records each request line; answers CONNECT (HTTPS through the
+    proxy) with 403 and any other request (plain HTTP through the proxy) with 200."""
+
+    def __init__(self):
+        import socketserver
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                seen.append(self.rfile.readline().decode().strip())
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                status = "403 Forbidden" if seen[-1].startswith("CONNECT") else "200 OK"
+                self.wfile.write(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_hub_check_goes_through_huggingface_hubs_session_and_its_proxy(tmp_path, tiny_model_dir):
+    """The hub is asked through huggingface_hub's HTTP client, so its proxy settings and offline mode
+    apply: hub.invalid (a name that never resolves) answers through a proxy, a proxy that refuses is
+    reported, and HF_HUB_OFFLINE=1 asks nothing. Each in a fresh process: huggingface_hub reads its
+    endpoint and proxies when it starts."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    proxy = _ProxyStandIn()
+    base = {k: v for k, v in os.environ.items() if k.lower() not in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy", "hf_hub_offline", "hf_datasets_offline")}
+    check = "from peftctl.data.sources import _hub_unreachable; print(repr(_hub_unreachable()))"
+
+    def unreachable(**env):
+        start = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", check], env={**base, "HTTP_PROXY": proxy.url,
+                           "HTTPS_PROXY": proxy.url, **env}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert time.perf_counter() - start < 20
+        return ast.literal_eval(p.stdout.strip())
+
+    try:
+        assert unreachable(HF_ENDPOINT="http://hub.invalid") is None  # only the proxy could answer
+        assert proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
+        why = unreachable(HF_ENDPOINT="https://hub.invalid")
+        assert proxy.seen[-1] == "CONNECT hub.invalid:443 HTTP/1.1" and "403" in why, why
+        asked = len(proxy.seen)
+        assert "offline" in unreachable(HF_ENDPOINT="http://hub.invalid", HF_HUB_OFFLINE="1").lower()
+        assert len(proxy.seen) == asked
+
+        # the whole path: a hub dataset behind a proxy that refuses is exit 2 naming the reason
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(recipe_text(tiny_model_dir, "someorg/some-dataset", None, str(tmp_path / "out")))
+        start = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "peftctl", "data", str(recipe)], capture_output=True, text=True,
+                           env={**base, "HTTPS_PROXY": proxy.url, "HF_ENDPOINT": "https://hub.invalid"}, timeout=120)
+        assert p.returncode == 2 and time.perf_counter() - start < 60, p.stderr[-2000:]
+        assert "'someorg/some-dataset' is not a local file, folder or glob, and the hub cannot be reached (" in p.stderr
+        assert "403" in p.stderr and "HF_HUB_OFFLINE=1" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        proxy.server.shutdown()
+
+
 def test_sources_mix_by_weight_after_the_eval_split(tmp_path, tok):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(10)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(10)])
@@ -314,7 +408,7 @@ def test_packed_batches_keep_examples_apart(tmp_path, tok):
 def test_packing_leaves_the_eval_loss_unchanged(chat_data, tok, tiny_model_dir, attention):
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)
@@ -333,7 +427,7 @@ def test_varlen_layout_gives_the_same_loss(chat_data, tok, tiny_model_dir):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     cfg = dict(train=str(chat_data[1]), max_length=256)

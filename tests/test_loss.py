@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from peftctl.data import Example, collate
-from peftctl.train.loss import loss_sum
+from peftctl.loss import loss_sum
 
 
 def test_loss_sum_equals_full_logits_cross_entropy(tiny_llama):
@@ -29,7 +29,7 @@ def test_loss_sum_equals_full_logits_cross_entropy(tiny_llama):
 def test_plain_head_path_matches_the_model_logits_and_gradients(tiny_llama):
     """Llama's head is bypassed (no logits); loss and adapter gradients equal the plain path's."""
     from peftctl import LoraConfig, get_peft_model
-    from peftctl.train import loss as loss_mod
+    from peftctl import loss as loss_mod
 
     torch.manual_seed(0)
     examples = [Example(ids, [-100] * 4 + ids[4:]) for ids in (torch.randint(0, 300, (n,)).tolist() for n in (10, 14))]

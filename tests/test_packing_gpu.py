@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_packing_leaves_the_eval_loss_unchanged_on_gpu(chat_data, tiny_model_dir, attention, dtype, rel):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftctl.train.loss import eval_loss
+    from peftctl.loss import eval_loss
 
     if attention.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash_attention_2 needs the flash_attn package, which is not installed here")

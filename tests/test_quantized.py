@@ -230,6 +230,48 @@ def test_a_4bit_model_bitsandbytes_repacked_is_refused_by_name(tiny_model_dir, c
     torch.testing.assert_close(xg.grad, w.sum(0).expand_as(x), rtol=0, atol=ATOL)
 
 
+def test_cpu_switch_is_used_where_checked_and_the_public_fallback_computes_the_same(tiny_model_dir, cpu_path):
+    """bitsandbytes' undocumented CPU switch (`support_avx512bf16_for_cpu`) is set only on the versions
+    peftctl checked it with, this one among them; on another, each 4-bit layer computes through the
+    public fallback (`peftctl.bnb.plain_forward`): the same outputs and input gradients as the
+    switched-off layer, in eval mode without gradients (where bitsandbytes repacks on an AVX512-BF16
+    CPU) and in training, and no weight is ever repacked."""
+    import bitsandbytes as bnb
+
+    from peftctl import bnb as fence
+
+    # The gate (this test runs both ways whatever the installed version is).
+    assert fence.switch_checked("0.50.2") and not fence.switch_checked("0.49.2") and not fence.switch_checked("0.51.0")
+    models_ = {}
+    for checked in (True, False):
+        model = loaded_by_transformers(tiny_model_dir, 4)
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                fence._keep_layer_plain(m, checked)
+        models_[checked] = {n: m for n, m in _quantized_layers(model).items()}
+    assert all("forward" in vars(m) for m in models_[False].values())  # the fallback is what runs
+    assert not any("forward" in vars(m) for m in models_[True].values())
+    for name, switched in models_[True].items():
+        fallback = models_[False][name]
+        x = torch.randn(3, 5, switched.in_features, generator=torch.Generator().manual_seed(0))
+        for mode in ("eval", "train"):
+            outs, grads = [], []
+            for layer in (switched, fallback):
+                layer.train(mode == "train")
+                xi = x.clone().requires_grad_(mode == "train")
+                with torch.set_grad_enabled(mode == "train"):
+                    out = layer(xi)
+                if mode == "train":
+                    out.sum().backward()
+                    grads.append(xi.grad)
+                outs.append(out)
+            torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=ATOL, msg=f"{name} {mode}")
+            if grads:
+                torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=ATOL, msg=f"{name} gradient")
+        for layer in (switched, fallback):
+            assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False), name
+
+
 def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_the_same_gradients(make_recipe):
     """The training model of a 4-bit recipe: nothing in float32 but the adapter, checkpointing on by
     default and recomputing each layer, gradients as without it."""
@@ -258,7 +300,7 @@ def test_kbit_training_keeps_frozen_weights_as_loaded_and_checkpointing_gives_th
 
 
 def test_8bit_base_trains(tiny_model_dir):
-    from peftctl.train.loss import loss_sum
+    from peftctl.loss import loss_sum
 
     model = get_peft_model(quantized(tiny_model_dir, 8), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.train()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import alias_bomb
 
 from peftctl import recipe
 from peftctl.errors import RecipeError
+from peftctl.recipe.schema import unwrap_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,15 +153,6 @@ def test_adapter_section_is_the_python_config_class():
 # ---- hostile and unusual YAML ------------------------------------------------------------------
 
 
-def alias_bomb(levels: int = 7, width: int = 9) -> str:
-    """`levels` levels of `width` aliases: width**levels values from a few hundred bytes."""
-    names = [chr(ord("a") + i) for i in range(levels)]
-    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
-    for prev, name in zip(names, names[1:], strict=False):
-        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
-    return "\n".join(lines) + "\n"
-
-
 def test_alias_bomb_is_refused_at_once():
     import time
 
@@ -228,7 +221,8 @@ output: {dir: out}
 
 
 def _float_fields():
-    """(dotted field, YAML value setting it to inf) for every float field in the schema."""
+    """(dotted field, adapter method it belongs to ("" outside adapter), kind) for every float field in
+    the schema."""
     from typing import get_args
 
     from pydantic import BaseModel
@@ -250,16 +244,16 @@ def _float_fields():
             kind = floats(field.annotation)
             if kind:
                 out.append((f"{prefix}{name}", base, kind))
-            sub = recipe._unwrap_model(field.annotation, None)
+            sub = unwrap_model(field.annotation, None)
             if sub is not None and sub is not model:
                 walk(sub, f"{prefix}{name}.", base)
 
     for section, field in recipe.Recipe.model_fields.items():
         if section == "adapter":
-            for cls in config_classes():
-                walk(cls, "adapter.", "")
+            for cls in config_classes():  # base: the method whose recipe has the field
+                walk(cls, "adapter.", cls.model_fields["method"].default)
         else:
-            sub = recipe._unwrap_model(field.annotation, None)
+            sub = unwrap_model(field.annotation, None)
             walk(sub, f"{section}.", "")
     return out
 
@@ -274,10 +268,10 @@ def test_float_fields_are_found():
             "data.train.weight", "model.quantization.int8_threshold"} <= names
 
 
-@pytest.mark.parametrize("field,_,kind", FLOAT_FIELDS, ids=[f for f, _, _ in FLOAT_FIELDS])
+@pytest.mark.parametrize("field,method,kind", FLOAT_FIELDS, ids=[f"{f}-{m}" if m else f for f, m, _ in FLOAT_FIELDS])
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
-def test_no_float_field_takes_inf_or_nan(field, _, kind, value):
-    sets = []
+def test_no_float_field_takes_inf_or_nan(field, method, kind, value):
+    sets = [f"adapter={{method: {method}}}"] if method and method != "lora" else []
     if field.startswith("model.quantization."):
         sets.append("model.quantization.bits=8" if "int8" in field else "model.quantization.bits=4")
     if field == "data.train.weight":
@@ -354,3 +348,59 @@ def test_no_integer_beyond_int64_anywhere():
     assert got == [f"r.yaml:5 adapter.r: {bound} (got {huge})",
                    f"--set adapter.layers_to_transform=[1, {huge}] adapter.layers_to_transform.1: {bound} (got {huge})",
                    f"--set train.grad_accum={huge} train.grad_accum: {bound} (got {huge})"]
+
+
+def test_other_tools_names_for_fields_are_theirs_one_field_each_and_in_the_docs():
+    import dataclasses
+    import inspect
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TrainingArguments
+
+    from peftctl.adapters.registry import METHODS, config_classes
+    from peftctl.recipe.foreign import ADAPTER_ALSO_KNOWN_AS, foreign_name_table
+
+    table = foreign_name_table()
+    # one recipe field per foreign name and tool (what a "did you mean" or a converter looks up)
+    for tool in recipe.TOOLS:
+        seen: dict[str, str] = {}
+        for t, foreign, dotted in table:
+            if t == tool:
+                assert seen.setdefault(foreign, dotted) == dotted, (tool, foreign, seen[foreign], dotted)
+    # the names we say are transformers' are transformers' (this installed version's)
+    training_args = {f.name for f in dataclasses.fields(TrainingArguments)}
+    bnb_args = set(inspect.signature(BitsAndBytesConfig.__init__).parameters)
+    loading_doc = inspect.getdoc(PreTrainedModel.from_pretrained) + inspect.getdoc(AutoModelForCausalLM.from_pretrained)
+    for t, foreign, dotted in table:
+        if t != "transformers":
+            continue
+        if dotted.startswith("model.quantization."):
+            assert foreign in bnb_args, (foreign, dotted)
+        elif dotted.startswith("model."):
+            assert f"{foreign} (" in loading_doc, (foreign, dotted)
+        else:
+            assert foreign in training_args, (foreign, dotted)
+    # the adapter's table names real fields of each method's config class
+    classes = {c.model_fields["method"].default: c for c in config_classes()}
+    assert set(ADAPTER_ALSO_KNOWN_AS) <= set(METHODS)
+    for method, fields in ADAPTER_ALSO_KNOWN_AS.items():
+        assert set(fields) <= set(classes[method].model_fields), method
+    # the renamed ones the issue lists, and their place in the generated reference
+    transformers, axolotl = recipe.foreign_names("transformers"), recipe.foreign_names("axolotl")
+    llamafactory = recipe.foreign_names("llamafactory")
+    assert {k: transformers[k] for k in ("learning_rate", "gradient_accumulation_steps", "save_steps",
+                                         "per_device_train_batch_size", "num_train_epochs", "logging_steps",
+                                         "save_total_limit", "eval_steps", "output_dir")} == {
+        "learning_rate": "train.lr", "gradient_accumulation_steps": "train.grad_accum",
+        "save_steps": "train.save_every", "per_device_train_batch_size": "train.batch_size",
+        "num_train_epochs": "train.epochs", "logging_steps": "train.log_every",
+        "save_total_limit": "train.keep_checkpoints", "eval_steps": "train.eval_every", "output_dir": "output.dir"}
+    assert axolotl["micro_batch_size"] == "train.batch_size" and axolotl["num_epochs"] == "train.epochs"
+    assert axolotl["sequence_len"] == "data.max_length" and axolotl["lora_r"] == "adapter.r"
+    assert llamafactory["lora_rank"] == "adapter.r" and llamafactory["cutoff_len"] == "data.max_length"
+    assert llamafactory["model_name_or_path"] == "model.name_or_path"
+    doc = recipe.reference_markdown()
+    assert "| `learning_rate` / `learning_rate` / `learning_rate` |" in doc.split("| `lr` |")[1].split("\n")[0]
+    assert doc.split("| `r` |")[1].split("\n")[0].endswith("| - / `lora_r` / `lora_rank` |")
+    assert "### `model.quantization`: `QuantizationSection`" in doc  # nested sections get their table
+    with pytest.raises(ValueError, match="unknown tool"):
+        recipe.foreign_names("trl")

@@ -105,7 +105,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(make_recipe, tmp_pa
     assert json.loads(stdout) == s  # --json still prints the summary
     assert f"interrupted by SIGTERM at step {s['steps']}" in stderr and "Traceback" not in stderr
     assert s["last_checkpoint"] == f"checkpoints/step-{s['steps']:06d}"
-    state = json.loads((out / s["last_checkpoint"] / "trainer_state.json").read_text())
+    state = json.loads((out / s["last_checkpoint"] / "peftctl_state.json").read_text())
     assert state["step"] == s["steps"] and state["position"] == (4 * s["steps"] - 1) % 48 + 1
     # it continues from there
     res = run_json("train", recipe, "--resume", "auto", "--set", f"train.max_steps={s['steps'] + 2}")
@@ -152,6 +152,27 @@ def test_resume_refuses_a_recipe_that_became_another_run(make_recipe, tmp_path, 
     r = run("train", recipe, "--resume", out / "checkpoints" / "step-000004", "--set", "train.max_steps=6")
     assert "removed the checkpoints after step 4: step-000006" in r.stderr
     assert [m["step"] for m in metrics(out) if "loss" in m] == [2, 4, 6]
+
+
+def test_checkpoints_with_the_old_state_file_name_still_resume_exactly(make_recipe, tmp_path):
+    """Earlier versions named the state file trainer_state.json (Hugging Face Trainer's name, another
+    schema): such checkpoints are found by --resume auto and by path, and resume bit for bit."""
+    out = tmp_path / "run"
+    recipe = make_recipe(out=str(out), train={"max_steps": 4, "save_every": 2, "log_every": 1},
+                         adapter={"lora_dropout": 0.1})
+    run_json("train", recipe)
+    whole = adapter(out)
+    ckpts = [out / "checkpoints" / "step-000002", out / "checkpoints" / "step-000004"]
+    for ckpt in ckpts:  # what an earlier version wrote
+        assert not (ckpt / "trainer_state.json").exists()
+        os.replace(ckpt / "peftctl_state.json", ckpt / "trainer_state.json")
+    r = run("train", recipe, "--resume", "auto")  # found (else: "the run completed without checkpoints")
+    assert "already finished (it completed 4 steps" in r.stderr
+    r = run("train", recipe, "--resume", ckpts[0])
+    assert "removed the checkpoints after step 2: step-000004" in r.stderr  # an old-name one, too
+    b = adapter(out)
+    assert all(torch.equal(whole[k], b[k]) for k in whole), "resumed adapter differs from the uninterrupted one"
+    assert (ckpts[1] / "peftctl_state.json").is_file() and not (ckpts[1] / "trainer_state.json").exists()
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(make_recipe, tmp_path):
@@ -409,6 +430,21 @@ def _fsdp2_worker(rank: int, world: int, model_dir: str, port: int) -> None:
         assert gathered.keys() == expected.keys()
         for k in expected:
             torch.testing.assert_close(gathered[k], expected[k], atol=1e-6, rtol=1e-5)
+        if rank == 0:
+            # The one saving path: the gathered tensors written as save_pretrained writes the live ones.
+            import tempfile
+
+            from safetensors.torch import load_file
+
+            with tempfile.TemporaryDirectory() as tmp:
+                sharded.save_adapter("default", Path(tmp) / "gathered", tensors=gathered)
+                plain.save_pretrained(Path(tmp) / "plain")
+                configs = [json.loads((Path(tmp) / d / "adapter_config.json").read_text()) for d in ("gathered", "plain")]
+                assert configs[0] == configs[1]
+                written, live = (load_file(Path(tmp) / d / "adapter_model.safetensors") for d in ("gathered", "plain"))
+                assert written.keys() == live.keys() == expected.keys()
+                for k in live:
+                    torch.testing.assert_close(written[k], live[k], atol=1e-6, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 

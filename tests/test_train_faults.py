@@ -110,6 +110,26 @@ def test_a_kill_before_the_first_checkpoint_is_started_again_by_resume_auto(make
     assert "holds no checkpoint" in r.stderr and [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_a_resume_checks_the_runs_metrics_lines_before_changing_anything(make_recipe, tmp_path):
+    """A line of metrics.jsonl that is not a metrics record stops a resume (exit 2, file and line)
+    with the folder untouched; the half line a kill leaves at the end is dropped."""
+    out = tmp_path / "run"
+    recipe = make_recipe(out=str(out), train={"max_steps": 2, "save_every": 1, "log_every": 1})
+    run_json("train", recipe)
+    good = (out / "metrics.jsonl").read_text()
+    n = len(good.splitlines())
+    for garbage, what in (("[1, 2]", f"line {n + 1} is not a JSON object"), ("\x00\x01", f"line {n + 1} is not JSON"),
+                          ('{"step": "abc"}', f"line {n + 1}: step must be an integer")):
+        (out / "metrics.jsonl").write_text(good + garbage + "\n")
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+        r = run("train", recipe, "--resume", "auto", "--set", "train.max_steps=3", code=2)
+        assert f"{out / 'metrics.jsonl'}" in r.stderr and what in r.stderr and "Traceback" not in r.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
+    (out / "metrics.jsonl").write_text(good + '{"step": 3, "lo')  # a killed writer's half line
+    run_json("train", recipe, "--resume", "auto", "--set", "train.max_steps=3")
+    assert [m["step"] for m in train_records(out)] == [1, 2, 3]
+
+
 def test_a_second_train_on_a_folder_in_use_is_refused_naming_the_holder(make_recipe, tmp_path):
     """Two `--resume auto` on one run at once: the second is refused (exit 2) with the folder and
     the holder's pid, and touches nothing; so is a fresh run that meets the lock only when it
@@ -350,7 +370,7 @@ def test_files_and_folders_get_the_users_umask(make_recipe, tmp_path, mask):
                *out.glob("*.json"), *out.glob("*.yaml"), *out.glob("*.jsonl"), *out.glob("*.safetensors"),
                merged, *merged.iterdir()]
     assert {p.name for p in checked} >= {"adapter_model.safetensors", "adapter_config.json", "summary.json",
-                                        "recipe.yaml", "optimizer.pt", "trainer_state.json", "model.safetensors"}
+                                        "recipe.yaml", "optimizer.pt", "peftctl_state.json", "model.safetensors"}
     for p in checked:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert p.stat().st_mode & 0o777 == want, (str(p), oct(p.stat().st_mode & 0o777), oct(want))
@@ -472,19 +492,24 @@ def test_resume_with_another_batch_geometry_trains_each_example_exactly_once(tmp
     seen: list[str] = []
     collate = loop.collate
 
-    def recording(examples, pad_id):  # observes what the loop trains on, then does the real work
+    def recording(examples, pad_id):  # observes what the loop draws, then does the real work
         seen.extend(e.source for e in examples)
-        if len(seen) == 12:  # step 3's micro-batches are drawn: stop after it, as a scheduler would
+        # The loop draws a step's micro-batches ahead, during the step before: 16 drawn means
+        # step 4's are, during step 3. Stop after step 3, as a scheduler would.
+        if len(seen) == 16:
             os.kill(os.getpid(), signal.SIGTERM)
         return collate(examples, pad_id)
 
     monkeypatch.setattr(loop, "collate", recording)
     run("train", recipe, code=143)
-    assert summary(tmp_path / "run")["steps"] == 3 and len(seen) == 12
+    assert summary(tmp_path / "run")["steps"] == 3 and len(seen) == 16
     r = run("train", recipe, "--resume", "auto", "--set", "train.grad_accum=1", "--json")
     s = json.loads(r.stdout)
     assert "train.grad_accum: 2 -> 1" in r.stderr
-    assert len(seen) == 200 and len(set(seen)) == 200  # the 200 rows, each once
+    # The 4 examples drawn ahead for step 4 were not trained: the resumed run draws them first.
+    assert seen[16:20] == seen[12:16]
+    trained = seen[:12] + seen[16:]
+    assert len(trained) == 200 and len(set(trained)) == 200  # the 200 rows, each once
     assert s["steps"] == 3 + 188 // 2 and s["epochs"] == 1.0 and s["examples_seen"] == 200
 
 

@@ -79,9 +79,9 @@ def _damage_adapter(folder: Path, kind: str) -> Path:
     if kind == "config_not_json":
         config.write_text('{"peft_type": "LORA", "r": ')
         return config
-    if kind == "unknown_peft_type":
+    if kind == "unknown_peft_type":  # a PEFT method peftctl does not implement (IA3 became one)
         d = json.loads(config.read_text())
-        config.write_text(json.dumps({**d, "peft_type": "IA3"}))
+        config.write_text(json.dumps({**d, "peft_type": "OFT"}))
         return config
     if kind == "bad_value":
         d = json.loads(config.read_text())
@@ -211,7 +211,7 @@ def _damage_checkpoint(ckpt: Path, kind: str) -> Path:
                 "no_recipe": "recipe.yaml", "no_weights": "adapter_model.safetensors"}[kind]
         (ckpt / name).unlink()
         return ckpt / name
-    state = ckpt / "trainer_state.json"
+    state = ckpt / "peftctl_state.json"
     if kind == "state_list":
         state.write_text("[]")
         return state
@@ -440,3 +440,72 @@ def test_reading_blames_the_file_but_not_for_the_machines_limits(tmp_path):
         raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(MemoryError), reading(tmp_path / "x.bin", "a thing"):
         raise MemoryError()
+
+
+def test_atomic_dir_one_rule_for_a_folder_already_there(tmp_path):
+    """fsio.atomic_dir, the one folder builder (outputs, checkpoints, model and data caches): what
+    happens when the final name holds a folder at the end of the build, and that a failed build
+    leaves nothing."""
+    from peftctl.errors import InputError
+    from peftctl.fsio import atomic_dir
+
+    def build(path, content, **kw):
+        with atomic_dir(path, **kw) as tmp:
+            (tmp / "done").write_text(content)
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "x").write_text(content)
+
+    def leftovers():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+
+    out = tmp_path / "out"
+    build(out, "1")
+    assert (out / "sub" / "x").read_text() == "1" and oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    with pytest.raises(InputError, match="not empty"):  # a user's output: refused, before any work
+        build(out, "2")
+    assert (out / "done").read_text() == "1"
+    # Something written under the final name while the build ran: still refused, and kept.
+    with pytest.raises(InputError, match="not empty"), atomic_dir(tmp_path / "late") as tmp:
+        (tmp / "done").write_text("mine")
+        (tmp_path / "late").mkdir()
+        (tmp_path / "late" / "theirs").write_text("theirs")
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["theirs"]
+    build(out, "3", exists="replace")  # a checkpoint of the same step again
+    assert (out / "done").read_text() == "3" and leftovers() == []  # the old one swapped out and removed
+    # A cache entry: a finished one (holding `done`) is another process's and kept; an unfinished one replaced.
+    with atomic_dir(out, exists="keep", done="done") as tmp:
+        (tmp / "done").write_text("4")
+    assert (out / "done").read_text() == "3"
+    (out / "done").unlink()
+    build(out, "5", exists="keep", done="done")
+    assert (out / "done").read_text() == "5" and (out / "sub" / "x").read_text() == "5"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "failed") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("the build failed")
+    assert not (tmp_path / "failed").exists() and leftovers() == []
+
+
+def _umask() -> int:
+    from peftctl.fsio import umask
+
+    return umask()
+
+
+def test_a_temporary_file_of_a_killed_process_goes_by_the_folders_rule(tmp_path):
+    """atomic_file's temporary, left by a process killed while writing, is named as temp_dir's folders
+    are and removed by the next temp_dir in that folder; a live process's is kept."""
+    from peftctl.fsio import atomic_file, temp_dir
+
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom peftctl.fsio import atomic_file\n"
+            "with atomic_file(Path(sys.argv[1]) / 'summary.json') as tmp:\n"
+            "    tmp.write_text('half')\n    print(tmp, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    left = Path(p.stdout.strip())
+    assert left.is_file() and left.parent == tmp_path and left.name.startswith(".summary.json.")
+    with atomic_file(tmp_path / "mine.json") as live:
+        live.write_text("{}")
+        temp_dir(tmp_path, "out")
+        assert not left.exists() and live.exists()
+    assert (tmp_path / "mine.json").read_text() == "{}"

@@ -1,5 +1,6 @@
 """Tiny, complete, offline model folders for tests: a 2-layer Llama and a byte-level BPE tokenizer
-with a ChatML template, built in-process in well under a second."""
+with a ChatML template, built in-process in well under a second; and the inputs several test
+modules share (a recipe's text, a YAML alias bomb)."""
 
 from __future__ import annotations
 
@@ -93,8 +94,20 @@ def recipe_text(model_dir: Path, train_path: str, eval_path: str | None, out_dir
         "output": {"dir": out_dir},
     }
     for name, fields in sections.items():
-        recipe.setdefault(name, {}).update(fields)
+        if name == "adapter" and fields.get("method", "lora") != "lora":
+            recipe["adapter"] = dict(fields)  # another method: none of LoRA's fields
+        else:
+            recipe.setdefault(name, {}).update(fields)
     return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def alias_bomb(levels: int = 7, width: int = 9) -> str:
+    """`levels` levels of `width` aliases: width**levels values from a few hundred bytes."""
+    names = [chr(ord("a") + i) for i in range(levels)]
+    lines = [f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]"]
+    for prev, name in zip(names, names[1:], strict=False):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * width)}]")
+    return "\n".join(lines) + "\n"
 
 
 def checkpointing_runs(make_model, batch):
@@ -105,8 +118,8 @@ def checkpointing_runs(make_model, batch):
     """
     import torch
 
+    from peftctl.loss import loss_sum
     from peftctl.train import enable_gradient_checkpointing
-    from peftctl.train.loss import loss_sum
 
     calls, grads = [], []
     for checkpointing in (False, True):

@@ -37,6 +37,11 @@ class PeftType(str, enum.Enum):
     """PEFT's method names, as written to adapter_config.json's `peft_type`."""
 
     LORA = "LORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    ADALORA = "ADALORA"
+    VERA = "VERA"
 
 
 class _ConfigCall(type(BaseModel)):
@@ -58,6 +63,10 @@ class _ConfigCall(type(BaseModel)):
                     refused.append(f"peft_type={value!r} (this is a {cls.peft_type} config)")
                 elif key in cls.unsupported_peft_keys and value not in cls.unsupported_peft_keys[key]:
                     refused.append(f"{key}={value!r}")
+                elif key in cls.warned_peft_keys:  # PEFT ignores it with a warning: so does peftctl
+                    import warnings
+
+                    warnings.warn(f"{cls.__name__}: {cls.warned_peft_keys[key]}", UserWarning, stacklevel=2)
                 elif key not in cls.unsupported_peft_keys and key not in cls.inert_peft_keys:
                     close = difflib.get_close_matches(key, list(cls.model_fields), n=2)
                     raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}"
@@ -78,10 +87,24 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     # PEFT config keys this method does not implement, with the values that mean "off". An adapter
     # file carrying another value is refused on load, since ignoring it would change the numbers.
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {}
+    # PEFT config keys a direct call may pass that change nothing, with the warning PEFT gives for them
+    # (AdaLoRA's `r`); in a saved file they are inert.
+    warned_peft_keys: ClassVar[dict[str, str]] = {}
     # PEFT config keys that change nothing here whatever their value: metadata (peft_version,
     # auto_mapping), runtime settings, and settings of features that are off (refused otherwise).
     inert_peft_keys: ClassVar[tuple[str, ...]] = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
-
+    # What the shared machinery needs to know about a method (see docs/ARCHITECTURE.md, "How to add a
+    # method"). `prefix`: the start of the method's tensor names in a layer (PEFT's tuner prefix,
+    # e.g. "lora_"), which groups a saved file's keys by module. `default_target_modules`: PEFT's
+    # table of targets by model type for this method (None: PEFT's LoRA table, which most methods
+    # share; `matching.DEFAULT_TARGETS`). `mixed_batches`: whether `adapter_names` (a different
+    # adapter per row) works. `combination_types`: the `add_weighted_adapter` combination types (empty:
+    # adapters of this method cannot be combined), `default_combination` the one `peftctl merge` uses.
+    prefix: ClassVar[str] = ""
+    default_target_modules: ClassVar[dict[str, list[str] | str] | None] = None
+    mixed_batches: ClassVar[bool] = False
+    combination_types: ClassVar[tuple[str, ...]] = ()
+    default_combination: ClassVar[str | None] = None
 
     method: str = Field(description="Adapter method.")
     task_type: TaskType | None = Field(
@@ -107,18 +130,6 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
         default=None,
         description="Modules never adapted, matched like target_modules (list or regex).",
     )
-    layers_to_transform: int | list[int] | None = Field(
-        default=None,
-        description=(
-            "Adapt only these layer indices (the number after layers_pattern, or after the first "
-            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'; "
-            "a target given as a module's full path is adapted whatever its layer (PEFT's rule)."
-        ),
-    )
-    layers_pattern: str | list[str] | None = Field(
-        default=None,
-        description="Name of the layer list that layers_to_transform indexes (e.g. 'layers', 'h').",
-    )
     modules_to_save: list[str] | None = Field(
         default=None,
         description=(
@@ -143,18 +154,6 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
         if isinstance(v, set | frozenset | tuple | list):
             return sorted(set(v))
         return v
-
-    @model_validator(mode="after")
-    def _layer_selection_needs_names(self):
-        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
-        if regex and self.layers_to_transform is not None:
-            raise ValueError(
-                "layers_to_transform cannot be combined with a regex target_modules; put the layer "
-                "indices in the regex instead"
-            )
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern needs layers_to_transform (the indices to adapt)")
-        return self
 
     # ---- PEFT's adapter_config.json -------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
@@ -215,6 +214,55 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     @property
     def is_prompt_learning(self) -> bool:
         return False
+
+    # ---- what a method may override -------------------------------------------------------
+    def with_model_defaults(self, model_type: str | None) -> AdapterConfig:
+        """The config with the defaults that depend on the model type filled in (PEFT's
+        `_prepare_adapter_config`), as it is recorded when the adapter is created; ValueError when
+        a needed default does not exist for `model_type`. Target modules are resolved separately
+        (`default_target_modules`)."""
+        return self
+
+    def recorded(self, adapted: list[str]) -> AdapterConfig:
+        """The config as adapter_config.json records it, once it adapted the modules at the dotted
+        paths `adapted` (with `target_modules` already written out where it was all-linear or the
+        default): a method rewrites what PEFT could not read back (IA3's feedforward_modules)."""
+        return self
+
+    def describe_module(self, module: str, tensors: dict[str, list[int]]) -> dict[str, Any]:
+        """What `peftctl inspect ADAPTER_DIR` shows for one adapted module, from its saved tensors
+        (`tensors`: name after the module path, e.g. "lora_A.weight", -> shape); e.g. LoRA's rank."""
+        return {}
+
+
+class LayerSelectionConfig(AdapterConfig):
+    """The fields of the methods whose PEFT config selects layers by index (LoRA, AdaLoRA, VeRA,
+    LoHa, LoKr; not IA3)."""
+
+    layers_to_transform: int | list[int] | None = Field(
+        default=None,
+        description=(
+            "Adapt only these layer indices (the number after layers_pattern, or after the first "
+            "'<name>.<index>.' in the module path). Needs a list of target_modules or 'all-linear'; "
+            "a target given as a module's full path is adapted whatever its layer (PEFT's rule)."
+        ),
+    )
+    layers_pattern: str | list[str] | None = Field(
+        default=None,
+        description="Name of the layer list that layers_to_transform indexes (e.g. 'layers', 'h').",
+    )
+
+    @model_validator(mode="after")
+    def _layer_selection_needs_names(self):
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be combined with a regex target_modules; put the layer "
+                "indices in the regex instead"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (the indices to adapt)")
+        return self
 
 
 def read_config_file(path: str | os.PathLike, cls: type[AdapterConfig] | None = None) -> AdapterConfig:

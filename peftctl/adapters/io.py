@@ -19,6 +19,7 @@ from torch import nn
 
 from peftctl.adapters.config import CONFIG_NAME, WEIGHTS_NAME
 from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.matching import outside_wrappers
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
 from peftctl.fsio import atomic_file
 from peftctl.userfiles import BadFileError, load_safetensors, torch_load
@@ -29,20 +30,16 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 def wrappers(model: nn.Module):
     """(name, module) for every adapter layer and modules_to_save wrapper, outermost only."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in inside):
-            continue
-        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
-            inside.append(name)
-            yield name, module
+    return ((name, module) for name, module in outside_wrappers(model)
+            if isinstance(module, AdapterLayer | ModulesToSaveWrapper))
 
 
 def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
-    """The base model's biases that `bias` (none | all | lora_only) trains, by parameter name."""
+    """The base model's biases that `bias` (none | all | <method>_only: lora_only, vera_only) trains, by
+    parameter name."""
     if bias == "none":
         return {}
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # the adapted layers' biases (PEFT's rule)
         out = {}
         for name, layer in wrappers(model):
             b = layer.base_layer._parameters.get("bias") if isinstance(layer, AdapterLayer) else None
@@ -62,9 +59,11 @@ def trained_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
     }
 
 
-def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
-    """Map saved key -> live tensor for one adapter (model: the wrapped transformers model)."""
-    out: dict[str, torch.Tensor] = {}
+def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
+                    extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Map saved key -> live tensor for one adapter (model: the wrapped transformers model; `extra`:
+    tensors the adapter keeps outside its layers, already under their saved keys)."""
+    out: dict[str, torch.Tensor] = dict(extra or {})
     for module_name, module in wrappers(model):
         for key, t in module.adapter_state_dict(adapter_name).items():
             out[f"{PREFIX}{module_name}.{key}"] = t
@@ -231,13 +230,13 @@ def read_weights(folder: str | os.PathLike, allow_pickle: bool = False) -> dict[
 
 
 def load_weights(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str,
-                 bias: str = "none") -> None:
+                 bias: str = "none", extra: dict[str, torch.Tensor] | None = None) -> None:
     """Copy saved tensors into the live adapter weights; every adapter key must match, both ways.
 
     A file may also hold base-model weights (PEFT saves the embedding matrices when an embedding
     is adapted); keys that name a parameter of the model are loaded into it, as PEFT does.
     """
-    live = adapter_tensors(model, adapter_name, bias)
+    live = adapter_tensors(model, adapter_name, bias, extra)
     unexpected = sorted(set(tensors) - set(live))
     if unexpected:
         params = {PREFIX + n: p for n, p in model.named_parameters(remove_duplicate=False)}

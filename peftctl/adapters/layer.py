@@ -10,9 +10,18 @@ methods whose update is not additive (DoRA) or that touch the bias override thos
 from __future__ import annotations
 
 import abc
+import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter computes in: autocast's when it is on, else the activations'."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class AdapterLayer(nn.Module, abc.ABC):
@@ -71,6 +80,23 @@ class AdapterLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update this adapter adds to the base weight, in float32, shaped like the weight."""
+
+    def describe(self, adapter_name: str) -> str:
+        """A few words on this adapter in this layer, for `peftctl inspect RECIPE` (e.g. "r=8")."""
+        return ""
+
+    def saved_activations(self) -> tuple[bool, int]:
+        """What autograd keeps per token for this layer's adapters in training, for the memory
+        estimate (`peftctl.memory`): whether it keeps the layer's input (a tensor other layers
+        reading the same input share), and how many more elements (adapter intermediates, or the
+        base output an output-side factor needs for its gradient). Default: the input only."""
+        return True, 0
+
+    def saved_weights(self) -> int:
+        """Elements this layer's adapters keep for the backward pass whatever the number of tokens
+        (LoHa's and LoKr's full-size ΔW, the weight of their product with the input), for the
+        memory estimate. Default: none."""
+        return 0
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors saved for one adapter, keyed relative to this layer without the adapter's name
@@ -169,3 +195,46 @@ class AdapterLayer(nn.Module, abc.ABC):
             for name in reversed(self.merged_adapters):
                 params = self.unmerged_params(name, params)
         return params
+
+
+class LayerTypes:
+    """Which of a method's layer classes wraps which base-module type: a method's `dispatch`.
+
+    `builtin()` gives the (base type, layer class) pairs, looked up on first use (so that torch
+    layer modules and transformers load only then); `quantized()` gives those for bitsandbytes'
+    layers, added once bitsandbytes is imported (a model holding its layers has imported it;
+    peftctl never imports it for a model without them). The first isinstance match wins; `register`
+    puts an entry first (bitsandbytes' linears subclass nn.Linear, so they must come first).
+    """
+
+    def __init__(self, method: str, builtin: Callable[[], list[tuple[type, type]]],
+                 quantized: Callable[[], list[tuple[type, type]]] | None = None):
+        self.method = method
+        self._builtin, self._quantized = builtin, quantized
+        self._entries: list[tuple[type, type]] = []
+        self._quantized_added = quantized is None
+
+    def register(self, base_type: type, layer_cls: type) -> None:
+        """Make `layer_cls` the layer for base modules of `base_type`, before the other entries."""
+        self.entries().insert(0, (base_type, layer_cls))
+
+    def entries(self) -> list[tuple[type, type]]:
+        if not self._entries:
+            self._entries.extend(self._builtin())
+        if not self._quantized_added and "bitsandbytes" in sys.modules:
+            self._quantized_added = True
+            for base_type, cls in self._quantized():
+                self.register(base_type, cls)
+        return self._entries
+
+    def dispatch(self, target: nn.Module, adapter_name: str, config, module_name: str, **state) -> AdapterLayer:
+        """The layer wrapping `target` for this adapter, or a TypeError naming the module and its type.
+        `state`: what the method's `before_inject` made (`state=...`), handed to the layer class."""
+        for base_type, cls in self.entries():
+            if isinstance(target, base_type):
+                return cls(target, adapter_name, config, module_name=module_name, **state)
+        supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in self.entries()))
+        raise TypeError(
+            f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "
+            f"{self.method} here supports: {supported}"
+        )

@@ -128,10 +128,10 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 
 
 def in_selected_layers(name: str, config) -> bool:
-    wanted = config.layers_to_transform
+    wanted = getattr(config, "layers_to_transform", None)  # IA3's config has no layer selection
     if wanted is None or wanted == []:
         return True
-    index = layer_index(name, config.layers_pattern)
+    index = layer_index(name, getattr(config, "layers_pattern", None))
     if index is None:
         return False
     return index == wanted if isinstance(wanted, int) else index in wanted
@@ -165,27 +165,36 @@ def _under_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool
         re.match(rf"(^|.*\.){_regex_or_literal(m)}($|\..*)", name) for m in modules_to_save)
 
 
-def candidate_modules(model: nn.Module):
-    """(name, module) pairs a config may target: not the adapters' own parts, not wrappers' bases."""
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(w + ".") for w in wrapped):
+def outside_wrappers(model: nn.Module):
+    """(name, module) for every module of `model` (itself first, as "") but those inside an adapter
+    layer or a modules_to_save wrapper; the outermost wrappers themselves are included. The one
+    walk over a model's wrappers (`candidate_modules`, `io.wrappers`)."""
+    inside: str | None = None  # the wrapper whose modules are being skipped
+    for name, module in model.named_modules():  # depth first: a module's own modules follow it
+        if inside is not None and name.startswith(inside):
             continue
-        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
-            wrapped.append(name)
+        inside = name + "." if isinstance(module, AdapterLayer | ModulesToSaveWrapper) else None
         yield name, module
 
 
+def candidate_modules(model: nn.Module):
+    """(name, module) pairs a config may target: not the adapters' own parts, not wrappers' bases."""
+    return ((name, module) for name, module in outside_wrappers(model) if name)
+
+
 def resolve_targets(model: nn.Module, config) -> list[str] | str:
+    """The config's target_modules, or when unset (or empty) its method's default for the model type
+    (the config class's `default_target_modules`, else PEFT's LoRA table `DEFAULT_TARGETS`)."""
     spec = config.target_modules
     if spec is None or spec == []:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        table = getattr(type(config), "default_target_modules", None) or DEFAULT_TARGETS
+        if model_type not in table:
             raise ValueError(
                 f"target_modules is unset and there is no default for model type {model_type!r}; "
                 "set target_modules (a list of names, a regex, or 'all-linear')"
             )
-        default = DEFAULT_TARGETS[model_type]
+        default = table[model_type]
         return default if isinstance(default, str) else list(default)
     return spec
 
@@ -388,7 +397,14 @@ def peft_pattern_key(patterns, name: str) -> str | None:
     return next((k for k in patterns if pattern_coverage(k, name) is not None), None)
 
 
+# A config class may name its own ({field: default field}; `pattern_fields`, empty for none).
 PATTERN_FIELDS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
+
+
+def pattern_fields(config) -> dict[str, str]:
+    """{pattern field: the field whose value it overrides}: LoRA's, or the config class's own
+    `pattern_fields` (LoHa and LoKr: alpha_pattern overrides alpha)."""
+    return getattr(type(config), "pattern_fields", PATTERN_FIELDS)
 
 
 def check_patterns(config, names: list[str], model: nn.Module, loading: bool = False) -> None:
@@ -397,7 +413,7 @@ def check_patterns(config, names: list[str], model: nn.Module, loading: bool = F
     a warning, as PEFT gives: the file's weights are what they are). Ties are errors (`pattern_key`).
     When loading a file, PEFT's first-match rule (the file's order) and the most-specific rule must
     agree for every module: otherwise the file does not say which value the adapter was trained with."""
-    for field in PATTERN_FIELDS:
+    for field in pattern_fields(config):
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue
@@ -448,7 +464,7 @@ def peft_safe_patterns(config, names: list[str]) -> dict:
     differs from the default (`^model\\.layers\\.0\\.self_attn\\.q_proj`), which no other module
     matches."""
     update = {}
-    for field, default_field in PATTERN_FIELDS.items():
+    for field, default_field in pattern_fields(config).items():
         patterns = getattr(config, field, None) or {}
         if not patterns:
             continue

@@ -1,7 +1,18 @@
 """Ways to combine task tensors (adapter weights or weight deltas): task arithmetic, TIES, DARE and
 magnitude pruning, with PEFT's definitions (so the same inputs and seed give the same result).
 
-Each function takes a list of same-shaped tensors and a 1-D tensor of weights, one per tensor.
+- Task arithmetic (Ilharco et al. 2023, arXiv 2212.04089): sum_i w_i t_i.
+- TIES (Yadav et al. 2023, arXiv 2306.01708, section 3, algorithm 1): trim each t_i to its top
+  `density` fraction by magnitude, elect a sign per entry (of the sum: "total", or of the sign count:
+  "frequency"), and average, per entry, the weighted values that agree with it ("disjoint merge").
+- DARE (Yu et al. 2024, arXiv 2311.03099, "Drop And REscale"): drop each entry with probability 1 - density
+  and rescale the rest by 1 / density, so each t_i is kept in expectation; then a weighted sum
+  (`dare_linear`) or TIES' sign election and disjoint merge (`dare_ties`). Draws from torch's
+  global generator: seed it for repeatable masks.
+
+Each function takes a list of same-shaped tensors and a 1-D tensor of weights, one per tensor, and
+returns one tensor of that shape (float tensors; the dtype of the inputs). ValueError for an
+unknown sign method.
 """
 
 from __future__ import annotations

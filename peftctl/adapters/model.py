@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from peftctl.adapters import io
 from peftctl.adapters.config import AdapterConfig
+from peftctl.adapters.hooks import HookSet, TrainingHooks
 from peftctl.adapters.layer import AdapterLayer
 from peftctl.adapters.matching import (
     ALL_LINEAR,
@@ -25,10 +27,13 @@ from peftctl.adapters.matching import (
     resolve_targets,
 )
 from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
-from peftctl.adapters.registry import layer_module
+from peftctl.adapters.registry import layer_module, optional
 from peftctl.bnb import keep_plain_layout
 
 BASE = "__base__"  # the name that means "no adapter" in a mixed batch
+# add_weighted_adapter's options at PEFT's defaults (None: the method's default combination type).
+_COMBINE_DEFAULTS = {"combination_type": None, "svd_rank": None, "svd_clamp": None, "svd_full_matrices": True,
+                     "svd_driver": None, "density": None, "majority_sign_method": "total"}
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -49,6 +54,9 @@ class AdapterModel(nn.Module):
         # base's); None: read from the config's base_model_name_or_path when saving (see io.embeddings_to_save).
         self.base_vocab_size: int | None = None
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        self._training_hooks: dict[str, TrainingHooks] = {}  # what methods add to training (hooks.py)
+        # Per adapter, what its method keeps outside the layers (made by the method's `before_inject`).
+        self.method_state = nn.ModuleDict().train(self.training)
         keep_plain_layout(model)  # evaluating a 4-bit base must not change how it trains (peftctl.bnb)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -85,6 +93,8 @@ class AdapterModel(nn.Module):
                 f"adapter {trains_biases[0]!r} already trains the base model's biases (bias="
                 f"{self.peft_config[trains_biases[0]].bias!r}); only one adapter may, so give {adapter_name!r} bias='none'"
             )
+        # Defaults that depend on the model type (IA3's feedforward_modules), recorded with the adapter.
+        config = config.with_model_defaults(getattr(getattr(self.model, "config", None), "model_type", None))
         layers = layer_module(config.method)
         names = find_targets(self.model, config)
         check_patterns(config, names, self.model, loading=loading)
@@ -94,20 +104,30 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"module {name} is trained in full by another adapter (modules_to_save)")
         done: list[tuple[nn.Module, str, nn.Module]] = []
         try:
+            # A method's state outside the layers, made before them (VeRA's shared projections, sized
+            # for the largest target), is handed to each of its layers as `state`.
+            before = optional(config.method, "before_inject")
+            state = before(self, adapter_name, config, names) if before else None
+            extra = {}
+            if state is not None:
+                self.method_state[adapter_name] = state.train(self.training)  # the model's mode
+                extra = {"state": state}
             for name in names:
                 parent, attr = _parent(self.model, name)
                 module = getattr(parent, attr)
                 done.append((parent, attr, module))
                 if isinstance(module, AdapterLayer):
-                    module.update_layer(adapter_name, config, module_name=name)
+                    module.update_layer(adapter_name, config, module_name=name, **extra)
                 else:
-                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name))
+                    setattr(parent, attr, layers.dispatch(module, adapter_name, config, name, **extra))
         except Exception:
             # A target that cannot take the adapter: leave the model's structure as it was.
             for parent, attr, module in done:
                 setattr(parent, attr, module)
                 if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names:
                     module.delete_adapter(adapter_name)
+            if adapter_name in self.method_state:
+                del self.method_state[adapter_name]
             raise
         for name in saved:
             parent, attr = _parent(self.model, name)
@@ -117,6 +137,10 @@ class AdapterModel(nn.Module):
             else:
                 setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name))
         self.peft_config[adapter_name] = self._recorded_config(config, names)
+        make_hooks = optional(config.method, "training_hooks")
+        hooks = make_hooks(self, adapter_name, self.peft_config[adapter_name]) if make_hooks else None
+        if hooks is not None:
+            self._training_hooks[adapter_name] = hooks
         self._apply_trainability()
         return names
 
@@ -136,7 +160,7 @@ class AdapterModel(nn.Module):
             # PEFT records fan_in_fan_out=True when it adapts transformers' Conv1D (GPT-2).
             transposed = any(getattr(self.model.get_submodule(n), "fan_in_fan_out", False) for n in names)
             update["fan_in_fan_out"] = transposed
-        return config.model_copy(update=update) if update else config
+        return (config.model_copy(update=update) if update else config).recorded(names)
 
     def adapter_layers(self) -> Iterator[AdapterLayer]:
         for module in self.model.modules():
@@ -152,10 +176,41 @@ class AdapterModel(nn.Module):
         for module in self.wrappers():
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self._training_hooks.pop(adapter_name, None)
+        if adapter_name in self.method_state:
+            del self.method_state[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
         self._apply_trainability()
+
+    # ---- an adapter's tensors, as saved --------------------------------------------------------------
+    def method_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved key -> live tensor of what the adapter's method keeps outside the layers (its
+        `model_tensors` hook, e.g. VeRA's shared projections under `base_model.vera_A`); none for most."""
+        fn = optional(self.peft_config[adapter_name].method, "model_tensors")
+        return fn(self, adapter_name) if fn else {}
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Saved key -> live tensor of everything one adapter saves but the embedding matrices: its
+        layers' tensors, its method's model-level tensors, modules_to_save copies and trained biases."""
+        self._check_names([adapter_name])
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        return io.adapter_tensors(self.model, adapter_name, bias, self.method_tensors(adapter_name))
+
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy saved tensors (PEFT's keys) into the adapter; every key must fit both ways (`io.load_weights`).
+        A method's `before_load` hook may first fit its state outside the layers to the file's tensors."""
+        before = optional(self.peft_config[adapter_name].method, "before_load")
+        if before:
+            before(self, adapter_name, tensors)
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        io.load_weights(self.model, adapter_name, tensors, source, bias, self.method_tensors(adapter_name))
+
+    def training_hooks(self) -> HookSet:
+        """What the active adapters' methods contribute to the training loop (`hooks.py`): false
+        when nothing (LoRA, IA3)."""
+        return HookSet({n: self._training_hooks[n] for n in self.active_adapters if n in self._training_hooks})
 
     def _check_names(self, names: list[str]) -> None:
         for n in names:
@@ -203,6 +258,10 @@ class AdapterModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters: {', '.join(unknown)}")
+        unsupported = sorted({type(c).peft_type for c in self.peft_config.values() if not type(c).mixed_batches})
+        if unsupported:
+            raise ValueError(f"adapter_names (a mixed batch) is not available for {', '.join(unsupported)} adapters "
+                             "(PEFT does not mix them per row either); run one adapter at a time (set_adapter)")
         modules = list(self.wrappers())
         before = [module.batch_adapter_names for module in modules]
         for module in modules:
@@ -250,23 +309,34 @@ class AdapterModel(nn.Module):
         """Remove every adapter without merging: the base model as it was."""
         return self._unwrap(False)
 
-    # ---- LoRA's adapter arithmetic --------------------------------------------------------------
+    # ---- adapter arithmetic ---------------------------------------------------------------------
     def _lora_only(self, what: str) -> None:
         methods = {c.method for c in self.peft_config.values()}
         if methods != {"lora"}:
-            raise ValueError(f"{what} is defined for LoRA adapters; this model holds {', '.join(methods)}")
+            kinds = ", ".join(sorted(type(c).peft_type for c in self.peft_config.values()))
+            raise ValueError(f"{what} is defined for LoRA adapters only; this model holds {kinds} adapters")
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
+                             combination_type: str | None = None, svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
-        from peftctl.adapters.lora.combine import add_weighted_adapter
-
-        self._lora_only("add_weighted_adapter")
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
-                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
-                             density=density, majority_sign_method=majority_sign_method)
+        """A new adapter combining `adapters`: the method's own `add_weighted_adapter` (LoRA's in
+        `lora/combine.py`, IA3's weighted sum in `ia3/layer.py`) with PEFT's arguments for it;
+        `combination_type` None: the method's default (LoRA: svd, as PEFT). Only the options given (not
+        at PEFT's default) reach the method, so one that takes none can refuse them. ValueError for a
+        method whose adapters do not combine (in PEFT: all but LoRA and IA3)."""
+        methods = {c.method for c in self.peft_config.values()}
+        combine = optional(next(iter(methods)), "add_weighted_adapter") if len(methods) == 1 else None
+        if combine is None:
+            kinds = ", ".join(sorted(type(c).peft_type for c in self.peft_config.values()))
+            raise ValueError(f"add_weighted_adapter is not defined for {kinds} adapters (PEFT defines it for LoRA "
+                             "and IA3 only)")
+        given = {"combination_type": combination_type, "svd_rank": svd_rank, "svd_clamp": svd_clamp,
+                 "svd_full_matrices": svd_full_matrices, "svd_driver": svd_driver, "density": density,
+                 "majority_sign_method": majority_sign_method}
+        options = {k: v for k, v in given.items() if v != _COMBINE_DEFAULTS[k]}
+        combine(self, adapters, weights, adapter_name, **options)
 
     def resize_adapter_rank(self, adapter_name: str, r: int) -> dict:
         from peftctl.adapters.lora.resize import resize_rank

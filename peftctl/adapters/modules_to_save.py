@@ -90,3 +90,25 @@ class ModulesToSaveWrapper(nn.Module):
             if name in ("original_module", "modules_to_save"):
                 raise  # not built yet: no recursion
             return getattr(self.active_module, name)
+
+
+# ---- combining adapters (add_weighted_adapter) ------------------------------------------------------
+
+
+def check_combinable_copies(model, adapters: list[str]) -> None:
+    """Adapters that each train their own copy of one module cannot be combined (PEFT's rule):
+    ValueError. `model`: the AdapterModel."""
+    for wrapper in model.wrappers():
+        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
+            raise ValueError("adapters that each train their own copy of the same module (modules_to_save) "
+                             "cannot be combined")
+
+
+def start_from_source_copies(model, adapters: list[str], adapter_name: str) -> None:
+    """A module one of `adapters` trained in full: the new adapter's copy starts from that trained
+    copy (PEFT starts from the base module, which would lose what was trained)."""
+    for wrapper in model.wrappers():
+        if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
+            source = next((a for a in adapters if a in wrapper.modules_to_save), None)
+            if source is not None:
+                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())

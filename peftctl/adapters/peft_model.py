@@ -147,11 +147,13 @@ class PeftModel(nn.Module):
         return self.base_model.unload()
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
+                             combination_type: str | None = None, svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True,
                              svd_driver: str | None = None, density: float | None = None,
                              majority_sign_method: str = "total") -> None:
-        """A new adapter combining others (PEFT's combination types and arguments)."""
+        """A new adapter combining others, with PEFT's arguments for the method: LoRA's combination
+        types (None: svd, PEFT's default) and options; IA3's weighted sum (combination_type None or
+        "linear", no other option). Other methods' adapters do not combine: ValueError, as in PEFT."""
         self.base_model.add_weighted_adapter(
             adapters, weights, adapter_name, combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
             svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
@@ -226,13 +228,16 @@ class PeftModel(nn.Module):
 
     def save_adapter(self, adapter_name: str, folder: str | os.PathLike, save_embedding_layers: bool | str = "auto",
                      state_dict: dict[str, Any] | None = None, initial: dict[str, Any] | None = None,
-                     initial_source: str = "initial adapter") -> None:
-        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition).
+                     initial_source: str = "initial adapter", tensors: dict[str, Any] | None = None) -> None:
+        """Write one adapter at the root of `folder`, whatever its name (a peftctl addition): the one
+        way an adapter folder is written (`save_pretrained`, checkpoints and runs, FSDP included).
         `initial`: the tensors of the adapter right after a PiSSA / OLoRA init, to write it as the
-        equivalent plain LoRA (see `save_pretrained`)."""
+        equivalent plain LoRA (see `save_pretrained`). `tensors`: what `adapter_tensors_to_save`
+        gives, gathered elsewhere (full tensors of a sharded model), instead of the live ones."""
         self.base_model._check_names([adapter_name])
         config = self.saved_config(adapter_name)
-        tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
+        if tensors is None:
+            tensors = _adapter_tensors(self, adapter_name, state_dict, save_embedding_layers)
         if initial is not None:
             from peftctl.adapters.lora.init import as_plain_lora
 
@@ -289,7 +294,7 @@ class PeftModel(nn.Module):
         config = (config or AdapterConfig.from_pretrained(folder)).model_copy(update={"inference_mode": not is_trainable})
         peft_model = cls._for_loading(model, config, adapter_name)
         tensors = _mapped_keys(io.read_weights(folder, allow_pickle), key_mapping, model)
-        io.load_weights(peft_model.base_model.model, adapter_name, tensors, str(folder), getattr(config, "bias", "none"))
+        peft_model.base_model.load_adapter_tensors(adapter_name, tensors, str(folder))
         peft_model.set_adapter(adapter_name, inference_mode=not is_trainable)
         if not is_trainable:
             peft_model.eval()
@@ -311,7 +316,7 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(adapter_name, config, loading=True)
         try:
             tensors = _mapped_keys(io.read_weights(folder, allow_pickle), key_mapping, self.base_model.model)
-            io.load_weights(self.base_model.model, adapter_name, tensors, str(folder), getattr(config, "bias", "none"))
+            self.base_model.load_adapter_tensors(adapter_name, tensors, str(folder))
         except Exception:
             self.base_model.delete_adapter(adapter_name)  # no half-loaded adapter stays behind
             raise
@@ -326,7 +331,7 @@ def _adapter_tensors(model: PeftModel, adapter_name: str, state_dict: dict[str, 
     `save_embedding_layers` decides (`io.embeddings_to_save`, warning when "auto" adds them)."""
     config = model.peft_config[adapter_name]
     inner = model.base_model.model
-    live = io.adapter_tensors(inner, adapter_name, getattr(config, "bias", "none"))
+    live = model.base_model.adapter_tensors(adapter_name)
     base_vocab = None
     if save_embedding_layers == "auto":
         base_vocab = model.base_model.base_vocab_size
@@ -458,7 +463,7 @@ def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dic
     if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
         # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
         # hub id, and means that built-in here): its own loader converts it.
-        from peftctl.recipe import ModelSection
+        from peftctl.sections import ModelSection
 
         unknown = sorted(set(kwargs) - {"dtype"})
         if unknown:
@@ -519,6 +524,5 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     every tensor or none."""
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: peftctl loads every tensor of an adapter or none")
-    config = model.peft_config[adapter_name]
-    io.load_weights(model.base_model.model, adapter_name, peft_model_state_dict, "state dict",
-                    getattr(config, "bias", "none"))
+    model.base_model._check_names([adapter_name])
+    model.base_model.load_adapter_tensors(adapter_name, peft_model_state_dict, "state dict")

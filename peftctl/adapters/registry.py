@@ -2,7 +2,8 @@
 
 A method lives in its own package under `peftctl/adapters/` with two modules: `config` (a pydantic
 config class, no torch) and `layer` (the torch layers and a `dispatch` function that picks the
-layer class for a base module). Adding a method means adding its package and one line here.
+layer class for a base module). Adding a method means adding its package and one line here
+(docs/ARCHITECTURE.md, "How to add a method", says what each part provides).
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from functools import cache
 from typing import Any
 
 # method name -> package. The package's `config` module defines CONFIG_CLASS, its `layer` module
-# defines `dispatch(base_module, adapter_name, config, module_name)`.
+# defines `dispatch(base_module, adapter_name, config, module_name)` and, optionally,
+# `add_weighted_adapter(model, adapters, weights, adapter_name, **options)` and
+# `training_hooks(model, adapter_name, config)` (see `optional`).
 METHODS: dict[str, str] = {
     "lora": "peftctl.adapters.lora",
+    "ia3": "peftctl.adapters.ia3",
+    "loha": "peftctl.adapters.loha",
+    "lokr": "peftctl.adapters.lokr",
+    "adalora": "peftctl.adapters.adalora",
+    "vera": "peftctl.adapters.vera",
 }
 
 
@@ -32,6 +40,13 @@ def config_classes() -> list[type]:
 def layer_module(method: str):
     config_class(method)  # validates the name
     return importlib.import_module(METHODS[method] + ".layer")
+
+
+def optional(method: str, name: str):
+    """A function the method's `layer` module may define (None when it does not):
+    `add_weighted_adapter` (PEFT's, for methods whose adapters combine) or `training_hooks` (what the
+    method contributes to the training loop: `peftctl.adapters.hooks`)."""
+    return getattr(layer_module(method), name, None)
 
 
 def config_from_peft_dict(d: dict[str, Any]):

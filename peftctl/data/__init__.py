@@ -4,7 +4,8 @@ The public names, imported lazily so that `import peftctl.data.formats` (the rec
 stays free of numpy and torch:
 
 - `build(data_section, tokenizer, seed, attention=..., reporter=...)` → `Data` (pipeline.py)
-- `Example`, `ExampleSet`, `IGNORE` (store.py): examples with labels, -100 where no loss
+- `Example`, `ExampleSet` (store.py): examples with labels, `IGNORE_INDEX` (-100, from
+  `peftctl.constants`) where no loss
 - `collate(examples, pad_id)`, `count_input_tokens(batch)` (batch.py): tensors for the model
 - `pack`, `Packed` (packing.py); `use_chat_template` (templates.py)
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 _HOME = {
     "build": "pipeline", "Data": "pipeline", "DataStats": "pipeline",
-    "Example": "store", "ExampleSet": "store", "IGNORE": "store",
+    "Example": "store", "ExampleSet": "store", "IGNORE_INDEX": "store",
     "collate": "batch", "count_input_tokens": "batch",
     "pack": "packing", "Packed": "packing",
     "use_chat_template": "templates",

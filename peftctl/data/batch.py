@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftctl.data.store import IGNORE
+from peftctl.constants import IGNORE_INDEX
 
 
 def collate(examples, pad_id: int, pad_left: bool = False):
@@ -18,7 +18,7 @@ def collate(examples, pad_id: int, pad_left: bool = False):
         return collate_packed(examples, pad_id)
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)

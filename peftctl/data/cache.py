@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peftctl.constants import VERSION
 from peftctl.data.store import FORMAT_VERSION, Table
-from peftctl.fsio import check_output_dir, temp_dir
+from peftctl.fsio import atomic_dir, cache_root
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -38,16 +37,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(parts: dict[str, Any]) -> str:
-    from peftctl import __version__
-
-    text = json.dumps({"format_version": FORMAT_VERSION, "peftctl": __version__, **parts}, sort_keys=True,
+    text = json.dumps({"format_version": FORMAT_VERSION, "peftctl": VERSION, **parts}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def default_dir() -> Path:
-    from peftctl.models import cache_root
-
     return cache_root() / "data"
 
 
@@ -63,20 +58,8 @@ def load_or_build(key: str, cache_dir: Path | None, build: Callable[[Path], None
     final = cache_dir / key
     if (final / "meta.json").exists():
         return Table(final), True
-    if final.exists():  # a folder without meta.json is not a finished table (removed by hand?)
-        shutil.rmtree(final, ignore_errors=True)
-    check_output_dir(cache_dir, "data cache folder")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(cache_dir, key)
-    try:
+    # meta.json is written last: a folder without it is an interrupted build, replaced by this one;
+    # one another process finished meanwhile is kept (the same key: the same table).
+    with atomic_dir(final, exists="keep", done="meta.json", what="data cache folder") as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").exists():  # not another process finishing first: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Table(final), False
-

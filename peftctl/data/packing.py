@@ -11,6 +11,11 @@ the attention depends on the attention implementation (`layout`):
   `count_input_tokens` tells padding apart.
 - "varlen" (flash attention): the batch's sequences are laid end to end in one row without padding
   or mask; transformers derives the variable-length kernel's boundaries from the position ids.
+- "cu_seqlens" (SDPA models whose attention peftctl's fused forward runs, `FUSED_VARLEN`): one row
+  as for "varlen", plus the boundaries computed here on the host (`cu_seq_lens_q/k`, int32 cumulative
+  lengths; `max_length_q/k`, the longest sequence), which `adapters.lora.fused` hands to
+  `kernels.varlen`; the attention mask is a (1, 1, 1, 1) placeholder that transformers passes on
+  unchanged, so it builds no (tokens x tokens) mask.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peftctl.data.store import IGNORE, ExampleSet
+from peftctl.constants import IGNORE_INDEX
+from peftctl.data.store import ExampleSet
 from peftctl.errors import InputError
 
 
@@ -33,9 +39,16 @@ class Packed:
     layout: str
 
 
+# The attention "implementation" a run passes to `data.build` when peftctl's fused forward attends
+# packed batches itself (see `adapters.lora.fused.varlen_supported`).
+FUSED_VARLEN = "peftctl_varlen"
+
+
 def layout_for(attention: str | None) -> str:
     """How packed batches carry their boundaries for a model's attention implementation."""
     attention = attention or "sdpa"
+    if attention == FUSED_VARLEN:
+        return "cu_seqlens"
     if "flash" in attention:  # flash_attention_2, flash_attention_3, kernels' flash-attn
         return "varlen"
     if attention == "sdpa":
@@ -82,7 +95,7 @@ class PackedSet(Sequence):
         for j in self.bins[k].tolist():
             e = self.examples[j]
             ids += e.input_ids
-            labels += [IGNORE] + e.labels[1:]  # the previous token is another example's
+            labels += [IGNORE_INDEX] + e.labels[1:]  # the previous token is another example's
             positions += range(len(e.input_ids))
         return Packed(ids, labels, positions, self.layout)
 
@@ -105,6 +118,18 @@ def collate_packed(sequences: list[Packed], pad_id: int):
     import torch
 
     layout = sequences[0].layout
+    if layout == "cu_seqlens":
+        positions = [p for s in sequences for p in s.position_ids]
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        cu = torch.tensor(starts, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return {
+            "input_ids": torch.tensor([[t for s in sequences for t in s.input_ids]], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "labels": torch.tensor([[y for s in sequences for y in s.labels]], dtype=torch.long),
+            "attention_mask": torch.ones((1, 1, 1, 1), dtype=torch.bool),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+        }
     if layout == "varlen":
         ids = [t for s in sequences for t in s.input_ids]
         return {
@@ -115,7 +140,7 @@ def collate_packed(sequences: list[Packed], pad_id: int):
     length = max(len(s.input_ids) for s in sequences)
     n = len(sequences)
     ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((n, length), dtype=torch.long)
     # Block ids: one per example; every padding position a block of its own.
     blocks = torch.arange(length, dtype=torch.long).repeat(n, 1) + length

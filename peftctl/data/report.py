@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from peftctl.data.store import IGNORE, Example
+from peftctl.constants import IGNORE_INDEX
+from peftctl.data.store import Example
 from peftctl.errors import InputError
 from peftctl.ui import Reporter
 
@@ -38,7 +39,7 @@ def runs(example: Example) -> list[tuple[list[int], bool]]:
     """The example's tokens in runs of equal loss state: [(token ids, carries loss), ...]."""
     out: list[tuple[list[int], bool]] = []
     for tok, label in zip(example.input_ids, example.labels, strict=True):
-        loss = label != IGNORE
+        loss = label != IGNORE_INDEX
         if out and out[-1][1] == loss:
             out[-1][0].append(tok)
         else:

@@ -13,12 +13,10 @@ import glob
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from peftctl.errors import InputError
 from peftctl.userfiles import MAX_JSON_DEPTH, loads, reading
@@ -173,15 +171,20 @@ def _check_file(path: Path) -> Path:
     return path
 
 
-def _hub_reachable() -> bool:
-    from huggingface_hub import constants
+def _hub_unreachable() -> str | None:
+    """Why the hub does not answer within a few seconds, or None when it does (any HTTP answer).
 
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    Asked through huggingface_hub's own HTTP session, which the download that follows uses: its
+    proxies (HTTPS_PROXY, ...), certificates and offline mode (HF_HUB_OFFLINE) apply alike, so a hub
+    reached through a proxy is reachable here too."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
     try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
+        get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception as e:  # the client's own error types (they change between versions)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    return None
 
 
 def _offline() -> bool:
@@ -193,10 +196,11 @@ def _load_hub(src: Source):
 
     datasets.disable_progress_bars()
     what = f"data source {src.spec!r} is not a local file, folder or glob, and"
-    if not _offline() and not _hub_reachable():
+    if not _offline() and (unreachable := _hub_unreachable()):
         # Without this check the hub client retries for about half a minute before giving up.
         raise InputError(
-            f"{what} the hub cannot be reached (no network); if it is in the datasets cache, run with HF_HUB_OFFLINE=1"
+            f"{what} the hub cannot be reached ({unreachable}); if it is in the datasets cache, run with "
+            "HF_HUB_OFFLINE=1"
         )
     try:
         return datasets.load_dataset(src.spec, src.subset, split=src.split or "train")

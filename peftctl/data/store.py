@@ -9,7 +9,6 @@ several tables: the train or eval data of a recipe after mixing and splitting.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = -100
+from peftctl.constants import IGNORE_INDEX
+
 FORMAT_VERSION = 2  # 2: tokens never straddle a prompt / response boundary (tokenize.py)
 
 
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # IGNORE where no loss
+    labels: list[int]  # IGNORE_INDEX where no loss
     prompt_ids: list[int] | None = None  # the prompt alone, for generation-based scoring
     reference: str | None = None
     truncated: bool = False
@@ -34,7 +34,7 @@ class Example:
     @property
     def num_loss_tokens(self) -> int:
         # Position 0 never carries loss: nothing precedes it.
-        return sum(1 for y in self.labels[1:] if y != IGNORE)
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
 
 
 # Flat arrays (one entry per token) are raw .bin files; per-example arrays are .npy.
@@ -82,9 +82,10 @@ class TableWriter:
         self.lengths[offsets].append(np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays)))
 
     def close(self, meta: dict[str, Any]) -> None:
-        """Finish the table; every file reaches the disk before meta.json, which marks it complete."""
+        """Finish the table: meta.json, written last, marks it complete. (The folder reaches the disk
+        whole before it is renamed into the cache: `fsio.atomic_dir`.)"""
         for f in self.files.values():
-            _sync_close(f)
+            f.close()
         offsets = ["offsets"] + (["prompt_offsets"] if self.prompts else []) + (["rejected_offsets"] if self.rejected else [])
         for name in offsets:
             arr = np.zeros(self.count + 1, dtype=np.int64)
@@ -101,18 +102,11 @@ class TableWriter:
         self._save("meta.json", json.dumps(meta, indent=1).encode())
 
     def _save(self, name: str, data: np.ndarray | bytes) -> None:
-        f = open(self.folder / name, "wb")
-        if isinstance(data, bytes):
-            f.write(data)
-        else:
-            np.save(f, data)
-        _sync_close(f)
-
-
-def _sync_close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+        with open(self.folder / name, "wb") as f:
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                np.save(f, data)
 
 
 class Table:
@@ -157,7 +151,7 @@ class Table:
     def _ids_labels(self, ids_name: str, loss_name: str, offsets: str, i: int) -> tuple[list[int], list[int]]:
         ids = np.asarray(self._slice(ids_name, offsets, i), dtype=np.int64)
         loss = self._slice(loss_name, offsets, i).astype(bool)
-        return ids.tolist(), np.where(loss, ids, IGNORE).tolist()
+        return ids.tolist(), np.where(loss, ids, IGNORE_INDEX).tolist()
 
     def example(self, i: int) -> Example:
         ids, labels = self._ids_labels("ids", "loss", "offsets", i)

@@ -4,9 +4,17 @@
 adapter renders prompts exactly as training did. `ChatRenderer` renders conversations with the
 template compiled once (transformers' own sandboxed Jinja environment), which is much cheaper per
 row than `apply_chat_template` and gives the same text.
+
+Compiling once needs transformers' private `_cached_compile_jinja_template`: `compile_template` is
+the one place that calls it, on the transformers versions it was checked with (`COMPILE_CHECKED`);
+on others, and where the helper is gone, it returns None and every rendering goes through the
+public `apply_chat_template` (the same text, slower). tests/test_data.py renders each template
+both ways and compares them with `apply_chat_template` on the installed version.
 """
 
 from __future__ import annotations
+
+import re
 
 from peftctl.data.formats import RowError
 from peftctl.errors import InputError
@@ -78,15 +86,25 @@ def resolve_template(name_or_jinja: str | None) -> str | None:
     return NAMED_TEMPLATES[name_or_jinja]
 
 
-def use_chat_template(tokenizer, name_or_jinja: str | None) -> str | None:
+def use_chat_template(tokenizer, name_or_jinja: str | None, private: bool | None = None) -> str | None:
     """Give the tokenizer the recipe's chat template (if any); return the template in effect.
 
     The tokenizer then carries it into `save_pretrained` (chat_template.jinja), so inference renders
-    prompts the way training did.
+    prompts the way training did. A template with a Jinja syntax error is an InputError, raised here.
+    `private`: as in `compile_template`.
     """
     template = resolve_template(name_or_jinja)
     if template is not None:
-        compile_template(template)  # a syntax error is the recipe's, reported now
+        if compile_template(template, private) is None:  # the public way to the same syntax check
+            import jinja2
+
+            try:
+                tokenizer.apply_chat_template([{"role": "user", "content": ""}], chat_template=template,
+                                              tokenize=False)
+            except jinja2.TemplateSyntaxError as e:
+                raise _syntax_error(e) from None
+            except Exception:  # the template refused this conversation: it compiled
+                pass
         tokenizer.chat_template = template
     current = getattr(tokenizer, "chat_template", None)
     if isinstance(current, dict):  # several named templates: the default one renders conversations
@@ -94,18 +112,41 @@ def use_chat_template(tokenizer, name_or_jinja: str | None) -> str | None:
     return current if isinstance(current, str) else None
 
 
-def compile_template(template: str):
-    """A fresh compiled template in transformers' sandboxed Jinja environment (or None if unavailable)."""
-    import jinja2
+# transformers versions [from, to) on which `compile_template` uses transformers' private compile
+# helper: checked with 5.24 (tests/test_data.py compares both ways on the installed version).
+COMPILE_CHECKED = ((5, 24), (6, 0))
 
-    try:  # private in transformers: the fallback below renders through apply_chat_template instead
+
+def compile_checked(version: str) -> bool:
+    """Whether transformers `version` (e.g. "5.24.0") is one the private compile helper is used on."""
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    low, high = COMPILE_CHECKED
+    return low <= parts < high
+
+
+def _syntax_error(e) -> InputError:
+    return InputError(f"data.chat_template: Jinja syntax error on line {e.lineno}: {e.message}")
+
+
+def compile_template(template: str, private: bool | None = None):
+    """A fresh compiled template in transformers' sandboxed Jinja environment, through its private
+    `_cached_compile_jinja_template` (the one call of it); None for the public fallback (render with
+    `apply_chat_template`). `private`: None decides by the installed transformers version
+    (`compile_checked`), True and False force either way. Raises InputError for a Jinja syntax
+    error (on the public way, `use_chat_template` checks the syntax)."""
+    import jinja2
+    import transformers
+
+    if private is False or (private is None and not compile_checked(transformers.__version__)):
+        return None
+    try:
         from transformers.utils.chat_template_utils import _cached_compile_jinja_template
     except ImportError:
         return None
     try:
         return _cached_compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as e:
-        raise InputError(f"data.chat_template: Jinja syntax error on line {e.lineno}: {e.message}") from None
+        raise _syntax_error(e) from None
 
 
 class TemplateError(RowError):
@@ -115,9 +156,9 @@ class TemplateError(RowError):
 class ChatRenderer:
     """Renders conversations with one compiled template and the tokenizer's special tokens."""
 
-    def __init__(self, tokenizer, template: str):
+    def __init__(self, tokenizer, template: str, private: bool | None = None):
         self.tokenizer, self.text = tokenizer, template
-        self.template = compile_template(template)
+        self.template = compile_template(template, private)  # None: apply_chat_template renders
         if self.template is not None:
             # The variables apply_chat_template passes (bos_token, eos_token, ...), bound once: passing
             # them on every call costs as much as rendering a short conversation.

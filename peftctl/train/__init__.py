@@ -119,21 +119,17 @@ class RunFolder:
     def reopen(self, recipe_yaml: str, step: int) -> list[str]:
         """Continue a run from its checkpoint at `step`: drop what was written after it (metrics
         lines, later checkpoints). Returns the names of the checkpoints removed."""
+        from peftctl.runs import read_metrics
         from peftctl.train import checkpoint
 
         self.lock.acquire()
+        metrics = self.path / "metrics.jsonl"
+        # Every line checked before anything changes (a line that is not a metrics record is exit 2
+        # naming the file and line); the half line a kill left behind is dropped.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step] if metrics.exists() else []
         removed = checkpoint.clear_after(self.path, step)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
-        metrics = self.path / "metrics.jsonl"
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                pass  # the half line a kill left behind
-        atomic_write_text(metrics, "".join(x + "\n" for x in kept))
+        atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return removed
 
     def write_metrics(self, record: dict[str, Any]) -> None:
@@ -156,10 +152,10 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import peftctl
+    from peftctl.constants import VERSION
 
     return {
-        "peftctl": peftctl.__version__,
+        "peftctl": VERSION,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
@@ -205,7 +201,8 @@ def resolved(recipe):
     q = recipe.model.quantization
     if q is not None and q.bits == 4 and q.compute_dtype == "auto":
         model["quantization"] = q.model_copy(update={"compute_dtype": dtype})
-    checkpointing = recipe.uses_gradient_checkpointing()
+    # With a memory budget, checkpointing is decided at run time (train.budget): left unset.
+    checkpointing = None if recipe.train.memory_budget is not None else recipe.uses_gradient_checkpointing()
     return recipe.model_copy(update={
         "model": recipe.model.model_copy(update=model),
         "train": recipe.train.model_copy(update={"gradient_checkpointing": checkpointing}),
@@ -252,7 +249,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             return found
         _refuse_used(run_dir, "it holds no checkpoint to resume from; choose another output.dir or remove it")
     ckpt = Path(resume)
-    if not (ckpt / checkpoint.STATE_FILE).is_file():
+    if checkpoint.state_file(ckpt) is None:
         raise InputError(f"--resume {resume}: not a checkpoint folder (no {checkpoint.STATE_FILE}); "
                          f"checkpoints are RUN_DIR/{checkpoint.CHECKPOINTS}/step-NNNNNN")
     if ckpt.resolve().parent.parent != run_dir.resolve():
@@ -352,6 +349,43 @@ def enable_gradient_checkpointing(peft_model) -> None:
     base.config.use_cache = False
 
 
+def packed_attention(peft_model, cfg, device) -> str:
+    """The attention name packed batches are laid out for (`data.packing.layout_for`): the fused
+    forward's own variable-length attention where it runs, else the model's implementation."""
+    from peftctl.train import budget
+
+    attention = peft_model.config._attn_implementation
+    if budget.kernels_on(cfg.kernels, device):
+        from peftctl.adapters.lora.fused import varlen_supported
+        from peftctl.data.packing import FUSED_VARLEN
+
+        if varlen_supported(peft_model.get_base_model(), device):
+            return FUSED_VARLEN
+    return attention
+
+
+def speed_settings(peft_model, cfg, examples, device, reporter: Reporter) -> dict[str, Any]:
+    """Fused kernels (train.kernels) and checkpointing (train.memory_budget, else
+    train.gradient_checkpointing) applied to the model; returns what was chosen, for summary.json."""
+    from peftctl.train import budget
+
+    out: dict[str, Any] = {"kernels": None, "memory_plan": None}
+    if budget.kernels_on(cfg.kernels, device):
+        from peftctl.adapters.lora.fused import enable_fused
+
+        out["kernels"] = enable_fused(peft_model)
+    config = peft_model.get_base_model().config
+    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size), device) \
+        if cfg.memory_budget is not None else None
+    if chosen is not None:
+        budget.apply(peft_model, chosen["checkpoint_layers"], chosen["offload"], device)
+        reporter.log(budget.describe(chosen))
+        out["memory_plan"] = chosen
+    elif cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    return out
+
+
 def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, main: bool, reporter: Reporter) -> None:
     """The run's adapter (the last, or the best evaluation's with load_best_at_end) and tokenizer."""
     from peftctl.train import checkpoint
@@ -364,10 +398,8 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     if use_best:
         checkpoint.copy_adapter(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(state.best_step), run_dir)
         reporter.log(f"the run's adapter is the best one, from step {state.best_step}")
-    elif tensors is not None:
-        checkpoint.save_adapter(peft_model, tensors, run_dir)
     else:
-        peft_model.save_pretrained(run_dir)
+        peft_model.save_adapter("default", run_dir, tensors=tensors)
     tokenizer.save_pretrained(run_dir)
 
 
@@ -465,15 +497,14 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
-                             attention=model.config._attn_implementation, reporter=reporter)
+                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter)
     check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"{len(dataset.train)} training examples, {len(dataset.eval or [])} eval examples; "
         f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
     )
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    speed = speed_settings(model, cfg, dataset.train, accelerator.device, reporter)
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
@@ -486,9 +517,15 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     scaler = torch.amp.GradScaler(accelerator.device.type) if dtype == torch.float16 else None
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    hooks = unwrapped.training_hooks()  # what the adapter method adds to training (often nothing)
+    if hooks:
+        try:
+            hooks.begin(steps)
+        except ValueError as e:
+            raise InputError(f"adapter: {e}") from None
 
     if ckpt is not None:
-        state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter)
+        state = checkpoint.restore(ckpt, model, optimizer, scheduler, scaler, accelerator, fsdp, reporter, hooks)
         reporter.log(f"resuming from {ckpt} at step {state.step} of {steps}")
     else:
         state = checkpoint.TrainState(world_size=accelerator.num_processes, data_sha256=hashes())
@@ -518,6 +555,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         "train_examples": len(dataset.train),
         "eval_examples": len(dataset.eval or []),
         "data": {k: vars(v) for k, v in dataset.stats.items()},
+        **speed,
     }
     last_checkpoint: list[Path | None] = [checkpoint.latest(run.path) if main else None]
 
@@ -537,6 +575,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             scaler=scaler.state_dict() if scaler is not None else None,
             rng=gather_object([checkpoint.rng_state()]) if accelerator.num_processes > 1 else [checkpoint.rng_state()],
             state=st,
+            hooks=hooks.state_dict() if hooks else None,
         )
         if main:
             last_checkpoint[0] = checkpoint.write(run.path, unwrapped, payload, recipe_yaml, cfg.keep_checkpoints)
@@ -568,12 +607,14 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
-                stop_signal=lambda: stop.signum is not None, reporter=reporter,
+                stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks,
             )
             if ended == "interrupted":
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
                                   f"{where_to_resume()}; continue with --resume auto")
+            if hooks:
+                hooks.end()  # after the last step, before the run's adapter is saved
             save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
             summary.update(status="completed", stop_reason=ended)
     except StopNow as e:

@@ -1,23 +1,25 @@
 """Checkpoints: everything a run needs to continue exactly where it was.
 
 RUN_DIR/checkpoints/step-000120/ holds the adapter (PEFT's format, so `peftctl eval --adapter`
-takes it as is), optimizer.pt, scheduler.pt, scaler.pt (float16 only), rng_state.pt (Python,
-NumPy, torch and CUDA generators of every process), recipe.yaml, and trainer_state.json (step, data
-position, counters, best eval, data file hashes). A checkpoint is built in a hidden temporary
-folder and renamed into place, so a kill at any instant leaves the previous one intact and never a
+takes it as is), optimizer.pt, scheduler.pt, scaler.pt (float16 only), adapter_hooks.pt (only for a
+method whose training keeps state of its own: `peftctl.adapters.hooks`), rng_state.pt (Python,
+NumPy, torch and CUDA generators of every process), recipe.yaml, and peftctl_state.json (step, data
+position, counters, best eval, data file hashes; earlier versions named it trainer_state.json,
+Hugging Face Trainer's name for a file of another schema, and such checkpoints still resume). A
+checkpoint is built in a hidden temporary folder and renamed into place, so a kill at any instant
+leaves the previous one intact and never a
 half-written one under a step name. The `.pt` files are read back with `weights_only=True`: no
 code runs on loading them.
 
 A checkpoint to resume from is checked whole (`check`) before any model loads: every file it needs
 is there and parses (the `.pt` files memory-mapped, so their tensors are not read twice), and
-trainer_state.json holds the fields TrainState has with their types. A bad one is an input error
+its state file holds the fields TrainState has with their types. A bad one is an input error
 naming the file (`userfiles.BadFileError`), and nothing is written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -30,17 +32,19 @@ from typing import Any
 import torch
 
 from peftctl.errors import InputError, PeftctlError
-from peftctl.fsio import apply_umask, atomic_write_text, temp_dir
+from peftctl.fsio import atomic_dir
 from peftctl.userfiles import BadFileError, check_readable, read_json, reading, torch_load
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "peftctl_state.json"
+# What earlier versions named the state file (Hugging Face Trainer's name, another schema): read, never written.
+LEGACY_STATE_FILES = ("trainer_state.json",)
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 @dataclass
 class TrainState:
-    """The loop's counters; saved as trainer_state.json in every checkpoint."""
+    """The loop's counters; saved as STATE_FILE in every checkpoint."""
 
     step: int = 0
     epoch: int = 0
@@ -65,7 +69,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        """The state in a trainer_state.json dict: `step` is required, other fields default; every
+        """The state in a state file's dict: `step` is required, other fields default; every
         field present must have its type (ValueError naming the field). Unknown keys are ignored."""
         if "step" not in d:
             raise ValueError("no step")
@@ -108,6 +112,14 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def state_file(ckpt: Path) -> Path | None:
+    """A checkpoint's state file: STATE_FILE, else one of LEGACY_STATE_FILES; None when it has neither."""
+    for name in (STATE_FILE, *LEGACY_STATE_FILES):
+        if (Path(ckpt) / name).is_file():
+            return Path(ckpt) / name
+    return None
+
+
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporary folders have hidden names and never match)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -116,7 +128,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and state_file(p) is not None:
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -127,22 +139,23 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> TrainState:
-    path = Path(ckpt) / STATE_FILE
-    d = read_json(path, "a checkpoint's trainer state")
+    path = state_file(ckpt) or Path(ckpt) / STATE_FILE  # missing: the error names today's name
+    d = read_json(path, "a checkpoint's training state")
     try:
         return TrainState.from_dict(d)
     except ValueError as e:
-        raise BadFileError(path, f"not a checkpoint's trainer state: {e}") from None
+        raise BadFileError(path, f"not a checkpoint's training state: {e}") from None
 
 
 # The files a checkpoint must hold besides the adapter, and what each is (scaler.pt: float16 runs only).
 PAYLOAD_FILES = {"optimizer.pt": "an optimizer state", "scheduler.pt": "a learning-rate schedule state",
                  "rng_state.pt": "the random generators' states"}
-OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state"}
+HOOKS_FILE = "adapter_hooks.pt"
+OPTIONAL_PAYLOAD_FILES = {"scaler.pt": "a loss scaler state", HOOKS_FILE: "the adapter method's training state"}
 
 
 def check(ckpt: Path) -> tuple[TrainState, dict[str, Any]]:
-    """Check every file of a checkpoint without loading a model: trainer_state.json, recipe.yaml,
+    """Check every file of a checkpoint without loading a model: the state file, recipe.yaml,
     the adapter (config and safetensors header), and the `.pt` files (memory-mapped, pickles loaded
     with weights_only). Returns (state, the recipe it was written with, as a dict). A missing or bad
     file is `BadFileError` naming it."""
@@ -202,7 +215,8 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """Saved key -> full CPU tensor: what save_pretrained writes (biases the adapter trains and resized
-    embeddings included). Under FSDP2 every process must call this (it gathers)."""
+    embeddings included), for `PeftModel.save_adapter(..., tensors=)` on the main process. Under
+    FSDP2 every process must call this (it gathers)."""
     out = {}
     for key, t in peft_model.adapter_tensors_to_save("default").items():
         t = t.detach()
@@ -210,19 +224,6 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
             t = t.full_tensor()
         out[key] = t.to("cpu").contiguous().clone()
     return out
-
-
-def save_adapter(peft_model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write an adapter folder in PEFT's format from gathered tensors (main process only)."""
-    from safetensors.torch import save_file
-
-    from peftctl.adapters.config import WEIGHTS_NAME
-    from peftctl.fsio import atomic_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    peft_model.saved_config("default").save_pretrained(folder)
 
 
 def copy_adapter(src: Path, dest: Path) -> None:
@@ -240,7 +241,7 @@ def load_adapter(peft_model, ckpt: Path) -> None:
     from peftctl.adapters import io
 
     try:
-        io.load_weights(peft_model.base_model.model, "default", io.read_weights(ckpt), str(ckpt))
+        peft_model.base_model.load_adapter_tensors("default", io.read_weights(ckpt), str(ckpt))
     except PeftctlError:
         raise  # a bad file: the error names it
     except ValueError as e:
@@ -278,46 +279,31 @@ class Payload:
     """What a checkpoint holds, gathered on every process, written by the main one."""
 
     step: int
-    adapter: dict[str, torch.Tensor] | None  # gathered under FSDP; else None: save_pretrained reads the model
+    adapter: dict[str, torch.Tensor] | None  # gathered under FSDP; else None: save_adapter reads the model
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     rng: list[dict[str, Any]]  # one per process
     state: TrainState
+    hooks: dict[str, Any] | None = None  # the adapter method's training state (hooks.py); None: it keeps none
 
 
 def write(run_dir: Path, peft_model, payload: Payload, recipe_yaml: str, keep: int) -> Path:
     """Write a checkpoint atomically, then prune old ones (keeping the best). Main process only."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_name(payload.step)
-    tmp = temp_dir(root, final.name)
-    try:
-        if payload.adapter is None:
-            peft_model.save_pretrained(tmp)
-        else:
-            save_adapter(peft_model, payload.adapter, tmp)
+    final = Path(run_dir) / CHECKPOINTS / step_name(payload.step)
+    # The same step again (a resumed run that had already finished) replaces the old checkpoint.
+    with atomic_dir(final, exists="replace", what="checkpoint folder") as tmp:
+        peft_model.save_adapter("default", tmp, tensors=payload.adapter)
         _save(payload.optimizer, tmp / "optimizer.pt")
         _save(payload.scheduler, tmp / "scheduler.pt")
         if payload.scaler is not None:
             _save(payload.scaler, tmp / "scaler.pt")
+        if payload.hooks is not None:
+            _save(payload.hooks, tmp / HOOKS_FILE)
         _save(payload.rng, tmp / "rng_state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        # Written last: a folder with a trainer_state.json is complete.
-        atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(payload.state), indent=1) + "\n")
-        apply_umask(tmp)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step again (a resumed run that had already finished)
-            old = root / f".{final.name}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Written last: a folder with a state file is complete.
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(payload.state), indent=1) + "\n", encoding="utf-8")
     prune(run_dir, keep, payload.state.best_step)
     return final
 
@@ -327,14 +313,6 @@ def _save(obj: Any, path: Path) -> None:
     # file-size limit) as the context of torch's "unexpected pos" error (fsio.disk_full_reason).
     with open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(run_dir: Path, keep: int, best_step: int | None) -> None:
@@ -370,11 +348,19 @@ def read_payload_files(ckpt: Path) -> dict[str, Any]:
     return out
 
 
-def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter) -> TrainState:
-    """Load a checkpoint's optimizer, schedule, loss scaler and RNG states (the adapter weights
-    are loaded before the model is prepared: `load_adapter`). Returns its TrainState."""
+def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: bool, reporter,
+            hooks=None) -> TrainState:
+    """Load a checkpoint's optimizer, schedule, loss scaler, adapter-method (`hooks`: a HookSet) and
+    RNG states (the adapter weights are loaded before the model is prepared: `load_adapter`).
+    Returns its TrainState."""
     state = read_state(ckpt)
     files = read_payload_files(ckpt)
+    if hooks:
+        if files["adapter_hooks"] is None:
+            raise BadFileError(ckpt / HOOKS_FILE, "missing: this run's adapter method keeps training state of its "
+                                                  "own, which a resumed run needs")
+        with reading(ckpt / HOOKS_FILE, "the adapter method's training state for this run's adapter"):
+            hooks.load_state_dict(files["adapter_hooks"])
     with reading(ckpt / "optimizer.pt", "an optimizer state that fits this run's adapter and optimizer"):
         load_optimizer_state(model, optimizer, files["optimizer"], fsdp)
     # The schedule continues from the checkpoint's step, with the recipe's own peak lr.

@@ -6,7 +6,8 @@ the one of a single large batch whatever the accumulation, padding or number of 
 
 Per step: forward and backward of each micro-batch, unscale (float16), clip, check that loss and
 gradient are finite, update, schedule, log, maybe evaluate, maybe checkpoint, maybe stop (signal,
-early stopping). Everything the loop counts lives in a `TrainState`, which checkpoints save, so a
+early stopping). An adapter method may add loss terms and act after each update (`hooks`, from
+`peftctl.adapters.hooks`); the loop calls them without knowing the method. Everything the loop counts lives in a `TrainState`, which checkpoints save, so a
 resumed run continues exactly where the checkpoint was.
 """
 
@@ -22,10 +23,11 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
+from peftctl.loss import eval_loss, inner_model, loss_sum, prepare
 from peftctl.train.checkpoint import TrainState
-from peftctl.train.loss import IGNORE, _inner_model, eval_loss, loss_sum
 from peftctl.ui import Reporter
 
 
@@ -111,7 +113,7 @@ class MicroBatch:
 
     def __init__(self, batch: dict[str, torch.Tensor], real: bool):
         self.batch, self.weight = batch, 1.0 if real else 0.0
-        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
+        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
         self.input_tokens = count_input_tokens(batch) if real else 0
 
 
@@ -164,15 +166,17 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics: Callable[[dict[str, Any]], None],
         checkpoint: Callable[[TrainState], None],
         stop_signal: Callable[[], bool],
-        reporter: Reporter) -> str:
-    """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted."""
+        reporter: Reporter, hooks=None) -> str:
+    """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted.
+    `hooks` (a `peftctl.adapters.hooks.HookSet`, false when empty): the adapter method's loss terms,
+    added to each step's objective once, and its action after each update, before gradients are zeroed."""
     cfg = recipe.train
     world = accelerator.num_processes
     device = accelerator.device
     params = [p for p in model.parameters() if p.requires_grad]
     stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
                         state.epoch, state.position, limit=target_examples(cfg, len(train)))
-    vocab_size = getattr(getattr(_inner_model(model), "config", None), "vocab_size", None)
+    vocab_size = getattr(getattr(inner_model(model), "config", None), "vocab_size", None)
     keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
     def reduce(*values: float) -> list[float]:
@@ -214,36 +218,59 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     if cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience:
         reporter.stop()  # a checkpoint written as early stopping ended the run: nothing more to train
         return "early_stopping"
-    for step in range(state.step + 1, steps + 1):
-        # Up to grad_accum micro-batches (an epochs-based run's last step may have fewer); their
-        # token counts come from the host tensors, so nothing here waits for the device.
+    pin = device.type == "cuda"
+
+    def draw() -> tuple[list[MicroBatch], list, int, int, int]:
+        """One step's micro-batches (up to grad_accum: an epochs-based run's last step may have
+        fewer), collated and moved with their loss plans (worked out on the host: the forward
+        waits for nothing), and the stream's epoch, position and count after them."""
         micro = []
         while len(micro) < cfg.grad_accum and (mb := stream.next()) is not None:
             micro.append(mb)
+        return micro, [prepare(mb.batch, device, pin) for mb in micro], stream.epoch, stream.position, \
+            stream.consumed
+
+    ahead = draw() if state.step < steps else None
+    for step in range(state.step + 1, steps + 1):
+        # Drawn ahead, during the last step's backward (see below); their token counts come from
+        # the host tensors, so nothing here waits for the device.
+        micro, moved, epoch_after, position_after, consumed_after = ahead
         if not micro:  # the data ran out: total_steps counts exactly, so this is only a safeguard
             break
         (step_tokens,) = reduce(sum(mb.loss_tokens for mb in micro))
         local_loss = torch.zeros((), dtype=torch.float32, device=device)
+        step_terms: dict[str, torch.Tensor] = {}  # the hooks' loss terms of this step (read when logging)
         for i, mb in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in mb.batch.items()}
+            batch, plan = moved[i]
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
             with ctx:
-                loss, _ = loss_sum(model, batch)
+                loss, _ = loss_sum(model, batch, plan)
                 if mb.weight != 1.0:
                     loss = loss * mb.weight  # a stand-in: every process runs a backward, this one adds nothing
                 # DDP averages gradients over processes; multiplying by `world` turns that average
                 # into the sum over all loss tokens divided by their global count.
                 scaled = loss * (world / max(step_tokens, 1))
+                if hooks:
+                    # Each micro-batch adds 1/len(micro) of the terms: the step adds each once.
+                    for key, term in hooks.loss_terms().items():
+                        scaled = scaled + term / len(micro)
+                        step_terms[key] = step_terms.get(key, 0) + term.detach() / len(micro)
                 if scaler is not None:
                     scaled = scaler.scale(scaled)
                 accelerator.backward(scaled)
             local_loss += loss.detach().float()
+        del moved, batch, plan
         if scaler is not None:
             scaler.unscale_(optimizer)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         if type(grad_norm).__name__ == "DTensor":  # FSDP2
             grad_norm = grad_norm.full_tensor()
+        # The next step's batches are collated, pinned and queued for the device now, while the
+        # device runs this step's backward: after the step's one wait (the gradient norm below)
+        # the next forward starts at once. The state takes the stream's position from the values
+        # drawn with this step's batches (a run that stops after this step resumes after it).
+        ahead = draw() if step < steps else None
         grad_norm = float(grad_norm)  # the step's one wait for the device (with the loss below)
         step_loss, inputs, stopping = reduce(float(local_loss), sum(mb.input_tokens for mb in micro),
                                              float(stop_signal()))
@@ -260,6 +287,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 scaler.update()
             else:
                 optimizer.step()
+            if hooks:
+                hooks.after_optimizer_step(step)  # the step's gradients are still there
         elif state.skipped_steps < cfg.skip_nonfinite_steps:
             state.skipped_steps += 1
             if scaler is not None:
@@ -279,7 +308,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         else:
             state.collapsed_steps = 0
 
-        state.step, state.epoch, state.position = step, stream.epoch, stream.position
+        state.step, state.epoch, state.position = step, epoch_after, position_after
         if bad is None:
             state.window_loss += step_loss
             state.window_tokens += step_tokens
@@ -294,7 +323,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 state.last_loss = loss_now
             record = {
                 "step": step,
-                "epoch": round(stream.consumed / len(train), 4),  # passes over the data when the step ended
+                "epoch": round(consumed_after / len(train), 4),  # passes over the data when the step ended
                 "loss": loss_now,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -302,6 +331,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 "loss_tokens": int(state.window_tokens),
                 "elapsed_s": time_before + now - start,
             }
+            if step_terms:  # the adapter method's loss terms at this step (not in `loss`)
+                record["loss_terms"] = {k: float(v) for k, v in step_terms.items()}
             write_metrics(record)
             reporter.advance(step, {"loss": state.last_loss, "lr": lr, "tok/s": round(record["tokens_per_s"])})
             shown = "-" if loss_now is None else f"{loss_now:.4f}"

@@ -1,7 +1,10 @@
 """Optimizers and learning-rate schedules, built from the recipe's train section.
 
 Parameter groups: weight decay never touches biases or norm weights, and with LoRA+
-(`train.loraplus_lr_ratio`) the B matrices get their own, larger learning rate.
+(`train.loraplus_lr_ratio`) the B matrices get their own, larger learning rate: LoRA+ (Hayou et
+al. 2024, arXiv 2402.12354) shows that one learning rate for A and B makes feature learning
+inefficient at large width, and sets B's to lambda times A's (the paper suggests 16 to start).
+PEFT's `create_loraplus_optimizer` does the same for lora_B and lora_embedding_B.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from peftctl import memory
+from peftctl.errors import InputError
+
 
 def sequence_lengths(train) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and loss tokens of each sequence the loop batches: an example, or a packed row of
@@ -33,9 +36,8 @@ def sequence_lengths(train) -> tuple[np.ndarray, np.ndarray]:
 def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str, Any]:
     from peftctl import data as data_lib
     from peftctl import models
-    from peftctl.inspect import inspect_recipe, meta_model
-    from peftctl.memory import Workload
     from peftctl.train import (
+        budget,
         check_data,
         check_model,
         checkpoint,
@@ -64,11 +66,10 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
     steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
-    lengths, loss_tokens = sequence_lengths(dataset.train)
+    lengths, _ = sequence_lengths(dataset.train)
     mean_len = float(lengths.mean())
-    loss_fraction = float(loss_tokens.sum()) / max(int(lengths.sum()), 1)
     # The longest micro-batch pads every row to its longest sequence.
-    workload = Workload(cfg.batch_size, int(lengths.max()), loss_fraction)
+    workload = budget.workload(dataset.train, cfg.batch_size)
     inspected = inspect_recipe(recipe, workload, built=built)
     checkpoints = 0 if cfg.save_every is None else math.ceil(steps / cfg.save_every)
     return {
@@ -95,5 +96,78 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "resume_from": str(ckpt) if ckpt else None,
         "nothing_to_train": finished,  # a finished run: why `train` would train nothing
         "memory_estimate_bytes": inspected["memory"],
+        "memory_plan": inspected["memory"]["memory_plan"],
+        "kernels": budget.kernels_on(cfg.kernels, budget.device_of_this_machine()),
         "output_dir": str(Path(recipe.output.dir).resolve()),
     }
+
+
+def meta_model(recipe):
+    """(the PeftModel a run of `recipe` trains, built on the meta device (`models.meta_model`);
+    the model config; dtype). An adapter that does not fit the model is an input error."""
+    from peftctl import models
+    from peftctl.adapters import attach
+
+    model, config, dtype = models.meta_model(recipe.model)
+    try:
+        return attach(model, recipe.adapter), config, dtype
+    except (ValueError, TypeError) as e:
+        raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
+
+
+def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
+    """Which modules the recipe adapts and the parameter counts; with a `memory.Workload`, the
+    peak-memory estimate for it (`peftctl inspect --memory`: the recipe's batch_size × max_length).
+    `built`: what `meta_model(recipe)` returned, when the caller has it already."""
+    from peftctl.adapters.io import wrappers
+    from peftctl.adapters.layer import AdapterLayer
+
+    peft_model, config, dtype = built if built is not None else meta_model(recipe)
+    rows = []
+    for name, module in wrappers(peft_model.base_model.model):
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module.original_module
+        weight = getattr(base, "weight", None)
+        rows.append({
+            "module": name,
+            "type": type(base).__name__ + ("" if isinstance(module, AdapterLayer) else " (trained in full)"),
+            "shape": [base.out_features, base.in_features] if _quantized(base) else
+            (list(weight.shape) if weight is not None else None),
+            "rank": dict(getattr(module, "r", {})),  # LoRA's (and VeRA's) ranks by adapter
+            # A few words per adapter: "r=8" (LoRA), "scales input" (IA3); empty for a module trained in full.
+            "adapter": {n: module.describe(n) for n in module.adapter_names} if isinstance(module, AdapterLayer) else {},
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        })
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    result = {
+        "model": recipe.model.name_or_path,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": recipe.model.quantization.model_dump() if recipe.model.quantization else None,
+        "method": recipe.adapter.method,
+        "modules": rows,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+    }
+    if workload is not None:
+        from peftctl.train import budget
+
+        # As the run on this machine would train: fused kernels per train.kernels, checkpointing
+        # per train.memory_budget (its plan) or train.gradient_checkpointing.
+        device = budget.device_of_this_machine()
+        cfg = recipe.train
+        chosen = budget.plan(peft_model, config, cfg, workload, device) if cfg.memory_budget is not None else None
+        result["memory"] = memory.estimate(
+            peft_model, config, workload=workload, gradient_checkpointing=recipe.uses_gradient_checkpointing(),
+            optimizer=cfg.optimizer, momentum=cfg.momentum, fused=budget.kernels_on(cfg.kernels, device),
+            checkpoint_layers=None if chosen is None else chosen["checkpoint_layers"],
+            offload=chosen is not None and chosen["offload"],
+        )
+        result["memory"]["memory_plan"] = chosen
+        result["memory"]["workload"] = {"batch": workload.batch, "seq_len": workload.seq_len,
+                                        "loss_fraction": workload.loss_fraction}
+    return result
+
+
+def _quantized(module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")

@@ -29,12 +29,9 @@ import re
 import torch
 
 from peftctl.adapters import merge_utils as mu
+from peftctl.adapters.lora.config import COMBINATION_TYPES, FACTOR_TYPES, SVD_TYPES  # noqa: F401 (re-exported)
 from peftctl.adapters.lora.layer import LoraLayer
-from peftctl.adapters.modules_to_save import ModulesToSaveWrapper
-
-FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-COMBINATION_TYPES = (*FACTOR_TYPES, "cat", *SVD_TYPES)
+from peftctl.adapters.modules_to_save import check_combinable_copies, start_from_source_copies
 
 
 def _merge_tensors(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor, density, sign_method):
@@ -68,10 +65,7 @@ def _check(model, adapters: list[str], weights: list[float], combination_type: s
         if c.bias != "none":
             raise ValueError(f"adapter {name!r} trains the base model's own biases (bias={c.bias!r}); they are not "
                              "a delta that can be weighted, so it cannot be combined (train it with bias='none')")
-    for wrapper in model.wrappers():
-        if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
-            raise ValueError("adapters that each train their own copy of the same module (modules_to_save) "
-                             "cannot be combined")
+    check_combinable_copies(model, adapters)
 
 
 def _layer_ranks(model, adapters: list[str], combination_type: str, svd_rank: int | None) -> dict[str, int]:
@@ -130,11 +124,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
                 _combine_layer(layer, adapters, weights, adapter_name, combination_type, layer.r[adapter_name],
                                density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
         # A module trained in full by one of the adapters: the new adapter starts from that copy.
-        for wrapper in model.wrappers():
-            if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
-                source = next((a for a in adapters if a in wrapper.modules_to_save), None)
-                if source is not None:
-                    wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
+        start_from_source_copies(model, adapters, adapter_name)
     model._apply_trainability()
 
 

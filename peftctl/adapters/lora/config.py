@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from peftctl.adapters.config import READING_SAVED, AdapterConfig
+from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig
 
 # init_lora_weights values peftctl implements. "pissa_niter_<n>" (fast randomized SVD) also works.
 INITS = (True, False, "gaussian", "pissa", "olora")
@@ -15,9 +16,27 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 # Inits PEFT offers that only decide the starting point of training and leave the base weights
 # alone: an adapter made with one of them loads here as it is (its trained weights are in the file).
 _WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "mica")
+# add_weighted_adapter's combination types (PEFT's), implemented in `combine.py`.
+FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = (*FACTOR_TYPES, "cat", *SVD_TYPES)
 
 
-class LoraConfig(AdapterConfig):
+def rank_factor(r: float, use_rslora: bool) -> float:
+    """What LoRA's scaling divides lora_alpha by: r (LoRA: Hu et al. 2021, arXiv 2106.09685, section
+    4.1), or sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732: with alpha / r the update's
+    learning slows as the rank grows; alpha / sqrt(r) keeps it rank-stable). Multiplicative:
+    rank_factor(k * r) = rank_factor(k) * rank_factor(r)."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """s in y = W x + s * B A x: lora_alpha / rank_factor(r, use_rslora), the one formula every
+    layer, config, resize and report uses. Its inverse: lora_alpha = s * rank_factor(r, use_rslora)."""
+    return lora_alpha / rank_factor(r, use_rslora)
+
+
+class LoraConfig(LayerSelectionConfig):
     """Low-rank adaptation: y = W x + (B A dropout(x)) * scaling, scaling = lora_alpha / r.
 
     With `use_rslora`, scaling = lora_alpha / sqrt(r). With `use_dora`, the adapted weight is
@@ -25,6 +44,10 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    prefix: ClassVar[str] = "lora_"
+    mixed_batches: ClassVar[bool] = True
+    combination_types: ClassVar[tuple[str, ...]] = COMBINATION_TYPES
+    default_combination: ClassVar[str | None] = "cat"  # `peftctl merge`'s: exact (PEFT's API default is svd)
     unsupported_peft_keys: ClassVar[dict[str, tuple]] = {
         "layer_replication": (None,),
         "trainable_token_indices": (None,),
@@ -41,7 +64,7 @@ class LoraConfig(AdapterConfig):
     }
     # PEFT's settings of features refused here (loftq/eva/corda/lora_ga inits, QALoRA, Megatron).
     inert_peft_keys: ClassVar[tuple[str, ...]] = (
-        *AdapterConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        *LayerSelectionConfig.inert_peft_keys, "loftq_config", "eva_config", "corda_config", "lora_ga_config",
         "qalora_group_size", "megatron_core",
     )
 
@@ -177,9 +200,21 @@ class LoraConfig(AdapterConfig):
             )
         return super().from_peft_dict(d)
 
+    def describe_module(self, module: str, tensors: dict[str, list[int]]) -> dict[str, Any]:
+        """Rank (from A's saved shape), lora_alpha (alpha_pattern applied) and scaling of one module."""
+        a = tensors.get("lora_A.weight") or tensors.get("lora_embedding_A")
+        if a is None:
+            return {}
+        from peftctl.adapters.matching import saved_pattern_value
+
+        rank = a[0]
+        alpha = saved_pattern_value(self.alpha_pattern, module, self.lora_alpha, "alpha_pattern")
+        return {"rank": rank, "lora_alpha": alpha, "scaling": lora_scaling(alpha, rank, self.use_rslora)}
+
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        """The default scaling (`lora_scaling` of lora_alpha and r; patterns may differ per module)."""
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     @property
     def changes_base_weights(self) -> bool:

@@ -50,16 +50,15 @@ class _ConvNd(LoraLayer):
         return delta.view(base.weight.shape) * self.scaling[adapter_name]
 
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
+        """s * B(A(dropout(x))) + s * B's bias: (N, in_channels, *spatial) -> (N, out_channels,
+        *spatial_out) (spatial_out as the base convolution gives), in the activations' dtype
+        (autocast's when on); see `LoraLayer.lora_delta`."""
         dtype = compute_dtype(x)
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if apply_dropout:
             x = self.dropout(adapter_name, x)
         h = a._conv_forward(x.to(dtype), a.weight.to(dtype), None)
-        scale = self.scaling[adapter_name]
-        if scale != 1.0:
-            h = h * scale
-        bias = None if b.bias is None else (b.bias * scale).to(dtype)
-        return b._conv_forward(h, b.weight.to(dtype), bias)
+        return self.scaled_b(adapter_name, h, b._conv_forward)
 
     def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         base = self.get_base_layer()

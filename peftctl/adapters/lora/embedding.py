@@ -55,6 +55,8 @@ class Embedding(LoraLayer):
 
     def lora_delta(self, adapter_name: str, ids: torch.Tensor, apply_dropout: bool = True,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s * B A^T[ids] (times the base's `embed_scale`): integer ids (...) -> (..., embedding_dim),
+        in `dtype` (default: the base weight's; float32 for a non-float one). No dropout."""
         dtype = dtype or self.get_base_layer().weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32

@@ -1,6 +1,13 @@
 """Inits that build A and B from the base weight and subtract scaling * B A from it, so the model's
 outputs are unchanged at step 0 (PiSSA: top singular vectors; OLoRA: QR decomposition).
 
+- PiSSA (Meng et al. 2024, arXiv 2404.02948): W = U S V^T; with the r largest singular values,
+  A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), so s B A = U_r S_r V_r^T (the principal part),
+  and the base keeps the residual W - s B A. `pissa_niter_<n>`: the paper's fast initialisation, a
+  randomized SVD (`torch.svd_lowrank`, n subspace iterations).
+- OLoRA (Büyükakyüz 2024, arXiv 2406.01775): W = Q R (QR decomposition); B = Q[:, :r] (orthonormal
+  columns), A = R[:r], and the base keeps W - s B A.
+
 They change the base weights: an adapter made this way only fits a base model that went through
 the same init. Loading such an adapter runs the init again (it is deterministic for `pissa` and
 `olora`, and made so for `pissa_niter_<n>`), as PEFT does.
@@ -10,8 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from peftctl.adapters.lora.config import rank_factor
+
 
 def from_base_weight(layer, adapter_name: str, init: str) -> None:
+    """Set the adapter's A (r, in) and B (out, r) by `init` ("pissa", "pissa_niter_<n>", "olora")
+    from the base weight W (out, in; a Conv1D's transposed), computed in float32, and replace W in
+    place by W - s B A in its own dtype. Raises TypeError for a non-float weight, ValueError when r
+    exceeds min(out, in)."""
     base = layer.get_base_layer()
     weight = base.weight
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -86,7 +99,7 @@ def as_plain_lora(tensors: dict[str, torch.Tensor], initial: dict[str, torch.Ten
             raise ValueError(f"{source}: {key} has shape {tuple(t0.shape)} there and {tuple(t.shape)} here; "
                              "it is not this adapter's initial state")
         out[key] = torch.cat([t, t0], dim=0) if factor[0] == 0 else torch.cat([t, -t0], dim=1)
-    alpha_factor = 2**0.5 if config.use_rslora else 2
+    alpha_factor = rank_factor(2, config.use_rslora)  # the scaling kept at twice the rank
     config = config.model_copy(update={
         "init_lora_weights": True,
         "r": 2 * config.r,

@@ -5,7 +5,8 @@ formula needs: no dropout call when the rate is 0; the delta is computed as B(A(
 activations' dtype (the float32 adapter weights are cast down, the activations are never upcast);
 the scaling multiplies the small r-wide intermediate; B @ A is never formed in the forward (DoRA's
 weight norm is the exception the method itself needs, computed without gradient). `lora_delta` is
-the one place a fused kernel would replace.
+the module-graph form; `fused.py` computes the same for linear layers inside Llama-family blocks
+with fused autograd functions (`peftctl.kernels.lora`) when training asks for it.
 
 The layer classes: `Linear` (torch Linear and transformers' Conv1D, stored transposed),
 `Embedding`, `Conv1d`, `Conv2d`, `Conv3d`; bitsandbytes' quantized linears (QLoRA) in `quantized.py`.
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import abc
 import math
-import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from peftctl.adapters.layer import AdapterLayer
+from peftctl.adapters.layer import AdapterLayer, LayerTypes, compute_dtype
 from peftctl.adapters.lora import init as lora_init
+from peftctl.adapters.lora.config import lora_scaling
 from peftctl.adapters.matching import pattern_value
 
 
@@ -31,14 +33,30 @@ def check_rows(names: list[str], x: torch.Tensor) -> None:
         raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} rows")
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the adapter computes in: autocast's when it is on, else the activations'."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class LoraLayer(AdapterLayer):
+    """A base module with LoRA adapters: y = base(x) + s * B(A(dropout(x))) for each active adapter
+    (LoRA: Hu et al. 2021, arXiv 2106.09685, eq. 3), s = `config.lora_scaling(lora_alpha, r,
+    use_rslora)`; with DoRA, `dora_output` instead.
+
+    Per adapter name (dicts keyed by it): `r`, `lora_alpha`, `scaling` (s), `use_rslora`, `use_dora`,
+    `lora_bias`, `lora_dropout` (nn.Dropout, nn.Identity at rate 0); the factors `lora_A` (in -> r)
+    and `lora_B` (r -> out, with a bias when `lora_bias`), modules of the base layer's kind, or for
+    an embedding `lora_embedding_A` (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r);
+    DoRA's magnitude m, `lora_magnitude_vector` (out_features values, in PEFT's saved shape).
+    Adapter weights are float32 on the base weight's device; the forward casts them down to the
+    compute dtype (`compute_dtype`) and never casts activations up. The output has the base layer's
+    output shape.
+
+    A subclass per base-layer kind gives `create_weights`, `delta_weight` (s * B A as a float32
+    tensor shaped like the base weight: what merging adds) and `lora_delta`.
+
+    Raises ValueError when an adapter is created with an init the layer kind cannot do (PiSSA and
+    OLoRA need a float linear), DoRA over a weight the layer cannot read, a rank a convolution's
+    groups do not divide, or `lora_bias` on an embedding; in the forward for `adapter_names` whose
+    length is not the batch's; when merging `lora_bias` into a layer without a bias. TypeError for
+    DoRA on a layer kind without it.
+    """
+
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
     # What `init_lora_weights` values this layer type accepts beyond true/false/gaussian.
@@ -80,7 +98,28 @@ class LoraLayer(AdapterLayer):
 
     @abc.abstractmethod
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
-        """B(A(dropout(x))) * scaling, in the compute dtype."""
+        """s * B(A(dropout(x))): one adapter's contribution, added to the base layer's output.
+
+        x: the base layer's input, (..., in_features) for a linear layer; returns (..., out_features)
+        in the compute dtype (`compute_dtype(x)`: autocast's when it is on, else x's), to which the
+        float32 factors are cast (x is never cast up). s multiplies the r-wide intermediate, and
+        B @ A is never formed. `apply_dropout=False`: the caller applied it (DoRA). The one
+        function a fused kernel replaces; each layer kind states its shapes."""
+
+    def scaled_b(self, adapter_name: str, h: torch.Tensor,
+                 apply_b: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+        """s * B(h) + s * B's bias, for h = A(dropout(x)), the r-wide intermediate in the compute
+        dtype: s multiplies h (skipped when 1), B's bias is scaled in float32 then cast to h's dtype,
+        B's weight is cast to it, and `apply_b(h, weight, bias)` applies B as its layer kind does
+        (`F.linear`, a 1x1 convolution's `_conv_forward`). The sequence every `lora_delta` shares,
+        written once: where a fused kernel goes (`kernels.lora` fuses the same sequence for linear
+        layers on the training fast path, `fused.py`)."""
+        b = self.lora_B[adapter_name]
+        scale = self.scaling[adapter_name]
+        if scale != 1.0:
+            h = h * scale
+        bias = None if b.bias is None else (b.bias * scale).to(h.dtype)
+        return apply_b(h, b.weight.to(h.dtype), bias)
 
     def to_out_first(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight, viewed with the output dimension first."""
@@ -120,21 +159,27 @@ class LoraLayer(AdapterLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = config.use_rslora
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, config.use_rslora)
         self.use_dora[adapter_name] = config.use_dora
         self.lora_bias[adapter_name] = config.lora_bias
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
         weight = self.get_base_layer().weight
+        meta = weight.device.type == "meta"
         # Adapter weights live in float32 (stable optimizer updates) on the base weight's device.
         # They are created with the layer's own default init first, as PEFT does, so that a seed
-        # gives PEFT's numbers (and init_lora_weights=false keeps those random values).
-        self.create_weights(adapter_name, r, config.lora_bias, {"device": weight.device, "dtype": torch.float32})
-        if weight.device.type != "meta":
+        # gives PEFT's numbers (and init_lora_weights=false keeps those random values). Random
+        # values are drawn on the CPU and then moved: a seed gives the same adapter wherever the
+        # base sits (loaded onto a GPU, or in host memory for FSDP to shard; CUDA's generator
+        # draws other numbers than the CPU's).
+        self.create_weights(adapter_name, r, config.lora_bias, {"device": "meta" if meta else "cpu",
+                                                                "dtype": torch.float32})
+        if not meta:
             if init is True or init == "gaussian":
                 self.reset_weights(adapter_name, init)
-            elif isinstance(init, str):
+            self._move_adapter(adapter_name, weight.device)
+            if isinstance(init, str) and init != "gaussian":
                 lora_init.from_base_weight(self, adapter_name, init)
             if config.use_dora:
                 self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.dora_norm(adapter_name))
@@ -143,6 +188,17 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(torch.empty(shape, device="meta"))
         self.set_adapter(self.active_adapters, trainable=False)
         self.match_mode(adapter_name)
+
+    def _move_adapter(self, adapter_name: str, device: torch.device) -> None:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.data.to(device), requires_grad=item.requires_grad)
+            else:
+                item.to(device)
 
     # ---- forward ------------------------------------------------------------------------------
     def dropout(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +245,8 @@ class LoraLayer(AdapterLayer):
 
     def dora_norm(self, adapter_name: str, base_weight: torch.Tensor | None = None,
                   delta: torch.Tensor | None = None) -> torch.Tensor:
-        """Row norms of W + scaling B A (output dimension first), float32, without gradient."""
+        """||W + s B A||_c: the norm of each output row (all input entries of an output channel),
+        float32, shaped like the magnitude, computed without gradient (see `dora_output`)."""
         with torch.no_grad():
             w = self.base_weight() if base_weight is None else base_weight
             d = self.delta_weight(adapter_name) if delta is None else delta
@@ -201,6 +258,16 @@ class LoraLayer(AdapterLayer):
         return self.lora_magnitude_vector[adapter_name] / self.dora_norm(adapter_name)
 
     def dora_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` (the output so far, W x + bias) with a DoRA adapter applied.
+
+        DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) re-parametrises the adapted weight as
+        W' = m * (W + s B A) / ||W + s B A||_c, m a trained magnitude per output row. With
+        f = m / ||W + s B A||_c, the output W' x + bias = result + (f - 1) W x + f * lora_delta(x),
+        with W x from the base output so far (or the base layer again, on the dropped-out input in
+        training), so B A is formed only for the norm. The norm is detached (a constant in the
+        backward), as the paper's section 4.3 proposes and PEFT does: its gradient would keep the
+        weight-sized W + s B A of every adapted layer in the autograd graph, and the paper measures
+        no loss in accuracy from treating it as a constant. Shapes and dtype: `lora_delta`'s."""
         dtype = compute_dtype(x) if x.is_floating_point() else result.dtype
         factor = self.dora_factor(adapter_name).to(dtype).reshape(self.factor_view())
         if isinstance(self.lora_dropout[adapter_name], nn.Identity) or not self.training:
@@ -264,11 +331,17 @@ class LoraLayer(AdapterLayer):
         if adapter_name not in self.scaling:
             return
         r, alpha = self.r[adapter_name], self.lora_alpha[adapter_name]
-        self.scaling[adapter_name] = scale * alpha / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
+        self.scaling[adapter_name] = scale * lora_scaling(alpha, r, self.use_rslora[adapter_name])
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._dora_merge_norm.pop(adapter_name, None)
+
+    def describe(self, adapter_name: str) -> str:
+        return f"r={self.r[adapter_name]}" if adapter_name in self.r else ""
+
+    def saved_activations(self) -> tuple[bool, int]:
+        return True, sum(self.r.values())  # the input (A's gradient) and the r-wide intermediates
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -276,48 +349,34 @@ class LoraLayer(AdapterLayer):
 
 # ---- dispatch: which layer class wraps which base module ----------------------------------------
 
-# (base-layer type, LoRA layer class); the first isinstance match wins. Extended by `register_layer`.
-_LAYER_TYPES: list[tuple[type, type[LoraLayer]]] = []
-_QUANTIZED_REGISTERED: list[bool] = [False]
+
+def _builtin_types() -> list[tuple[type, type[LoraLayer]]]:
+    from transformers.pytorch_utils import Conv1D
+
+    from peftctl.adapters.lora.conv import Conv1d, Conv2d, Conv3d
+    from peftctl.adapters.lora.embedding import Embedding
+    from peftctl.adapters.lora.linear import Linear
+
+    return [(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d),
+            (nn.Linear, Linear), (Conv1D, Linear)]
 
 
-def register_layer(base_type: type, layer_cls: type[LoraLayer]) -> None:
-    """Make `layer_cls` the LoRA layer for base modules of `base_type` (e.g. a quantized linear);
-    it takes precedence over the built-in entries."""
-    _layer_types().insert(0, (base_type, layer_cls))
+def _quantized_types() -> list[tuple[type, type[LoraLayer]]]:
+    from peftctl.adapters.lora.quantized import layer_types
+
+    return layer_types()
 
 
-def _layer_types() -> list[tuple[type, type[LoraLayer]]]:
-    if not _LAYER_TYPES:
-        from transformers.pytorch_utils import Conv1D
-
-        from peftctl.adapters.lora.conv import Conv1d, Conv2d, Conv3d
-        from peftctl.adapters.lora.embedding import Embedding
-        from peftctl.adapters.lora.linear import Linear
-
-        _LAYER_TYPES.extend([(nn.Embedding, Embedding), (nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d),
-                             (nn.Conv3d, Conv3d), (nn.Linear, Linear), (Conv1D, Linear)])
-    if not _QUANTIZED_REGISTERED[0] and "bitsandbytes" in sys.modules:
-        # A model with bitsandbytes layers has imported it; without them it is never imported here.
-        # Its linears subclass nn.Linear, so they must come first.
-        from peftctl.adapters.lora.quantized import layer_types
-
-        _QUANTIZED_REGISTERED[0] = True
-        for base_type, cls in layer_types():
-            register_layer(base_type, cls)
-    return _LAYER_TYPES
+LAYER_TYPES = LayerTypes("LoRA", _builtin_types, _quantized_types)
+register_layer = LAYER_TYPES.register  # e.g. register_layer(bnb.nn.Linear4bit, QuantizedLinear)
+dispatch = LAYER_TYPES.dispatch  # the LoRA layer for a base module, or a TypeError naming it
 
 
-def dispatch(target: nn.Module, adapter_name: str, config, module_name: str) -> AdapterLayer:
-    """The LoRA layer for a base module, or a TypeError naming the module and its type."""
-    for base_type, cls in _layer_types():
-        if isinstance(target, base_type):
-            return cls(target, adapter_name, config, module_name=module_name)
-    supported = ", ".join(sorted(f"{t.__module__}.{t.__name__}" for t, _ in _layer_types()))
-    raise TypeError(
-        f"module {module_name} is a {type(target).__module__}.{type(target).__name__}; "
-        f"LoRA here supports: {supported}"
-    )
+def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str, **options) -> None:
+    """A new LoRA adapter combining existing ones (`combine.py`; the registry's hook for it)."""
+    from peftctl.adapters.lora.combine import add_weighted_adapter as combine
+
+    combine(model, adapters, weights, adapter_name, **options)
 
 
 def __getattr__(name: str):

@@ -38,16 +38,13 @@ class Linear(LoraLayer):
         return self.from_out_first(b @ a) * self.scaling[adapter_name]
 
     def lora_delta(self, adapter_name: str, x: torch.Tensor, apply_dropout: bool = True) -> torch.Tensor:
+        """s * B(A(dropout(x))) + s * B's bias: (..., in_features) -> (..., out_features), in the
+        activations' dtype (autocast's when on); see `LoraLayer.lora_delta`."""
         dtype = compute_dtype(x)
-        b = self.lora_B[adapter_name]
         if apply_dropout:
             x = self.dropout(adapter_name, x)
         h = F.linear(x.to(dtype), self.lora_A[adapter_name].weight.to(dtype))
-        scale = self.scaling[adapter_name]
-        if scale != 1.0:
-            h = h * scale
-        bias = None if b.bias is None else (b.bias * scale).to(dtype)
-        return F.linear(h, b.weight.to(dtype), bias)
+        return self.scaled_b(adapter_name, h, F.linear)
 
     def base_output_without_bias(self, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
         bias = self.bias

@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from peftctl.adapters.lora.config import rank_factor
 from peftctl.adapters.lora.layer import LoraLayer
 
 
@@ -76,11 +77,11 @@ def resize_rank(model, adapter_name: str, r: int) -> dict:
             if old_bias is not None:
                 layer.lora_B[adapter_name].bias.copy_(old_bias)
         layer.match_mode(adapter_name)  # the new modules take the layer's mode (train / eval)
-        alpha = scaling * (math.sqrt(r) if layer.use_rslora[adapter_name] else r)
+        alpha = scaling * rank_factor(r, layer.use_rslora[adapter_name])
         layer.lora_alpha[adapter_name] = alpha
         alphas[module_name] = alpha
         rows.append({"module": module_name, "r_from": old_r, "r": r, "relative_error": error})
-    default_alpha = config.scaling * (math.sqrt(r) if config.use_rslora else r)
+    default_alpha = config.scaling * rank_factor(r, config.use_rslora)
     model.peft_config[adapter_name] = config.model_copy(update={
         "r": r, "lora_alpha": default_alpha, "rank_pattern": {},
         "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if not math.isclose(a, default_alpha)},

@@ -1,0 +1,185 @@
+"""Train each adapter method's recipe and write the comparison table to docs/METHODS.md.
+
+    python bench/compare_methods.py                              # every recipes/methods/*.yaml as written
+    python bench/compare_methods.py --methods lora,ia3 --steps 10
+
+Every recipe under recipes/methods/ trains the built-in model on the quickstart data; they differ
+only in `adapter` and `train.lr` (each recipe's comment says how its rate was chosen). For each:
+`peftctl train` into OUT/<method> (logging every step), then `peftctl eval --adapter` on the
+held-out file for exact match. The table gives trainable parameters, the adapter file's size,
+seconds per optimizer step (the median over the steps after the first, from metrics.jsonl, so the
+first step's warm-up and a busy moment of a shared machine weigh little), held-out exact match and
+eval loss, and the base model's row (`peftctl eval --base`; `--no-base` skips it). The document
+records the command, the machine and its load, so that anyone can rerun it.
+
+`--steps N` shortens every run (train.max_steps=N; warm-up capped at N // 4): the numbers then say
+that the script works, not how the methods compare. Run it with the venv's Python (with the
+repository's code on PYTHONPATH when peftctl is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes" / "methods"
+# The table's order: LoRA first (the reference), then the others as issue 11 lists them.
+ORDER = ["lora", "dora", "ia3", "adalora", "vera", "loha", "lokr"]
+
+
+def available() -> list[str]:
+    found = [p.stem for p in RECIPES.glob("*.yaml")]
+    return sorted(found, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
+def peftctl(*args: str) -> dict:
+    """Run `peftctl ARGS --json` with this Python; its JSON result, or exit naming the failure."""
+    cmd = [sys.executable, "-m", "peftctl", *args, "--json"]
+    print("+", shlex.join(cmd[1:]), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr: the run's progress, shown
+    if proc.returncode != 0:
+        sys.exit(f"compare_methods: {shlex.join(cmd[1:])} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout)
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """Median wall time of one optimizer step after the first (None: fewer than 2 steps logged)."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [(x["step"], x["elapsed_s"]) for x in lines if "elapsed_s" in x and "loss_tokens" in x]
+    deltas = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(steps, steps[1:], strict=False) if s1 > s0]
+    return statistics.median(deltas) if deltas else None
+
+
+def measure(method: str, out: Path, steps: int | None, eval_examples: int | None) -> dict:
+    recipe = RECIPES / f"{method}.yaml"
+    run_dir = out / method
+    overrides = [f"output.dir={run_dir}", "train.log_every=1", "train.eval_every=null"]
+    if steps is not None:
+        overrides += [f"train.max_steps={steps}", f"train.warmup_steps={steps // 4}"]
+    summary = peftctl("train", str(recipe), *[a for o in overrides for a in ("--set", o)])
+    eval_set = ["--set", f"eval.max_examples={eval_examples}"] if eval_examples else []
+    result = peftctl("eval", str(recipe), "--adapter", str(run_dir), *eval_set)
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    return {
+        "method": method,
+        "peft_type": config.get("peft_type"),
+        "steps": summary.get("steps"),
+        "trainable_params": summary.get("trainable_params"),
+        "adapter_bytes": (run_dir / "adapter_model.safetensors").stat().st_size,
+        "seconds_per_step": seconds_per_step(run_dir),
+        "exact_match": result.get("exact_match"),
+        "eval_loss": result.get("eval_loss"),
+        "exact_match_n": result.get("exact_match_n"),
+    }
+
+
+def recipe_lr(method: str) -> float:
+    import yaml
+
+    return yaml.safe_load((RECIPES / f"{method}.yaml").read_text())["train"]["lr"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def match(r: dict) -> str:
+    return "-" if r.get("exact_match") is None else f"{r['exact_match']:.1%} of {r['exact_match_n']}"
+
+
+def table(rows: list[dict], base: dict | None) -> str:
+    out = ["| method | trainable params | adapter file | s / step | held-out exact match | eval loss | lr |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    if base is not None:
+        out.append(f"| base model (no adapter) | 0 | - | - | {match(base)} | "
+                   f"{fmt(base.get('eval_loss'), '.4f')} | - |")
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['adapter_bytes'] / 1024:,.1f} KiB | "
+            f"{fmt(r['seconds_per_step'], '.2f')} | {match(r)} | {fmt(r['eval_loss'], '.4f')} | "
+            f"{recipe_lr(r['method']):g} |"
+        )
+    return "\n".join(out)
+
+
+def document(rows: list[dict], base: dict | None, argv: list[str], load: tuple[float, float, float],
+             minutes: float, steps: int | None) -> str:
+    import torch
+
+    command = "python bench/compare_methods.py" + ("" if not argv else " " + shlex.join(argv))
+    short = (f"\n**A shortened run** (`--steps {steps}`): these numbers show that the script works; they do "
+             "not compare the methods. The comparison is the run without `--steps`.\n" if steps else "")
+    return f"""# Adapter methods compared
+
+Produced by `bench/compare_methods.py` (do not edit by hand; rerun it):
+
+    {command}
+
+Each method's recipe is `recipes/methods/<method>.yaml`: the built-in model (SmolLM2-135M-Instruct)
+trained on the quickstart data (`recipes/data/quickstart`, 400 training and 64 held-out chat rows: write a
+date in ISO 8601 form), with the quickstart's schedule; the recipes differ only in `adapter` and
+`train.lr`, and each says how its rate was chosen. Held-out exact match: greedy answers of
+`peftctl eval --adapter` equal to the reference. Seconds per step: the median over the steps after the
+first, from the run's metrics.jsonl. Adapter file: adapter_model.safetensors (float32).
+{short}
+{table(rows, base)}
+
+Machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, {platform.system()}.
+Load average when the script started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min):
+the seconds per step are only comparable within one table. The script ran {minutes:.1f} minutes.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", help=f"comma-separated subset (default: all of {', '.join(available())})")
+    ap.add_argument("--steps", type=int, help="shorten every run to this many optimizer steps (>= 2)")
+    ap.add_argument("--eval-examples", type=int, help="score exact match on only the first N held-out rows")
+    ap.add_argument("--no-base", action="store_true", help="skip the base model's row")
+    ap.add_argument("--out", type=Path, help="folder for the runs (must not exist; default runs/methods-<time>)")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "METHODS.md", help="where the table goes")
+    args = ap.parse_args(argv)
+    methods = args.methods.split(",") if args.methods else available()
+    unknown = [m for m in methods if m not in available()]
+    if unknown:
+        ap.error(f"no recipe for {', '.join(unknown)} under {RECIPES} (have: {', '.join(available())})")
+    if args.steps is not None and args.steps < 2:
+        ap.error("--steps must be at least 2 (seconds per step skip the first)")
+    out = args.out or ROOT / "runs" / time.strftime("methods-%Y%m%d-%H%M%S")
+    if out.exists():
+        ap.error(f"{out} exists; give a new --out folder")
+    load, start = os.getloadavg(), time.monotonic()
+    base = None
+    if not args.no_base:
+        eval_set = ["--set", f"eval.max_examples={args.eval_examples}"] if args.eval_examples else []
+        base = peftctl("eval", str(RECIPES / f"{methods[0]}.yaml"), "--base", *eval_set)
+    rows = [measure(m, out, args.steps, args.eval_examples) for m in methods]
+    text = document(rows, base, argv, load, (time.monotonic() - start) / 60, args.steps)
+    args.doc.write_text(text, encoding="utf-8")
+    print(table(rows, base))
+    print(f"written: {args.doc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""(IA)³: config in `config` (no torch), layers in `layer`."""

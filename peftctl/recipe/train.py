@@ -1,0 +1,253 @@
+"""The `train` section: steps, batches, the optimizer and schedule, checkpoints, evaluation, stopping."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from peftctl.recipe.fields import Section, aka, training_argument
+
+# numpy's legacy seeding (np.random.seed, which transformers' and accelerate's set_seed call) takes
+# 0 <= seed < 2**32; torch and random take more, so this range suits all three.
+MAX_SEED = 2**32 - 1
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+
+
+def _gib_or_auto(value: Any) -> Any:
+    """train.memory_budget: a positive finite number of GiB, or auto."""
+    if value is None or value == "auto":
+        return value
+    number = value
+    if isinstance(value, str):  # as pydantic reads numbers written as strings ("1e400" is one in YAML)
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ValueError(f"must be a number of GiB or auto (got {value!r})")
+    if not math.isfinite(number):
+        raise ValueError(f"must be a finite number (got {value!r})")
+    if number <= 0:
+        raise ValueError(f"must be > 0 (got {value!r})")
+    return float(number)
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps. Unset: `epochs` passes over the data.",
+        json_schema_extra=training_argument("max_steps", axolotl="max_steps"),
+    )
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Passes over the training data (used when max_steps is unset; default 1): every example is "
+            "trained exactly this many times; the last step may be smaller."
+        ),
+        json_schema_extra=training_argument("num_train_epochs", axolotl="num_epochs"),
+    )
+    batch_size: int = Field(
+        default=4,
+        ge=1,
+        description="Examples per micro-batch (per device).",
+        json_schema_extra=training_argument("per_device_train_batch_size", axolotl="micro_batch_size"),
+    )
+    grad_accum: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Micro-batches per optimizer step. The loss is normalised by the loss tokens of the whole "
+            "step, so accumulating equals one large batch."
+        ),
+        json_schema_extra=training_argument("gradient_accumulation_steps",
+                                            axolotl="gradient_accumulation_steps"),
+    )
+    lr: float = Field(
+        default=2e-4,
+        gt=0,
+        description="Peak learning rate.",
+        json_schema_extra=training_argument("learning_rate", axolotl="learning_rate"),
+    )
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_min_lr"] = Field(
+        default="cosine",
+        description=(
+            "Learning-rate schedule after warmup. linear and cosine decay to 0 as the last step ends; "
+            "cosine_with_min_lr decays to lr × min_lr_ratio; constant stays at lr."
+        ),
+        json_schema_extra=training_argument("lr_scheduler_type", axolotl="lr_scheduler"),
+    )
+    min_lr_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="For cosine_with_min_lr: the final lr as a fraction of lr.",
+        json_schema_extra=aka(axolotl="cosine_min_lr_ratio"),
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Steps of linear warmup from 0 to `lr`.",
+        json_schema_extra=training_argument("warmup_steps", axolotl="warmup_steps"),
+    )
+    warmup_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Warmup as a fraction of the total steps (rounded up), instead of warmup_steps.",
+        json_schema_extra=aka(axolotl="warmup_ratio", llamafactory="warmup_ratio"),
+    )
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        default="adamw",
+        description=(
+            "adamw (torch, fused on GPU); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit "
+            "(bitsandbytes; paged ones fall back to unpaged on CPU); adafactor (transformers', with the "
+            "recipe's lr); sgd."
+        ),
+        json_schema_extra=training_argument("optim", axolotl="optimizer"),
+    )
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        description="Decoupled weight decay; never applied to biases and norm weights.",
+        json_schema_extra=training_argument("weight_decay", axolotl="weight_decay"),
+    )
+    adam_beta1: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="AdamW beta1.",
+        json_schema_extra=training_argument("adam_beta1", axolotl="adam_beta1"),
+    )
+    adam_beta2: float = Field(
+        default=0.999,
+        ge=0,
+        lt=1,
+        description="AdamW beta2.",
+        json_schema_extra=training_argument("adam_beta2", axolotl="adam_beta2"),
+    )
+    adam_epsilon: float = Field(
+        default=1e-8,
+        gt=0,
+        description="AdamW epsilon.",
+        json_schema_extra=training_argument("adam_epsilon", axolotl="adam_epsilon"),
+    )
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum.")
+    loraplus_lr_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "LoRA+: the B matrices (lora_B, lora_embedding_B) learn at lr × this ratio (the paper "
+            "suggests 16); unset: one lr for all."
+        ),
+        json_schema_extra=aka(axolotl="loraplus_lr_ratio", llamafactory="loraplus_lr_ratio"),
+    )
+    max_grad_norm: float | None = Field(
+        default=1.0,
+        gt=0,
+        description="Clip the gradient norm to this value; unset: no clipping.",
+        json_schema_extra=training_argument("max_grad_norm", axolotl="max_grad_norm"),
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description=(
+            "Recompute each layer's activations in the backward pass: much less memory, about 30% slower. "
+            "Unset: on when the base model is quantized (model.quantization), off otherwise."
+        ),
+        json_schema_extra=aka(transformers="gradient_checkpointing", axolotl="gradient_checkpointing"),
+    )
+    memory_budget: Annotated[float | Literal["auto"] | None, BeforeValidator(_gib_or_auto)] = Field(
+        default=None,
+        description=(
+            "GiB of device memory the run may use, or auto (the GPU's memory less 5% and 1 GiB). From "
+            "the memory estimate, the run checkpoints as few decoder layers as fit (the first ones) and, "
+            "when even all do not, keeps their inputs in pinned host memory (copies overlapped with "
+            "compute); the choice is in the dry run and summary.json (memory_plan). Replaces "
+            "gradient_checkpointing (set one of them). Unset: gradient_checkpointing decides."
+        ),
+    )
+    kernels: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Fused forward and backward for Llama-family blocks (RMSNorm, the LoRA SwiGLU MLP, q/k/v "
+            "with one shared A matmul, RoPE; Triton kernels on a GPU) and a fused cross-entropy: less "
+            "memory and time, the same function. auto: on with a CUDA GPU; true: also on other devices "
+            "(plain PyTorch versions of the same functions); false: the model's own modules."
+        ),
+    )
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for adapter init, data order and dropout (0 to 2**32 - 1, as numpy takes).",
+        json_schema_extra=training_argument("seed", axolotl="seed"),
+    )
+    log_every: int = Field(
+        default=10,
+        ge=1,
+        description="Write a metrics line every N steps.",
+        json_schema_extra=training_argument("logging_steps", axolotl="logging_steps"),
+    )
+    eval_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate on the eval data every N steps (and at the end).",
+        json_schema_extra=training_argument("eval_steps", axolotl="eval_steps"),
+    )
+    save_every: int | None = Field(
+        default=500,
+        ge=1,
+        description=(
+            "Write a checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N "
+            "steps and at the end, under RUN_DIR/checkpoints/step-NNNNNN. Unset: no checkpoints "
+            "(a signal still writes one)."
+        ),
+        json_schema_extra=training_argument("save_steps", axolotl="save_steps"),
+    )
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        description="Keep the last N step checkpoints (the best one is kept besides).",
+        json_schema_extra=training_argument("save_total_limit", axolotl="save_total_limit"),
+    )
+    early_stopping_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Stop when eval_loss has not improved for this many evaluations in a row; unset: never. "
+            "Needs eval_every."
+        ),
+        json_schema_extra=aka(axolotl="early_stopping_patience", llamafactory="early_stopping_steps"),
+    )
+    early_stopping_threshold: float = Field(
+        default=0.0, ge=0, description="An eval_loss counts as better only when lower by more than this."
+    )
+    load_best_at_end: bool = Field(
+        default=False,
+        description="Save the adapter of the best evaluation (lowest eval_loss) as the run's adapter, not the last.",
+        json_schema_extra=training_argument("load_best_model_at_end", axolotl="load_best_model_at_end"),
+    )
+    skip_nonfinite_steps: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Steps whose loss or gradient is NaN or inf may be skipped (no update) this many times; "
+            "one more stops the run as diverged. 0: the first one stops it."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.warmup_steps and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every")
+        if self.memory_budget is not None and self.gradient_checkpointing is not None:
+            raise ValueError("set train.memory_budget or train.gradient_checkpointing, not both (the budget "
+                             "decides which layers are checkpointed)")
+        return self
