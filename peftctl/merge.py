@@ -286,6 +286,14 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path, *, weights: list
     }
     if adapter_only:
         runs_ = [runs.read_run(d) for d in run_dirs]
+        for r in runs_:  # PiSSA / OLoRA: the adapter fits only the base its init changed
+            init = r.adapter_config.get("init_lora_weights")
+            if r.adapter_config.get("peft_type") == "LORA" and isinstance(init, str) and init != "gaussian":
+                raise InputError(
+                    f"{r.path}: trained with init_lora_weights: {init}, whose adapter fits only a base model "
+                    "changed by that init; `peftctl export RUN --format peft` writes it as the equivalent "
+                    "plain LoRA (rank 2r) that fits the original base"
+                )
         combination_type = _combination_for(runs_, weights, given["combination_type"]) or combination_type
         result["combination_type"] = None if len(run_dirs) == 1 and weights == [1.0] else combination_type
         model, name, tokenizer = _combined(runs_, runs_[0].model_section, weights, combination_type, density,

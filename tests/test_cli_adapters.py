@@ -120,6 +120,10 @@ def test_export_of_a_pissa_run_is_plain_lora_for_the_original_base(make_recipe, 
         as_trained = peft.PeftModel.from_pretrained(base(), run_dir)(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-5
     assert (as_trained - want).abs().max() > 1e-3  # the unconverted file, in PEFT: its own init, another base
+    # merge --adapter-only would write that unconverted file: refused, pointing at export
+    r = run("merge", run_dir, "--adapter-only", "-o", tmp_path / "ao", code=2)
+    assert "init_lora_weights: pissa_niter_4" in r.stderr and "peftctl export RUN --format peft" in r.stderr
+    assert not (tmp_path / "ao").exists()
 
 
 def test_misspelt_pattern_keys_are_refused_before_any_work(make_recipe, tmp_path):

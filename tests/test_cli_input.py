@@ -196,3 +196,14 @@ def test_an_unreadable_data_file_stops_every_command_before_the_model_loads(make
         r = run(*command, recipe, code=2)
         assert r.stderr == f"error: {said}\n", command
     assert not (tmp_path / "run").exists()
+
+
+def test_a_target_regex_that_does_not_compile_is_a_recipe_error(make_recipe):
+    """A string target_modules is a regular expression: one that does not compile is exit 2 at its
+    recipe line from validate, the dry run and train alike (not "error: error: ..." after loading)."""
+    recipe = make_recipe(adapter={"target_modules": "[q_proj"})
+    for args in (["validate"], ["train", "--dry-run"], ["train"]):
+        r = run(*args[:1], recipe, *args[1:], code=2)
+        assert "adapter.target_modules: invalid regular expression '[q_proj'" in r.stderr, r.stderr
+    r = run("validate", make_recipe(), "--set", "adapter.exclude_modules=(v_proj", code=2)
+    assert "adapter.exclude_modules: invalid regular expression" in r.stderr and "--set" in r.stderr

@@ -148,6 +148,9 @@ def test_a_second_train_on_a_folder_in_use_is_refused_naming_the_holder(make_rec
     assert f"(pid {holder.pid})" in r.stderr
     r = run("train", recipe, "--resume", "auto", "--dry-run", code=2)  # the dry run refuses alike
     assert f"(pid {holder.pid})" in r.stderr
+    (out / LOCK_NAME).unlink()  # the folder itself is locked too: deleting the lock file lets no one in
+    r = run("train", recipe, "--resume", "auto", code=2)
+    assert f"output.dir {out} is in use by another peftctl train" in r.stderr
     holder.send_signal(signal.SIGTERM)
     holder.communicate(timeout=120)
     assert holder.returncode == 143
@@ -542,3 +545,46 @@ def test_a_finished_run_trains_nothing_more_and_touches_no_file(make_recipe, tmp
     r = run("train", recipe, "--resume", "auto", "--set", "train.max_steps=5", code=2)
     assert "completed without checkpoints" in r.stderr
     assert snapshot(done) == before
+
+
+def test_steps_and_examples_are_counted_in_closed_form(make_recipe):
+    """The plan's counts equal a micro-batch-by-micro-batch walk (the reference below) and take no
+    time for a huge run; epochs and max_steps beyond any run are refused by validate (exit 2, line)."""
+    import random
+    import types
+
+    from peftctl.train import loop
+
+    def walk(n, per, start, stop):  # micro-batches from `start` to `stop`, one epoch segment at a time
+        count, pos = 0, start
+        while pos < stop:
+            seg_end = min((pos // n + 1) * n, stop)
+            count, pos = count + -(-(seg_end - pos) // per), seg_end
+        return count
+
+    def drawn(cfg, n, per, steps):  # examples that `steps` steps draw, micro-batch by micro-batch
+        target, pos = loop.target_examples(cfg, n), 0
+        for _ in range(steps * cfg.grad_accum):
+            if target is not None and pos >= target:
+                break
+            pos += min(per, n - pos % n)
+        return pos if target is None else min(pos, target)
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        n, per = rng.randint(1, 30), rng.randint(1, 12)
+        start, stop = rng.randint(0, 200), rng.randint(0, 300)
+        assert loop.micro_batches_between(n, per, start, stop) == walk(n, per, start, stop)
+        cfg = types.SimpleNamespace(max_steps=rng.choice([None, 5]), epochs=rng.choice([None, 1.0, 2.5, 0.3]),
+                                    batch_size=per, grad_accum=rng.randint(1, 3))
+        steps = rng.randint(0, 60)
+        assert loop.examples_in_steps(cfg, n, 1, steps) == drawn(cfg, n, per, steps)
+    huge = types.SimpleNamespace(max_steps=None, epochs=1e6, batch_size=3, grad_accum=2)
+    t0 = time.monotonic()
+    # 10**6 epochs of ceil(10**6 / 6) micro-batches (none crosses an epoch's end), 2 to a step
+    assert loop.total_steps(huge, 10**6, 2) == -(-(10**6 * -(-(10**6) // 6)) // 2)
+    assert time.monotonic() - t0 < 1.0
+    for field, value in (("epochs", "1e300"), ("max_steps", str(2**63 - 1))):
+        recipe = make_recipe(train={field: value})
+        r = run("validate", recipe, code=2)
+        assert f"train.{field}: must be <=" in r.stderr

@@ -256,7 +256,7 @@ def test_trainer_state_types_are_checked():
     state = TrainState.from_dict({"step": 3, "last_loss": 2, "best_step": None, "evals": [{"step": 1}],
                                   "data_sha256": {"train": "ab"}, "a_field_of_a_later_version": 1})
     assert state.step == 3 and state.last_loss == 2 and state.evals == [{"step": 1}]
-    for bad, field in (({"step": True}, "step"), ({"step": 1.5}, "step"), ({"step": -1}, "step"),
+    for bad, field in (({"step": True}, "step"), ({"step": 1.5}, "step"), ({"step": -1}, "step"), ({"step": 10**30}, "step"),
                        ({"step": 1, "evals": {}}, "evals"), ({"step": 1, "data_sha256": {"train": 1}}, "data_sha256"),
                        ({"step": 1, "best_eval_loss": "low"}, "best_eval_loss"), ({}, "step")):
         with pytest.raises(ValueError, match=field):

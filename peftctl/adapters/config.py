@@ -155,6 +155,20 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
             return sorted(set(v))
         return v
 
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _regex_compiles(cls, v: Any) -> Any:
+        # A string is a regular expression (PEFT's re.fullmatch); one that does not compile is bad
+        # input here, not an error when the model is matched.
+        if isinstance(v, str) and v != "all-linear":
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {v!r}: {e}") from None
+        return v
+
     # ---- PEFT's adapter_config.json -------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
         """The adapter_config.json contents, in PEFT's field names (sorted on write)."""

@@ -38,12 +38,14 @@ class TrainSection(Section):
     max_steps: int | None = Field(
         default=None,
         ge=1,
+        le=2**53,  # beyond any run; the learning-rate schedule computes with it in float64
         description="Optimizer steps. Unset: `epochs` passes over the data.",
         json_schema_extra=training_argument("max_steps", axolotl="max_steps"),
     )
     epochs: float | None = Field(
         default=None,
         gt=0,
+        le=1_000_000,  # beyond any run (steps are counted from it in closed form, so no limit of time)
         description=(
             "Passes over the training data (used when max_steps is unset; default 1): every example is "
             "trained exactly this many times; the last step may be smaller."

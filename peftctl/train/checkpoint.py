@@ -77,8 +77,8 @@ class TrainState:
         for key, value in d.items():
             if key in hints and not _conforms(value, hints[key]):
                 raise ValueError(f"{key} must be {_type_name(hints[key])} (got {value!r:.60})")
-        if d["step"] < 0:
-            raise ValueError(f"step must be >= 0 (got {d['step']})")
+        if not 0 <= d["step"] < 2**53:  # a count of optimizer steps, exact in float64 (the schedule)
+            raise ValueError(f"step must be an integer from 0 to 2**53 (got {d['step']})")
         return cls(**{k: v for k, v in d.items() if k in hints})
 
 

@@ -70,11 +70,17 @@ def micro_batches_between(n_examples: int, per_micro: int, start: int, stop: int
     """Global micro-batches that draw the examples from `start` to `stop` (counted over the whole
     run: epoch × n + position). A micro-batch takes `per_micro` examples and never crosses the end
     of an epoch (the last one of an epoch is smaller)."""
+    # In closed form (a recipe may ask for 1e300 epochs): the rest of the first epoch, whole epochs
+    # (each the same count), then the start of the last one.
     count, pos = 0, start
-    while pos < stop:
+    if pos < stop and pos % n_examples:
         seg_end = min((pos // n_examples + 1) * n_examples, stop)
-        count += -(-(seg_end - pos) // per_micro)
-        pos = seg_end
+        count, pos = -(-(seg_end - pos) // per_micro), seg_end
+    if pos < stop:
+        full = (stop - pos) // n_examples
+        count, pos = count + full * -(-n_examples // per_micro), pos + full * n_examples
+    if pos < stop:
+        count += -(-(stop - pos) // per_micro)
     return count
 
 
@@ -92,14 +98,16 @@ def total_steps(cfg, n_examples: int, world: int, step: int = 0, epoch: int = 0,
 def examples_in_steps(cfg, n_examples: int, world: int, steps: int) -> int:
     """Examples that `steps` steps from the start draw (the plan's epochs: examples / n)."""
     target = target_examples(cfg, n_examples)
-    per_micro, micro, pos = cfg.batch_size * world, steps * cfg.grad_accum, 0
-    while micro > 0 and (target is None or pos < target):
-        left = n_examples - pos % n_examples
-        need = -(-left // per_micro)
-        if micro >= need:
-            pos, micro = pos + left, micro - need
-        else:
-            pos, micro = pos + micro * per_micro, 0
+    per_micro, micro = cfg.batch_size * world, steps * cfg.grad_accum
+    # In closed form: every epoch starts at its first example and takes `need` micro-batches; the
+    # whole epochs (as many as the micro-batches and the target allow), then part of the next one.
+    need = -(-n_examples // per_micro)
+    epochs = micro // need
+    if target is not None:
+        epochs = min(epochs, -(-target // n_examples))
+    pos, micro = epochs * n_examples, micro - epochs * need
+    if micro > 0 and (target is None or pos < target):
+        pos += micro * per_micro
     return pos if target is None else min(pos, target)
 
 
