@@ -37,7 +37,7 @@ test: setup
 
 # ruff, then the import layers (pyproject.toml [tool.importlinter]; docs/ARCHITECTURE.md "Rooms").
 lint: setup
-	$(VENV)/bin/ruff check peftctl tests recipes bench
+	$(VENV)/bin/ruff check peftctl tests recipes bench tools
 	$(VENV)/bin/lint-imports --no-cache
 
 clean:

@@ -67,6 +67,17 @@ def test_cat_is_the_exact_weighted_sum(two_adapters, tiny_llama):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mix" in n)
 
 
+def test_a_tied_position_elects_the_positive_sign_as_peft_does():
+    """TIES keeps the entries whose sign agrees with their position's elected sign; where the votes
+    cancel exactly (total 0, or as many + as -), + is elected, as in PEFT."""
+    from peft.utils.merge_utils import calculate_majority_sign_mask
+
+    t = torch.tensor([[1.0, -2.0, 0.5, -1.0], [-1.0, 2.0, -0.25, -3.0]])  # columns 0 and 1 cancel
+    for method in ("total", "frequency"):  # column 2: + by total, a tie by frequency; column 3: -
+        assert mu.majority_sign_mask(t, method).tolist() == [[True, False, True, True], [False, True, False, True]]
+        assert torch.equal(mu.majority_sign_mask(t, method), calculate_majority_sign_mask(t, method))
+
+
 def test_bad_combinations_are_refused(two_adapters, tiny_llama):
     model = load_both(peftctl, tiny_llama, two_adapters)
     with pytest.raises(ValueError, match="needs a density"):

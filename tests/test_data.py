@@ -504,6 +504,100 @@ def test_train_with_packing_saves_the_recipe_template(make_recipe, tmp_path):
     assert summary["steps"] == -(-train["packed_sequences"] // 4) and summary["final_eval"]["eval_loss"] > 0
 
 
+# A turn ends with a special token and, only at the end of a conversation, a newline: rendered up
+# to an assistant turn, the text leaves the whole conversation right after that turn's <|im_end|>.
+END_ONLY_NEWLINE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% else %}{{ '\n' }}{% endif %}"
+)
+
+
+def test_a_loss_span_holding_no_token_adds_nothing_to_the_loss():
+    """Labels follow the tokens whose characters lie in a loss span; a span of characters that no
+    token holds (spaces a whitespace-splitting tokenizer drops) marks no token, and does not fail."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from peftctl.data.tokenize import _ids_and_mask
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    enc = tok.encode("a   b")
+    assert enc.ids == [0, 1] and enc.char_to_token(2) is None
+    ids, mask = _ids_and_mask(enc, [(1, 4)])
+    assert ids.tolist() == [0, 1] and mask.tolist() == [0, 0]
+    assert _ids_and_mask(enc, [(1, 4), (4, 5)])[1].tolist() == [0, 1]
+
+
+def test_a_turn_ending_exactly_at_a_special_token_keeps_it_in_the_loss(tmp_path, tok):
+    """A span boundary right after a special token is outside it: the token stays whole in the loss
+    (only a boundary strictly inside a special token's text moves to its start)."""
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
+    (ex,) = build(tok, path, chat_template=END_ONLY_NEWLINE).train
+    assert labelled(tok, ex) == "First answer<|im_end|>Second answer<|im_end|>\n"
+
+
+def test_a_tokenizer_without_a_fast_backend_is_refused_by_name(tmp_path):
+    """Labels are placed by character offsets, which only the Rust (tokenizers) backend gives: a
+    Python-only tokenizer (here Canine's, built without files) is an input error naming its class,
+    raised before anything is tokenized (its cache fingerprint is taken from its saved files)."""
+    from transformers import CanineTokenizer
+
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two"}])
+    with pytest.raises(InputError, match="tokenizer CanineTokenizer has no fast \\(tokenizers\\) backend"):
+        data_lib.build(DataSection(train=str(path), format="text", cache_dir=str(tmp_path / "cache")),
+                       CanineTokenizer())
+
+
+def test_stats_percentiles_and_histogram_describe_the_token_lengths(make_recipe, tmp_path):
+    """`data --stats`: min, mean, median, p95 and max of the examples' token lengths (numpy's
+    percentile, linear interpolation, as the reference), and a histogram of contiguous integer
+    ranges from the shortest to the longest whose counts are the examples in each range."""
+    import numpy as np
+
+    # lengths about 10 tokens apart, so that neighbouring percentiles differ
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(["x"] * (5 * k))} for k in range(1, 41)])
+    recipe = make_recipe(data={"train": str(text), "format": "text", "eval": None, "max_length": 512})
+    lengths = np.array([len(e["input_ids"]) for e in json.loads(run_cli("data", recipe, "--json").stdout)["examples"]])
+    assert len(set(lengths.tolist())) == 40
+    s = json.loads(run_cli("data", recipe, "--stats", "--json").stdout)["stats"]["train"]
+    assert s["length"] == {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                           "median": int(np.median(lengths)), "p95": int(np.percentile(lengths, 95)),
+                           "max": int(lengths.max())}
+    assert [b["examples"] for b in s["by_source"]] == [40]
+    bins = s["histogram"]
+    assert len(bins) == 10 and bins[0]["from"] == lengths.min() and bins[-1]["to"] == lengths.max()
+    assert all(a["to"] + 1 == b["from"] for a, b in zip(bins, bins[1:], strict=False))
+    assert [b["count"] for b in bins] == [int(((lengths >= b["from"]) & (lengths <= b["to"])).sum()) for b in bins]
+
+
+def test_eval_split_holds_out_at_least_one_example(tmp_path, tok, chat_data):
+    data = data_lib.build(DataSection(train=str(chat_data[0]), eval_split=0.001), tok)
+    assert len(data.eval) == 1 and len(data.train) == 47
+
+
+def test_rows_of_a_json_list_are_numbered_from_one(tmp_path, tok):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"text": "ok"}, {"txt": "bad"}]))
+    with pytest.raises(InputError, match=rf"{path} row 2: missing field 'text'"):
+        build(tok, path, format="text")
+
+
+def test_packing_fill_is_the_share_of_packed_positions_holding_tokens(tok, chat_data):
+    plain = data_lib.build(DataSection(train=str(chat_data[0]), max_length=128), tok)
+    packed = data_lib.build(DataSection(train=str(chat_data[0]), max_length=128, packing=True), tok)
+    tokens = sum(len(e.input_ids) for e in plain.train)
+    assert len(packed.train) < len(plain.train) / 2  # examples of about 40 tokens, up to 3 in 128
+    assert packed.stats["train"].packing_fill == round(tokens / (len(packed.train) * 128), 4)
+
+
+def test_a_response_cut_off_entirely_by_truncation_drops_the_row_as_without_loss(tmp_path, tok):
+    rows = [{"prompt": "word " * 40, "completion": "answer"}, {"prompt": "short", "completion": "answer"}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    d = build(tok, path, format="completion", max_length=16)
+    assert len(d.train) == 1 and tok.decode(d.train[0].input_ids).startswith("short")
+    assert (d.stats["train"].dropped_no_loss, d.stats["train"].truncated) == (1, 0)
+
+
 # ---- every part of a row reaches the chat template, or the row is refused (issue 19 §2) ---------
 
 # A template that renders tool calls; and one in Qwen3's manner, which renders an assistant turn's

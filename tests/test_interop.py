@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_modules import tiny_gpt2, tiny_phi
+from tiny_modules import tiny_gemma3, tiny_gpt2, tiny_phi
 
 import peftctl
 
@@ -45,6 +45,8 @@ GPT2 = {
     "gpt2-embedding": {"r": 2, "target_modules": ["wte", "c_attn"]},
     "gpt2-score-head": {"r": 2, "target_modules": ["c_attn"], "modules_to_save": ["lm_head"]},
 }
+# An embedding that scales its output by a tensor (Gemma 3): the LoRA term is scaled alike.
+GEMMA3 = {"gemma3-scaled-embedding": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}}
 
 
 def logits(model, ids):
@@ -60,14 +62,16 @@ def keys_and_shapes(folder):
 @pytest.fixture
 def build(tiny_llama):
     def make(case):
+        if case.startswith("gemma3"):
+            return tiny_gemma3()
         return tiny_gpt2() if case.startswith("gpt2") else tiny_llama()
 
     return make
 
 
-@pytest.mark.parametrize("case", [*LLAMA, *GPT2])
+@pytest.mark.parametrize("case", [*LLAMA, *GPT2, *GEMMA3])
 def test_both_ways(build, tmp_path, case):
-    kw = {**LLAMA, **GPT2}[case]
+    kw = {**LLAMA, **GPT2, **GEMMA3}[case]
     ids = torch.randint(0, 300, (2, 12))
     torch.manual_seed(3)
     ours = peftctl.get_peft_model(build(case), peftctl.LoraConfig(init_lora_weights=False, **kw))
@@ -129,6 +133,11 @@ def test_non_default_name_uses_peft_subfolder_layout(tiny_llama, tmp_path):
     ids = torch.randint(0, 300, (1, 8))
     in_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours" / "other", adapter_name="other")
     assert torch.allclose(logits(in_peft, ids), logits(ours, ids), atol=1e-5)
+    in_ours = peftctl.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs", subfolder="other",
+                                                adapter_name="other")
+    assert torch.allclose(logits(in_ours, ids), logits(theirs, ids), atol=1e-5)
+    config = peftctl.LoraConfig.from_pretrained(tmp_path / "theirs", subfolder="other")
+    assert config.r == peft.LoraConfig.from_pretrained(tmp_path / "theirs", subfolder="other").r == 2
 
 
 def test_options_peftctl_does_not_implement_are_refused(tiny_llama, tmp_path):

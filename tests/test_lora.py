@@ -248,6 +248,21 @@ def test_grow_rank_exactly_and_shrink_with_reported_error(tmp_path):
     assert rel == pytest.approx(report["modules"][0]["relative_error"], rel=1e-3)
 
 
+def test_grown_rank_s_new_rows_start_as_a_fresh_adapter_s():
+    """Rows added by growing the rank are A's default init (PEFT's: kaiming-uniform with a=sqrt(5),
+    i.e. U(-1/sqrt(in), 1/sqrt(in))), B's new columns zero: 63 new rows of 64 inputs, whose spread
+    tells that init from a gaussian one (std 1/r) at a glance."""
+    lin = nn.Linear(64, 8)
+    pm = get_peft_model(nn.Sequential(lin), LoraConfig(r=1, target_modules=["0"], init_lora_weights=False))
+    pm.resize_adapter_rank("default", 64)
+    layer = pm.base_model.model[0]
+    a, b = layer.lora_A["default"].weight[1:].detach(), layer.lora_B["default"].weight[:, 1:].detach()
+    bound = 1 / math.sqrt(64)
+    assert float(a.abs().max()) <= bound and not b.any()
+    # The standard deviation of U(-b, b) is b/sqrt(3); over 4032 draws its estimate is within ~1%.
+    assert float(a.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
 # ---- PEFT's API ----------------------------------------------------------------------------------
 
 
@@ -305,3 +320,45 @@ def test_a_target_that_fails_leaves_the_model_as_it_was(tiny_llama):
     with pytest.raises(TypeError, match="model.norm is a"):
         pm.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj", "v_proj", "model.norm"]))
     assert [n for n, _ in pm.named_modules()] == before and list(pm.peft_config) == ["default"]
+
+
+def test_two_adapters_with_their_own_copy_of_a_module_cannot_be_active_together():
+    """modules_to_save keeps one trained copy per adapter; only one copy can answer a forward
+    (PEFT refuses too)."""
+    pm = get_peft_model(make("mlp"), LoraConfig(target_modules=["lin0"], modules_to_save=["lm_head"]))
+    pm.add_adapter("other", LoraConfig(target_modules=["lin0"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\] each train their own copy"):
+        pm.set_adapter(["default", "other"])
+
+
+def test_save_pretrained_records_the_base_model_and_refuses_a_file(tiny_llama, tiny_model_dir, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # the model's name_or_path, as PEFT
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{m}.weight"
+                                    for i in (0, 1) for m in "AB"]  # no embedding matrices unless asked
+    # An adapter added later (its config names no base model) records it when saved, as in PEFT.
+    pm.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    pm.save_pretrained(tmp_path / "two", selected_adapters=["other"])
+    other = json.loads((tmp_path / "two" / "other" / "adapter_config.json").read_text())
+    assert other["base_model_name_or_path"] == str(tiny_model_dir)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file; save_pretrained needs a folder"):
+        pm.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_merged_adapter_cannot_be_deleted():
+    pm = random_lora(make("mlp"), target_modules=["lin0"])
+    pm.base_model.merge_adapter()
+    with pytest.raises(ValueError, match="adapter 'default' is merged; unmerge it before deleting it"):
+        pm.delete_adapter("default")
+    pm.base_model.unmerge_adapter()
+    pm.delete_adapter("default")
+    assert not pm.peft_config

@@ -103,6 +103,29 @@ def test_lora_and_dora_over_quantized_layers_follow_the_formula(tiny_model_dir, 
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_dora_with_dropout_over_quantized_layers_runs_the_base_on_the_dropped_input(tiny_model_dir, bits):
+    """In training with dropout, DoRA's base term is W·dropout(x) (PEFT's formula): the quantized
+    layer runs again on the dropped-out input. The reference uses the same bitsandbytes layer for
+    W·x, so only the order of float32 operations differs."""
+    model = get_peft_model(quantized(tiny_model_dir, bits),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], init_lora_weights=False,
+                                      use_dora=True, lora_dropout=0.3))
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    layer.train()
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = layer(x)
+        torch.manual_seed(7)  # the layer draws nothing random before its dropout
+        xd = torch.nn.functional.dropout(x, 0.3, training=True)
+        a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        factor = layer.lora_magnitude_vector["default"] / (dequantize(layer.base_layer) + s * b @ a).norm(dim=1)
+        expected = layer.base_layer(x) + (factor - 1) * layer.base_layer(xd) + factor * (s * (xd @ a.T) @ b.T)
+    assert layer.base_layer.bias is None and (xd == 0).any()
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_adapters_move_both_ways_with_peft(tiny_model_dir, tmp_path, bits, cpu_path):
     peft = pytest.importorskip("peft", reason="peft is the reference for interop")
     # PEFT's bases are loaded by peftctl's loader, which keeps them on the plain path: PEFT over a

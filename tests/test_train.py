@@ -115,15 +115,19 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(make_recipe, tmp_pa
 def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not():
     from peftctl.train.signals import SAME_EVENT_S, StopNow, StopRequest
 
+    # The handler before the block: Python's default, or SIG_IGN when the suite was started in the
+    # background by a non-interactive shell (which ignores SIGINT for its children).
+    before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT  # the first only asks
         os.kill(os.getpid(), signal.SIGTERM)  # the same event, forwarded by a launcher
         time.sleep(SAME_EVENT_S)
-        with pytest.raises(StopNow):
+        with pytest.raises(StopNow) as stopped:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert stopped.value.signum == signal.SIGINT  # the exit code (130) comes from it
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_refuses_a_recipe_that_became_another_run(make_recipe, tmp_path, chat_data):
@@ -227,6 +231,8 @@ def test_dry_run_plans_without_writing(make_recipe, tmp_path):
     p = run_json("train", recipe, "--dry-run", "--num-processes", "2")
     assert p["dry_run"] and p["steps"] == 6 and p["global_batch"] == 16 and p["epochs"] == 2.0
     assert p["trainable_params"] == 1792 and p["num_processes"] == 2
+    assert p["checkpoints"] == 1  # save_every 500 over 6 steps: the one at the end
+    assert run_json("train", recipe, "--dry-run", "--set", "train.save_every=null")["checkpoints"] == 0
     assert p["tokens"] > 0 and p["memory_estimate_bytes"]["total"] > p["memory_estimate_bytes"]["base_weights"] > 0
     assert not out.exists()
     text = run("train", recipe, "--dry-run").stdout
@@ -312,7 +318,8 @@ def test_report_draws_the_curves(make_recipe, tmp_path):
     assert res["summary"]["status"] == "completed"
     text = run("report", out, "--no-image").stdout
     assert "completed, 6 steps" in text and "* train loss" in text
-    if res["image"] is None:
+    if importlib.util.find_spec("matplotlib") is None:
+        assert res["image"] is None
         pytest.skip("matplotlib is not installed: no image to check")
     assert Path(res["image"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run("report", tmp_path, code=2)  # not a run folder
@@ -361,6 +368,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     stopped = summary(two)
     n = stopped["steps"]
     assert stopped["status"] == "interrupted" and stopped["num_processes"] == 2
+    assert stopped["epochs"] == pytest.approx(n * 2 * 2 / 48)  # n steps of 2 examples on each of 2 processes
     assert stopped["last_checkpoint"] == f"checkpoints/step-{n:06d}"
 
     p = subprocess.run([*cmd, "--resume", "auto", "--set", f"train.max_steps={n + 2}", "--json"],
@@ -456,3 +464,22 @@ def test_fsdp2_checkpoint_state_gathers_and_round_trips(tiny_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp2_worker, args=(2, str(tiny_model_dir), port), nprocs=2)
+
+
+def test_report_chart_places_points_by_value():
+    """The terminal chart scales steps to columns and values to rows, labelled max, middle, min."""
+    from peftctl.train.report import chart
+
+    text = chart({"loss": ("*", [(1, 2.0), (2, 4.0), (3, 3.0)])}, width=3, height=3)
+    assert text.splitlines() == [
+        "4 | * ",
+        "3 |  *",
+        "2 |*  ",
+        "  +---",
+        "   step 1 3",
+        "   * loss",
+    ]
+    flat = chart({"loss": ("*", [(5, 1.0), (6, 1.0)])}, width=2, height=3).splitlines()
+    assert flat[:3] == ["1.5 |  ", "  1 |**", "0.5 |  "]  # one value: centred, ±0.5 around it
+    single = chart({"loss": ("*", [(7, 2.0)])}, width=3, height=3).splitlines()
+    assert single[1] == "  2 |*  " and single[4] == "     step 7 7"  # one step: the first column

@@ -128,6 +128,16 @@ def tiny_gpt2(seed: int = 0):
     return model.eval()
 
 
+def tiny_gemma3(seed: int = 0):
+    """Gemma 3's text model: its embedding multiplies by a scale held as a tensor (sqrt(hidden))."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=320, sliding_window=16)
+    return Gemma3ForCausalLM(config).eval()
+
+
 def tiny_phi(seed: int = 0):
     """A tiny Phi: its output head has a bias."""
     from transformers import PhiConfig, PhiForCausalLM

@@ -28,8 +28,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())  # vocabulary, merges, normalizer, pre/post-processing
     else:
         with tempfile.TemporaryDirectory() as tmp:
+            # save_pretrained also names files it did not write (transformers 5: added_tokens.json)
             for f in sorted(tokenizer.save_pretrained(tmp)):
-                h.update(Path(f).read_bytes())
+                if Path(f).is_file():
+                    h.update(Path(f).read_bytes())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
