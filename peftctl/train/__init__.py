@@ -471,7 +471,9 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     dtype = models.resolve_dtype(recipe.model.dtype)
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
-    refuse_in_use(run.path)  # before anything is read: a run in progress has not said how it ends
+    # Before anything is read: a run in progress has not said how it ends. Checked by the main process
+    # only, before it takes the lock itself (another rank would see this run's own lock).
+    _on_main(accelerator, lambda: refuse_in_use(run.path))
     # --resume is checked before any data is read (the data's digests only when a checkpoint needs them)
     hashes = functools.cache(lambda: data_hashes(recipe.data))
     ckpt, notes, finished = resume_point(resume, run.path, run_recipe, hashes)
