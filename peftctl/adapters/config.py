@@ -44,6 +44,26 @@ class PeftType(str, enum.Enum):
     VERA = "VERA"
 
 
+def positive_ranks(v: dict[str, int]) -> dict[str, int]:
+    """A rank_pattern's ranks are >= 1 (ValueError naming the key); shared by the methods with ranks."""
+    bad = [k for k, r in v.items() if r < 1]
+    if bad:
+        raise ValueError(f"rank_pattern ranks must be >= 1 (got {v[bad[0]]} for {bad[0]!r})")
+    return v
+
+
+def regex_keys(v: dict[str, Any], field_name: str) -> dict[str, Any]:
+    """Every key of a rank_pattern / alpha_pattern compiles as a regular expression (ValueError naming it)."""
+    import re
+
+    for key in v:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{field_name} key {key!r} is not a valid regular expression: {e}") from None
+    return v
+
+
 class _ConfigCall(type(BaseModel)):
     """Checks the keyword arguments of a direct call, `LoraConfig(...)`, as PEFT's dataclasses do:
     an unknown name is a TypeError (with the closest field names); a PEFT option the method does not

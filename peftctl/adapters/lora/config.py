@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig
+from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig, positive_ranks, regex_keys
 
 # init_lora_weights values peftctl implements. "pissa_niter_<n>" (fast randomized SVD) also works.
 INITS = (True, False, "gaussian", "pissa", "olora")
@@ -144,20 +144,12 @@ class LoraConfig(LayerSelectionConfig):
     @field_validator("rank_pattern")
     @classmethod
     def _positive_ranks(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = [k for k, r in v.items() if r < 1]
-        if bad:
-            raise ValueError(f"rank_pattern ranks must be >= 1 (got {v[bad[0]]} for {bad[0]!r})")
-        return v
+        return positive_ranks(v)
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
     def _keys_are_regexes(cls, v: dict[str, Any], info) -> dict[str, Any]:
-        for key in v:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"{info.field_name} key {key!r} is not a valid regular expression: {e}") from None
-        return v
+        return regex_keys(v, info.field_name)
 
     @model_validator(mode="after")
     def _pattern_keys_fit_the_targets(self):

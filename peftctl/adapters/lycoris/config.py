@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig
+from peftctl.adapters.config import READING_SAVED, LayerSelectionConfig, positive_ranks, regex_keys
 
 
 class LycorisConfig(LayerSelectionConfig):
@@ -66,22 +66,12 @@ class LycorisConfig(LayerSelectionConfig):
     @field_validator("rank_pattern")
     @classmethod
     def _positive_ranks(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = [k for k, r in v.items() if r < 1]
-        if bad:
-            raise ValueError(f"rank_pattern ranks must be >= 1 (got {v[bad[0]]} for {bad[0]!r})")
-        return v
+        return positive_ranks(v)
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
     def _keys_are_regexes(cls, v: dict[str, Any], info) -> dict[str, Any]:
-        import re
-
-        for key in v:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"{info.field_name} key {key!r} is not a valid regular expression: {e}") from None
-        return v
+        return regex_keys(v, info.field_name)
 
     @model_validator(mode="after")
     def _pattern_keys_fit_the_targets(self):
