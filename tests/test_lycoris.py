@@ -404,3 +404,14 @@ def test_quantized_bases(tiny_model_dir, tmp_path, bits):
                 theirs.save_pretrained(tmp_path / method)
                 back = PeftModel.from_pretrained(loaded_by_transformers(tiny_model_dir, bits), tmp_path / method)
                 torch.testing.assert_close(out(back.eval(), {"input_ids": ids}), expected, rtol=0, atol=ATOL)
+
+
+def test_pattern_checks_are_lora_s():
+    """rank_pattern ranks and pattern keys are checked as LoRA checks them (one shared check)."""
+    from peftctl import LoHaConfig, LoKrConfig, LoraConfig
+
+    for cls in (LoraConfig, LoHaConfig, LoKrConfig):
+        with pytest.raises(ValueError, match=r"alpha_pattern key '\(q' is not a valid regular expression"):
+            cls(alpha_pattern={"(q": 4})
+        with pytest.raises(ValueError, match=r"rank_pattern ranks must be >= 1 \(got 0 for 'q_proj'\)"):
+            cls(rank_pattern={"q_proj": 0})
