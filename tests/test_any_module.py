@@ -190,3 +190,49 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md (Any PyTorch module)", "exec"), {"__name__": "readme"})
     assert (tmp_path / "net-adapter" / "adapter_model.safetensors").is_file()
+
+
+# Other adapter kinds on the same modules: (case, PEFT config class, its options). Conv layers and
+# embeddings under DoRA, a module trained in full, LyCORIS methods (common for diffusion models).
+VARIANTS = {
+    "plain-dora": ("plain", "LoraConfig", {"target_modules": ["emb", "conv", "head"], "use_dora": True}),
+    "plain-modules_to_save": ("plain", "LoraConfig", {"target_modules": ["emb", "conv"], "modules_to_save": ["head"]}),
+    "unet-loha": ("unet", "LoHaConfig", {"target_modules": ["to_k", "to_q", "to_v", "to_out.0", "conv1"]}),
+    "blip-dora": ("blip", "LoraConfig", {"target_modules": ["qkv", "query", "word_embeddings"], "use_dora": True}),
+}
+_RANDOM_INIT = {"LoraConfig": {"init_lora_weights": False}, "LoHaConfig": {"init_weights": False}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_other_adapters_on_custom_modules_match_peft(variant, tmp_path):
+    case, cls, kw = VARIANTS[variant]
+    build, inputs, forward, _, _ = CASES[case]()
+
+    def base():
+        torch.manual_seed(1)
+        return build()
+
+    kw = {**kw, **_RANDOM_INIT[cls]}  # random adapter weights: not a no-op
+    torch.manual_seed(5)
+    ours = peftctl.get_peft_model(base(), getattr(peftctl, cls)(**kw)).eval()
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base(), getattr(peft, cls)(**kw)).eval()
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for p in ours.parameters():  # so that loading is what makes the two agree
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs")
+        in_peft = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    in_ours = peftctl.PeftModel.from_pretrained(base(), tmp_path / "theirs")
+    with torch.no_grad():
+        plain, mine, their = forward(base(), inputs), forward(ours, inputs), forward(theirs, inputs)
+        assert not close(mine, plain, rel=1e-2) and not close(their, plain, rel=1e-2)
+        assert close(forward(in_peft, inputs), mine)
+        assert close(forward(in_ours, inputs), their)
+        assert close(forward(ours.merge_and_unload(), inputs), mine)
