@@ -481,7 +481,15 @@ class AutoPeftModel:
 def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dict[str, Any]) -> nn.Module:
     from peftctl import models
 
-    if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
+    alias = models.builtin_for_hub_id(base_ref)
+    if alias and models.BUILTIN_MODELS[alias].gguf_file is None:
+        # A built-in shipped as a plain folder (all-minilm-l6-v2): its package's folder when installed
+        # (offline), else the hub id as recorded; either with the task's class, like any other model.
+        from peftctl.errors import InputError
+
+        with contextlib.suppress(InputError):
+            base_ref = str(models.find_builtin_file(alias))
+    elif base_ref.endswith(".gguf") or alias:
         # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
         # hub id, and means that built-in here): its own loader converts it.
         from peftctl.sections import ModelSection
