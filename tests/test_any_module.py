@@ -236,3 +236,22 @@ def test_other_adapters_on_custom_modules_match_peft(variant, tmp_path):
         assert close(forward(in_peft, inputs), mine)
         assert close(forward(in_ours, inputs), their)
         assert close(forward(ours.merge_and_unload(), inputs), mine)
+
+
+def test_save_embedding_layers_true_without_embedding_getters_warns(tmp_path):
+    """A module without get_input_embeddings has no embedding matrix to add to the file: said, not
+    silently skipped (PEFT warns too); the adapter's own tensors, the adapted embedding's included, are saved."""
+    from safetensors import safe_open
+
+    model = peftctl.get_peft_model(Plain(), peftctl.LoraConfig(target_modules=["emb", "head"]))
+    with pytest.warns(UserWarning, match="no embedding layer found"):
+        model.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["base_model.model.emb.lora_embedding_A", "base_model.model.emb.lora_embedding_B",
+                                    "base_model.model.head.lora_A.weight", "base_model.model.head.lora_B.weight"]
+    theirs = peft.get_peft_model(Plain(), peft.LoraConfig(target_modules=["emb", "head"]))
+    with pytest.warns(UserWarning, match="not a .* transformers model"):
+        theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default ("auto") has nothing to say here
+        model.save_pretrained(tmp_path / "auto")
