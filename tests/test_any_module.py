@@ -255,3 +255,9 @@ def test_save_embedding_layers_true_without_embedding_getters_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default ("auto") has nothing to say here
         model.save_pretrained(tmp_path / "auto")
+
+
+def test_no_default_targets_for_a_custom_module():
+    """PEFT's default targets are per transformers model type: a custom module must name its targets."""
+    with pytest.raises(ValueError, match=r"no default for model type None \(Plain is not a transformers model\)"):
+        peftctl.get_peft_model(Plain(), peftctl.LoraConfig(r=2))
