@@ -30,7 +30,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("messages", "role", "content", "tools", "system"),
     "preference": ("prompt", "chosen", "rejected", "tools"),
-    "classification": ("text", "label"),
+    "classification": ("text", "label", "text_pair"),
+    # model.task token_cls only (peftctl.data.tasks): a word list and one tag per word, CoNLL style.
+    "token_classification": ("tokens", "tags"),
 }
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
