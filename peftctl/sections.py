@@ -141,7 +141,6 @@ class ModelSection(Section):
             "the training data, sorted (integer labels numerically). A run writes them here in its "
             "recipe.yaml, and a merged model has them in its config."
         ),
-        json_schema_extra=aka(transformers="id2label"),
     )
     dtype: DtypeName = Field(
         default="auto",

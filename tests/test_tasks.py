@@ -291,3 +291,12 @@ def test_task_unset_names_the_task_the_config_implies(tmp_path):
     recipe = _recipe(tmp_path, model_dir, "seq2seq_lm", "completion", ["q"], train, train)
     r = run("train", recipe, "--set", "model.task=null", code=2)
     assert "set model.task: seq2seq_lm, which its config implies" in r.stderr
+
+
+def test_the_seq2seq_recipe_plans_on_a_local_t5_folder(tmp_path):
+    recipe = Path(__file__).parent.parent / "recipes" / "seq2seq.yaml"
+    model_dir = build_t5(tmp_path / "t5")
+    plan = run_json("train", recipe, "--dry-run", "--set", f"model.name_or_path={model_dir}",
+                    "--set", f"output.dir={tmp_path / 'run'}")
+    assert plan["model_type"] == "t5" and plan["adapted_modules"] == 2 * (2 + 2) + 2 * (2 + 2 + 2)
+    assert plan["train_examples"] > 0 and plan["eval_examples"] > 0
