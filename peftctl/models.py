@@ -255,8 +255,10 @@ def label_kwargs(spec) -> dict[str, Any]:
 
     if spec.task_name not in LABELLED_TASKS or not spec.labels:
         return {}
+    # A folder whose head has another number of labels gets a new head (trained in full, as every head
+    # of these tasks is), not an error.
     return {"num_labels": len(spec.labels), "id2label": dict(enumerate(spec.labels)),
-            "label2id": {name: i for i, name in enumerate(spec.labels)}}
+            "label2id": {name: i for i, name in enumerate(spec.labels)}, "ignore_mismatched_sizes": True}
 
 
 def implied_task(config) -> str | None:
@@ -315,7 +317,8 @@ def meta_model(spec):
     # The attention implementation loading gives (packing shapes its batches for it).
     kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     for key, value in label_kwargs(spec).items():
-        setattr(config, key, value)
+        if key != "ignore_mismatched_sizes":
+            setattr(config, key, value)
     with torch.device("meta"):
         try:
             model = auto_class(spec).from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)

@@ -6,6 +6,7 @@ accuracy and macro F1, seqeval for entity F1); and the label and row errors (exi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,12 @@ def test_seq_cls_end_to_end(tmp_path):
     recipe = _recipe(tmp_path, model_dir, "seq_cls", "classification", ["query", "value"], train, eval_,
                      metric_for_best="accuracy", load_best_at_end=True)
     summary = run_json("train", recipe)
-    assert summary["best_eval"]["metric"] == "accuracy" and "eval_accuracy" in summary["best_eval"]
+    # The best evaluation is the one of highest accuracy (the first of equals), not of lowest loss.
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_accuracy" in r]
+    best = max(evals, key=lambda r: (r["eval_accuracy"], -r["step"]))
+    assert summary["best_eval"]["metric"] == "accuracy" and summary["best_eval"]["step"] == best["step"]
+    assert summary["best_eval"]["eval_accuracy"] == best["eval_accuracy"]
     config = _common_checks(tmp_path, "SEQ_CLS", ("accuracy", "f1"))
     assert "classifier" in config["modules_to_save"]
     run_dir = tmp_path / "run"
@@ -218,8 +224,8 @@ def test_seq2seq_end_to_end(tmp_path):
     examples = _examples("seq2seq_lm", "completion", eval_, tok, None)
     assert result["eval_tokens"] == sum(len(e.labels) for e in examples)
     assert all(e.labels[-1] == tok.eos_token_id for e in examples)
-    before = run_json("eval", recipe, "--base")
-    assert result["eval_loss"] < before["eval_loss"] - 1, (result["eval_loss"], before["eval_loss"])
+    # The untrained model's loss is about ln V (its logits are near uniform): trained, far less.
+    assert result["eval_loss"] < 0.75 * math.log(len(tok)), result["eval_loss"]
 
     out = tmp_path / "merged"
     run_json("export", run_dir, "--format", "merged", "-o", out)
@@ -271,6 +277,9 @@ def test_label_and_row_errors(tmp_path, bert_dir):
     r = run_json("train", recipe, "--dry-run", "--set", f"data.train={renamed}", "--set", f"data.eval={renamed}",
                  "--set", "data.columns={tokens: words, tags: ner}")
     assert r["train_examples"] == 1
+    shown = run("data", recipe, "--show", "1", "--set", f"data.train={renamed}", "--set", f"data.eval={renamed}",
+                "--set", "data.columns={tokens: words, tags: ner}")
+    assert "1 with loss" in shown.stdout  # one word, one labelled first sub-token
     r = run("validate", recipe, "--set", "data.packing=true", code=2)
     assert "packing is for causal_lm only" in r.stderr
     r = run("train", recipe, "--set", "data.format=chat", code=2)
@@ -300,3 +309,21 @@ def test_the_seq2seq_recipe_plans_on_a_local_t5_folder(tmp_path):
                     "--set", f"output.dir={tmp_path / 'run'}")
     assert plan["model_type"] == "t5" and plan["adapted_modules"] == 2 * (2 + 2) + 2 * (2 + 2 + 2)
     assert plan["train_examples"] > 0 and plan["eval_examples"] > 0
+
+
+def test_task_unset_notes_the_task_a_classifier_config_implies(tmp_path, caplog):
+    from transformers import BertForSequenceClassification
+
+    from peftctl import models
+    from peftctl.recipe import ModelSection
+
+    folder = build_bert(tmp_path / "bert")
+    BertForSequenceClassification.from_pretrained(folder, num_labels=3).save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="peftctl"):
+        models.load_model(ModelSection(name_or_path=str(folder), dtype="float32"))
+    assert "implies model.task: seq_cls; model.task is unset, so it loads as causal_lm" in caplog.text
+    caplog.clear()
+    model = models.load_model(ModelSection(name_or_path=str(folder), dtype="float32", task="seq_cls",
+                                           labels=["a", "b"]))
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "a", 1: "b"}
+    assert "implies" not in caplog.text

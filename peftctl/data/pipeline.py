@@ -243,7 +243,9 @@ def build_task(cfg, tokenizer, task: str, labels: list[str] | None, seed: int, r
         weighted += kept * whole
         if frac:
             weighted += [kept[i] for i in sorted(rng.choice(len(kept), size=round(frac * len(kept)), replace=False))]
-    train = weighted
+    train = tasks.TaskExamples(weighted)
+    if eval_set is not None:
+        eval_set = tasks.TaskExamples(eval_set)
     if not train:
         raise InputError("train data: no examples")
     stats = {"train": _task_stats(train, rows)}

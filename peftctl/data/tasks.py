@@ -50,12 +50,28 @@ class TaskExample:
     source: str | None = None  # "FILE row N"
     truncated: bool = False
     prompt_ids: None = None  # no prompt-only scoring: these examples are scored by `metrics`
+    rejected: None = None  # no preference pairs
 
     @property
     def num_loss_tokens(self) -> int:
         if self.task == "seq_cls":
             return 1
         return sum(1 for y in self.labels if y != IGNORE_INDEX)
+
+
+class TaskExamples(list):
+    """A split's `TaskExample`s, with the per-example counts an `ExampleSet` gives (`peftctl data`,
+    the dry run's plan)."""
+
+    def lengths(self):
+        import numpy as np
+
+        return np.array([len(e.input_ids) for e in self], dtype=np.int64)
+
+    def loss_counts(self):
+        import numpy as np
+
+        return np.array([e.num_loss_tokens for e in self], dtype=np.int64)
 
 
 def format_of(spec, cfg) -> str:

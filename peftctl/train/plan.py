@@ -30,9 +30,6 @@ def sequence_lengths(train) -> tuple[np.ndarray, np.ndarray]:
         lengths, loss = train.examples.lengths(), train.examples.loss_counts()
         return (np.array([lengths[b].sum() for b in train.bins], dtype=np.int64),
                 np.array([loss[b].sum() for b in train.bins], dtype=np.int64))
-    if not hasattr(train, "lengths"):  # a list of examples (model.task other than causal_lm)
-        return (np.array([len(e.input_ids) for e in train], dtype=np.int64),
-                np.array([e.num_loss_tokens for e in train], dtype=np.int64))
     return train.lengths(), train.loss_counts()
 
 
