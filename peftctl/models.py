@@ -313,6 +313,8 @@ def meta_model(spec):
     source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
     check_model_files(spec, source)  # headers only
     config = load_config(spec, source)
+    if (note := task_note(spec, config)) is not None:
+        log.warning(note)
     dtype = resolve_dtype(spec.dtype)
     # The attention implementation loading gives (packing shapes its batches for it).
     kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}

@@ -327,3 +327,23 @@ def test_task_unset_notes_the_task_a_classifier_config_implies(tmp_path, caplog)
                                            labels=["a", "b"]))
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "a", 1: "b"}
     assert "implies" not in caplog.text
+
+
+def test_metrics_match_seqeval_and_scikit_learn_on_random_tags():
+    import random
+
+    from seqeval.metrics import f1_score as seqeval_f1
+    from seqeval.metrics.sequence_labeling import get_entities
+    from sklearn.metrics import f1_score
+
+    from peftctl.metrics import entities, entity_f1, macro_f1
+
+    rng = random.Random(0)
+    tags = ["O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC", "I-MISC", "B-MISC"]
+    for _ in range(200):  # every chunking rule: broken I- runs, type changes, E-/S- tags
+        refs = [[rng.choice(tags) for _ in range(rng.randint(1, 9))] for _ in range(4)]
+        preds = [[t if rng.random() < 0.6 else rng.choice(tags) for t in r] for r in refs]
+        assert entities(refs[0]) == get_entities(refs[0])
+        assert entity_f1(refs, preds) == pytest.approx(seqeval_f1(refs, preds), abs=1e-12)
+        y, p = [rng.randint(0, 3) for _ in range(12)], [rng.randint(0, 4) for _ in range(12)]
+        assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
