@@ -347,3 +347,29 @@ def test_metrics_match_seqeval_and_scikit_learn_on_random_tags():
         assert entity_f1(refs, preds) == pytest.approx(seqeval_f1(refs, preds), abs=1e-12)
         y, p = [rng.randint(0, 3) for _ in range(12)], [rng.randint(0, 4) for _ in range(12)]
         assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
+
+
+def test_seq2seq_reads_alpaca_and_chat_rows_as_source_and_target(tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftctl.data.formats import ALPACA_PROMPT
+    from peftctl.data.tasks import build_examples
+    from peftctl.recipe import DataSection
+
+    tok = AutoTokenizer.from_pretrained(build_t5(tmp_path / "t5"))
+
+    def one(fmt, row, **cfg):
+        path = _write(tmp_path / f"{fmt}.jsonl", [row])
+        (e,), _ = build_examples("seq2seq_lm", DataSection(train=[str(path)], format=fmt, **cfg), tok, None, "train")
+        return tok.decode(e.input_ids, skip_special_tokens=True), tok.decode(e.labels, skip_special_tokens=True), e
+
+    source, target, e = one("alpaca", {"instruction": "name the city", "input": "bob visited rome", "output": "rome"})
+    assert source == ALPACA_PROMPT.format(inp_intro=", paired with an input that provides further context",
+                                          instruction="name the city", inp="### Input:\nbob visited rome\n\n")
+    assert target == "rome" and e.labels[-1] == tok.eos_token_id and e.reference == "rome"
+    chat = {"conversation": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alice in oslo"},
+                             {"role": "assistant", "content": "oslo"}]}
+    source, target, _ = one("chat", chat, columns={"messages": "conversation"})
+    assert (source, target) == ("be brief\nalice in oslo", "oslo")
+    with pytest.raises(Exception, match=r"chat.jsonl row 1: .*ends with the assistant's message"):
+        one("chat", {"messages": [{"role": "user", "content": "alice"}]})
