@@ -124,6 +124,7 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     examples = dataset.eval[: recipe.eval.max_examples] if recipe.eval.max_examples else dataset.eval
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
+    models.set_pad_token(model, tokenizer)
     if not base:
         model = runs.attach_saved_adapter(model, adapter)
     # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).

@@ -157,7 +157,9 @@ def _load_adapters(runs_: list, spec, reporter: Reporter):
             model.load_adapter(run.path, adapter_name=name)
     except (ValueError, TypeError) as e:
         raise InputError(str(e)) from None
-    return model, names, runs.load_tokenizer(runs_[0])
+    tokenizer = runs.load_tokenizer(runs_[0])
+    models.set_pad_token(base, tokenizer)
+    return model, names, tokenizer
 
 
 def _combined(runs_: list, spec, weights, combination_type, density, svd_rank, reporter: Reporter):

@@ -659,7 +659,18 @@ def load(spec, *, dtype=None, device_map: Any = None):
     check_model_files(spec, source)  # the model's own files first, then its tokenizer
     tok = load_tokenizer(spec, source)
     model = load_model(spec, source, dtype=dtype, device_map=device_map)
+    set_pad_token(model, tok)
     return model, tok
+
+
+def set_pad_token(model, tokenizer) -> None:
+    """Give a model whose config has no `pad_token_id` the tokenizer's: a decoder's sequence
+    classifier (…ForSequenceClassification of Llama, GPT-2, ...) reads each row's last token as the
+    one before the first padding token, and refuses batches of several rows without it. Saved with
+    a merged model's config."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def base_model_reference(spec) -> str:

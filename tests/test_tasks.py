@@ -373,3 +373,34 @@ def test_seq2seq_reads_alpaca_and_chat_rows_as_source_and_target(tmp_path):
     assert (source, target) == ("be brief\nalice in oslo", "oslo")
     with pytest.raises(Exception, match=r"chat.jsonl row 1: .*ends with the assistant's message"):
         one("chat", {"messages": [{"role": "user", "content": "alice"}]})
+
+
+def test_seq_cls_on_a_decoder_trains_its_score_head(tmp_path, tiny_model_dir):
+    """A Llama-style model (LlamaForSequenceClassification: the head is `score`, the row's last token
+    before padding is read, so the config needs a pad token id) as seq_cls; PEFT loads the run."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    train = write_classification(tmp_path / "train.jsonl", 16, int_labels=True)
+    recipe = _recipe(tmp_path, tiny_model_dir, "seq_cls", "classification", ["q_proj", "v_proj"], train, train,
+                     max_steps=4, eval_every=4)
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    from peftctl.userfiles import safetensors_keys
+
+    assert "base_model.model.score.weight" in safetensors_keys(run_dir / "adapter_model.safetensors")
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["labels"] == ["0", "1"]
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2,
+                                                              pad_token_id=tok.pad_token_id)
+    peft_model = PeftModel.from_pretrained(base, run_dir).eval()
+    inputs, _ = _batch(_examples("seq_cls", "classification", train, tok, ["0", "1"]), tok.pad_token_id)
+    from peftctl import models, runs
+    from peftctl.recipe import load
+
+    spec = load(run_dir / "recipe.yaml").model
+    ours = runs.attach_saved_adapter(models.load(spec)[0], run_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, peft_model(**inputs).logits, atol=ATOL, rtol=0)
