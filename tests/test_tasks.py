@@ -303,7 +303,7 @@ def test_task_unset_names_the_task_the_config_implies(tmp_path):
 
 
 def test_the_seq2seq_recipe_plans_on_a_local_t5_folder(tmp_path):
-    recipe = Path(__file__).parent.parent / "recipes" / "seq2seq.yaml"
+    recipe = Path(__file__).parent.parent / "recipes" / "tasks" / "seq2seq.yaml"
     model_dir = build_t5(tmp_path / "t5")
     plan = run_json("train", recipe, "--dry-run", "--set", f"model.name_or_path={model_dir}",
                     "--set", f"output.dir={tmp_path / 'run'}")
