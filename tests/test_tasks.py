@@ -253,7 +253,7 @@ def test_label_and_row_errors(tmp_path, bert_dir):
                                                      {"text": "the food was bad", "label": "meh"}])
     recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, bad_eval)
     r = run("train", recipe, code=2)
-    assert f"{bad_eval} row 2: label 'meh' is not one of the training data's labels (neg, pos)" in r.stderr
+    assert f"{bad_eval} row 2: label 'meh' is not one of the model's labels (neg, pos) (the training data's" in r.stderr
     assert not (tmp_path / "run").exists()
     r = run("eval", recipe, "--base", code=2)
     assert f"{bad_eval} row 2: label 'meh'" in r.stderr

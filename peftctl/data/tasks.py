@@ -248,8 +248,9 @@ def _label_id(value, label2id: dict[str, int], split: str) -> int:
     name = str(value)
     if name not in label2id:
         known = ", ".join(label2id) if len(label2id) <= 12 else ", ".join(list(label2id)[:12]) + ", ..."
-        whose = "the training data's labels" if split == "eval" else "model.labels"
-        raise RowError(f"label {name!r} is not one of {whose} ({known})")
+        whose = "the model's labels" if split == "eval" else "model.labels"
+        why = " (the training data's, unless model.labels lists them)" if split == "eval" else ""
+        raise RowError(f"label {name!r} is not one of {whose} ({known}){why}")
     return label2id[name]
 
 
