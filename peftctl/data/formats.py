@@ -34,6 +34,13 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     # model.task token_cls only (peftctl.data.tasks): a word list and one tag per word, CoNLL style.
     "token_classification": ("tokens", "tags"),
 }
+# The formats each model.task other than causal_lm reads (peftctl.data.tasks); causal_lm reads all
+# but token_classification.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "seq2seq_lm": ("completion", "alpaca", "chat", "sharegpt"),
+    "seq_cls": ("classification",),
+    "token_cls": ("token_classification",),
+}
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
 }

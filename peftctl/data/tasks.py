@@ -27,12 +27,10 @@ from typing import Any
 
 from peftctl.constants import IGNORE_INDEX
 from peftctl.data import sources
-from peftctl.data.formats import ALPACA_PROMPT, Formatter, RowError
+from peftctl.data.formats import ALPACA_PROMPT, TASK_FORMATS, Formatter, RowError
 from peftctl.errors import InputError
 
-SEQ2SEQ_FORMATS = ("completion", "alpaca", "chat", "sharegpt")
-TASK_FORMATS = {"seq2seq_lm": SEQ2SEQ_FORMATS, "seq_cls": ("classification",),
-                "token_cls": ("token_classification",)}
+SEQ2SEQ_FORMATS = TASK_FORMATS["seq2seq_lm"]
 MAX_ERRORS = 5
 
 

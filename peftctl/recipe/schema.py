@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from peftctl.adapters.registry import config_classes
+from peftctl.data.formats import TASK_FORMATS
 from peftctl.errors import Problem
 from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
@@ -132,6 +133,9 @@ class Recipe(Section):
         formats = {self.data.format} | {s.format for s in [*self.data.train, *(self.data.eval or [])] if s.format}
         if task == "causal_lm" and "token_classification" in formats:
             raise ValueError("data.format token_classification needs model.task: token_cls")
+        if task != "causal_lm" and (wrong := sorted(formats - set(TASK_FORMATS[task]))):
+            raise ValueError(f"data.format {wrong[0]!r} does not fit model.task {task}; use "
+                             f"{' or '.join(TASK_FORMATS[task])}")
         metric = self.train.best_metric
         allowed = ("eval_loss", *TASK_METRICS[task])
         if metric not in allowed:
