@@ -264,10 +264,14 @@ def train(
         out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
         if s.get("final_eval"):
             ev = s["final_eval"]
-            out.print(f"eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.3f}")
+            shown = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items()
+                     if k.startswith("eval_") and k != "eval_tokens" and isinstance(v, float)]
+            out.print("eval " + ", ".join(shown))
         if s.get("best_eval"):
             b = s["best_eval"]
-            out.print(f"best eval loss {b['eval_loss']:.4f} at step {b['step']}")
+            metric = b.get("metric", "eval_loss")
+            out.print(f"best {metric.replace('_', ' ')} {b.get(metric, b.get('eval_' + metric, b['eval_loss'])):.4f} "
+                      f"at step {b['step']}")
         out.print(f"run folder: {s['run_dir']}")
 
     _emit(summary, json_, render)
@@ -382,7 +386,11 @@ def eval_(
         who = "base model" if res["adapter"] is None else f"adapter {res['adapter']}"
         out.print(f"[bold]{who}[/bold] on {res['examples']} examples")
         out.print(f"  eval_loss   {res['eval_loss']:.4f}")
-        out.print(f"  perplexity  {res['perplexity']:.3f}")
+        if "perplexity" in res:
+            out.print(f"  perplexity  {res['perplexity']:.3f}")
+        for name in ("accuracy", "f1"):
+            if name in res:
+                out.print(f"  {name:<11} {res[name]:.4f}")
         if "exact_match" in res:
             out.print(f"  exact_match {res['exact_match']:.3f} ({res['exact_match_n']} answers)")
             for s in res["samples"][:3]:

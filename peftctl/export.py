@@ -104,15 +104,21 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
                 lines.append(f"- {key}: {summary[key]}")
         if summary.get("final_eval"):
             lines.append(f"- final eval: {json.dumps(summary['final_eval'])}")
+    from peftctl.models import AUTO_CLASSES
+
+    section = run.model_section
+    auto = AUTO_CLASSES[section.task_name]
+    labels = f", num_labels={len(section.labels)}, id2label={dict(enumerate(section.labels))!r}" \
+        if section.labels else ""
     lines += [
         "",
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM",
+        f"from transformers import {auto}",
         "from peft import PeftModel  # or: from peftctl import PeftModel",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({cfg.get('base_model_name_or_path')!r})",
+        f"base = {auto}.from_pretrained({cfg.get('base_model_name_or_path')!r}{labels})",
         "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
         "```",
     ]
@@ -230,6 +236,10 @@ def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, 
         raise InputError(f"--dtype for gguf must be one of {', '.join(DTYPES)}, got {dtype!r}")
     refuse_nonempty(Path(out_dir))
     run = runs.read_run(run_dir)
+    task = run.model_section.task_name
+    if task != "causal_lm":
+        raise InputError(f"{run_dir}: --format gguf writes causal language models (llama.cpp's), and this run is "
+                         f"model.task {task}; use --format merged (a transformers folder) or peft")
     # What the file cannot hold is refused before any weights load.
     gguf_writer.check_config(models.load_config(run.model_section), run.model_section.name_or_path)
     gguf_writer.check_tokenizer(runs.load_tokenizer(run))

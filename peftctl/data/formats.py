@@ -30,7 +30,16 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("messages", "role", "content", "tools", "system"),
     "preference": ("prompt", "chosen", "rejected", "tools"),
-    "classification": ("text", "label"),
+    "classification": ("text", "label", "text_pair"),
+    # model.task token_cls only (peftctl.data.tasks): a word list and one tag per word, CoNLL style.
+    "token_classification": ("tokens", "tags"),
+}
+# The formats each model.task other than causal_lm reads (peftctl.data.tasks); causal_lm reads all
+# but token_classification.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "seq2seq_lm": ("completion", "alpaca", "chat", "sharegpt"),
+    "seq_cls": ("classification",),
+    "token_cls": ("token_classification",),
 }
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},

@@ -175,12 +175,13 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     """Load the base model and tokenizer and attach a fresh adapter; input errors exit 2."""
     from peftctl import models
     from peftctl.adapters import TaskType, attach, io
+    from peftctl.sections import TASK_TYPES
 
     model, tokenizer = models.load(recipe.model, dtype=dtype, device_map=device_map)
     base_vocab = io.vocabulary_rows(model)  # before anything resizes the embeddings
     config = recipe.adapter.model_copy(update={
         "base_model_name_or_path": models.base_model_reference(recipe.model),
-        "task_type": recipe.adapter.task_type or TaskType.CAUSAL_LM.value,  # runs train causal LMs
+        "task_type": TaskType(TASK_TYPES[recipe.model.task_name]).value,  # PEFT's name for model.task
     })
     try:
         peft_model = attach(model, config)
@@ -189,6 +190,20 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     # Saving compares the vocabulary with this: embeddings resized for new tokens are saved too.
     peft_model.base_model.base_vocab_size = base_vocab
     return peft_model, tokenizer
+
+
+def with_labels(recipe):
+    """The recipe with `model.labels` for seq_cls and token_cls: the recipe's own, else the training
+    data's label names, sorted (`data.tasks.label_names`; a bad row is an input error naming it). The
+    run writes them in its recipe.yaml, so that evaluating, merging and exporting it load the same head."""
+    from peftctl.sections import LABELLED_TASKS
+
+    task = recipe.model.task_name
+    if task not in LABELLED_TASKS or recipe.model.labels:
+        return recipe
+    from peftctl.data.tasks import label_names
+
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"labels": label_names(task, recipe.data)})})
 
 
 def resolved(recipe):
@@ -289,7 +304,7 @@ def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> s
     if summary.get("stop_reason") == "early_stopping" and cfg.early_stopping_patience is not None:
         since = checkpoint.read_state(ckpt).evals_since_best if ckpt is not None else None
         if since is None or since >= cfg.early_stopping_patience:
-            return (f"it stopped early at step {steps}: eval_loss had not improved for "
+            return (f"it stopped early at step {steps}: {cfg.best_metric} had not improved for "
                     f"{cfg.early_stopping_patience} evaluations")
     done = summary.get("examples_seen")
     if done is None:  # a summary written before examples were counted
@@ -424,6 +439,12 @@ def _on_main(accelerator, fn) -> None:
         raise error
 
 
+def best_record(state) -> dict[str, Any]:
+    """The evaluation record of the best step (its eval_loss and metrics)."""
+    found = [r for r in state.evals if r.get("step") == state.best_step]
+    return found[-1] if found else {"eval_loss": state.best_eval_loss}
+
+
 def already_finished(run_dir: Path, why: str, reporter: Reporter) -> dict[str, Any]:
     """A finished run started again: nothing is trained or written; its summary, with `nothing_trained`."""
     reporter.log(f"{run_dir}: the run has already finished ({why}); nothing to train. To train on, "
@@ -469,6 +490,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         raise InputError("model.quantization: a quantized base is not sharded by FSDP here; train it on one GPU "
                          "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     dtype = models.resolve_dtype(recipe.model.dtype)
+    recipe = with_labels(recipe)  # seq_cls / token_cls: the head's labels, before anything else is decided
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
     # Before anything is read: a run in progress has not said how it ends. Checked by the main process
@@ -499,7 +521,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
-                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter)
+                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter,
+                             task=recipe.model.task_name, labels=recipe.model.labels)
     check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
@@ -610,6 +633,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
                 stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks,
+                eval_tokenizer={"tokenizer": tokenizer, "id2label": dict(enumerate(recipe.model.labels or []))},
             )
             if ended == "interrupted":
                 summary.update(status="interrupted", stop_reason=stop.name)
@@ -655,7 +679,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             train_loss=state.last_loss,
             final_eval=state.evals[-1] if state.evals else None,
             best_eval=None if state.best_step is None else {
-                "eval_loss": state.best_eval_loss, "step": state.best_step,
+                **{k: v for k, v in best_record(state).items() if k != "step"},
+                "metric": cfg.best_metric, "step": state.best_step,
                 "checkpoint": f"{checkpoint.CHECKPOINTS}/{best_ckpt}"
                 if (run.path / checkpoint.CHECKPOINTS / best_ckpt).is_dir() else None,
             },

@@ -46,6 +46,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         resolved,
         resume_point,
         trackers,
+        with_labels,
     )
     from peftctl.train.loop import examples_in_steps, total_steps
     from peftctl.train.optim import warmup_steps
@@ -53,6 +54,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     cfg = recipe.train
     # As train does, in train's order.
     refuse_in_use(Path(recipe.output.dir))
+    recipe = with_labels(recipe)
     hashes = functools.cache(lambda: data_hashes(recipe.data))
     ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe), hashes)
     hashes()  # the data files found and read before the model (train digests them here)
@@ -61,7 +63,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     # The model on the meta device, with the adapter attached; then what train checks of it.
     built = meta_model(recipe)
     check_model(recipe, built[0], tokenizer)
-    dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed, attention=built[0].config._attn_implementation)
+    dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed, attention=built[0].config._attn_implementation,
+                             task=recipe.model.task_name, labels=recipe.model.labels)
     check_data(dataset, num_processes)
     done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
     steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
@@ -106,11 +109,13 @@ def meta_model(recipe):
     """(the PeftModel a run of `recipe` trains, built on the meta device (`models.meta_model`);
     the model config; dtype). An adapter that does not fit the model is an input error."""
     from peftctl import models
-    from peftctl.adapters import attach
+    from peftctl.adapters import TaskType, attach
+    from peftctl.sections import TASK_TYPES
 
     model, config, dtype = models.meta_model(recipe.model)
+    adapter = recipe.adapter.model_copy(update={"task_type": TaskType(TASK_TYPES[recipe.model.task_name]).value})
     try:
-        return attach(model, recipe.adapter), config, dtype
+        return attach(model, adapter), config, dtype
     except (ValueError, TypeError) as e:
         raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
