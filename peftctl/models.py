@@ -217,6 +217,30 @@ class _Once(logging.Filter):
 _once = _Once()
 
 
+class _NewHeadReport(logging.Filter):
+    """Keeps transformers' load report out of the logs when all it reports is the task's new head
+    missing from the checkpoint (`classifier.*` or `score.*` of a classification task: expected, the
+    head is what the run trains); `keys` then holds the head's keys for one line of our own. Any other
+    row (an unexpected or mismatched key, another missing weight) lets the whole report through."""
+
+    HEADS = ("classifier", "score")
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
+        rows = [r for r in rows if len(r) > 1 and r[0] and r[0] != "Key"]
+        if not rows or any("MISSING" not in r[1] or r[0].split(".")[0] not in self.HEADS for r in rows):
+            return True
+        self.keys = [r[0] for r in rows]
+        return False
+
+
 def quantization_config(quantization, dtype):
     """transformers' BitsAndBytesConfig for a recipe's `model.quantization` (dtype: the model's)."""
     import torch
@@ -651,6 +675,12 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if device_map is not None:
         kw["device_map"] = device_map
     kw.update(label_kwargs(spec))
+    from peftctl.sections import LABELLED_TASKS
+
+    new_head = _NewHeadReport()
+    reporter = logging.getLogger("transformers.modeling_utils")
+    if spec.task_name in LABELLED_TASKS:
+        reporter.addFilter(new_head)
     try:
         with _reading_gguf(_gguf_path(source)):
             model = auto_class(spec).from_pretrained(source.path, **kw)
@@ -664,6 +694,11 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
         if (failure := _load_failure(spec, source, e)) is not None:
             raise failure from None
         raise RuntimeFailure(f"model {source.description}: {e}") from e
+    finally:
+        reporter.removeFilter(new_head)
+    if new_head.keys:
+        log.info("model %s: new %s head (%s), not in the checkpoint: initialised at random (an adapter trains and saves it)",
+                 source.description, spec.task_name, ", ".join(new_head.keys))
     note = task_note(spec, model.config)
     if note:
         log.warning(note)

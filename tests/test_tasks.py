@@ -404,3 +404,23 @@ def test_seq_cls_on_a_decoder_trains_its_score_head(tmp_path, tiny_model_dir):
     ours = runs.attach_saved_adapter(models.load(spec)[0], run_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, peft_model(**inputs).logits, atol=ATOL, rtol=0)
+
+
+def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir, capfd, caplog):
+    import logging
+
+    from peftctl import models
+    from peftctl.sections import ModelSection
+
+    spec = ModelSection(name_or_path=str(bert_dir), task="seq_cls", labels=["a", "b", "c"])
+    with caplog.at_level(logging.INFO, logger="peftctl"):
+        model = models.load_model(spec)
+    assert model.classifier.out_features == 3
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    assert "new seq_cls head (classifier.weight, classifier.bias)" in caplog.text
+    # A report with anything else in it (here an unexpected key) goes through whole.
+    head_only = models._NewHeadReport()
+    record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
+                               "X LOAD REPORT from: m\nKey | Status |\nclassifier.bias | MISSING |\n"
+                               "pooler.dense.weight | UNEXPECTED |", None, None)
+    assert head_only.filter(record) and head_only.keys == []
