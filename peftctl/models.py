@@ -237,7 +237,7 @@ class _NewHeadReport(logging.Filter):
         rows = [r for r in rows if len(r) > 1 and r[0] and r[0] != "Key"]
         if not rows or any("MISSING" not in r[1] or r[0].split(".")[0] not in self.HEADS for r in rows):
             return True
-        self.keys = [r[0] for r in rows]
+        self.keys = sorted(r[0] for r in rows)  # transformers lists them in set order
         return False
 
 

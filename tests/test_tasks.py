@@ -430,7 +430,7 @@ def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir
         reporter.removeHandler(seen)
     assert model.classifier.out_features == 3
     assert not [m for m in seen.messages if "LOAD REPORT" in m]
-    assert "new seq_cls head (classifier.weight, classifier.bias)" in caplog.text
+    assert "new seq_cls head (classifier.bias, classifier.weight)" in caplog.text
     # A report with anything else in it (here an unexpected key) goes through whole.
     head_only = models._NewHeadReport()
     record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
