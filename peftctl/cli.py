@@ -704,6 +704,47 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> N
     _emit(result, json_, render)
 
 
+recipe_app = typer.Typer(help="Recipes from other tools' configs.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+def _translate(tool: str, config: Path, output: Path | None, json_: bool) -> None:
+    from peftctl.recipe.translate import translate_file
+
+    result = translate_file(config, tool, output)
+
+    def render(res):
+        err = _stderr()
+        for d in res["dropped"]:
+            err.print(f"dropped {d['key']}: {d['reason']}", markup=False)
+        if res["output"] is None:
+            sys.stdout.write(res["yaml"])
+        else:
+            err.print(f"wrote {res['output']} ({len(res['dropped'])} option(s) dropped); check it with "
+                      f"peftctl validate {res['output']}", markup=False)
+
+    _emit(result, json_, render)
+
+
+ConfigArg = Annotated[Path, typer.Argument(help="The tool's YAML training config.", show_default=False)]
+RecipeOut = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Write the recipe to this new file (default: print it).", show_default=False)]
+
+
+@recipe_app.command("from-axolotl")
+@handled
+def from_axolotl(config: ConfigArg, output: RecipeOut = None, json_: JsonOpt = False) -> None:
+    """Translate an axolotl config into a recipe: what has an equivalent, the rest listed as dropped."""
+    _translate("axolotl", config, output, json_)
+
+
+@recipe_app.command("from-llamafactory")
+@handled
+def from_llamafactory(config: ConfigArg, output: RecipeOut = None, json_: JsonOpt = False) -> None:
+    """Translate a LLaMA-Factory config into a recipe (datasets looked up in dataset_dir/dataset_info.json)."""
+    _translate("llamafactory", config, output, json_)
+
+
 @app.command()
 def schema() -> None:
     """Print the recipe reference (every field, its type, default and meaning) as Markdown."""
