@@ -172,8 +172,13 @@ def _main(
 
 @app.command()
 @handled
-def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Check a recipe (schema, files) without loading any weights.
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Parse only the first 1,000 rows of each data source.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Check a recipe (schema, files, every data row in its format) without loading any weights.
 
     --json prints {"recipe", "valid": true, "notes", "resolved"}, or for an invalid recipe (exit 2)
     {"recipe", "valid": false, "ok": false, "exit_code": 2, "errors": [{"source", "line", "path", "message"}]}.
@@ -183,7 +188,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> 
 
     try:
         r = _load_recipe(recipe, set_)
-        notes = check_files(r, source=str(recipe))
+        notes = check_files(r, source=str(recipe), rows=1000 if quick else None)
     except PeftctlError as e:
         if json_:
             _write_json({"recipe": str(recipe), "valid": False, **_error_result(e.exit_code, _errors(e))})

@@ -216,7 +216,8 @@ def test_bad_bytes_bad_json_and_several_bad_rows(tmp_path, tok):
     with pytest.raises(InputError) as e:
         build(tok, path, format="text")
     assert str(e.value).splitlines()[:2] == [f"{path} row 2: field 'text' must be a string, got int",
-                                             f"{path} row 4: missing field 'text' (format: text)"]
+                                             f"{path} row 4: missing field 'text' (the row's keys: 'nope'); name other columns in "
+                                             "data.columns (format: text)"]
 
 
 def test_sources_files_folders_globs_and_saved_datasets(tmp_path, tok):

@@ -170,3 +170,52 @@ def test_axolotl_and_llamafactory_configs_become_recipes_that_validate(tmp_path,
     assert "dropped plot_loss: peftctl report draws the curves" in res.stderr
     Path("lf-recipe.yaml").write_text(res.stdout)
     run("validate", "lf-recipe.yaml")
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_validate_parses_every_row_in_the_recipes_format(make_recipe, tmp_path):
+    recipe = make_recipe()
+    good = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3
+    sharegpt = _jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"},
+                                                                       {"from": "gpt", "value": "yo"}]}])
+    assert _errors("validate", recipe, "--set", f"data.train={sharegpt}") == [
+        f"data.train: {sharegpt} row 1: missing field 'messages' (the row's keys: 'conversations'); rows have "
+        "\"conversations\" with \"from\"/\"value\": did you mean format: sharegpt?; name other columns in "
+        "data.columns (format: chat)"]
+    run("validate", recipe, "--set", f"data.train={sharegpt}", "--set", f"data.eval={sharegpt}",
+        "--set", "data.format=sharegpt")
+    broken = _jsonl(tmp_path / "broken.jsonl", [*good, '{"messages": [}'])
+    r = run("validate", recipe, "--set", f"data.eval={broken}", code=2)
+    assert f"data.eval: {broken} row 4: invalid JSON: Expecting value (column 15)" in r.stderr
+    bad_role = _jsonl(tmp_path / "role.jsonl", [*good, {"messages": [{"role": "bot", "content": "x"}]}])
+    assert _errors("validate", recipe, "--set", f"data.train={bad_role}") == [
+        f"data.train: {bad_role} row 4: messages[0].role: unknown role 'bot'; known: system, user, assistant, tool "
+        "(map other names with data.roles, e.g. {human: user, gpt: assistant}) (format: chat)"]
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    assert _errors("validate", recipe, "--set", f"data.train={qa}", "--set", "data.format=completion",
+                   "--set", "data.eval=null") == [
+        f"data.train: {qa} row 1: missing field 'prompt' (the row's keys: 'question', 'answer'); name other "
+        "columns in data.columns (format: completion)"]
+    run("validate", recipe, "--set", f"data.train={qa}", "--set", "data.format=completion", "--set", "data.eval=null",
+        "--set", "data.columns={prompt: question, completion: answer}")
+    # streamed, every row; --quick reads the first 1,000 of each source
+    late = _jsonl(tmp_path / "late.jsonl", [{"text": f"row {i}"} for i in range(1000)] + [{"txt": "late"}])
+    text = ("--set", f"data.train={late}", "--set", "data.format=text", "--set", "data.eval=null")
+    assert run_json("validate", recipe, *text, "--quick")["valid"] is True
+    assert _errors("validate", recipe, *text)[0].startswith(
+        f"data.train: {late} row 1001: missing field 'text' (the row's keys: 'txt')")
+
+
+def test_a_set_list_written_with_commas_is_explained(make_recipe):
+    r = run_json("validate", make_recipe(), "--set", "adapter.target_modules=q_proj,v_proj", code=2)
+    assert r["errors"] == [{
+        "source": "--set adapter.target_modules=q_proj,v_proj", "line": None, "path": "adapter.target_modules",
+        "message": "'q_proj,v_proj' is one string, not a list (a string here is one regular expression matching "
+                   "whole module names, and no module is named 'q_proj,v_proj'); write a list: "
+                   "--set 'adapter.target_modules=[q_proj, v_proj]'"}]
+    run("validate", make_recipe(), "--set", "adapter.target_modules=[q_proj, v_proj]")
+    run("validate", make_recipe(), "--set", "adapter.target_modules=.*(q|v)_proj")  # a regex stays one

@@ -51,6 +51,35 @@ class RowError(ValueError):
     """A row that does not fit its format; the message says what is wrong."""
 
 
+class MissingField(RowError):
+    """A row without a field its format reads (the message gets the row's keys added)."""
+
+
+def _holds_messages(value: Any, role: str, content: str) -> bool:
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and role in value[0] and content in value[0])
+
+
+def guess_format(row: dict[str, Any], fmt: str) -> str | None:
+    """What a row that lacks a field of format `fmt` looks like instead, as a hint ("rows have
+    "conversations" with "from"/"value": did you mean format: sharegpt?"), or None."""
+    keys = set(row)
+    for col, role, content, other in (("conversations", "from", "value", "sharegpt"),
+                                      ("messages", "role", "content", "chat")):
+        if other != fmt and _holds_messages(row.get(col), role, content):
+            return f'rows have "{col}" with "{role}"/"{content}": did you mean format: {other}?'
+    if _holds_messages(row.get("conversations"), "role", "content"):
+        return ('rows have "conversations" with "role"/"content": did you mean format: chat with data.columns '
+                '{messages: conversations}?')
+    for other, fields in (("preference", ("prompt", "chosen", "rejected")), ("alpaca", ("instruction", "output")),
+                          ("completion", ("prompt", "completion")), ("classification", ("text", "label")),
+                          ("text", ("text",))):
+        if set(fields) <= keys:
+            return None if other == fmt else (
+                f"rows have {'/'.join(repr(f) for f in fields)}: did you mean format: {other}?")
+    return None
+
+
 @dataclass
 class Rendered:
     text: str
@@ -100,7 +129,13 @@ class Formatter:
     def __call__(self, row: dict[str, Any]) -> Rendered:
         if not isinstance(row, dict):
             raise RowError(f"a row must be an object with named fields, got {type(row).__name__}")
-        return self._render(row)
+        try:
+            return self._render(row)
+        except MissingField as e:
+            keys = ", ".join(map(repr, row)) or "none"
+            guess = guess_format(row, self.fmt)
+            raise MissingField(f"{e} (the row's keys: {keys})" + (f"; {guess}" if guess else "")
+                               + "; name other columns in data.columns") from None
 
     # ---- fields ----------------------------------------------------------------------------
 
@@ -110,8 +145,8 @@ class Formatter:
     def _missing(self, field: str) -> RowError:
         col = self._col(field)
         if col != field:
-            return RowError(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
-        return RowError(f"missing field {field!r}")
+            return MissingField(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
+        return MissingField(f"missing field {field!r}")
 
     def _str(self, row: dict[str, Any], field: str, required: bool = True, nonempty: bool = False) -> str:
         col = self._col(field)
