@@ -219,3 +219,102 @@ def test_a_set_list_written_with_commas_is_explained(make_recipe):
                    "--set 'adapter.target_modules=[q_proj, v_proj]'"}]
     run("validate", make_recipe(), "--set", "adapter.target_modules=[q_proj, v_proj]")
     run("validate", make_recipe(), "--set", "adapter.target_modules=.*(q|v)_proj")  # a regex stays one
+
+
+def _shown(recipe, *sets) -> list[dict]:
+    """`peftctl data --json`: each example's text and the text of its loss tokens."""
+    from transformers import AutoTokenizer
+
+    examples = run_json("data", recipe, *sets)["examples"]
+    tok = AutoTokenizer.from_pretrained(yaml.safe_load(Path(recipe).read_text())["model"]["name_or_path"])
+    return [{"text": ex["text"], "loss": tok.decode([t for t in ex["labels"] if t != -100])} for ex in examples]
+
+
+def test_chat_weights_names_and_templated_completion_and_alpaca_rows(make_recipe, tmp_path):
+    user, bot = {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "weight": 0}
+    rows = [{"messages": [user, bot, {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2",
+                                                                          "weight": 1}]}]
+    recipe = make_recipe(data={"train": str(_jsonl(tmp_path / "w.jsonl", rows)), "eval": None})
+    (ex,) = _shown(recipe)
+    assert ex["loss"] == "A2<|im_end|>\n" and "A1" in ex["text"]  # weight 0: in the text, without loss
+    (ex,) = _shown(recipe, "--set", "data.train_on=last")
+    assert ex["loss"] == "A2<|im_end|>\n"
+    r = run("data", recipe, "--set", "data.train_on=all", code=2)
+    assert "w.jsonl row 1: messages[1].weight: 0, and data.train_on: all trains every token" in r.stderr
+    for bad, why in ((2, "messages[1].weight must be 0 (no loss on this turn) or 1, got 2"),
+                     (None, "messages[0].weight: 1 on a user message: only assistant turns carry loss")):
+        msgs = [{**user, "weight": 1}, {**bot, "weight": 1}] if bad is None else [user, {**bot, "weight": bad}]
+        _jsonl(tmp_path / "w.jsonl", [{"messages": msgs}])
+        assert why in run("validate", recipe, code=2).stderr
+    # a message's name: refused where the template ignores it, kept where it writes it
+    _jsonl(tmp_path / "w.jsonl", [{"messages": [{**user, "name": "ann"}, {"role": "assistant", "content": "A"}]}])
+    assert ("messages[0].name: the chat template ignores this key (it renders the same text without it)"
+            in run("validate", recipe, code=2).stderr)
+    named = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if m.name %} ({{ m.name }}){% endif %}: {{ m.content }}"
+             "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    (ex,) = _shown(recipe, "--set", f"data.chat_template={named}")
+    assert ex["text"] == "<|im_start|>user (ann): Q1<|im_end|><|im_start|>assistant: A<|im_end|>"
+    assert ex["loss"] == "A<|im_end|>"
+
+    # completion and alpaca rows: plain text without a named template, its turns with one
+    completion = _jsonl(tmp_path / "c.jsonl", [{"prompt": "2+2=", "completion": "4"}])
+    alpaca = _jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "2 and 2", "output": "4", "system": "S"}])
+    plain = _shown(recipe, "--set", f"data.train=[{{path: {completion}, format: completion}}, "
+                                    f"{{path: {alpaca}, format: alpaca}}]")
+    assert [ex["text"] for ex in plain] == [
+        "2+2=4<|im_end|>", "S\n\n### Instruction:\nAdd\n\n### Input:\n2 and 2\n\n### Response:\n4<|im_end|>"]
+    templated = _shown(recipe, "--set", f"data.train=[{{path: {completion}, format: completion}}, "
+                                        f"{{path: {alpaca}, format: alpaca}}]", "--set", "data.chat_template=chatml")
+    assert templated == [
+        {"text": "<|im_start|>user\n2+2=<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n", "loss": "4<|im_end|>\n"},
+        {"text": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nAdd\n\n2 and 2<|im_end|>\n<|im_start|>assistant\n"
+                 "4<|im_end|>\n", "loss": "4<|im_end|>\n"}]
+
+
+def test_small_things_a_new_user_noticed(make_recipe, tmp_path):
+    from safetensors.torch import save_file
+
+    from peftctl.constants import VERSION
+
+    assert run("--version").stdout == f"peftctl {VERSION}\n"
+    recipe = make_recipe(out=str(tmp_path / "run"), train={"max_steps": 4, "save_every": 2})
+    # every distinct name an adapter could wrap, and what a string means
+    r = run("inspect", recipe, "--set", "adapter.target_modules=q_porj", code=2)
+    assert ("target_modules 'q_porj' matches no module of this model (a string is one regular expression over "
+            "whole dotted names, such as 'model.layers.0.self_attn.q_proj'); the names of the modules that can be "
+            "targeted here: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+            in r.stderr)
+    out = run("inspect", recipe, "--memory").stdout
+    assert "This is accelerator (GPU) memory" in out and "resident memory (RSS) is higher" in out
+
+    # a resumed dry run: the checkpoints it writes from where it starts, and the recipe's changes
+    trained = run_json("train", recipe)
+    assert trained["steps"] == 4
+    more = ("--set", "train.max_steps=9", "--set", "train.log_every=3")
+    plan = run_json("train", recipe, "--resume", "auto", "--dry-run", *more)
+    assert plan["resume_from"].endswith("step-000004") and plan["steps"] == 9
+    assert plan["checkpoints"] == 3  # steps 6, 8 and 9 (the formula counted 5: ceil(9 / 2))
+    assert plan["resume_changes"] == ["train.log_every: 2 -> 3", "train.max_steps: 4 -> 9"]
+    text = run("train", recipe, "--resume", "auto", "--dry-run", *more).stdout
+    assert "changes      train.log_every: 2 -> 3; train.max_steps: 4 -> 9" in text
+    assert plan["checkpoints_kept"] == 2 and "3, the last 2 kept" in text  # train.keep_checkpoints: 2
+
+    # floats rounded for people (the model card, inspect), every digit kept in the run's files
+    loss = json.loads((tmp_path / "run/summary.json").read_text())["train_loss"]
+    run("export", tmp_path / "run", "-o", tmp_path / "share")
+    card = (tmp_path / "share/README.md").read_text()
+    assert f"- train_loss: {float(f'{loss:.4g}')}\n" in card and str(loss) not in card
+    assert f"train loss {loss:.4g}" in run("inspect", tmp_path / "run").stdout
+
+    # inspect sorts layers naturally: layers.2 before layers.10
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "x"}))
+    import torch
+
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight": torch.zeros(2, 2)
+               for i in (10, 2, 1) for ab in "AB"}, folder / "adapter_model.safetensors")
+    names = [m["module"] for m in run_json("inspect", folder)["modules"]]
+    assert [n.split(".")[2] for n in names] == ["1", "2", "10"]

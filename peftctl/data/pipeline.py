@@ -73,6 +73,7 @@ class _Builder:
         return Formatter(
             fmt, self.tokenizer, columns=spec.columns if spec.columns is not None else cfg.columns,
             roles=spec.roles if spec.roles is not None else cfg.roles, train_on=cfg.train_on, chat=self.chat,
+            template_prompts=cfg.chat_template is not None,
         )
 
     def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
@@ -83,6 +84,7 @@ class _Builder:
         key = cache.cache_key({
             "source": src.fingerprint(), "tokenizer": self.tokenizer_fp, "template": self.template,
             "format": fmt, "columns": formatter.columns, "roles": formatter.roles, "train_on": cfg.train_on,
+            "template_prompts": formatter.template_prompts,
             "max_length": cfg.max_length, "truncation": cfg.truncation, "prompts": prompts,
         })
 
