@@ -65,7 +65,9 @@ lora_r: 16
 lora_alpha: 32
 lora_dropout: 0.05
 lora_target_linear: true
-wandb_project:
+wandb_project: firsthour
+wandb_entity:
+wandb_mode: offline
 gradient_accumulation_steps: 4
 micro_batch_size: 2
 num_epochs: 3
@@ -115,6 +117,7 @@ lr_scheduler_type: cosine
 warmup_ratio: 0.1
 bf16: true
 ddp_timeout: 180000000
+report_to: wandb
 ### eval
 val_size: 0.1
 per_device_eval_batch_size: 1
@@ -142,6 +145,7 @@ def test_axolotl_and_llamafactory_configs_become_recipes_that_validate(tmp_path,
                  "train_on": "assistant"},
         "train": {"grad_accum": 4, "batch_size": 2, "epochs": 3, "optimizer": "adamw_8bit", "scheduler": "cosine",
                   "lr": 0.0002, "gradient_checkpointing": True, "log_every": 1, "warmup_ratio": 0.1},
+        "tracking": {"wandb": True, "wandb_project": "firsthour", "wandb_mode": "offline"},
         "output": {"dir": "../outputs/qlora-out"},
     }
     dropped = {d["key"]: d["reason"] for d in out["dropped"]}
@@ -166,6 +170,7 @@ def test_axolotl_and_llamafactory_configs_become_recipes_that_validate(tmp_path,
     assert lf["train"] == {"log_every": 10, "save_every": 500, "batch_size": 1, "grad_accum": 8, "lr": 1.0e-4,
                            "epochs": 3.0, "scheduler": "cosine", "warmup_ratio": 0.1, "eval_every": 500}
     assert lf["model"] == {"name_or_path": str(tiny_model_dir), "trust_remote_code": True, "dtype": "bfloat16"}
+    assert lf["tracking"] == {"wandb": True}
     assert "dropped max_samples: no equivalent in peftctl" in res.stderr
     assert "dropped plot_loss: peftctl report draws the curves" in res.stderr
     Path("lf-recipe.yaml").write_text(res.stdout)
@@ -318,3 +323,76 @@ def test_small_things_a_new_user_noticed(make_recipe, tmp_path):
                for i in (10, 2, 1) for ab in "AB"}, folder / "adapter_model.safetensors")
     names = [m["module"] for m in run_json("inspect", folder)["modules"]]
     assert [n.split(".")[2] for n in names] == ["1", "2", "10"]
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (step and values) an offline W&B run file holds, read with wandb's own reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    # The file is LevelDB's log format behind W&B's 7-byte header (":W&B", magic 0xBEE1, version 0):
+    # 32 KiB blocks of records, each a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle,
+    # 4 last) and its bytes; a block's tail shorter than a header is zero padding.
+    raw = run_file.read_bytes()
+    assert raw[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+    pos, block, pieces, records = 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        room = block - pos % block
+        if room < 7:
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        pieces += raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(pieces)
+            pieces = b""
+    rows = []
+    for data in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            rows.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
+    return rows
+
+
+def test_weights_and_biases_offline_files_and_a_resumed_run_continues_its_id(make_recipe, tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    out = tmp_path / "run"
+    recipe = make_recipe(out=str(out), train={"max_steps": 4, "log_every": 2, "eval_every": 2, "save_every": 2},
+                         tracking={"wandb": True, "wandb_project": "firsthour"})
+    if importlib.util.find_spec("wandb") is None:
+        r = run("train", recipe, code=2)
+        assert "tracking.wandb is true but the wandb package is not installed; pip install wandb" in r.stderr
+        pytest.skip("wandb not installed (pip install -e '.[test]' brings it)")
+    # no API key (none in the environment, no ~/.netrc): offline, whatever the network; nothing in $HOME
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    first = run("train", recipe, "--json", "--set", "train.max_steps=4")
+    s = json.loads(first.stdout)  # --json: still one object on stdout
+    assert s["wandb"]["mode"] == "offline" and "wandb: offline (no W&B API key" in first.stderr
+    run_id = s["wandb"]["run_id"]
+    (one,) = (out / "wandb").glob("offline-run-*")
+    assert one.name.endswith(f"-{run_id}") and str(one) == s["wandb"]["dir"]
+    logged = _wandb_history(one / f"run-{run_id}.wandb")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    assert [(r["_step"], r["train/loss"]) for r in logged if "train/loss" in r] == [
+        (st, pytest.approx(v)) for st, v in losses]
+    assert [r["eval/loss"] for r in logged if "eval/loss" in r] == pytest.approx(
+        [m["eval_loss"] for m in metrics if "eval_loss" in m])
+
+    # resumed: the same W&B run id, its steps going on from the checkpoint
+    again = run_json("train", recipe, "--resume", "auto", "--set", "train.max_steps=6")
+    assert again["wandb"]["run_id"] == run_id
+    two = Path(again["wandb"]["dir"])
+    assert two != one and two.name.endswith(f"-{run_id}")
+    assert [r["_step"] for r in _wandb_history(two / f"run-{run_id}.wandb") if "train/loss" in r] == [6]

@@ -44,8 +44,6 @@ _NOT_NEEDED = {
     "model_type": "the model class is read from its config.json", "tf32": "no equivalent",
     "deepspeed": "no DeepSpeed: peftctl train --num-processes N runs DDP",
     "fsdp": "no FSDP: peftctl train --num-processes N runs DDP", "fsdp_config": "no FSDP",
-    "wandb_project": "no Weights & Biases tracker in this recipe (tracking: tensorboard, mlflow)",
-    "report_to": "set tracking.tensorboard or tracking.mlflow",
     "resume_from_checkpoint": "peftctl train --resume auto (a flag, not a recipe field)",
     "dataset_dir": "used to look up `dataset`", "formatting": "read from dataset_info.json",
     "quantization_method": "bitsandbytes is peftctl's quantization",
@@ -226,8 +224,25 @@ def _llamafactory_sources(b: _Builder, key: str, names: Any, config: dict[str, A
     return sources
 
 
+def _report_to(b: _Builder, key: str, value: Any) -> None:
+    """transformers' (and LLaMA-Factory's) report_to: the trackers peftctl has are switched on."""
+    for name in [value] if isinstance(value, str) else list(value or []):
+        if name in ("tensorboard", "mlflow", "wandb"):
+            b.set(f"tracking.{name}", True, key)
+        elif name not in ("none", None):
+            b.drop(f"{key}: {name}", name, "peftctl's trackers are tensorboard, mlflow and wandb")
+
+
 def _axolotl_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) -> bool:
-    if key in ("datasets", "test_datasets"):
+    if key == "wandb_project":
+        if value and config.get("wandb_mode") != "disabled":
+            b.set("tracking.wandb", True, key)
+            b.set("tracking.wandb_project", value, key)
+    elif key == "wandb_mode" and value == "disabled":
+        b.set("tracking.wandb", False, key)
+    elif key == "use_wandb":
+        b.set("tracking.wandb", bool(value), key)
+    elif key in ("datasets", "test_datasets"):
         sources = [s for ds in (value if isinstance(value, list) else [value])
                    if (s := _axolotl_source(b, key, ds)) is not None]
         if sources:
@@ -254,7 +269,9 @@ def _axolotl_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) 
 
 
 def _llamafactory_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) -> bool:
-    if key in ("dataset", "eval_dataset"):
+    if key == "report_to":
+        _report_to(b, key, value)
+    elif key in ("dataset", "eval_dataset"):
         sources = _llamafactory_sources(b, key, value, config)
         if sources:
             b.set("data.train" if key == "dataset" else "data.eval", sources, key)

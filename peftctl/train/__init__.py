@@ -620,6 +620,15 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                     state.trackers["mlflow_run_id"] = mlf.run_id
                     summary["mlflow"] = {"tracking_uri": mlf.uri, "run_id": mlf.run_id}
                     sinks.append(mlf)
+                if recipe.tracking.wandb:
+                    wb = trackers.WandB(recipe.tracking, run.path, recipe.tracking.run_name or run.path.name,
+                                        trackers.flat_params(run_recipe.model_dump(mode="json")),
+                                        state.trackers.get("wandb_run_id"))
+                    state.trackers["wandb_run_id"] = wb.run_id
+                    summary["wandb"] = {"mode": wb.mode, "run_id": wb.run_id, "dir": wb.dir}
+                    if wb.why_offline:
+                        reporter.log(f"wandb: offline ({wb.why_offline}); upload later with: wandb sync {wb.dir}")
+                    sinks.append(wb)
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
