@@ -83,20 +83,20 @@ def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:
     try:
         tokenizer = models.load_tokenizer(recipe.model, models.resolve(recipe.model.name_or_path,
                                                                        recipe.model.cache_dir, convert=False))
-        found = check_rows(data, tokenizer, limit=rows)
+    except InputError as e:  # a hub model that is not reachable: the files checks said what they could
+        notes.append(f"data: rows not checked: the tokenizer did not load ({str(e).splitlines()[0]})")
+        return []
+    try:
+        found, checked = check_rows(data, tokenizer, limit=rows)
     except InputError as e:
         return [recipe.problem("data", str(e).removeprefix("data: "))]
     problems = []
     for (split, i), messages in found.items():
         where = f"data.{split}" if len(getattr(data, split)) == 1 else f"data.{split}.{i}"
         problems += [recipe.problem(where, m) for m in messages]
-    checked = [s.path for s in [*data.train, *(data.eval or [])]]
-    if rows is None:
-        notes.append(f"data: every row of {len(checked)} source(s) parses as {data.format}"
-                     if len({s.format for s in [*data.train, *(data.eval or [])]} - {None}) == 0
-                     else f"data: every row of {len(checked)} source(s) parses in its format")
-    else:
-        notes.append(f"data: the first {rows:,} rows of each source parse (--quick)")
+    if checked:
+        notes.append(f"data: every row of {checked} local source(s) parses in its format" if rows is None
+                     else f"data: the first {rows:,} rows of each of {checked} local source(s) parse (--quick)")
     return problems
 
 

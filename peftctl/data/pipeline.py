@@ -151,19 +151,21 @@ def _weighted(examples: ExampleSet, weights: list[float], rng: np.random.Generat
     return examples.take(np.concatenate(chosen))
 
 
-def check_rows(cfg, tokenizer, limit: int | None = None) -> dict[tuple[str, int], list[str]]:
+def check_rows(cfg, tokenizer, limit: int | None = None) -> tuple[dict[tuple[str, int], list[str]], int]:
     """Parse every row (the first `limit` of each source when given) of every local source of a
     data section as training will (`tokenize.render_rows`, the same parser), without tokenizing or
-    caching anything: {(split, source index): ["FILE row N: why (format: F)", ...]} for the sources
-    with bad rows (at most tokenize.MAX_ERRORS each). A hub dataset is not read (it may need the
-    network); an unreadable file or invalid JSON is its source's one message."""
+    caching anything: ({(split, source index): ["FILE row N: why (format: F)", ...]} for the sources
+    with bad rows (at most tokenize.MAX_ERRORS each), the number of sources read). A hub dataset is
+    not read (it may need the network); an unreadable file or invalid JSON is its source's one message."""
     builder = _Builder(cfg, tokenizer, Reporter())
     problems: dict[tuple[str, int], list[str]] = {}
+    checked = 0
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(cfg, split) or []):
             src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
             if src.kind == "hub":
                 continue
+            checked += 1
             formatter = builder.formatter(spec)
             errors: list[str] = []
             broken: list[str] = []
@@ -174,7 +176,7 @@ def check_rows(cfg, tokenizer, limit: int | None = None) -> dict[tuple[str, int]
                 broken.append(str(e))
             if errors or broken:
                 problems[(split, i)] = [f"{e} (format: {formatter.fmt})" for e in errors] + broken
-    return problems
+    return problems, checked
 
 
 def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, reporter: Reporter | None = None) -> Data:

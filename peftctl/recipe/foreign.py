@@ -140,7 +140,9 @@ def familiar_hint(key: str, parent: str, parent_fields: list[str]) -> str | None
     None when the key is none of those (the caller then matches misspellings of its own fields)."""
     table = _table()
     # a field of this very section first (lora_r in adapter: r), then any other
-    exact = [(t, d) for t, f, d in table if f == key]
+    # (not a field of this very section that its class lacks: lora_r under an IA3 adapter)
+    exact = [(t, d) for t, f, d in table if f == key
+             and (d.rpartition(".")[0] != parent or d.rpartition(".")[2] in parent_fields)]
     exact.sort(key=lambda td: td[1].rpartition(".")[0] != parent)
     if exact:
         dotted = exact[0][1]
@@ -156,6 +158,8 @@ def familiar_hint(key: str, parent: str, parent_fields: list[str]) -> str | None
         return None  # a misspelling of this section's own field: the caller says which
     names = {f: d for _, f, d in table} | {f: d for f, (d, _) in FAMILIAR_NAMES.items()}
     names |= {n: ds[0] for n, ds in _own_fields().items() if len(ds) == 1}
+    names = {f: d for f, d in names.items() if f != key
+             and (d.rpartition(".")[0] != parent or d.rpartition(".")[2] in parent_fields)}
     close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
     if close:
         return f"did you mean {_where(names[close[0]], parent)}? ({key} looks like {close[0]})"
