@@ -64,9 +64,13 @@ class Translation:
         head = [f"# Translated by peftctl recipe from-{tool} from {source}."]
         if self.dropped:
             head.append("# Dropped (no equivalent in peftctl, or not needed):")
-            head += [f"#   {k}: {yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
-                     f"  ({why})" for k, v, why in self.dropped]
+            head += [f"#   {k}: {_one_line(v)}  ({why})" for k, v, why in self.dropped]
         return "\n".join(head) + "\n" + yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)
+
+
+def _one_line(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return " ".join(text.split())  # a comment line holds it whole
 
 
 class _Builder:
