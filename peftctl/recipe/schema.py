@@ -7,7 +7,7 @@ sections, and how to walk the schema from a dotted key to the class or field tha
 from __future__ import annotations
 
 import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
@@ -43,10 +43,34 @@ class TrackingSection(Section):
         description="MLflow experiment name.",
         json_schema_extra=aka(axolotl="mlflow_experiment_name"),
     )
+    wandb: bool = Field(
+        default=False,
+        description=(
+            "Log params and metrics to Weights & Biases (needs `wandb`), files in RUN_DIR/wandb; a resumed "
+            "run continues the same W&B run."
+        ),
+    )
+    wandb_project: str = Field(
+        default="peftctl", description="W&B project.", json_schema_extra=aka(axolotl="wandb_project"),
+    )
+    wandb_entity: str | None = Field(
+        default=None, description="W&B entity (user or team); unset: the account's default.",
+        json_schema_extra=aka(axolotl="wandb_entity"),
+    )
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        default="auto",
+        description=(
+            "online: sync to the W&B server as the run goes; offline: write the run's files only (upload "
+            "later with `wandb sync RUN_DIR/wandb/offline-run-*`); auto: online when an API key is set "
+            "(WANDB_API_KEY or `wandb login`) and the server answers within 3 seconds, else offline "
+            "(WANDB_MODE, when set, decides)."
+        ),
+        json_schema_extra=aka(axolotl="wandb_mode"),
+    )
     run_name: str | None = Field(
         default=None,
         description="Run name for the trackers; unset: the run folder's name.",
-        json_schema_extra=training_argument("run_name"),
+        json_schema_extra=training_argument("run_name", axolotl="wandb_name"),
     )
 
 

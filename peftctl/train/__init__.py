@@ -316,6 +316,20 @@ def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> s
     return f"it completed {steps} steps ({done / n:.4g} epochs)"
 
 
+def resume_command(recipe, num_processes: int = 1) -> str:
+    """The command that continues this run: the recipe file and its --set flags as given (from where
+    the recipe says its values came), `--resume auto`; quoted for a POSIX shell."""
+    import shlex
+
+    source, _, overridden = recipe._origin or ("RECIPE", {}, {})
+    args = ["peftctl", "train", source]
+    for flag in dict.fromkeys(overridden.values()):
+        args += ["--set", flag]
+    if num_processes > 1:
+        args += ["--num-processes", str(num_processes)]
+    return shlex.join([*args, "--resume", "auto"])
+
+
 def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: Callable[[], dict[str, str]]):
     """(checkpoint to continue from or None, recipe changes allowed, why the run is finished or None).
 
@@ -629,6 +643,15 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                     state.trackers["mlflow_run_id"] = mlf.run_id
                     summary["mlflow"] = {"tracking_uri": mlf.uri, "run_id": mlf.run_id}
                     sinks.append(mlf)
+                if recipe.tracking.wandb:
+                    wb = trackers.WandB(recipe.tracking, run.path, recipe.tracking.run_name or run.path.name,
+                                        trackers.flat_params(run_recipe.model_dump(mode="json")),
+                                        state.trackers.get("wandb_run_id"))
+                    state.trackers["wandb_run_id"] = wb.run_id
+                    summary["wandb"] = {"mode": wb.mode, "run_id": wb.run_id, "dir": wb.dir}
+                    if wb.why_offline:
+                        reporter.log(f"wandb: offline ({wb.why_offline}); upload later with: wandb sync {wb.dir}")
+                    sinks.append(wb)
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
@@ -638,7 +661,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             if ended == "interrupted":
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
-                                  f"{where_to_resume()}; continue with --resume auto")
+                                  f"{where_to_resume()}; continue with: "
+                                  f"{resume_command(recipe, accelerator.num_processes)}")
             if hooks:
                 hooks.end()  # after the last step, before the run's adapter is saved
             save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
@@ -646,7 +670,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     except StopNow as e:
         summary.update(status="interrupted", stop_reason=f"{e} (second signal)")
         raise Interrupted(e.signum, f"stopped at once by a second {e} during step {state.step + 1}; "
-                          f"{where_to_resume()}") from None
+                          f"{where_to_resume()}; continue with: "
+                          f"{resume_command(recipe, accelerator.num_processes)}") from None
     except Diverged as e:
         summary.update(status="diverged", stop_reason=e.reason, error=str(e))
         # A collapse first seen at step `since` was made by the update of the step before: the
