@@ -86,6 +86,8 @@ def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:
     except InputError as e:  # a hub model that is not reachable: the files checks said what they could
         notes.append(f"data: rows not checked: the tokenizer did not load ({str(e).splitlines()[0]})")
         return []
+    if recipe.model.task_name != "causal_lm":
+        return _task_row_problems(recipe, tokenizer, notes)
     try:
         found, checked = check_rows(data, tokenizer, limit=rows)
     except InputError as e:
@@ -98,6 +100,25 @@ def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:
         notes.append(f"data: every row of {checked} local source(s) parses in its format" if rows is None
                      else f"data: the first {rows:,} rows of each of {checked} local source(s) parse (--quick)")
     return problems
+
+
+def _task_row_problems(recipe, tokenizer, notes: list[str]) -> list[Problem]:
+    """A seq2seq or classification recipe's rows, read as training reads them (`data.tasks`: its labels
+    from the training rows unless `model.labels`, then every train and eval row into an example):
+    the first bad rows as one problem naming them. Every row is read (`--quick` does not apply)."""
+    from peftctl.data import tasks
+    from peftctl.sections import LABELLED_TASKS
+
+    task, data = recipe.model.task_name, recipe.data
+    try:
+        labels = (recipe.model.labels or tasks.label_names(task, data, tokenizer)) if task in LABELLED_TASKS else None
+        for split in ("train", "eval"):
+            tasks.build_examples(task, data, tokenizer, labels, split)
+    except InputError as e:
+        return [recipe.problem("data", str(e).removeprefix("data: "))]
+    sources = len(data.train) + len(data.eval or [])
+    notes.append(f"data: every row of {sources} source(s) reads as model.task {task} reads it")
+    return []
 
 
 def model_problems(spec, src) -> list[str]:

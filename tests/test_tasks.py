@@ -271,6 +271,14 @@ def test_label_and_row_errors(tmp_path, bert_dir):
     recipe = _recipe(tmp_path, bert_dir, "token_cls", "token_classification", ["query"], tags, tags)
     r = run("train", recipe, code=2)
     assert f"{tags} row 1: fields 'tokens' and 'tags' differ in length (3 tokens, 2 tags)" in r.stderr
+    # validate reads the rows as the task does: the same rows refused there, before any training.
+    r = run("validate", recipe, code=2)
+    assert f"{tags} row 1: fields 'tokens' and 'tags' differ in length (3 tokens, 2 tags)" in r.stderr
+    r = run("validate", _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, bad_eval), code=2)
+    assert f"{bad_eval} row 2: label 'meh' is not one of the model's labels" in r.stderr
+    assert "reads as model.task seq_cls" in run("validate", _recipe(tmp_path, bert_dir, "seq_cls", "classification",
+                                                                    ["query"], train, good_eval)).stdout
+    recipe = _recipe(tmp_path, bert_dir, "token_cls", "token_classification", ["query"], tags, tags)
 
     # data.columns maps other names; a format that does not fit the task and packing are refused.
     renamed = _write(tmp_path / "renamed.jsonl", [{"words": ["alice"], "ner": ["B-PER"]}])
