@@ -538,6 +538,8 @@ def chat(
             err.print("[bold]>[/bold] ", end="")
         line = sys.stdin.readline()
         if not line:  # end of input
+            if interactive:
+                err.print()
             return
         text = line.rstrip("\r\n")
         command = text.strip()

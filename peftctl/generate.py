@@ -108,9 +108,8 @@ class Generator:
     def prompt_ids(self, prompt: str | list[dict[str, Any]]) -> list[int]:
         """The token ids to generate from: a string prompt or a list of messages ({role, content},
         the conversation so far), rendered as the module docstring says. ValueError (a message for
-        the caller to place) for a prompt that is neither, or messages the template refuses."""
-        from peftctl.data.templates import TemplateError
-
+        the caller to place) for a prompt that is neither, or messages the template refuses (its
+        `TemplateError` is one)."""
         if isinstance(prompt, list):
             if self.raw:
                 raise ValueError("a list of messages needs the chat template (drop --raw)")
@@ -121,10 +120,7 @@ class Generator:
             return self._encode(prompt, specials=True)
         if self.plain_format:
             return self._encode(self._plain_prompt(prompt), specials=True)
-        try:
-            return self._conversation_ids([{"role": "user", "content": prompt}])
-        except TemplateError as e:
-            raise ValueError(str(e)) from None
+        return self._conversation_ids([{"role": "user", "content": prompt}])
 
     def _conversation_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         if self.chat is None:

@@ -129,6 +129,9 @@ def test_adapter_choice_and_bad_targets(tiny_llama, tiny_model_dir, tmp_path):
     assert answers[None]["output"] == answers["default"]["output"]
     assert answers["other"]["adapter"] == str(tmp_path / "two" / "other")
     assert answers["other"]["output"] != answers["default"]["output"]
+    sampled = [run_json("generate", tmp_path / "two", "--prompt", PROMPT, "--max-new-tokens", NEW,
+                        "--temperature", "2", "--seed", seed)["output"] for seed in ("3", "3", "4")]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed gives the same sample again; another, another
 
     for args, message in [
         ([tmp_path / "two", "--adapter", "nope"], "no adapter named 'nope' here (adapters: default, other)"),
@@ -147,7 +150,7 @@ def test_adapter_choice_and_bad_targets(tiny_llama, tiny_model_dir, tmp_path):
 def test_predictions_file_matches_exact_match(make_recipe, tmp_path):
     """eval --predictions: one line per answered example, in data order, each marked as exact match
     marks it (so the file's count is exact_match's); refused when the file exists, unless --overwrite."""
-    from test_eval import ANSWER, AFTER_EOS, build_scripted_model
+    from test_eval import AFTER_EOS, ANSWER, build_scripted_model
 
     model = build_scripted_model(tmp_path / "scripted", ANSWER, AFTER_EOS)  # answers "fox jump" to anything
     references = ["fox jump", "fox", " fox  jump ", "Fox jump"]
@@ -155,7 +158,7 @@ def test_predictions_file_matches_exact_match(make_recipe, tmp_path):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
                                                      {"role": "assistant", "content": ref}]}) + "\n"
                             for i, ref in enumerate(references)))
-    recipe = make_recipe(model={"name_or_path": str(model)}, data={"eval": str(data)})
+    recipe = make_recipe(model={"name_or_path": str(model)}, data={"train": str(data), "eval": str(data)})
     out = tmp_path / "predictions.jsonl"
     res = run_json("eval", recipe, "--base", "--predictions", out)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -180,10 +183,14 @@ def test_classification_predictions_carry_the_labels_probability(make_recipe, tm
     """format: classification: each prediction row carries the probability the model gives its
     predicted label (the label's tokens and the EOS that ends it), which a plain forward pass on
     prompt + label + EOS gives too."""
-    from test_eval import ANSWER, AFTER_EOS, build_scripted_model
+    from test_eval import AFTER_EOS, ANSWER, build_scripted_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = build_scripted_model(tmp_path / "scripted", ANSWER, AFTER_EOS)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # a less certain model (the same greedy answer): each token's probability ~10%
+        model.lm_head.weight.mul_(0.2)
+    model.save_pretrained(folder)
     data = tmp_path / "cls.jsonl"
     data.write_text("".join(json.dumps({"text": f"Item {i}", "label": label}) + "\n"
                             for i, label in enumerate(["fox jump", "dog"])))
@@ -206,4 +213,26 @@ def test_classification_predictions_carry_the_labels_probability(make_recipe, tm
         # float32 logits from the cached decode vs one full forward differ by a few ulps (~1e-6
         # relative); over three tokens the probability agrees to well within 1e-4 relative.
         assert row["probability"] == pytest.approx(math.exp(logp), rel=1e-4)
-        assert 0 < row["probability"] < 1
+        assert 0 < row["probability"] < 0.5  # an uncertain model: every factor counts
+
+
+@pytest.mark.parametrize("fmt,row", [
+    ("completion", {"prompt": "Convert May 3, 1999 to ISO: ", "completion": "1999-05-03"}),
+    ("alpaca", {"instruction": "Convert May 3, 1999", "input": "", "output": "1999-05-03"}),
+    ("classification", {"text": "Convert May 3, 1999", "label": "date"}),
+])
+def test_plain_format_prompts_are_evals_prompts(make_recipe, tiny_model_dir, tmp_path, fmt, row):
+    """A run trained on a plain-text format: generate renders a string prompt as that format rendered
+    its prompts, token for token the prompt `peftctl eval` generates from (`data --json`'s prompt_ids)."""
+    from transformers import AutoTokenizer
+
+    from peftctl.generate import Generator
+
+    data = tmp_path / f"{fmt}.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    recipe = make_recipe(data={"train": str(data), "eval": str(data), "format": fmt, "max_length": 512})
+    [example] = run_json("data", recipe, "--split", "eval")["examples"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gen = Generator(None, tok, "cpu", source="", adapter=None, data_format=fmt)
+    prompt = row[{"completion": "prompt", "alpaca": "instruction", "classification": "text"}[fmt]]
+    assert gen.prompt_ids(prompt) == example["prompt_ids"]
