@@ -178,13 +178,6 @@ class Generator:
         text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
         return Answer(text, len(new), "stop" if stopped else "length")
 
-    def answer(self, prompt: str | list[dict[str, Any]], sampling: Sampling, streamer=None) -> Answer:
-        try:
-            ids = self.prompt_ids(prompt)
-        except ValueError as e:
-            raise InputError(f"prompt: {e}") from None
-        return self.generate(ids, sampling, streamer)
-
 
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
@@ -278,6 +271,11 @@ def load(path: str | Path, *, adapter_name: str | None = None, base: bool = Fals
     source = models.resolve(spec.name_or_path, spec.cache_dir)
     models.check_model_files(spec, source)
     tokenizer = models.load_tokenizer(spec, source)
+    if recipe is not None:
+        # The template training used: the run's saved tokenizer has it, a checkpoint folder has none.
+        from peftctl.data.templates import use_chat_template
+
+        use_chat_template(tokenizer, recipe.data.chat_template)
     reporter.log(f"loading {spec.name_or_path}" + (f" with the adapter in {folder}" if folder and not base else ""))
     model = models.load_model(spec, source, device_map={"": device} if device.type == "cuda" else None)
     if folder is not None and not base:

@@ -21,7 +21,8 @@ def trained(tmp_path_factory, tiny_model_dir, chat_data):
     folder = tmp_path_factory.mktemp("gen")
     recipe = folder / "recipe.yaml"
     recipe.write_text(recipe_text(tiny_model_dir, str(chat_data[0]), str(chat_data[1]), "run",
-                                  train={"max_steps": 20, "lr": 2e-2}))
+                                  train={"max_steps": 20, "lr": 2e-2},
+                                  data={"chat_template": "zephyr"}))  # not the base tokenizer's (ChatML)
     run_json("train", recipe)
     return recipe, folder / "run"
 
@@ -39,23 +40,30 @@ def _direct(gen, messages, max_new_tokens: int) -> str:
 
 def test_generate_is_the_adapter_models_greedy_answer(trained, tiny_model_dir, tmp_path):
     """generate on a run: the answer of transformers' greedy generate on the run's model (adapter on),
-    from the prompt rendered by the run's chat template; --base and the plain base folder give the
-    base model's (another) answer; the merged folder gives the adapter's."""
+    from the prompt rendered by the run's chat template (zephyr, trained with; the base tokenizer's is
+    ChatML); --base: the base model's (another) answer to the same prompt; a checkpoint folder and the
+    merged folder: the adapter's answer; a plain model folder: its own greedy answer."""
     from peftctl import generate as gen_lib
 
     _, run_dir = trained
+    messages = [{"role": "user", "content": PROMPT}]
     tuned = run_json("generate", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW)
     assert tuned["adapter"] == str(run_dir) and tuned["prompt"] == PROMPT
     gen = gen_lib.load(run_dir)
-    assert tuned["output"] == _direct(gen, [{"role": "user", "content": PROMPT}], int(NEW))
+    assert "<|user|>" in gen.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tuned["output"] == _direct(gen, messages, int(NEW))
     assert tuned["new_tokens"] >= 1 and tuned["finish_reason"] in ("stop", "length")
 
     base = run_json("generate", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW, "--base")
     assert base["adapter"] is None
+    assert base["output"] == _direct(gen_lib.load(run_dir, base=True), messages, int(NEW))
     assert base["output"] != tuned["output"]  # the adapter changes the answer
     plain = run_json("generate", tiny_model_dir, "--prompt", PROMPT, "--max-new-tokens", NEW)
-    assert plain["output"] == base["output"]
+    assert plain["output"] == _direct(gen_lib.load(tiny_model_dir), messages, int(NEW))
 
+    [checkpoint] = (run_dir / "checkpoints").iterdir()  # the last step's: no tokenizer saved there
+    assert run_json("generate", checkpoint, "--prompt", PROMPT, "--max-new-tokens", NEW)["output"] == tuned["output"]
+    assert gen_lib.load(checkpoint).prompt_ids(PROMPT) == gen.prompt_ids(PROMPT)  # the recipe's template
     run_json("merge", run_dir, "-o", tmp_path / "merged")
     merged = run_json("generate", tmp_path / "merged", "--prompt", PROMPT, "--max-new-tokens", NEW)
     assert merged["output"] == tuned["output"]
@@ -66,7 +74,8 @@ def test_generate_is_the_adapter_models_greedy_answer(trained, tiny_model_dir, t
 def test_generate_input_file(trained, tmp_path):
     """--input: one JSON line per prompt (a string or a conversation so far), in order; --output writes
     the same lines to a file and refuses to replace one; a bad line is exit 2 naming the file and line,
-    before any model loads."""
+    before any model loads. (The base model, --base: its answers depend on the prompt; the briefly
+    trained adapter's barely do.)"""
     from peftctl import generate as gen_lib
 
     _, run_dir = trained
@@ -74,15 +83,16 @@ def test_generate_input_file(trained, tmp_path):
                     {"role": "user", "content": PROMPT}]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps(PROMPT) + "\n\n" + json.dumps(conversation) + "\n")
-    lines = run("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW).stdout.splitlines()
+    lines = run("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW, "--base").stdout.splitlines()
     rows = [json.loads(x) for x in lines]
     assert [r["line"] for r in rows] == [1, 3] and [r["prompt"] for r in rows] == [PROMPT, conversation]
-    gen = gen_lib.load(run_dir)
+    gen = gen_lib.load(run_dir, base=True)
     assert [r["output"] for r in rows] == [_direct(gen, [{"role": "user", "content": PROMPT}], int(NEW)),
                                            _direct(gen, conversation, int(NEW))]
+    assert rows[0]["output"] != rows[1]["output"]
 
     out = tmp_path / "answers.jsonl"
-    res = run_json("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW, "-o", out)
+    res = run_json("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW, "--base", "-o", out)
     assert res["prompts"] == 2 and [json.loads(x) for x in out.read_text().splitlines()] == rows
     r = run("generate", run_dir, "--input", prompts, "-o", out, code=2)
     assert "exists" in r.stderr and "--overwrite" in r.stderr
@@ -98,20 +108,28 @@ def test_generate_input_file(trained, tmp_path):
         assert "Traceback" not in r.stderr and not (tmp_path / "never.jsonl").exists()
 
 
-def test_chat_piped_with_reset(trained):
+def test_chat_piped_with_reset(trained, tmp_path):
     """chat reads turns from stdin: the second answer continues the conversation, /reset forgets it (the
-    same first message gets the same answer), /exit ends; end of input ends cleanly too."""
+    same first message gets the same answer), /exit ends; end of input ends cleanly too. --system opens
+    the conversation. (--base: the base model's answers depend on the prompt.)"""
     _, run_dir = trained
     second = "Convert June 9, 2001 to ISO"
-    out = run("chat", run_dir, "--max-new-tokens", NEW, input=f"{PROMPT}\n{second}\n/reset\n{PROMPT}\n/exit\nnot read\n")
-    first = run_json("generate", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW)["output"]
+    out = run("chat", run_dir, "--max-new-tokens", NEW, "--base", input=f"{PROMPT}\n{second}\n/reset\n{PROMPT}\n/exit\nnot read\n")
+    first = run_json("generate", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW, "--base")["output"]
     messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
                 {"role": "user", "content": second}]
-    prompts = run_dir.parent / "conversation.jsonl"
+    prompts = tmp_path / "conversation.jsonl"
     prompts.write_text(json.dumps(messages) + "\n")
-    follow = run_json("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW)["results"][0]["output"]
+    follow = run_json("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW, "--base")["results"][0]["output"]
     assert out.stdout == f"{first}\n{follow}\n{first}\n"
-    assert run("chat", run_dir, "--max-new-tokens", NEW, input=f"{PROMPT}\n").stdout == f"{first}\n"  # EOF
+    fresh = run_json("generate", run_dir, "--prompt", second, "--max-new-tokens", NEW, "--base")["output"]
+    assert follow != fresh  # the second answer saw the first turn
+    assert run("chat", run_dir, "--max-new-tokens", NEW, "--base", input=f"{PROMPT}\n").stdout == f"{first}\n"  # EOF
+    system = [{"role": "system", "content": "Answer in ISO 8601."}, {"role": "user", "content": PROMPT}]
+    prompts.write_text(json.dumps(system) + "\n")
+    opened = run_json("generate", run_dir, "--input", prompts, "--max-new-tokens", NEW, "--base")["results"][0]["output"]
+    out = run("chat", run_dir, "--max-new-tokens", NEW, "--base", "--system", system[0]["content"], input=f"{PROMPT}\n")
+    assert out.stdout == f"{opened}\n" and opened != first
 
 
 def test_adapter_choice_and_bad_targets(tiny_llama, tiny_model_dir, tmp_path):
@@ -236,3 +254,6 @@ def test_plain_format_prompts_are_evals_prompts(make_recipe, tiny_model_dir, tmp
     gen = Generator(None, tok, "cpu", source="", adapter=None, data_format=fmt)
     prompt = row[{"completion": "prompt", "alpaca": "instruction", "classification": "text"}[fmt]]
     assert gen.prompt_ids(prompt) == example["prompt_ids"]
+    raw = Generator(None, tok, "cpu", source="", adapter=None, data_format=fmt, raw=True)  # --raw: as it is
+    assert raw.prompt_ids(prompt) == tok(prompt)["input_ids"]
+    assert (raw.prompt_ids(prompt) == example["prompt_ids"]) == (fmt == "completion")  # a completion prompt is as is
