@@ -90,12 +90,11 @@ class Generator:
     def __post_init__(self):
         from peftctl.data.templates import ChatRenderer, use_chat_template
         from peftctl.data.tokenize import Tokenizer
-
-        template = use_chat_template(self.tokenizer, None)
-        self.chat = ChatRenderer(self.tokenizer, template) if template else None
-        self._around = Tokenizer(self.tokenizer).around  # what encoding adds around a text (BOS, EOS)
         from peftctl.models import stop_token_ids
 
+        template = use_chat_template(self.tokenizer, None)  # the tokenizer's own (the run's)
+        self.chat = ChatRenderer(self.tokenizer, template) if template else None
+        self._around = Tokenizer(self.tokenizer).around  # what encoding adds around a text (BOS, EOS)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
 
     @property
@@ -258,12 +257,9 @@ def load(path: str | Path, *, adapter_name: str | None = None, base: bool = Fals
         folder = p if name == "default" else p / name
         run = runs.read_run(folder)
         recipe = run.recipe
-        if recipe is None and folder != p and (p / "recipe.yaml").is_file():
-            from peftctl import recipe as recipe_lib
-
-            recipe = recipe_lib.load(p / "recipe.yaml")
-        spec = recipe.model if recipe is not None else run.model_section
-        # The run's own tokenizer (it carries the template trained with), else the base model's.
+        spec = run.model_section
+        # The run's own tokenizer (it carries the template trained with; a subfolder adapter shares
+        # the folder's), else the base model's.
         own = next((d for d in (folder, p) if (d / "tokenizer_config.json").is_file()), None)
         if own is not None:
             spec = spec.model_copy(update={"tokenizer": str(own)})
