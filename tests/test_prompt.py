@@ -83,7 +83,9 @@ def _generate(model, ids, steps, mask=None):
                               max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
 
 
-CASE_KINDS = [(k, c) for c in CASES for k in ("llama", "gpt2")]
+# Every case on Llama; GPT-2 (learned absolute positions, its own cache use) for the prefix and one prompt case.
+CASE_KINDS = [("llama", c) for c in CASES] + [("gpt2", c) for c in ("prompt-random", "prefix", "prefix-projection")]
+MOVE_KINDS = [("llama", c) for c in CASES if c != "prompt-vocab"] + [("gpt2", "prefix")]
 
 
 @pytest.mark.parametrize(("kind", "case"), CASE_KINDS, ids=[f"{k}-{c}" for k, c in CASE_KINDS])
@@ -111,7 +113,7 @@ def _perturbed(model):
     return model
 
 
-@pytest.mark.parametrize(("kind", "case"), CASE_KINDS, ids=[f"{k}-{c}" for k, c in CASE_KINDS])
+@pytest.mark.parametrize(("kind", "case"), MOVE_KINDS, ids=[f"{k}-{c}" for k, c in MOVE_KINDS])
 def test_adapters_move_both_ways_with_identical_logits_and_generations(kind, case, tiny_llama, tmp_path):
     ours, theirs = _both(kind, case, tiny_llama)
     _perturbed(theirs)
@@ -141,7 +143,7 @@ def test_adapters_move_both_ways_with_identical_logits_and_generations(kind, cas
     assert torch.equal(_greedy_without_cache(back, IDS, 6), _generate(ours, IDS, 6))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["prompt-random", "ptuning-mlp", "prefix"])
 def test_generation_with_cache_and_left_padding(case, tiny_llama):
     ours, _ = _both("llama", case, tiny_llama)
     _perturbed(ours)
@@ -215,3 +217,19 @@ def test_ptuning_file_trainable_waits_for_its_encoder(tiny_llama, tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["prompt-random", "ptuning-lstm"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(case, tiny_llama):
+    """Non-reentrant checkpointing with the virtual tokens in front: the layers run again in the
+    backward and the gradients are the same (same operations; float32 rounding only, rtol 1e-5)."""
+    from tiny import checkpointing_runs
+
+    name, kw = CASES[case]
+    labels = IDS.clone()
+    labels[:, :2] = -100
+    calls, grads = checkpointing_runs(
+        lambda: get_peft_model(tiny_llama(), getattr(peftctl, name)(**kw)), {"input_ids": IDS, "labels": labels})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7) for k in grads[0])

@@ -61,5 +61,13 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init TEXT")
         return self
 
+    def to_peft_dict(self) -> dict:
+        d = super().to_peft_dict()
+        if d["prompt_tuning_init"] == "TEXT" and not d.get("tokenizer_name_or_path"):
+            # PEFT refuses a TEXT config without a tokenizer (even to load it); a recipe's run read its
+            # text with the base model's tokenizer, which is what this names.
+            d["tokenizer_name_or_path"] = d.get("base_model_name_or_path")
+        return d
+
 
 CONFIG_CLASS = PromptTuningConfig
