@@ -233,3 +233,28 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(case, ti
     assert calls == [1, 2]
     assert grads[0].keys() == grads[1].keys() and grads[0]
     assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7) for k in grads[0])
+
+
+@pytest.mark.parametrize("case", ["prompt-random", "prefix"])
+def test_bf16_base_computes_in_bf16_and_trains_the_float32_encoder(case, tiny_llama):
+    """A bfloat16 base: the virtual tokens (or keys and values) are cast down to it, nothing is upcast
+    (the logits stay bfloat16), the encoder stays float32 and gets float32 gradients; the outputs are
+    those of the float32 adapter up to bfloat16 rounding (8 bits of mantissa, through 2 layers:
+    |logit| of order 1 within 0.1)."""
+    from peftctl.loss import loss_sum
+
+    name, kw = CASES[case]
+    torch.manual_seed(0)
+    ours = get_peft_model(tiny_llama().to(torch.bfloat16), getattr(peftctl, name)(**kw))
+    torch.manual_seed(0)
+    full = get_peft_model(tiny_llama(), getattr(peftctl, name)(**kw)).eval()
+    with torch.no_grad():
+        logits = ours.eval()(input_ids=IDS).logits
+        assert logits.dtype == torch.bfloat16
+        assert (logits.float() - full(input_ids=IDS).logits).abs().max() < 0.1
+        assert _generate(ours, IDS, 3).shape == (2, IDS.shape[1] + 3)
+    ours.train()
+    total, _ = loss_sum(ours, {"input_ids": IDS, "labels": IDS})
+    total.backward()
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -3,8 +3,8 @@
 Prompt tuning and P-tuning put `n = num_virtual_tokens` embeddings P (n, token_dim) before the
 token embeddings E(x): the base model reads [P; E(x)], with the attention mask extended by n ones
 (and labels, when given, by n IGNORE_INDEX). Prefix tuning gives every layer n extra keys and values
-through the model's cache (transformers' `DynamicCache`, or `EncoderDecoderCache` for a model with
-an encoder), so the model reads x after a prefix it never sees as tokens.
+through the model's cache (transformers' `DynamicCache`), so the model reads x after a prefix it
+never sees as tokens. Decoder-only models only: encoder-decoder models (T5-style) are refused.
 
 The encoders (PEFT's `PromptEmbedding`, `PromptEncoder`, `PrefixEncoder`, with the same parameter
 names and order of random draws) live in `AdapterModel.method_state[adapter_name]`; the adapter file
@@ -76,6 +76,9 @@ def with_model_dims(config, model: nn.Module):
     encoder_hidden_size where the method has it) filled in from the model, as PEFT records them.
     Prefix tuning on a grouped-query model: token_dim = head_dim * num_key_value_heads and
     num_attention_heads = num_key_value_heads (the keys' and values' width, PEFT's rule)."""
+    if getattr(model.config, "is_encoder_decoder", False) or config.task_type == "SEQ_2_SEQ_LM":
+        raise ValueError(f"{config.method} is implemented here for decoder-only models; encoder-decoder models "
+                         "(T5-style, PEFT's SEQ_2_SEQ_LM) are not supported")
     d = _text_config(model)
     update: dict[str, Any] = {}
     if config.num_layers is None:
@@ -253,18 +256,14 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def prefix_cache(model: nn.Module, config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
     """The per-layer keys and values of the prefix in a transformers cache: `cache` (an empty
-    DynamicCache generate made) filled, or a new DynamicCache (EncoderDecoderCache for two submodules,
-    its cross-attention part left empty). `output` (n, num_layers * 2 * token_dim) is split as PEFT
+    DynamicCache generate made) filled, or a new DynamicCache. `output` (n, num_layers * 2 * token_dim) is split as PEFT
     splits it: (n, layers * 2, heads, head_dim), permuted to layers * 2 x (batch, heads, n, head_dim)."""
-    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers import DynamicCache
 
     n, heads = config.num_virtual_tokens, config.num_attention_heads
     kv = output.to(dtype).view(n, config.num_layers * 2, heads, config.token_dim // heads)
     kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (layers * 2, batch, heads, n, hd)
     layers = [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
-    if config.num_transformer_submodules == 2:
-        self_cache = DynamicCache(layers)
-        return EncoderDecoderCache(self_cache, DynamicCache())
     if cache is None:
         return DynamicCache(layers)
     for i, (k, v) in enumerate(layers):
