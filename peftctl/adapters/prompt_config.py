@@ -28,9 +28,11 @@ class PromptLearningConfig(AdapterConfig):
     token_dim: int | None = Field(
         default=None, ge=1,
         description="The hidden embedding dimension of the base model; unset: taken from the model.")
+    modules_to_save: None = Field(
+        default=None, description="Not supported with prompt-learning methods here (must be empty).")
     num_transformer_submodules: int | None = Field(
-        default=None, ge=1, le=2,
-        description="Number of transformer submodules (1 for decoders, 2 for encoder-decoders); unset: from the task type.")
+        default=None, ge=1, le=1,
+        description="1 (the model is decoder-only; encoder-decoder models, PEFT's 2, are not supported); unset: 1.")
     num_attention_heads: int | None = Field(
         default=None, ge=1, description="Number of attention heads of the base model; unset: taken from the model.")
     num_layers: int | None = Field(
@@ -43,13 +45,13 @@ class PromptLearningConfig(AdapterConfig):
             raise ValueError("prompt-learning methods adapt no module; leave it unset")
         return None
 
-    @field_validator("modules_to_save")
+    @field_validator("modules_to_save", mode="before")
     @classmethod
     def _no_modules_to_save(cls, v: Any) -> Any:
         # PEFT trains classification heads this way; peftctl's prompt methods serve causal LMs only.
         if v:
             raise ValueError("modules_to_save is not supported with prompt-learning methods here")
-        return v
+        return None
 
     @property
     def is_prompt_learning(self) -> bool:

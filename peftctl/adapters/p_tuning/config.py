@@ -30,8 +30,8 @@ class PromptEncoderConfig(PromptLearningConfig):
     prefix: ClassVar[str] = "prompt_embeddings"
 
     method: Literal["p_tuning"] = Field(default="p_tuning", description="Adapter method.")
-    encoder_reparameterization_type: PromptEncoderReparameterizationType = Field(
-        default=PromptEncoderReparameterizationType.MLP,
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
+        default="MLP",
         description=(
             "The encoder: MLP (Linear-ReLU-Linear-ReLU-Linear through encoder_hidden_size) or LSTM (a "
             "bidirectional LSTM of encoder_num_layers layers, then Linear-ReLU-Linear)."

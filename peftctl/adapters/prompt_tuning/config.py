@@ -28,8 +28,8 @@ class PromptTuningConfig(PromptLearningConfig):
     prefix: ClassVar[str] = "prompt_embeddings"
 
     method: Literal["prompt_tuning"] = Field(default="prompt_tuning", description="Adapter method.")
-    prompt_tuning_init: PromptTuningInit = Field(
-        default=PromptTuningInit.RANDOM,
+    prompt_tuning_init: Literal["TEXT", "SAMPLE_VOCAB", "RANDOM"] = Field(
+        default="RANDOM",
         description=(
             "How the virtual tokens start: RANDOM (a standard normal draw, as torch.nn.Embedding), "
             "SAMPLE_VOCAB (the embeddings of tokens drawn uniformly from the vocabulary), TEXT (the "
