@@ -258,3 +258,31 @@ def test_bf16_base_computes_in_bf16_and_trains_the_float32_encoder(case, tiny_ll
     total.backward()
     grads = [p.grad for p in ours.parameters() if p.requires_grad]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("case", ["prefix"])
+def test_fused_forwards_give_the_same_loss_and_gradients(case, tiny_model_dir):
+    """`train.kernels` (the fused Llama forwards) with virtual tokens in front, or a prefix in the cache
+    (the fused attention then runs the module's own forward): the same loss and encoder gradients as
+    the module graph, in float64, up to the fused norm's float32 statistic per row (its rounding,
+    2**-24 relative, reaches the gradients: observed 2**-27 absolute on gradients of order 1; bounded
+    here at 1e-6 of the largest gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.adapters.lora.fused import enable_fused
+    from peftctl.loss import loss_sum
+
+    name, kw = CASES[case]
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64),
+                               getattr(peftctl, name)(**kw)).train()
+        if fused:
+            assert enable_fused(model)["attention"] == 2
+        loss, _ = loss_sum(model, {"input_ids": IDS, "labels": IDS})
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-6)
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-6 * float(x.abs().max())) for x, y in zip(ga, gb, strict=True))
