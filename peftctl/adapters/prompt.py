@@ -327,7 +327,7 @@ def forward(peft_model, config, encoder, args, kwargs):
     names = ("input_ids", "attention_mask", "inputs_embeds", "labels")
     for name, value in zip(names, args, strict=False):
         kwargs[name] = value
-    if "past_key_values" in kwargs or kwargs.get("cache") is not None:
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
         raise ValueError("a prompt-learning adapter starts every forward from its own virtual tokens; "
                          "pass no cache (generate() handles the cache)")
     kwargs.pop("token_type_ids", None)  # PEFT drops them for prompt learning too
