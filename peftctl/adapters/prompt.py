@@ -254,10 +254,11 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def prefix_cache(model: nn.Module, config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
+def prefix_cache(config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
     """The per-layer keys and values of the prefix in a transformers cache: `cache` (an empty
-    DynamicCache generate made) filled, or a new DynamicCache. `output` (n, num_layers * 2 * token_dim) is split as PEFT
-    splits it: (n, layers * 2, heads, head_dim), permuted to layers * 2 x (batch, heads, n, head_dim)."""
+    DynamicCache that generate made) filled, or a new DynamicCache. `output` (n, num_layers * 2 *
+    token_dim) is split as PEFT splits it: viewed as (n, layers * 2, heads, head_dim), then permuted to
+    layers * 2 tensors (batch, heads, n, head_dim), keys and values alternating, cast to `dtype`."""
     from transformers import DynamicCache
 
     n, heads = config.num_virtual_tokens, config.num_attention_heads
@@ -298,7 +299,7 @@ def model_inputs(peft_model, config, encoder: nn.Module, *, input_ids=None, inpu
     dtype = _model_dtype(base)
     if prefix:
         if first:
-            out["cache"] = prefix_cache(base, config, encoder_output(encoder, config), batch, dtype, cache)
+            out["cache"] = prefix_cache(config, encoder_output(encoder, config), batch, dtype, cache)
         out["input_ids"], out["inputs_embeds"] = input_ids, inputs_embeds
         if labels is not None:
             out["labels"] = labels
@@ -362,11 +363,15 @@ def generate(peft_model, config, encoder, args, kwargs):
 
     if kwargs.get("inputs_embeds") is not None and config.method != "prefix_tuning":
         raise ValueError("generate() with a prompt-learning adapter takes input_ids, not inputs_embeds")
+    own = vars(base).get("prepare_inputs_for_generation")  # an instance attribute someone else set
     base.prepare_inputs_for_generation = prepare
     try:
         return base.generate(*args, **kwargs)
     finally:
-        del base.prepare_inputs_for_generation
+        if own is None:
+            del base.prepare_inputs_for_generation
+        else:
+            base.prepare_inputs_for_generation = own
 
 
 # ---- saving and loading ------------------------------------------------------------------------------
