@@ -12,8 +12,9 @@ greedy tokens are compared exactly (a tie within 1e-4 between two top logits wou
 flip one, and the test inputs are fixed).
 
 PEFT 0.21.2's own `generate()` for these methods is not the oracle: with transformers 5.24 its
-prompt-tuning generation differs from its own forward after the first new token (it reads the cache
-with misaligned positions). The oracle for generation is greedy decoding by repeated full forwards
+greedy generations differ from greedy decoding by its own forward, for all three methods (seen on
+this tiny Llama; its prepare_inputs_for_generation looks for `past_key_values` and `cache_position`,
+which transformers 5.24's loop no longer passes). The oracle for generation is greedy decoding by repeated full forwards
 (no cache), through PEFT's forward or peftctl's.
 """
 
