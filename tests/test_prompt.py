@@ -203,6 +203,8 @@ def test_text_init_and_merge_refused(tiny_llama, tiny_model_dir):
         peftctl.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
     with pytest.raises(ValueError, match="adapt no module"):
         peftctl.PromptTuningConfig(num_virtual_tokens=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="need a transformers model"):  # a plain module has no dimensions to read
+        get_peft_model(torch.nn.Sequential(torch.nn.Embedding(10, 4)), peftctl.PromptTuningConfig(num_virtual_tokens=2))
 
 
 def test_ptuning_file_trainable_waits_for_its_encoder(tiny_llama, tmp_path):

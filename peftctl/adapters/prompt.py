@@ -76,7 +76,7 @@ def with_model_dims(config, model: nn.Module):
     encoder_hidden_size where the method has it) filled in from the model, as PEFT records them.
     Prefix tuning on a grouped-query model: token_dim = head_dim * num_key_value_heads and
     num_attention_heads = num_key_value_heads (the keys' and values' width, PEFT's rule)."""
-    if getattr(model.config, "is_encoder_decoder", False) or config.task_type == "SEQ_2_SEQ_LM":
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or config.task_type == "SEQ_2_SEQ_LM":
         raise ValueError(f"{config.method} is implemented here for decoder-only models; encoder-decoder models "
                          "(T5-style, PEFT's SEQ_2_SEQ_LM) are not supported")
     d = _text_config(model)
