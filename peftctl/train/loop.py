@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
-from peftctl.loss import eval_loss, inner_model, loss_sum, prepare
+from peftctl.loss import count_loss_tokens, eval_loss, inner_model, loss_sum, prepare
 from peftctl.train.checkpoint import TrainState
 from peftctl.ui import Reporter
 
@@ -121,7 +120,7 @@ class MicroBatch:
 
     def __init__(self, batch: dict[str, torch.Tensor], real: bool):
         self.batch, self.weight = batch, 1.0 if real else 0.0
-        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
+        self.loss_tokens = count_loss_tokens(batch) if real else 0
         self.input_tokens = count_input_tokens(batch) if real else 0
 
 
@@ -174,10 +173,12 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics: Callable[[dict[str, Any]], None],
         checkpoint: Callable[[TrainState], None],
         stop_signal: Callable[[], bool],
-        reporter: Reporter, hooks=None) -> str:
+        reporter: Reporter, hooks=None, eval_tokenizer: dict[str, Any] | None = None) -> str:
     """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted.
     `hooks` (a `peftctl.adapters.hooks.HookSet`, false when empty): the adapter method's loss terms,
-    added to each step's objective once, and its action after each update, before gradients are zeroed."""
+    added to each step's objective once, and its action after each update, before gradients are zeroed.
+    `eval_tokenizer`: {"tokenizer", "id2label"} for the evaluations of a task other than causal LM
+    (`metrics.task_metrics`: generation, tag names); early stopping watches `train.metric_for_best`."""
     cfg = recipe.train
     world = accelerator.num_processes
     device = accelerator.device
@@ -193,9 +194,24 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         t = torch.tensor(values, dtype=torch.float64, device=device)
         return accelerator.reduce(t, reduction="sum").tolist()
 
-    def run_eval(step: int) -> bool:
-        """Evaluate; record the metrics; return whether eval_loss improved on the best so far."""
-        model.eval()
+    task = getattr(eval_examples[0], "task", "causal_lm") if eval_examples else "causal_lm"
+    metric, greater = cfg.best_metric, cfg.best_is_greater
+
+    def evaluate() -> dict[str, Any]:
+        if task != "causal_lm":
+            # Every process evaluates all examples through the unwrapped model (a few hundred
+            # forwards at most), so that F1 and exact match need no gathering of predictions.
+            from peftctl.metrics import task_metrics
+
+            tok = eval_tokenizer or {}
+            found = task_metrics(accelerator.unwrap_model(model), tok.get("tokenizer"), eval_examples,
+                                 recipe.eval.batch_size, device, id2label=tok.get("id2label"),
+                                 max_new_tokens=recipe.eval.max_new_tokens, exact_match=recipe.eval.exact_match)
+            found.pop("samples", None)
+            record = {"eval_loss": found.pop("eval_loss"), "eval_tokens": found.pop("eval_tokens")}
+            if task == "seq2seq_lm":
+                record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50))
+            return record | {f"eval_{k}": v for k, v in found.items()}
         if accelerator.distributed_type == DistributedType.FSDP:
             # Every forward of a sharded model is collective: each process runs the same batches.
             loss, n = eval_loss(model, eval_examples, recipe.eval.batch_size, pad_id, device)
@@ -205,15 +221,24 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             shard = eval_examples[accelerator.process_index :: world]
             loss, n = reduce(*eval_loss(accelerator.unwrap_model(model), shard, recipe.eval.batch_size,
                                         pad_id, device))
+        return {"eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)), "eval_tokens": int(n)}
+
+    def run_eval(step: int) -> bool:
+        """Evaluate; record the metrics; return whether metric_for_best improved on the best so far
+        (kept in `state.best_eval_loss`, whichever metric it is)."""
+        model.eval()
+        record = {"step": step, **evaluate()}
         model.train()
-        record = {"step": step, "eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)),
-                  "eval_tokens": int(n)}
         write_metrics(record)
         state.evals.append(record)
-        reporter.log(f"step {step}: eval_loss {record['eval_loss']:.4f}  perplexity {record['eval_perplexity']:.3f}")
+        shown = "  ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
+                          if k not in ("step", "eval_tokens"))
+        reporter.log(f"step {step}: eval {shown}")
+        value = record["eval_loss" if metric == "eval_loss" else f"eval_{metric}"]
         best = state.best_eval_loss
-        if best is None or record["eval_loss"] < best - cfg.early_stopping_threshold:
-            state.best_eval_loss, state.best_step, state.evals_since_best = record["eval_loss"], step, 0
+        thr = cfg.early_stopping_threshold
+        if best is None or (value > best + thr if greater else value < best - thr):
+            state.best_eval_loss, state.best_step, state.evals_since_best = value, step, 0
             return True
         state.evals_since_best += 1
         return False
@@ -374,7 +399,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             reporter.stop()
             return "interrupted"
         if patience_out:
-            reporter.log(f"step {step}: eval_loss has not improved for {state.evals_since_best} "
+            reporter.log(f"step {step}: {metric} has not improved for {state.evals_since_best} "
                          f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step}); stopping")
             reporter.stop()
             return "early_stopping"
