@@ -176,6 +176,14 @@ class Recipe(Section):
         if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
             raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
                              f"a {self.adapter.method} adapter has none")
+        if self.adapter.is_prompt_learning and self.data.packing:
+            raise ValueError(f"data.packing: a {self.adapter.method} adapter puts its virtual tokens before each "
+                             "sequence, and a packed row holds several; set data.packing: false")
+        if self.adapter.method == "prefix_tuning" and (self.uses_gradient_checkpointing()
+                                                       or self.train.memory_budget is not None):
+            raise ValueError("train.gradient_checkpointing: prefix tuning's keys and values enter every layer "
+                             "through the cache, which a checkpointed layer's recomputation would extend a second "
+                             "time (PEFT refuses it too); set train.gradient_checkpointing: false and no memory_budget")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:
