@@ -264,7 +264,9 @@ def train(
         out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
         if s.get("final_eval"):
             ev = s["final_eval"]
-            out.print(f"eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_perplexity']:.3f}")
+            shown = (f"perplexity {ev['eval_perplexity']:.3f}" if "eval_perplexity" in ev
+                     else f"reward accuracy {ev['eval_rewards/accuracies']:.3f}")
+            out.print(f"eval loss {ev['eval_loss']:.4f}, {shown}")
         if s.get("best_eval"):
             b = s["best_eval"]
             out.print(f"best eval loss {b['eval_loss']:.4f} at step {b['step']}")
@@ -382,7 +384,11 @@ def eval_(
         who = "base model" if res["adapter"] is None else f"adapter {res['adapter']}"
         out.print(f"[bold]{who}[/bold] on {res['examples']} examples")
         out.print(f"  eval_loss   {res['eval_loss']:.4f}")
-        out.print(f"  perplexity  {res['perplexity']:.3f}")
+        if "perplexity" in res:
+            out.print(f"  perplexity  {res['perplexity']:.3f}")
+        for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
+            if key in res:
+                out.print(f"  {key.removeprefix('eval_'):<19} {res[key]:.4f}")
         if "exact_match" in res:
             out.print(f"  exact_match {res['exact_match']:.3f} ({res['exact_match_n']} answers)")
             for s in res["samples"][:3]:

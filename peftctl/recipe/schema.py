@@ -136,6 +136,20 @@ class Recipe(Section):
         if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
             raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
                              f"a {self.adapter.method} adapter has none")
+        if self.train.objective != "sft":
+            formats = {s.format or self.data.format for s in [*self.data.train, *(self.data.eval or [])]}
+            if formats != {"preference"}:
+                other = sorted(formats - {"preference"})[0]
+                raise ValueError(f"train.objective {self.train.objective} trains on pairs: every data source needs "
+                                 f"format preference ({{prompt, chosen, rejected}}), not {other}")
+            if self.data.packing:
+                raise ValueError(f"data.packing: train.objective {self.train.objective} batches whole pairs, "
+                                 "which are not packed; set packing: false")
+            if self.train.init_adapter is not None and self.train.objective in ("dpo", "ipo") \
+                    and not self.train.precompute_ref_log_probs:
+                raise ValueError("train.init_adapter with dpo or ipo: the reference is the model the run starts "
+                                 "from (base + that adapter), which is computed once before training; set "
+                                 "train.precompute_ref_log_probs: true")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from peftctl.recipe.fields import Section, aka, training_argument
+from peftctl.recipe.fields import PATH, Section, aka, training_argument
 
 # numpy's legacy seeding (np.random.seed, which transformers' and accelerate's set_seed call) takes
 # 0 <= seed < 2**32; torch and random take more, so this range suits all three.
@@ -239,6 +239,65 @@ class TrainSection(Section):
             "Steps whose loss or gradient is NaN or inf may be skipped (no update) this many times; "
             "one more stops the run as diverged. 0: the first one stops it."
         ),
+    )
+
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        default="sft",
+        description=(
+            "What the run optimises. sft: the cross-entropy of the loss tokens. dpo, ipo, orpo, simpo: a "
+            "preference loss on pairs (data.format: preference), with TRL's formulas (DPOTrainer's sigmoid "
+            "and ipo, ORPOTrainer, CPOTrainer's simpo); dpo and ipo compare with the reference, the same "
+            "model with its adapters disabled (see docs/preference.md)."
+        ),
+        json_schema_extra=aka(axolotl="rl", llamafactory="pref_loss"),
+    )
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description=(
+            "TRL's beta: dpo's and simpo's inverse temperature, ipo's regularisation (tau), orpo's weight "
+            "of the odds-ratio term (lambda)."
+        ),
+        json_schema_extra=aka(axolotl="rl_beta", llamafactory="pref_beta"),
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo and simpo: the probability that a pair's labels are flipped (conservative DPO); TRL's name.",
+        json_schema_extra=aka(axolotl="dpo_label_smoothing"),
+    )
+    simpo_gamma: float = Field(
+        default=0.5, description="simpo: the target reward margin gamma (TRL's name).",
+        json_schema_extra=aka(axolotl="simpo_gamma", llamafactory="simpo_gamma"),
+    )
+    cpo_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "simpo: weight of the chosen answers' cross-entropy added to the loss (TRL's name; 0 is SimPO as "
+            "published, TRL's CPOConfig defaults to 1)."
+        ),
+        json_schema_extra=aka(axolotl="cpo_alpha"),
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description=(
+            "dpo and ipo: compute the reference log-probabilities of every pair once, before the first "
+            "step (saved in the run folder, reused on resume), instead of a second forward in every step."
+        ),
+        json_schema_extra=aka(axolotl="precompute_ref_log_probs"),
+    )
+
+    init_adapter: str | None = Field(
+        default=None,
+        description=(
+            "Start from the adapter saved in this folder (a run folder, or any PEFT adapter folder) instead of "
+            "a fresh one: its weights are loaded into the recipe's adapter, whose `adapter` section must "
+            "describe the same adapter (method, rank, targets). For dpo and ipo the reference is then the "
+            "model with this adapter (precompute_ref_log_probs)."
+        ),
+        json_schema_extra=aka(axolotl="lora_model_dir", llamafactory="adapter_name_or_path", **PATH),
     )
 
     @model_validator(mode="after")
