@@ -204,14 +204,20 @@ def token_losses(model, batch: dict[str, torch.Tensor], plan: LossPlan) -> tuple
     return linear_cross_entropy_rows(hidden, head.weight, targets), index
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], plan: LossPlan) -> torch.Tensor:
+def sequence_logps(model, batch: dict[str, torch.Tensor], plan: LossPlan,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its loss tokens, sum_t log p(y_t | y_<t): a (batch,)
     float32 tensor (float64 for a float64 model), differentiable; computed from `token_losses`
-    (no full logits)."""
+    (no full logits). Returned twice, or with `mask` ((batch, seq) bool, True where position t
+    predicts a token to count) first the sum over the masked tokens, then over all loss tokens."""
     losses, index = token_losses(model, batch, plan)
     seq = plan.targets.shape[1]
-    out = losses.new_zeros(plan.targets.shape[0])
-    return out.index_add(0, torch.div(index, seq, rounding_mode="floor"), -losses)
+    rows = torch.div(index, seq, rounding_mode="floor")
+    total = losses.new_zeros(plan.targets.shape[0]).index_add(0, rows, -losses)
+    if mask is None:
+        return total, total
+    picked = mask.reshape(-1).to(losses.device).index_select(0, index)
+    return losses.new_zeros(plan.targets.shape[0]).index_add(0, rows, torch.where(picked, -losses, 0.0)), total
 
 
 @torch.no_grad()

@@ -113,15 +113,28 @@ class Objective:
 
 class PairBatch:
     """A micro-batch of pairs on the host: the 2B rows (chosen then rejected), each row's answer
-    token count, and the counts the loop normalises by (counted here: no device sync)."""
+    token count, and the counts the loop normalises by (counted here: no device sync).
 
-    __slots__ = ("batch", "lengths", "pairs", "chosen_tokens")
+    `whole_chosen` (orpo, as TRL's ORPOTrainer: its NLL term covers the chosen sequence's prompt
+    and answer): the batch's labels then cover every real token of the chosen rows, so that the one
+    forward gives both, and `answer` ((2B, seq) bool, the positions predicting an answer token)
+    picks the answers' tokens for the log-probabilities. `chosen_tokens` counts the NLL's tokens."""
 
-    def __init__(self, batch: dict[str, torch.Tensor]):
+    __slots__ = ("batch", "lengths", "pairs", "chosen_tokens", "answer")
+
+    def __init__(self, batch: dict[str, torch.Tensor], whole_chosen: bool = False):
         self.batch = batch
-        self.lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-        self.pairs = batch["labels"].shape[0] // 2
-        self.chosen_tokens = int(self.lengths[: self.pairs].sum())
+        labels = batch["labels"]
+        self.pairs = labels.shape[0] // 2
+        self.lengths = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        self.answer = None
+        if whole_chosen:
+            self.answer = torch.zeros_like(labels, dtype=torch.bool)
+            self.answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            whole = torch.where(batch["attention_mask"][: self.pairs].bool(), batch["input_ids"][: self.pairs],
+                                IGNORE_INDEX)
+            batch["labels"] = torch.cat([whole, labels[self.pairs :]])
+        self.chosen_tokens = int((batch["labels"][: self.pairs, 1:] != IGNORE_INDEX).sum())
 
 
 def collate_pairs(examples, pad_id: int) -> dict[str, torch.Tensor]:
@@ -129,6 +142,10 @@ def collate_pairs(examples, pad_id: int) -> dict[str, torch.Tensor]:
     from peftctl.data import collate
 
     return collate([e for e in examples] + [e.rejected for e in examples], pad_id)
+
+
+def pair_batch(examples, pad_id: int, objective: Objective) -> PairBatch:
+    return PairBatch(collate_pairs(examples, pad_id), whole_chosen=objective.name == "orpo")
 
 
 def peft_of(model):
@@ -142,21 +159,23 @@ def pair_logps(model, batch, plan, reference: bool = False, adapter_off: bool = 
     """(2B,) summed answer log-probabilities; `reference`: under no_grad, through the unwrapped
     model, with its adapters disabled when `adapter_off` (a plain model is its own reference)."""
     if not reference:
-        return sequence_logps(model, batch, plan)
+        return sequence_logps(model, batch, plan)[0]
     peft = peft_of(model)
     with torch.no_grad():
         if peft is not None and adapter_off:
             with peft.disable_adapter():
-                return sequence_logps(peft, batch, plan)
-        return sequence_logps(peft if peft is not None else model, batch, plan)
+                return sequence_logps(peft, batch, plan)[0]
+        return sequence_logps(peft if peft is not None else model, batch, plan)[0]
 
 
 def micro_step(objective: Objective, model, batch, plan, lengths: torch.Tensor,
-               ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ref: torch.Tensor | None = None, answer: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One micro-batch of pairs: (sum of per-pair losses, sum of the chosen tokens' cross-entropies,
     per-pair metrics summed over the pairs (detached)). `ref`: the (2B,) reference log-probabilities
-    (precomputed); None computes them here when the objective needs them."""
-    logps = pair_logps(model, batch, plan)
+    (precomputed); None computes them here when the objective needs them. `answer`: see
+    `PairBatch` (the labels then cover more than the answers)."""
+    logps, row_sums = sequence_logps(model, batch, plan, answer)
     b = logps.shape[0] // 2
     lengths = lengths.to(logps.device, logps.dtype).clamp(min=1)
     if objective.needs_reference:
@@ -167,7 +186,7 @@ def micro_step(objective: Objective, model, batch, plan, lengths: torch.Tensor,
     else:
         ref_c = ref_r = None
     losses, stats = objective.terms(logps[:b], logps[b:], ref_c, ref_r, lengths[:b], lengths[b:])
-    return losses.sum(), -logps[:b].sum(), stats.sum(0)
+    return losses.sum(), -row_sums[:b].sum(), stats.sum(0)
 
 
 def _batches(examples, batch_size: int):
@@ -184,7 +203,7 @@ def reference_logps(model, examples, batch_size: int, pad_id: int, device, adapt
     computed once (`train.precompute_ref_log_probs`)."""
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
     for idx in _batches(examples, batch_size):
-        batch = collate_pairs([examples[j] for j in idx], pad_id)
+        batch = collate_pairs([examples[j] for j in idx], pad_id)  # labels on the answers
         plan = loss_plan(batch["labels"]).to(device)
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = pair_logps(model, batch, plan, reference=True, adapter_off=adapter_off).float().cpu()
@@ -200,11 +219,12 @@ def eval_sums(objective: Objective, model, examples, batch_size: int, pad_id: in
     `ref`: (N, 2) precomputed reference log-probabilities of these examples, or None."""
     sums = torch.zeros(4 + len(objective.metric_names), dtype=torch.float64)
     for idx in _batches(examples, batch_size):
-        pb = PairBatch(collate_pairs([examples[j] for j in idx], pad_id))
+        pb = pair_batch([examples[j] for j in idx], pad_id, objective)
         plan = loss_plan(pb.batch["labels"]).to(device)
         batch = {k: v.to(device) for k, v in pb.batch.items()}
         r = None if ref is None else torch.cat([ref[idx, 0], ref[idx, 1]])
-        loss, nll, stats = micro_step(objective, model, batch, plan, pb.lengths, r)
+        answer = None if pb.answer is None else pb.answer.to(device)
+        loss, nll, stats = micro_step(objective, model, batch, plan, pb.lengths, r, answer)
         sums += torch.cat([torch.tensor([pb.pairs, float(loss), pb.chosen_tokens, float(nll)], dtype=torch.float64),
                            stats.double().cpu()])
     return sums.tolist()

@@ -27,7 +27,7 @@ from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
 from peftctl.loss import eval_loss, inner_model, loss_sum, prepare
-from peftctl.preference import Objective, PairBatch, collate_pairs, eval_metrics, eval_sums, micro_step
+from peftctl.preference import Objective, eval_metrics, eval_sums, micro_step, pair_batch
 from peftctl.train.checkpoint import TrainState
 from peftctl.ui import Reporter
 
@@ -122,13 +122,13 @@ class MicroBatch:
 
     __slots__ = ("batch", "loss_tokens", "input_tokens", "weight", "units", "indices", "pair")
 
-    def __init__(self, batch: dict[str, torch.Tensor], real: bool, indices: list[int] | None = None,
-                 pairs: bool = False):
-        self.batch, self.weight, self.indices = batch, 1.0 if real else 0.0, indices
+    def __init__(self, batch: dict[str, torch.Tensor], real: bool, indices: list[int] | None = None, pair=None):
+        self.batch, self.weight, self.indices, self.pair = batch, 1.0 if real else 0.0, indices, pair
         self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
+        if pair is not None and real:
+            self.loss_tokens = int(pair.lengths.sum())  # the answers' tokens (orpo's labels cover more)
         self.input_tokens = count_input_tokens(batch) if real else 0
-        self.pair = PairBatch(batch) if pairs else None
-        self.units = (self.pair.pairs if pairs else self.loss_tokens) if real else 0
+        self.units = (pair.pairs if pair is not None else self.loss_tokens) if real else 0
 
 
 class DataStream:
@@ -142,7 +142,8 @@ class DataStream:
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int,
-                 pad_id: int, epoch: int = 0, position: int = 0, limit: int | None = None, pairs: bool = False):
+                 pad_id: int, epoch: int = 0, position: int = 0, limit: int | None = None,
+                 pairs: Objective | None = None):
         self.examples, self.batch_size, self.seed, self.pairs = examples, batch_size, seed, pairs
         self.rank, self.world, self.pad_id = rank, world, pad_id
         self.epoch, self.position, self.limit = epoch, position, limit
@@ -174,8 +175,10 @@ class DataStream:
         mine = chunk[self.rank :: self.world]
         picked = mine or chunk[:1]
         examples = [self.examples[j] for j in picked]
-        batch = collate_pairs(examples, self.pad_id) if self.pairs else collate(examples, self.pad_id)
-        return MicroBatch(batch, bool(mine), picked, self.pairs)
+        if self.pairs is not None:
+            pair = pair_batch(examples, self.pad_id, self.pairs)
+            return MicroBatch(pair.batch, bool(mine), picked, pair)
+        return MicroBatch(collate(examples, self.pad_id), bool(mine), picked)
 
 
 def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples: list[Example] | None,
@@ -197,7 +200,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     device = accelerator.device
     params = [p for p in model.parameters() if p.requires_grad]
     stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
-                        state.epoch, state.position, limit=target_examples(cfg, len(train)), pairs=pairs)
+                        state.epoch, state.position, limit=target_examples(cfg, len(train)),
+                        pairs=objective if pairs else None)
     vocab_size = getattr(getattr(inner_model(model), "config", None), "vocab_size", None)
     keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
@@ -294,7 +298,8 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                     ref = ref_logps.get("train")
                     if ref is not None:  # (2B,): the chosen rows' then the rejected rows'
                         ref = torch.cat([ref[mb.indices, 0], ref[mb.indices, 1]]).to(device, non_blocking=True)
-                    pair_loss, nll, stats = micro_step(objective, model, batch, plan, mb.pair.lengths, ref)
+                    answer = None if mb.pair.answer is None else mb.pair.answer.to(device, non_blocking=True)
+                    pair_loss, nll, stats = micro_step(objective, model, batch, plan, mb.pair.lengths, ref, answer)
                     # In loss-sum units: divided by the step's pairs below, the objective of the step.
                     loss = pair_loss + objective.nll_weight * nll * (step_tokens / max(step_chosen, 1))
                     local_stats += stats * mb.weight
