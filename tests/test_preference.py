@@ -309,3 +309,37 @@ def test_precomputed_reference_equals_the_in_step_one(tmp_path, tiny_model_dir, 
 def test_preference_objective_refuses_other_formats(make_recipe):
     result = run("validate", make_recipe(train={"objective": "dpo"}), code=2)
     assert "format preference" in result.stderr
+
+
+def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):
+    """A pair longer than max_length loses the beginning of its prompt (the tokens both sequences
+    share), the same tokens from both, so that both answers stay whole; a pair whose answers alone
+    do not fit is dropped and counted; truncation: drop drops every pair that is too long."""
+    from transformers import AutoTokenizer
+
+    from peftctl import data as data_lib
+    from peftctl.recipe.data import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_preference_data(tmp_path / "pairs.jsonl", 12, seed=5)
+    whole = data_lib.build(DataSection(train=str(path), format="preference", max_length=64, cache=False), tokenizer)
+    lengths = [max(len(e.input_ids), len(e.rejected.input_ids)) for e in whole.train]
+    answers = [max(e.num_loss_tokens, e.rejected.num_loss_tokens) for e in whole.train]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the pairs are too long
+    cut = data_lib.build(DataSection(train=str(path), format="preference", max_length=limit, cache=False), tokenizer)
+    kept = [i for i, a in enumerate(answers) if a + 1 <= limit]  # the answers and one prompt token fit
+    assert cut.stats["train"].dropped_too_long == len(answers) - len(kept)
+    assert len(cut.train) == len(kept) and cut.stats["train"].truncated == sum(lengths[i] > limit for i in kept) > 0
+    for e, i in zip(cut.train, kept, strict=True):
+        full = whole.train[i]
+        over = max(0, lengths[i] - limit)
+        for got, ref in ((e, full), (e.rejected, full.rejected)):
+            assert got.input_ids == ref.input_ids[over:] and got.labels == ref.labels[over:]
+    dropped = data_lib.build(DataSection(train=str(path), format="preference", max_length=limit, cache=False,
+                                         truncation="drop"), tokenizer)
+    assert len(dropped.train) == sum(n <= limit for n in lengths)
+    # A limit the longest answers alone reach: those pairs are dropped, the others cut.
+    tight = max(answers)
+    few = data_lib.build(DataSection(train=str(path), format="preference", max_length=tight, cache=False), tokenizer)
+    assert few.stats["train"].dropped_too_long == sum(a + 1 > tight for a in answers) > 0
+    assert len(few.train) == sum(a + 1 <= tight for a in answers) > 0
