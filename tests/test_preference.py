@@ -343,3 +343,29 @@ def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):
     few = data_lib.build(DataSection(train=str(path), format="preference", max_length=tight, cache=False), tokenizer)
     assert few.stats["train"].dropped_too_long == sum(a + 1 > tight for a in answers) > 0
     assert len(few.train) == sum(a + 1 <= tight for a in answers) > 0
+
+
+def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir, pref_data):
+    """train.init_adapter: the run starts from that adapter, and DPO's reference is the model with
+    it (precomputed): at the first step, before any update, policy and reference are the same
+    model, so the rewards are 0 and the loss ln 2 (with the adapter-off base as the reference they
+    would not be: the first run moved the adapter)."""
+    import math
+
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "first", objective="simpo", max_steps=3, lr=2e-2))
+    refused = _recipe(tmp_path, tiny_model_dir, pref_data, "no", init_adapter=str(tmp_path / "first"))
+    assert "precompute_ref_log_probs" in run("validate", refused, code=2).stderr
+    second = _recipe(tmp_path, tiny_model_dir, pref_data, "second", init_adapter=str(tmp_path / "first"),
+                     precompute_ref_log_probs=True, max_steps=1, save_every=None, eval_every=1)
+    run("train", second)
+    step, evaluation = _metrics(tmp_path / "second")
+    # The same float32 sums in another batch (another padding): ~1e-6 apart.
+    assert abs(step["rewards/chosen"]) < 1e-5 and abs(step["rewards/rejected"]) < 1e-5
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # The base as the reference: the first run's adapter is far from it.
+    base_ref = run_json("eval", second, "--adapter", tmp_path / "first", "--set", "train.init_adapter=null",
+                        "--set", "train.precompute_ref_log_probs=false")
+    assert abs(base_ref["eval_rewards/margins"]) > 1e-3
+    # eval of the run: the reference is the init adapter, as in training
+    result = run_json("eval", second)
+    assert result["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)

@@ -247,7 +247,7 @@ class TrainSection(Section):
             "What the run optimises. sft: the cross-entropy of the loss tokens. dpo, ipo, orpo, simpo: a "
             "preference loss on pairs (data.format: preference), with TRL's formulas (DPOTrainer's sigmoid "
             "and ipo, ORPOTrainer, CPOTrainer's simpo); dpo and ipo compare with the reference, the same "
-            "model with its adapters disabled (see docs/preference.md)."
+            "model the run starts from (README, Preference training)."
         ),
         json_schema_extra=aka(axolotl="rl", llamafactory="pref_loss"),
     )
