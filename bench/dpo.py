@@ -199,7 +199,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--pairs", str(args.pairs),
                "--prompt", str(args.prompt), "--answer", str(args.answer), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--device", args.device, "--workdir", args.workdir]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             rows.append({"impl": impl, "error": f"exit {proc.returncode}"})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from clirun import run, run_json
 from tiny import recipe_text, write_preference_data
 
@@ -293,19 +292,6 @@ def test_dpo_run_resumes_exactly_and_accumulation_equals_one_batch(tmp_path, tin
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_precomputed_reference_equals_the_in_step_one(tmp_path, tiny_model_dir, pref_data):
-    """train.precompute_ref_log_probs: the same run, to float rounding, as the reference forward
-    in every step; the log-probabilities are saved in the run folder."""
-    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "step", max_steps=2))
-    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "pre", max_steps=2, precompute_ref_log_probs=True))
-    assert (tmp_path / "pre" / "reference_logps.safetensors").is_file()
-    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r] for name in ("step", "pre"))
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss", *METRICS):
-            # Reference sums computed in another batch (another padding): float32 rounding only.
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
-
-
 def test_preference_objective_refuses_other_formats(make_recipe):
     result = run("validate", make_recipe(train={"objective": "dpo"}), code=2)
     assert "format preference" in result.stderr
@@ -369,3 +355,33 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
     # eval of the run: the reference is the init adapter, as in training
     result = run_json("eval", second)
     assert result["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+
+
+def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
+    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing and the
+    reference computed in each step, is the global batch of two pairs in one process with the
+    reference precomputed (train.precompute_ref_log_probs, saved in the run folder): the same
+    losses, metrics and adapter."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    two = _recipe(tmp_path, tiny_model_dir, pref_data, "two", batch_size=1, max_steps=3, save_every=None,
+                  lr=1e-2, gradient_checkpointing=True)
+    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=2, max_steps=3, save_every=None,
+                         lr=1e-2, precompute_ref_log_probs=True))
+    assert (tmp_path / "one" / "reference_logps.safetensors").is_file()
+    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r] for name in ("one", "two"))
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", *METRICS):
+            # float32 sums over other batches of the same pairs (the reference's too), then three
+            # AdamW steps: ~1e-6.
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
