@@ -376,7 +376,7 @@ def speed_settings(peft_model, cfg, examples, device, reporter: Reporter) -> dic
 
         out["kernels"] = enable_fused(peft_model)
     config = peft_model.get_base_model().config
-    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size), device) \
+    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size, pairs=cfg.objective != "sft"), device) \
         if cfg.memory_budget is not None else None
     if chosen is not None:
         budget.apply(peft_model, chosen["checkpoint_layers"], chosen["offload"], device)
