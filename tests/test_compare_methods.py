@@ -53,3 +53,32 @@ def test_seconds_per_step_is_the_median_after_the_first_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
     assert compare.seconds_per_step(tmp_path) is None
     assert compare.available()[:3] == ["lora", "dora", "ia3"]
+
+
+def test_a_sweep_picks_each_method_s_lowest_eval_loss_and_reports_failed_rates():
+    compare = _script()
+    rows = [
+        {"method": "lora", "lr": 1e-3, "eval_loss": 0.20, "exact_match": 0.5},
+        {"method": "lora", "lr": 1e-2, "eval_loss": 0.10, "exact_match": 0.4},
+        {"method": "lora", "lr": 1e-1, "failed": "exit 1", "eval_loss": None, "exact_match": None},
+        {"method": "ia3", "lr": 1e-3, "eval_loss": 0.30, "exact_match": 0.2},
+        {"method": "ia3", "lr": 1e-2, "eval_loss": 0.30, "exact_match": 0.6},  # a tie: higher exact match wins
+    ]
+    assert compare.best_rates(rows) == {"lora": 1e-2, "ia3": 1e-2}
+    text = compare.sweep_table(rows, [1e-3, 1e-2, 1e-1])
+    assert "| lora | 0.2000 / 50.0% | **0.1000 / 40.0%** | failed (exit 1) |" in text
+    assert "| ia3 | 0.3000 / 20.0% | **0.3000 / 60.0%** | - |" in text
+
+
+def test_each_method_s_recipe_uses_the_rate_its_sweep_chose():
+    compare = _script()
+    sweep = (ROOT / "bench" / "results" / "methods-lr-sweep.md").read_text()
+    for line in sweep.splitlines():
+        if not line.startswith("| ") or line.startswith(("| method", "|---")):
+            continue
+        method = line.split("|")[1].strip()
+        header = next(x for x in sweep.splitlines() if x.startswith("| method"))
+        rates = [float(c.strip().removeprefix("lr ")) for c in header.split("|")[2:-1]]
+        cells = [c.strip() for c in line.split("|")[2:-1]]
+        chosen = [r for r, c in zip(rates, cells, strict=True) if c.startswith("**")]
+        assert chosen == [compare.recipe_lr(method)], method
