@@ -6,7 +6,8 @@ up,down, gradient checkpointing (non-reentrant), fused AdamW, SDPA attention; a 
 pairs, each a --prompt-token prompt and two --answer-token answers (random ids); beta 0.1, the
 reference = the same model with its adapters disabled, computed in every step (no precompute).
 
-- peftctl: its product path: adapters.attach, train.enable_gradient_checkpointing,
+- peftctl: its product path: adapters.attach, the fused kernels on a GPU (train.kernels: auto;
+  --no-kernels: the model's own modules), train.enable_gradient_checkpointing,
   train.optim.build_optimizer, and the training loop's pair step (preference.pair_batch,
   loss.prepare, preference.micro_step: one forward of chosen and rejected, log-probabilities
   from the chunked linear cross-entropy, no full logits; the reference forward under no_grad).
@@ -77,6 +78,10 @@ def load_peftctl(args):
     from peftctl.train.optim import build_optimizer
 
     model = attach(build_model(args), lora_config(LoraConfig))
+    if args.kernels:  # train.kernels: auto, on with a CUDA GPU (the fused LoRA blocks)
+        from peftctl.adapters.lora.fused import enable_fused
+
+        enable_fused(model)
     enable_gradient_checkpointing(model)
     model.train()
     train_cfg = recipe_lib.TrainSection(objective="dpo", beta=0.1, lr=1e-5, optimizer="adamw")
@@ -163,7 +168,7 @@ def run_one(args) -> dict:
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = 2 * args.pairs * (args.prompt + args.answer)
-    return {"impl": args.impl, "model": args.model, "pairs": args.pairs, "prompt": args.prompt, "answer": args.answer,
+    return {"impl": args.impl, "kernels": args.kernels if args.impl == "peftctl" else None, "model": args.model, "pairs": args.pairs, "prompt": args.prompt, "answer": args.answer,
             "tokens_per_s": tokens * args.steps / elapsed, "s_per_step": elapsed / args.steps,
             "peak_gib": peak / 2**30, "loss": float(loss), "load_s": load_s}
 
@@ -181,6 +186,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/peftctl-bench-dpo")
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shape, 2 pairs of 16 + 32 tokens")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", help="peftctl without its fused kernels")
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)  # a child: run one implementation
     args = p.parse_args()
     if args.tiny:
@@ -190,6 +196,7 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.kernels = args.kernels and args.device == "cuda"
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.impl:
         print(json.dumps(run_one(args)))
@@ -198,7 +205,8 @@ def main() -> None:
     for impl in args.impls.split(","):
         cmd = [sys.executable, __file__, "--impl", impl, "--model", args.model, "--pairs", str(args.pairs),
                "--prompt", str(args.prompt), "--answer", str(args.answer), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--device", args.device, "--workdir", args.workdir]
+               "--warmup", str(args.warmup), "--device", args.device, "--workdir", args.workdir,
+               *([] if args.kernels else ["--no-kernels"])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
