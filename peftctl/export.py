@@ -34,6 +34,9 @@ def _builtin_note(run) -> str | None:
     if alias is None:
         return None
     b = models.BUILTIN_MODELS[alias]
+    if b.gguf_file is None:  # a plain model folder shipped in a package: the weights as they are
+        return (f"The base model was peftctl's built-in `{alias}`: `{b.hub_id}` as the `{b.distribution}` package "
+                f"ships it (a transformers folder). The adapter loads on `{b.hub_id}` from the hub as well.")
     return (f"The base model was peftctl's built-in `{alias}`: `{b.hub_id}` as the {b.gguf_file} file of the "
             f"`{b.distribution}` package holds it, dequantized to floating point. The adapter loads on `{b.hub_id}` "
             "from the hub as well; its outputs there differ slightly, by the quantization error of the GGUF file's "

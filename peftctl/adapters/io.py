@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -154,7 +155,8 @@ def embeddings_to_save(model: nn.Module, config, save_embedding_layers: bool | s
     """Which embedding layers an adapter file holds, and why ("auto" decided to save them).
 
     - True: the input and output embeddings (the adapted ones only, when the config targets an
-      embedding by name, as in PEFT).
+      embedding by name, as in PEFT); a model without transformers' embedding getters (any other
+      module) has none to save, and a warning says so (as in PEFT).
     - "auto" (PEFT's default): all of them when the vocabulary (input embedding rows) differs from
       `base_vocab`, the base model's; else the adapted ones when the config targets an embedding
       by name; else none. PEFT checks the vocabulary only when no embedding is targeted and then
@@ -166,6 +168,12 @@ def embeddings_to_save(model: nn.Module, config, save_embedding_layers: bool | s
     if save_embedding_layers is False:
         return [], None
     modules = embedding_modules(model)
+    if save_embedding_layers is True and not modules:
+        # As PEFT: say so rather than save nothing silently.
+        warnings.warn(f"save_embedding_layers=True: no embedding layer found ({type(model).__name__} has no "
+                      "get_input_embeddings / get_output_embeddings, as transformers models have), so none is "
+                      "saved; to save an embedding with the adapter, adapt it (target_modules) or train it in "
+                      "full (modules_to_save)", UserWarning, stacklevel=4)
     targeted = embedding_targeted(model, config)
     adapted = [n for n, m in modules.items() if isinstance(m, AdapterLayer)]
     rows = vocabulary_rows(model)

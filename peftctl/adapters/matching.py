@@ -190,8 +190,10 @@ def resolve_targets(model: nn.Module, config) -> list[str] | str:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = getattr(type(config), "default_target_modules", None) or DEFAULT_TARGETS
         if model_type not in table:
+            kind = (f"model type {model_type!r}" if model_type is not None else
+                    f"model type None ({type(model).__name__} is not a transformers model)")
             raise ValueError(
-                f"target_modules is unset and there is no default for model type {model_type!r}; "
+                f"target_modules is unset and there is no default for {kind}; "
                 "set target_modules (a list of names, a regex, or 'all-linear')"
             )
         default = table[model_type]

@@ -1,8 +1,9 @@
-"""`AdapterModel`: injects a method's layers into a transformers model and manages its adapters
-(add / set / delete / disable, mixed batches, merge / unmerge / unload, trainability).
+"""`AdapterModel`: injects a method's layers into a model (a transformers model or any other
+`nn.Module`) and manages its adapters (add / set / delete / disable, mixed batches, merge / unmerge /
+unload, trainability).
 
 `PeftModel` (in `peft_model.py`) is PEFT's public API on top; the nesting mirrors PEFT's,
-`PeftModel.base_model.model` is the transformers model, so parameter names and saved keys
+`PeftModel.base_model.model` is the base model, so parameter names and saved keys
 (`base_model.model.<module path>...`) are PEFT's.
 """
 
@@ -42,7 +43,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 class AdapterModel(nn.Module):
-    """Holds the transformers model with adapter layers injected into it."""
+    """Holds the base model (any `nn.Module`) with adapter layers injected into it."""
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", loading: bool = False):
         super().__init__()

@@ -34,6 +34,25 @@ def _check_options(autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: b
         raise ValueError("mixed=True (PEFT's PeftMixedModel, adapters of several methods) is not supported by peftctl")
 
 
+# Task types whose PEFT model class (PeftModelForCausalLM, PeftModelForSeq2SeqLM) needs the base model's
+# generation hooks: PEFT cannot wrap, nor load an adapter onto, a module without them.
+_GENERATIVE_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def _check_task_type(model: nn.Module, config: AdapterConfig) -> None:
+    """Warn when a new adapter's task type is one PEFT cannot use with this module: peftctl wraps any
+    module the same way whatever the task type (the forward passes every argument through), but PEFT's
+    PeftModelForCausalLM / PeftModelForSeq2SeqLM read `prepare_inputs_for_generation`, which only
+    transformers' generative models have, so PEFT could not load the saved adapter as it is."""
+    task = getattr(config.task_type, "value", config.task_type)
+    if task in _GENERATIVE_TASKS and not callable(getattr(model, "prepare_inputs_for_generation", None)):
+        warnings.warn(
+            f"task_type={task} on a {type(model).__name__}, which is not a transformers generative model (it has "
+            "no prepare_inputs_for_generation): peftctl ignores the task type for it, but PEFT cannot load the "
+            "saved adapter onto such a model; leave task_type unset (None) for a custom module",
+            UserWarning, stacklevel=3)
+
+
 class PeftModel(nn.Module):
     """PEFT's `PeftModel`, over peftctl's adapter core.
 
@@ -47,6 +66,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         _check_options(autocast_adapter_dtype)
+        _check_task_type(model, peft_config)
         self.base_model = AdapterModel(model, peft_config, adapter_name)
         self.training = model.training
 
@@ -111,6 +131,7 @@ class PeftModel(nn.Module):
         The name must be a plain name (no path separator, no dot): it names the adapter's subfolder
         when saved."""
         _check_options(autocast_adapter_dtype)
+        _check_task_type(self.base_model.model, peft_config)
         self.base_model.inject_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -460,7 +481,15 @@ class AutoPeftModel:
 def _load_base(base_ref: str, auto_class: str, revision: str | None, kwargs: dict[str, Any]) -> nn.Module:
     from peftctl import models
 
-    if base_ref.endswith(".gguf") or models.builtin_for_hub_id(base_ref):
+    alias = models.builtin_for_hub_id(base_ref)
+    if alias and models.BUILTIN_MODELS[alias].gguf_file is None:
+        # A built-in shipped as a plain folder (all-minilm-l6-v2): its package's folder when installed
+        # (offline), else the hub id as recorded; either with the task's class, like any other model.
+        from peftctl.errors import InputError
+
+        with contextlib.suppress(InputError):
+            base_ref = str(models.find_builtin_file(alias))
+    elif base_ref.endswith(".gguf") or alias:
         # A base model peftctl read from a GGUF file (the built-in model is recorded by its original
         # hub id, and means that built-in here): its own loader converts it.
         from peftctl.sections import ModelSection
