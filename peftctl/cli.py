@@ -163,17 +163,32 @@ def _reporter(quiet: bool = False):
     return RichReporter(quiet=quiet)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from peftctl.constants import VERSION
+
+        sys.stdout.write(f"peftctl {VERSION}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print peftctl's version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("PEFTCTL_DEBUG") == "1"
 
 
 @app.command()
 @handled
-def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Check a recipe (schema, files) without loading any weights.
+def validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Parse only the first 1,000 rows of each data source.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Check a recipe (schema, files, every data row in its format) without loading any weights.
 
     --json prints {"recipe", "valid": true, "notes", "resolved"}, or for an invalid recipe (exit 2)
     {"recipe", "valid": false, "ok": false, "exit_code": 2, "errors": [{"source", "line", "path", "message"}]}.
@@ -183,7 +198,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> 
 
     try:
         r = _load_recipe(recipe, set_)
-        notes = check_files(r, source=str(recipe))
+        notes = check_files(r, source=str(recipe), rows=1000 if quick else None)
     except PeftctlError as e:
         if json_:
             _write_json({"recipe": str(recipe), "valid": False, **_error_result(e.exit_code, _errors(e))})
@@ -264,12 +279,14 @@ def train(
         out.print(f"[green]done[/green]: {s['steps']} steps{why} in {s['wall_time_s']:.1f}s{loss}")
         if s.get("final_eval"):
             ev = s["final_eval"]
-            shown = (f"perplexity {ev['eval_perplexity']:.3f}" if "eval_perplexity" in ev
-                     else f"reward accuracy {ev['eval_rewards/accuracies']:.3f}")
-            out.print(f"eval loss {ev['eval_loss']:.4f}, {shown}")
+            shown = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in ev.items()
+                     if k.startswith("eval_") and k != "eval_tokens" and isinstance(v, float)]
+            out.print("eval " + ", ".join(shown))
         if s.get("best_eval"):
             b = s["best_eval"]
-            out.print(f"best eval loss {b['eval_loss']:.4f} at step {b['step']}")
+            metric = b.get("metric", "eval_loss")
+            out.print(f"best {metric.replace('_', ' ')} {b.get(metric, b.get('eval_' + metric, b['eval_loss'])):.4f} "
+                      f"at step {b['step']}")
         out.print(f"run folder: {s['run_dir']}")
 
     _emit(summary, json_, render)
@@ -288,7 +305,12 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  steps        {p['steps']} (global batch {p['global_batch']} on {p['num_processes']} "
               f"process(es), {p['epochs']} epochs, {p['warmup_steps']} warmup)")
     out.print(f"  tokens       about {p['tokens']:,}")
-    out.print(f"  checkpoints  {p['checkpoints']}" + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
+    kept = f", the last {p['checkpoints_kept']} kept" if p["checkpoints_kept"] < p["checkpoints"] else ""
+    best = " (and one at each evaluation that improves eval_loss)" if p["checkpoints_at_best_eval"] else ""
+    out.print(f"  checkpoints  {p['checkpoints']}{kept}{best}"
+              + (f"; resuming from {p['resume_from']}" if p["resume_from"] else ""))
+    if p.get("resume_changes"):
+        out.print("  changes      " + "; ".join(p["resume_changes"]), markup=False)
     if p.get("nothing_to_train"):
         out.print(f"  finished     {p['nothing_to_train']}: train would train nothing")
     out.print(f"  memory       about {_gib(mem['total'])} per device: weights {_gib(mem['base_weights'])}, "
@@ -321,6 +343,9 @@ def _render_memory(out, mem: dict[str, Any]) -> None:
     table.add_row("logits and loss", _size(mem["logits"]))
     table.add_row("[bold]total[/bold]", f"[bold]{_size(mem['total'])}[/bold]")
     out.print(table)
+    out.print("This is accelerator (GPU) memory, what torch allocates on the device. On a CPU, the process's "
+              "resident memory (RSS) is higher: the Python interpreter, torch's and the tokenizer's libraries, "
+              "the data and the allocator's caches come on top.")
 
 
 def _size(n: int) -> str:
@@ -386,6 +411,9 @@ def eval_(
         out.print(f"  eval_loss   {res['eval_loss']:.4f}")
         if "perplexity" in res:
             out.print(f"  perplexity  {res['perplexity']:.3f}")
+        for name in ("accuracy", "f1"):
+            if name in res:
+                out.print(f"  {name:<11} {res[name]:.4f}")
         for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
             if key in res:
                 out.print(f"  {key.removeprefix('eval_'):<19} {res[key]:.4f}")
@@ -513,7 +541,8 @@ def inspect(
     target: Annotated[Path, typer.Argument(help="A recipe (what it would train) or a run / adapter folder (what it holds).",
                                           show_default=False)],
     memory: Annotated[bool, typer.Option(
-        "--memory", help="Also estimate peak training memory for train.batch_size × data.max_length tokens "
+        "--memory", help="Also estimate peak training memory (accelerator memory, per device; a CPU run's "
+                         "RSS is higher) for train.batch_size × data.max_length tokens "
                          "(weights by dtype and quantization, adapter, gradients, optimizer, activations with "
                          "and without checkpointing, logits).")] = False,
     set_: SetOpt = None,
@@ -578,7 +607,8 @@ def _render_adapter(res: dict[str, Any]) -> None:
     out = _stdout()
     out.print(table)
     # The method's scalar options (lists and patterns are in --json).
-    out.print(" ".join(f"{k}={v}" for k, v in cfg.items() if isinstance(v, bool | int | float | str)))
+    out.print(" ".join(f"{k}={_cell(v) if isinstance(v, float) else v}" for k, v in cfg.items()
+                       if isinstance(v, bool | int | float | str)))
     if res["other_tensors"]:
         out.print("also saved: " + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in res["other_tensors"].items()))
     out.print(f"adapter params: {res['adapter_params']:,} ({res['file_bytes'] / 2**20:.2f} MiB on disk)")
@@ -586,7 +616,9 @@ def _render_adapter(res: dict[str, Any]) -> None:
         out.print("other adapters here: " + ", ".join(res["other_adapters"]))
     if res.get("run"):
         run = res["run"]
-        out.print(f"run: {run.get('status')}, {run.get('steps')} steps, train loss {run.get('train_loss')}")
+        loss = run.get("train_loss")
+        out.print(f"run: {run.get('status')}, {run.get('steps')} steps, train loss "
+                  f"{_cell(loss) if isinstance(loss, float) else loss}")
 
 
 @app.command("data")
@@ -708,6 +740,47 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False) -> N
                   if res["cache"] else f"done in {res['seconds']:.1f}s (data.cache is off: nothing kept)")
 
     _emit(result, json_, render)
+
+
+recipe_app = typer.Typer(help="Recipes from other tools' configs.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+def _translate(tool: str, config: Path, output: Path | None, json_: bool) -> None:
+    from peftctl.recipe.translate import translate_file
+
+    result = translate_file(config, tool, output)
+
+    def render(res):
+        err = _stderr()
+        for d in res["dropped"]:
+            err.print(f"dropped {d['key']}: {d['reason']}", markup=False)
+        if res["output"] is None:
+            sys.stdout.write(res["yaml"])
+        else:
+            err.print(f"wrote {res['output']} ({len(res['dropped'])} option(s) dropped); check it with "
+                      f"peftctl validate {res['output']}", markup=False)
+
+    _emit(result, json_, render)
+
+
+ConfigArg = Annotated[Path, typer.Argument(help="The tool's YAML training config.", show_default=False)]
+RecipeOut = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Write the recipe to this new file (default: print it).", show_default=False)]
+
+
+@recipe_app.command("from-axolotl")
+@handled
+def from_axolotl(config: ConfigArg, output: RecipeOut = None, json_: JsonOpt = False) -> None:
+    """Translate an axolotl config into a recipe: what has an equivalent, the rest listed as dropped."""
+    _translate("axolotl", config, output, json_)
+
+
+@recipe_app.command("from-llamafactory")
+@handled
+def from_llamafactory(config: ConfigArg, output: RecipeOut = None, json_: JsonOpt = False) -> None:
+    """Translate a LLaMA-Factory config into a recipe (datasets looked up in dataset_dir/dataset_info.json)."""
+    _translate("llamafactory", config, output, json_)
 
 
 @app.command()

@@ -85,6 +85,21 @@ def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = N
     return result
 
 
+def _with_run_labels(recipe, run):
+    """The recipe with `model.labels` (seq_cls, token_cls): the recipe's own; else the run's, as its
+    recipe.yaml recorded them (the head was trained for those); else the training data's."""
+    from peftctl.sections import LABELLED_TASKS
+
+    if recipe.model.task_name not in LABELLED_TASKS or recipe.model.labels:
+        return recipe
+    labels = getattr(getattr(getattr(run, "recipe", None), "model", None), "labels", None)
+    if not labels:
+        from peftctl.data.tasks import label_names
+
+        labels = label_names(recipe.model.task_name, recipe.data)
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"labels": labels})})
+
+
 def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
              reporter: Reporter | None = None) -> dict[str, Any]:
     """Evaluate the recipe's base model, or it with an adapter (default: the recipe's run folder)."""
@@ -111,12 +126,15 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     else:
         run = runs.read_run(adapter)
         tokenizer = runs.load_tokenizer(run)
-    dataset = data_lib.build(recipe.data, tokenizer, seed=recipe.train.seed)
+    recipe = _with_run_labels(recipe, None if base else run)
+    dataset = data_lib.build(recipe.data, tokenizer, seed=recipe.train.seed, task=recipe.model.task_name,
+                             labels=recipe.model.labels)
     if not dataset.eval:
         raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
     examples = dataset.eval[: recipe.eval.max_examples] if recipe.eval.max_examples else dataset.eval
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
+    models.set_pad_token(model, tokenizer)
     from peftctl.preference import Objective, reference_logps
 
     objective = Objective.of(recipe.train)
@@ -137,5 +155,18 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     if rows is not None:
         models.check_token_ids(tokenizer.get_vocab(), rows,
                                models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
-    result = score(model, tokenizer, examples, recipe.eval, device, reporter, objective, ref)
+    if recipe.model.task_name != "causal_lm":
+        from peftctl.metrics import task_metrics
+
+        model.eval()
+        result = {"examples": len(examples), **task_metrics(
+            model, tokenizer, examples, recipe.eval.batch_size, device,
+            id2label=dict(enumerate(recipe.model.labels or [])), max_new_tokens=recipe.eval.max_new_tokens,
+            exact_match=recipe.eval.exact_match)}
+        if "exact_match" in result:
+            result["exact_match_n"] = len(examples)
+        if recipe.model.task_name == "seq2seq_lm":
+            result["perplexity"] = math.exp(min(result["eval_loss"], 50))
+    else:
+        result = score(model, tokenizer, examples, recipe.eval, device, reporter, objective, ref)
     return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}

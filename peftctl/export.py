@@ -13,7 +13,7 @@ from typing import Any
 from peftctl.constants import DTYPES
 from peftctl.errors import InputError
 from peftctl.fsio import atomic_dir
-from peftctl.ui import Reporter
+from peftctl.ui import Reporter, rounded
 
 FORMATS = ("peft", "merged", "gguf")
 GGUF_FILE = "model.gguf"
@@ -91,7 +91,7 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
         "|---|---|",
     ]
     for key in _card_settings(cfg):
-        lines.append(f"| {key} | {cfg[key]} |")
+        lines.append(f"| {key} | {rounded(cfg[key])} |")
     quantization = run.recipe.model.quantization if run.recipe is not None else None
     if quantization is not None:
         how = (f"{quantization.bits}-bit {quantization.quant_type}" + (" (double quantization)" if quantization.double_quant else "")
@@ -101,18 +101,24 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
         lines += ["", "## Training", ""]
         for key in ("steps", "train_loss", "tokens_seen", "train_time_s"):
             if summary.get(key) is not None:
-                lines.append(f"- {key}: {summary[key]}")
+                lines.append(f"- {key}: {rounded(summary[key])}")
         if summary.get("final_eval"):
-            lines.append(f"- final eval: {json.dumps(summary['final_eval'])}")
+            lines.append(f"- final eval: {json.dumps(rounded(summary['final_eval']))}")
+    from peftctl.models import AUTO_CLASSES
+
+    section = run.model_section
+    auto = AUTO_CLASSES[section.task_name]
+    labels = f", num_labels={len(section.labels)}, id2label={dict(enumerate(section.labels))!r}" \
+        if section.labels else ""
     lines += [
         "",
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM",
+        f"from transformers import {auto}",
         "from peft import PeftModel  # or: from peftctl import PeftModel",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({cfg.get('base_model_name_or_path')!r})",
+        f"base = {auto}.from_pretrained({cfg.get('base_model_name_or_path')!r}{labels})",
         "model = PeftModel.from_pretrained(base, 'path/to/this/folder')",
         "```",
     ]
@@ -230,6 +236,10 @@ def _export_gguf(run_dir, out_dir, dtype: str, reporter: Reporter) -> dict[str, 
         raise InputError(f"--dtype for gguf must be one of {', '.join(DTYPES)}, got {dtype!r}")
     refuse_nonempty(Path(out_dir))
     run = runs.read_run(run_dir)
+    task = run.model_section.task_name
+    if task != "causal_lm":
+        raise InputError(f"{run_dir}: --format gguf writes causal language models (llama.cpp's), and this run is "
+                         f"model.task {task}; use --format merged (a transformers folder) or peft")
     # What the file cannot hold is refused before any weights load.
     gguf_writer.check_config(models.load_config(run.model_section), run.model_section.name_or_path)
     gguf_writer.check_tokenizer(runs.load_tokenizer(run))

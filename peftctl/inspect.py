@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peftctl.adapters.matching import natural_key
 from peftctl.errors import InputError
 
 # What a recipe would train is the dry run's model summary (`peftctl train --dry-run` shows it too).
@@ -52,7 +53,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         else:
             other[key.removeprefix(PREFIX)] = shape
     modules = []
-    for name in sorted(by_module):
+    for name in sorted(by_module, key=natural_key):  # layers.2 before layers.10
         try:
             described = config.describe_module(name, by_module[name])
         except ValueError as e:
@@ -67,7 +68,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "base_model": config.base_model_name_or_path,
         "config": {k: v for k, v in config.model_dump(mode="json").items() if k not in _BOOKKEEPING},
         "modules": modules,
-        "other_tensors": {k: other[k] for k in sorted(other)},
+        "other_tensors": {k: other[k] for k in sorted(other, key=natural_key)},
         "adapter_params": total,
         "file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
         "other_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and has_adapter(p)),

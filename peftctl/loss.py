@@ -101,15 +101,35 @@ def loss_plan(labels: torch.Tensor) -> LossPlan:
     return LossPlan(n, targets, rows, torch.nonzero(valid.any(dim=0)).squeeze(1))
 
 
+# A batch of another task than causal LM names it under this key (`data.batch.collate_task`).
+TASK_KEY = "task"
+
+
+def count_loss_tokens(batch: dict) -> int:
+    """Tokens (sequence classification: examples) that carry loss in a host batch: the labels after
+    the first position for a causal LM (position 0 predicts nothing), every label that is not -100
+    for the other tasks (their labels are not shifted)."""
+    labels = batch["labels"]
+    if TASK_KEY in batch:
+        return int((labels != IGNORE).sum())
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def task_plan(batch: dict) -> LossPlan:
+    """The plan of a batch of another task: its loss count only (`task_loss_sum` needs nothing else)."""
+    labels = batch["labels"]
+    return LossPlan(count_loss_tokens(batch), labels, None, labels.new_zeros(0))
+
+
 def prepare(batch: dict[str, torch.Tensor], device, pin: bool = False) -> tuple[dict[str, torch.Tensor], LossPlan]:
     """A host batch from `data.collate` moved to `device` (copies queued, not waited for) and its
     loss plan, computed on the host. A 2D attention mask of all ones is dropped: the model then
     takes its causal fast path instead of checking the mask on the device. `pin`: the host tensors
     are first copied to pinned memory, so that the copies to a CUDA device are asynchronous DMA
     (from pageable memory the host stages them itself)."""
-    plan = loss_plan(batch["labels"])
+    plan = task_plan(batch) if TASK_KEY in batch else loss_plan(batch["labels"])
     mask = batch.get("attention_mask")
-    drop = mask is not None and mask.dim() == 2 and bool(mask.all())
+    drop = TASK_KEY not in batch and mask is not None and mask.dim() == 2 and bool(mask.all())
 
     def move(t: torch.Tensor) -> torch.Tensor:
         return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
@@ -123,6 +143,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], plan: LossPlan | None = None
     """(sum of token cross-entropies over loss tokens, number of loss tokens) for one batch.
     `plan`: the batch's `loss_plan`, on the model's device (default: worked out here, which waits
     for the device when the labels live there)."""
+    if TASK_KEY in batch:
+        return task_loss_sum(model, batch, plan)
     if plan is None:
         plan = loss_plan(batch["labels"])
     # Every key but the labels is a model input (input_ids, attention_mask, position_ids, ...).
@@ -149,6 +171,27 @@ def loss_sum(model, batch: dict[str, torch.Tensor], plan: LossPlan | None = None
     if plan.rows is not None:
         hidden, targets = hidden.index_select(0, plan.rows), targets.index_select(0, plan.rows)
     return linear_cross_entropy_sum(hidden, head.weight, targets), plan.n_tokens
+
+
+def task_logits(model, batch: dict) -> torch.Tensor:
+    """The logits of a batch of another task (`TASK_KEY`): seq_cls (batch, labels); token_cls (batch,
+    seq, labels); seq2seq_lm (batch, target length, vocabulary), the decoder fed the labels shifted
+    right (teacher forcing, as transformers' seq2seq models do when given labels)."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("labels", TASK_KEY)}
+    if batch[TASK_KEY] == "seq2seq_lm":
+        inner = inner_model(model)
+        labels = batch["labels"]
+        kwargs["decoder_input_ids"] = inner.prepare_decoder_input_ids_from_labels(labels=labels)
+        kwargs["use_cache"] = False
+    return model(**kwargs).logits
+
+
+def task_loss_sum(model, batch: dict, plan: LossPlan | None = None) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, count) of a batch of another task: over the examples (seq_cls), the
+    labelled tokens (token_cls: each word's first sub-token) or the target tokens (seq2seq_lm). The
+    labels are not shifted: logits[..., t, :] scores labels[..., t]."""
+    plan = plan if plan is not None else task_plan(batch)
+    return _cross_entropy(task_logits(model, batch), batch["labels"]), plan.n_tokens
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

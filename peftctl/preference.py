@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 from peftctl.constants import IGNORE_INDEX
 from peftctl.loss import loss_plan, sequence_logps
+from peftctl.sections import OBJECTIVE_METRICS, PREFERENCE_METRICS
 
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
-# TRL's metric names: each a mean over pairs.
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
-EXTRA_METRICS = {"orpo": ("log_odds_ratio", "log_odds_chosen")}
+# TRL's metric names: each a mean over pairs (`sections.OBJECTIVE_METRICS`, which the recipe checks
+# train.metric_for_best against).
+METRICS = PREFERENCE_METRICS
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ class Objective:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        return METRICS + EXTRA_METRICS.get(self.name, ())
+        return OBJECTIVE_METRICS[self.name]
 
     def terms(self, pi_c, pi_r, ref_c, ref_r, n_c, n_r) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-pair losses (B,), per-pair metrics (B, len(metric_names)), detached) from summed

@@ -30,6 +30,7 @@ class RunInfo:
         (where the hub id peftctl records for a built-in model means that built-in)."""
         from peftctl import models
         from peftctl.recipe import ModelSection
+        from peftctl.sections import TASK_TYPES
 
         if self.recipe is not None:
             return self.recipe.model
@@ -37,7 +38,10 @@ class RunInfo:
         if not base:
             raise InputError(f"{self.path}: adapter_config.json names no base model (base_model_name_or_path)")
         base = models.builtin_for_hub_id(base) or base
-        return ModelSection(name_or_path=base, revision=self.adapter_config.get("revision"))
+        # PEFT's task type says which model class the adapter was trained on (labels unknown: the
+        # head's size comes from the base's config).
+        task = {v: k for k, v in TASK_TYPES.items()}.get(str(self.adapter_config.get("task_type") or ""))
+        return ModelSection(name_or_path=base, revision=self.adapter_config.get("revision"), task=task)
 
 
 def check_adapter_files(path: Path) -> dict:

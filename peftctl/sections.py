@@ -19,6 +19,19 @@ from peftctl.constants import DTYPES
 PATH = {"path": True}
 # A dtype a recipe may name: one of constants.DTYPES, or auto (decided by the hardware).
 DtypeName = Literal[("auto", *DTYPES)]  # type: ignore[valid-type]
+# What a recipe trains (`model.task`) -> PEFT's task_type, which adapter_config.json records.
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
+TaskName = Literal[tuple(TASK_TYPES)]  # type: ignore[valid-type]
+# The metrics each task's evaluations report besides eval_loss (higher is better for all).
+TASK_METRICS = {"causal_lm": (), "seq2seq_lm": ("exact_match",), "seq_cls": ("accuracy", "f1"),
+                "token_cls": ("accuracy", "f1")}
+# TRL's metrics of each preference objective (`train.objective`; evaluations prefix them with eval_).
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected")
+OBJECTIVE_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS, "ipo": PREFERENCE_METRICS, "simpo": PREFERENCE_METRICS,
+                     "orpo": (*PREFERENCE_METRICS, "log_odds_ratio", "log_odds_chosen")}
+# The tasks whose model gets a new head with one output per label (`model.labels`).
+LABELLED_TASKS = ("seq_cls", "token_cls")
 
 
 class Section(BaseModel):
@@ -115,6 +128,26 @@ class ModelSection(Section):
         ),
         json_schema_extra=aka(axolotl="base_model", llamafactory="model_name_or_path", **PATH),
     )
+    task: TaskName | None = Field(
+        default=None,
+        description=(
+            "What the model is trained to do, and so which transformers class loads it: causal_lm "
+            "(AutoModelForCausalLM), seq2seq_lm (AutoModelForSeq2SeqLM: source -> target, e.g. T5), "
+            "seq_cls (AutoModelForSequenceClassification: format classification) or token_cls "
+            "(AutoModelForTokenClassification: format token_classification). adapter_config.json records "
+            "PEFT's task_type (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS); seq_cls and token_cls train "
+            "the new head in full (classifier or score, in modules_to_save). Unset: causal_lm, and a note "
+            "when the model's config implies another task."
+        ),
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        description=(
+            "seq_cls and token_cls: the label names, in id order (id2label). Unset: the labels found in "
+            "the training data, sorted (integer labels numerically). A run writes them here in its "
+            "recipe.yaml, and a merged model has them in its config."
+        ),
+    )
     dtype: DtypeName = Field(
         default="auto",
         description=(
@@ -171,4 +204,18 @@ class ModelSection(Section):
         ),
         json_schema_extra=aka(transformers="quantization_config"),
     )
+
+    @model_validator(mode="after")
+    def _labels_of_the_task(self):
+        if self.labels is not None:
+            if self.task not in LABELLED_TASKS:
+                raise ValueError(f"labels: only model.task seq_cls or token_cls has labels (task is {self.task})")
+            if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels: give at least one label, each once")
+        return self
+
+    @property
+    def task_name(self) -> str:
+        """The task as run: `task`, or causal_lm when unset."""
+        return self.task or "causal_lm"
 

@@ -21,6 +21,18 @@ class Reporter:
     def stop(self) -> None: ...
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """`value` with every float in it (in dicts and lists too) rounded to `digits` significant
+    digits, for people to read (2.3456789 -> 2.346); `--json` and the run files keep every digit."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def _fmt(fields: dict[str, Any]) -> str:
     parts = []
     for k, v in fields.items():

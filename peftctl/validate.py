@@ -13,10 +13,13 @@ from pathlib import Path
 from peftctl.errors import InputError, Problem, RecipeError
 
 
-def check_files(recipe, source: str | None = None) -> list[str]:
+def check_files(recipe, source: str | None = None, rows: int | None = None) -> list[str]:
     """Problems with the files a recipe names, all at once (RecipeError), else notes.
 
-    `source` is unused (kept for callers): problems are placed by the recipe itself.
+    When the files are fine, every row of every local data source is parsed in its format as
+    training will parse it (`rows`: only the first that many of each source; 0: none), with the
+    tokenizer (no weights) for the chat template. `source` is unused (kept for callers): problems
+    are placed by the recipe itself.
     """
     from peftctl import models
     from peftctl.data import sources
@@ -71,11 +74,59 @@ def check_files(recipe, source: str | None = None) -> list[str]:
             notes.append(f"train.init_adapter {init}: not there yet; `train` needs the adapter (a run folder) there")
         elif not has_adapter(init):
             problems.append(recipe.problem("train.init_adapter", f"{init}: holds no adapter (adapter_model.safetensors)"))
+    if not problems and rows != 0:
+        problems += _row_problems(recipe, rows, notes)
     if is_nonempty_dir(Path(recipe.output.dir)):
         notes.append(f"output.dir {recipe.output.dir} is not empty: `train` will refuse it")
     if problems:
         raise RecipeError(problems)
     return notes
+
+
+def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:
+    from peftctl import models
+    from peftctl.data.pipeline import check_rows
+
+    data = recipe.data
+    try:
+        tokenizer = models.load_tokenizer(recipe.model, models.resolve(recipe.model.name_or_path,
+                                                                       recipe.model.cache_dir, convert=False))
+    except InputError as e:  # a hub model that is not reachable: the files checks said what they could
+        notes.append(f"data: rows not checked: the tokenizer did not load ({str(e).splitlines()[0]})")
+        return []
+    if recipe.model.task_name != "causal_lm":
+        return _task_row_problems(recipe, tokenizer, notes)
+    try:
+        found, checked = check_rows(data, tokenizer, limit=rows)
+    except InputError as e:
+        return [recipe.problem("data", str(e).removeprefix("data: "))]
+    problems = []
+    for (split, i), messages in found.items():
+        where = f"data.{split}" if len(getattr(data, split)) == 1 else f"data.{split}.{i}"
+        problems += [recipe.problem(where, m) for m in messages]
+    if checked:
+        notes.append(f"data: every row of {checked} local source(s) parses in its format" if rows is None
+                     else f"data: the first {rows:,} rows of each of {checked} local source(s) parse (--quick)")
+    return problems
+
+
+def _task_row_problems(recipe, tokenizer, notes: list[str]) -> list[Problem]:
+    """A seq2seq or classification recipe's rows, read as training reads them (`data.tasks`: its labels
+    from the training rows unless `model.labels`, then every train and eval row into an example):
+    the first bad rows as one problem naming them. Every row is read (`--quick` does not apply)."""
+    from peftctl.data import tasks
+    from peftctl.sections import LABELLED_TASKS
+
+    task, data = recipe.model.task_name, recipe.data
+    try:
+        labels = (recipe.model.labels or tasks.label_names(task, data, tokenizer)) if task in LABELLED_TASKS else None
+        for split in ("train", "eval"):
+            tasks.build_examples(task, data, tokenizer, labels, split)
+    except InputError as e:
+        return [recipe.problem("data", str(e).removeprefix("data: "))]
+    sources = len(data.train) + len(data.eval or [])
+    notes.append(f"data: every row of {sources} source(s) reads as model.task {task} reads it")
+    return []
 
 
 def model_problems(spec, src) -> list[str]:

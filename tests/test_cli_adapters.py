@@ -160,10 +160,10 @@ def test_a_run_loads_with_peft_auto_class(two_runs, tiny_model_dir):
         assert torch.allclose(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5)
 
 
-def test_a_recipe_trains_causal_language_models_only(make_recipe):
+def test_adapter_task_type_must_match_model_task(make_recipe):
     recipe = make_recipe(adapter={"task_type": "SEQ_CLS"})
     r = run("validate", recipe, code=2)
-    assert "adapter: task_type: peftctl trains causal language models" in r.stderr and "(got SEQ_CLS)" in r.stderr
+    assert "adapter.task_type SEQ_CLS does not match model.task causal_lm (CAUSAL_LM); set model.task" in r.stderr
     run("validate", make_recipe(adapter={"task_type": "CAUSAL_LM"}))
 
 

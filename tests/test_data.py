@@ -216,7 +216,8 @@ def test_bad_bytes_bad_json_and_several_bad_rows(tmp_path, tok):
     with pytest.raises(InputError) as e:
         build(tok, path, format="text")
     assert str(e.value).splitlines()[:2] == [f"{path} row 2: field 'text' must be a string, got int",
-                                             f"{path} row 4: missing field 'text' (format: text)"]
+                                             f"{path} row 4: missing field 'text' (the row's keys: 'nope'); name other columns in "
+                                             "data.columns (format: text)"]
 
 
 def test_sources_files_folders_globs_and_saved_datasets(tmp_path, tok):
@@ -619,7 +620,6 @@ CALL = [{"name": "add", "arguments": {"a": 1}}]
 
 @pytest.mark.parametrize("messages, template, refused", [
     # keys the template ignores: the row would be trained on a rendering without them
-    ([USER, {"role": "assistant", "content": "yo", "weight": 0}], None, "messages[1].weight: the chat template ignores"),
     ([USER, {"role": "assistant", "content": "", "tool_calls": CALL}], None, "messages[1].tool_calls: the chat template ignores"),
     ([USER, {"role": "assistant", "content": "yo", "name": "bot"}], None, "messages[1].name: the chat template ignores"),
     ([USER, {"role": "assistant", "content": "a", "reasoning_content": "r1"}, USER,
@@ -670,14 +670,6 @@ def test_a_message_key_shadowed_by_a_column_mapping_is_refused(tmp_path, tok):
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     with pytest.raises(InputError, match=r"row 1: conversations\[0\]\.role: not used: the message's role is read from 'from'"):
         build(tok, path, format="sharegpt")
-
-
-def test_a_weighted_message_is_refused_end_to_end(make_recipe, tmp_path):
-    data = write_jsonl(tmp_path / "w.jsonl", [{"messages": [USER, {"role": "assistant", "content": "yo", "weight": 1}]}])
-    recipe = make_recipe(data={"train": str(data), "eval": None})
-    out = run_cli("train", recipe, "--dry-run", code=2)
-    assert f"{data} row 1: messages[1].weight: the chat template ignores this key" in out.stderr
-    assert "per-message weights are not supported" in out.stderr and not (tmp_path / "run").exists()
 
 
 # ---- the prompt scoring generates from is the training sequence's own beginning (issue 19 §4) ----

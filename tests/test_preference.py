@@ -385,3 +385,45 @@ def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, p
     a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_path, tiny_model_dir, pref_data):
+    """Where preference training meets model.task, metric_for_best and validate's every-row check:
+    a preference objective on another task is refused; metric_for_best takes the objective's TRL
+    metrics (eval_ prefix or not; the rejected answers' lower is better) and early stopping and
+    load_best_at_end follow it; a bad pair row is named by validate."""
+    from peftctl.recipe import load
+
+    path = _recipe(tmp_path, tiny_model_dir, pref_data, "seqcls")
+    text = path.read_text().replace("dtype: float32", "dtype: float32\n  task: seq_cls")
+    path.write_text(text)
+    result = run("validate", path, code=2)
+    assert "train.objective dpo" in result.stderr and "model.task seq_cls" in result.stderr
+
+    sft = _recipe(tmp_path, tiny_model_dir, pref_data, "sft", objective="sft", eval_every=1,
+                  metric_for_best="eval_rewards/accuracies")
+    assert "metric_for_best" in run("validate", sft, code=2).stderr
+    rejected = load(_recipe(tmp_path, tiny_model_dir, pref_data, "rej", eval_every=1,
+                                   metric_for_best="eval_rewards/rejected"))
+    assert rejected.train.best_metric == "rewards/rejected" and not rejected.train.best_is_greater
+
+    margins = load(_recipe(tmp_path, tiny_model_dir, pref_data, "mar", eval_every=1, metric_for_best="rewards/margins"))
+    assert margins.train.best_is_greater
+    # Watched the other way (the smallest margin is best), so that the best evaluation is not the
+    # one eval_loss would pick: DPO training raises the margin as it lowers the loss.
+    best = _recipe(tmp_path, tiny_model_dir, pref_data, "best", eval_every=1, max_steps=3, save_every=None,
+                   metric_for_best="eval_rewards/margins", greater_is_better=False, load_best_at_end=True, lr=1e-2)
+    summary = run_json("train", best)
+    evals = [r for r in _metrics(tmp_path / "best") if "eval_loss" in r]
+    low = min(evals, key=lambda r: r["eval_rewards/margins"])
+    assert low["step"] != min(evals, key=lambda r: r["eval_loss"])["step"]  # the case tells the metrics apart
+    assert summary["best_eval"]["metric"] == "rewards/margins" and summary["best_eval"]["step"] == low["step"]
+
+    bad = tmp_path / "bad.jsonl"
+    rows = pref_data[0].read_text().splitlines()
+    rows[2] = '{"prompt": "Convert May 1, 2000 to ISO: ", "chosen": "2000-05-01"}'
+    bad.write_text("\n".join(rows) + "\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(path.read_text().replace("\n  task: seq_cls", "").replace(str(pref_data[0]), str(bad)))
+    result = run("validate", broken, code=2)
+    assert "bad.jsonl row 3" in result.stderr and "rejected" in result.stderr

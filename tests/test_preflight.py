@@ -58,9 +58,9 @@ def _error(result) -> str:
 
 
 def _cases(outgrown, pickle_only, weightless, tmp_path):
-    weighted = tmp_path / "weighted.jsonl"
-    weighted.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                 {"role": "assistant", "content": "yo", "weight": 0}]}) + "\n")
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "yo", "name": "bot"}]}) + "\n")
     # (name, recipe sections, validate's exit code (None: validate cannot know), message part)
     return [
         ("token beyond the embedding matrix", {"model": {"name_or_path": str(outgrown)}}, 2,
@@ -77,8 +77,9 @@ def _cases(outgrown, pickle_only, weightless, tmp_path):
          f"model {pickle_only}: only pickle weights (pytorch_model.bin)"),
         ("no weights", {"model": {"name_or_path": str(weightless)}}, 2,
          f"model {weightless}: no weights (model.safetensors or model-*-of-*.safetensors)"),
-        ("a message key the template ignores", {"data": {"train": str(weighted), "eval": None}}, 0,
-         f"{weighted} row 1: messages[1].weight: the chat template ignores this key"),
+        # validate parses every row as training does (issue 15), so it refuses the row too
+        ("a message key the template ignores", {"data": {"train": str(named), "eval": None}}, 2,
+         f"{named} row 1: messages[1].name: the chat template ignores this key"),
     ]
 
 

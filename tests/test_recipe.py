@@ -54,8 +54,8 @@ def test_every_error_at_once_with_line_and_path():
     assert got == [
         "r.yaml:5 adapter.r: must be >= 1 (got 0)",
         "r.yaml:6 adapter.lora_alhpa: unknown field; did you mean 'lora_alpha'?",
-        "r.yaml:10 data.format: must be one of 'text', 'completion', 'alpaca', 'chat', 'sharegpt', 'preference' "
-        "or 'classification' (got 'chatt')",
+        "r.yaml:10 data.format: must be one of 'text', 'completion', 'alpaca', 'chat', 'sharegpt', 'preference', "
+        "'classification' or 'token_classification' (got 'chatt')",
         "r.yaml:12 train.max_steps: must be an integer (got 'ten')",
     ]
 
@@ -215,7 +215,8 @@ output: {dir: out}
     # each place it is merged into
     got = problems(text.replace("format: alpaca", "format: alpacca"))
     assert got == [f"r.yaml:2 data.train.{i}.format: must be one of 'text', 'completion', 'alpaca', 'chat', "
-                   "'sharegpt', 'preference' or 'classification' (got 'alpacca')" for i in range(3)]
+                   "'sharegpt', 'preference', 'classification' or 'token_classification' (got 'alpacca')"
+                   for i in range(3)]
     got = problems(text.replace("lora_alpha: 8", "lora_alpha: .nan"))
     assert got == ["r.yaml:4 adapter.lora_alpha: must be a finite number (got nan)"]
     assert problems(text.replace("<<: *adapter", "<<: 3")) == [

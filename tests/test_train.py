@@ -95,7 +95,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(make_recipe
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(make_recipe, tmp_path):
     out = tmp_path / "run"
     recipe = make_recipe(out=str(out), train={"max_steps": 100000, "save_every": None, "log_every": 1})
-    proc = spawn("train", recipe, "--json")
+    proc = spawn("train", recipe, "--json", "--set", "train.eval_every=1000", "--set", "eval.max_new_tokens=4")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -104,6 +104,9 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(make_recipe, tmp_pa
     assert s["status"] == "interrupted" and s["stop_reason"] == "SIGTERM"
     assert json.loads(stdout) == s  # --json still prints the summary
     assert f"interrupted by SIGTERM at step {s['steps']}" in stderr and "Traceback" not in stderr
+    # the hint is the whole command, the overrides included (issue 15)
+    assert (f"continue with: peftctl train {recipe} --set train.eval_every=1000 --set eval.max_new_tokens=4 "
+            "--resume auto") in stderr
     assert s["last_checkpoint"] == f"checkpoints/step-{s['steps']:06d}"
     state = json.loads((out / s["last_checkpoint"] / "peftctl_state.json").read_text())
     assert state["step"] == s["steps"] and state["position"] == (4 * s["steps"] - 1) % 48 + 1

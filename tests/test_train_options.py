@@ -264,7 +264,7 @@ def test_resume_applies_the_recipes_new_hyperparameters_and_clears_stale_tempora
         torch.testing.assert_close(b3[k] - a3[k], -lr * 0.5 * a2[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow"])
+@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow", "wandb"])
 def test_a_tracker_that_is_not_installed_is_refused_before_any_work(make_recipe, tmp_path, monkeypatch, tracker):
     """Enabling a tracker whose package is missing is an input error, in a dry run too, and nothing
     is written. (A `None` in sys.modules is how Python marks a module as unavailable: imports fail

@@ -242,6 +242,24 @@ def _output_heads(model: nn.Module, config) -> set[int]:
     return set()
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in a name by value: layers.2 before layers.10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
+def targetable_names(candidates) -> list[str]:
+    """Every distinct last name part of the modules an adapter can wrap (linear, Conv1D, convolution
+    and embedding layers, quantized linear ones), in natural order."""
+    kinds = (*_linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return sorted({n.split(".")[-1] for n, m in candidates
+                   if isinstance(m, kinds) or type(m).__name__ in _QUANTIZED_TYPES}, key=natural_key)
+
+
+def _example_path(candidates) -> str:
+    linear = [n for n, m in candidates if isinstance(m, _linear_types())]
+    return linear[0] if linear else ""
+
+
 def find_targets(model: nn.Module, config) -> list[str]:
     """Dotted names of the modules `config` adapts, in model order. Errors name what exists."""
     spec = resolve_targets(model, config)
@@ -271,10 +289,11 @@ def find_targets(model: nn.Module, config) -> list[str]:
         if hit:
             names.append(name)
     if not names:
-        leaf_names = sorted({n.split(".")[-1] for n, m in candidates if not list(m.children())})
+        how = (" (a string is one regular expression over whole dotted names, such as "
+               f"{_example_path(candidates)!r})" if isinstance(spec, str) and spec != ALL_LINEAR else "")
         raise ValueError(
-            f"target_modules {spec!r} matches no module of this model; module names here include: "
-            + ", ".join(leaf_names[:12])
+            f"target_modules {spec!r} matches no module of this model{how}; the names of the modules that "
+            "can be targeted here: " + ", ".join(targetable_names(candidates))
         )
     return names
 
@@ -311,10 +330,10 @@ def find_modules_to_save(model: nn.Module, config) -> list[str]:
     missing = [m for m in config.modules_to_save or [] if m not in task_names
                and not any(n.endswith(m) for n in found)]
     if missing:
-        top = sorted({n.split(".")[-1] for n, m in candidates if not list(m.children())})
+        top = sorted({n.split(".")[-1] for n, m in candidates if not list(m.children())}, key=natural_key)
         raise ValueError(
-            f"modules_to_save {missing!r} matches no module of this model; module names here include: "
-            + ", ".join(top[:12])
+            f"modules_to_save {missing!r} matches no module of this model; the names of its modules: "
+            + ", ".join(top)
         )
     if task_names and not config.modules_to_save and not any(n.endswith(m) for n in found for m in task_names):
         warnings.warn(

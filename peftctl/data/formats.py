@@ -30,7 +30,16 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("messages", "role", "content", "tools", "system"),
     "preference": ("prompt", "chosen", "rejected", "tools"),
-    "classification": ("text", "label"),
+    "classification": ("text", "label", "text_pair"),
+    # model.task token_cls only (peftctl.data.tasks): a word list and one tag per word, CoNLL style.
+    "token_classification": ("tokens", "tags"),
+}
+# The formats each model.task other than causal_lm reads (peftctl.data.tasks); causal_lm reads all
+# but token_classification.
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "seq2seq_lm": ("completion", "alpaca", "chat", "sharegpt"),
+    "seq_cls": ("classification",),
+    "token_cls": ("token_classification",),
 }
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
@@ -49,6 +58,35 @@ ALPACA_PROMPT = (
 
 class RowError(ValueError):
     """A row that does not fit its format; the message says what is wrong."""
+
+
+class MissingField(RowError):
+    """A row without a field its format reads (the message gets the row's keys added)."""
+
+
+def _holds_messages(value: Any, role: str, content: str) -> bool:
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and role in value[0] and content in value[0])
+
+
+def guess_format(row: dict[str, Any], fmt: str) -> str | None:
+    """What a row that lacks a field of format `fmt` looks like instead, as a hint ("rows have
+    "conversations" with "from"/"value": did you mean format: sharegpt?"), or None."""
+    keys = set(row)
+    for col, role, content, other in (("conversations", "from", "value", "sharegpt"),
+                                      ("messages", "role", "content", "chat")):
+        if other != fmt and _holds_messages(row.get(col), role, content):
+            return f'rows have "{col}" with "{role}"/"{content}": did you mean format: {other}?'
+    if _holds_messages(row.get("conversations"), "role", "content"):
+        return ('rows have "conversations" with "role"/"content": did you mean format: chat with data.columns '
+                '{messages: conversations}?')
+    for other, fields in (("preference", ("prompt", "chosen", "rejected")), ("alpaca", ("instruction", "output")),
+                          ("completion", ("prompt", "completion")), ("classification", ("text", "label")),
+                          ("text", ("text",))):
+        if set(fields) <= keys:
+            return None if other == fmt else (
+                f"rows have {'/'.join(repr(f) for f in fields)}: did you mean format: {other}?")
+    return None
 
 
 @dataclass
@@ -85,8 +123,12 @@ class Formatter:
     """Renders the rows of one source: its format, column names, role map and `train_on`."""
 
     def __init__(self, fmt: str, tokenizer, *, columns: dict[str, str] | None = None,
-                 roles: dict[str, str] | None = None, train_on: str = "assistant", chat=None):
+                 roles: dict[str, str] | None = None, train_on: str = "assistant", chat=None,
+                 template_prompts: bool = False):
         self.fmt = fmt
+        # completion and alpaca rows as a user turn and an assistant turn of the chat template (when
+        # the recipe names a template), instead of plain text
+        self.template_prompts = template_prompts and chat is not None
         self.columns = {**DEFAULT_COLUMNS.get(fmt, {}), **(columns or {})}
         self.roles = {**DEFAULT_ROLES.get(fmt, {}), **(roles or {})}
         self.train_on = train_on
@@ -100,7 +142,13 @@ class Formatter:
     def __call__(self, row: dict[str, Any]) -> Rendered:
         if not isinstance(row, dict):
             raise RowError(f"a row must be an object with named fields, got {type(row).__name__}")
-        return self._render(row)
+        try:
+            return self._render(row)
+        except MissingField as e:
+            keys = ", ".join(map(repr, row)) or "none"
+            guess = guess_format(row, self.fmt)
+            raise MissingField(f"{e} (the row's keys: {keys})" + (f"; {guess}" if guess else "")
+                               + "; name other columns in data.columns") from None
 
     # ---- fields ----------------------------------------------------------------------------
 
@@ -110,8 +158,8 @@ class Formatter:
     def _missing(self, field: str) -> RowError:
         col = self._col(field)
         if col != field:
-            return RowError(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
-        return RowError(f"missing field {field!r}")
+            return MissingField(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
+        return MissingField(f"missing field {field!r}")
 
     def _str(self, row: dict[str, Any], field: str, required: bool = True, nonempty: bool = False) -> str:
         col = self._col(field)
@@ -138,7 +186,19 @@ class Formatter:
         return Rendered(text, [(0, len(text))])
 
     def _completion(self, row):
-        return self._response(self._str(row, "prompt"), self._str(row, "completion", nonempty=True))
+        prompt, completion = self._str(row, "prompt"), self._str(row, "completion", nonempty=True)
+        if self.template_prompts:
+            return self._as_turns(None, prompt, completion, ["", self._col("prompt"), self._col("completion")])
+        return self._response(prompt, completion)
+
+    def _as_turns(self, system: str | None, user: str, assistant: str, wheres: list[str]) -> Rendered:
+        """A prompt and its response rendered as a conversation with the chat template: an optional
+        system turn, a user turn, an assistant turn (the response, which carries the loss); `wheres`
+        names the row's fields each came from (system, user, assistant)."""
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return self._conversation(messages, wheres[-len(messages):])
 
     def _alpaca(self, row):
         instruction = self._str(row, "instruction", nonempty=True)
@@ -151,6 +211,11 @@ class Formatter:
         if history not in (None, [], ""):
             raise RowError(f"field {self._col('history')!r}: earlier turns are a conversation, which the alpaca "
                            "format does not render; write the row as messages (format: chat)")
+        if self.template_prompts:  # the instruction, then the input, as the user's message
+            user = instruction + (f"\n\n{inp}" if inp else "")
+            where = f"{self._col('instruction')}+{self._col('input')}" if inp else self._col("instruction")
+            return self._as_turns(system if system.strip() else None, user, output,
+                                  [self._col("system"), where, self._col("output")])
         prompt = ALPACA_PROMPT.format(
             inp_intro=", paired with an input that provides further context" if inp else "",
             instruction=instruction,
@@ -210,6 +275,14 @@ class Formatter:
             # fills keys missing from a row with null); _unrendered refuses what the template ignores.
             msg = {"role": mapped, "content": content}
             msg.update((k, v) for k, v in m.items() if k not in (role_key, content_key) and v is not None)
+            if "weight" in msg:  # axolotl's and LLaMA-Factory's per-message loss switch: 0 or 1
+                w = msg["weight"]
+                if isinstance(w, bool) or w not in (0, 1):
+                    raise RowError(f"{where}.weight must be 0 (no loss on this turn) or 1, got {w!r}")
+                if w == 1 and mapped != "assistant":
+                    raise RowError(f"{where}.weight: 1 on a {mapped} message: only assistant turns carry loss "
+                                   "(data.train_on: all trains every token)")
+                msg["weight"] = int(w)
             out.append(msg)
             wheres.append(where)
         return out, wheres
@@ -243,9 +316,17 @@ class Formatter:
         `first_trained` on."""
         if self.chat is None:
             raise RowError("this format needs a chat template, and the tokenizer has none: set data.chat_template")
-        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
+        # A message's `weight` (0 or 1) is no text: the template never sees it.
+        weights = [m.get("weight") for m in messages]
+        messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+        if self.train_on == "all" and 0 in weights:
+            raise RowError(f"{wheres[weights.index(0)]}.weight: 0, and data.train_on: all trains every token; "
+                           "use train_on: assistant (or last) for per-message weights")
+        trained = [i for i, m in enumerate(messages)
+                   if m["role"] == "assistant" and i >= first_trained and weights[i] != 0]
         if not trained:
-            raise RowError("no assistant message: nothing to learn from")
+            raise RowError("no assistant message with weight 1: nothing to learn from" if 0 in weights
+                           else "no assistant message: nothing to learn from")
 
         def render(msgs: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
             return self.chat(msgs, add_generation_prompt, tools=tools)
@@ -311,8 +392,8 @@ class Formatter:
                 except RowError:  # the template cannot do without the key: it reads it
                     ignored = False
                 if ignored:
-                    hint = ("; per-message weights are not supported (data.train_on chooses the turns that "
-                            "carry loss)" if key == "weight" else "")
+                    hint = ("; a message's name reaches only templates that write it (such as an inline "
+                            "Jinja template using message.name)" if key == "name" else "")
                     raise RowError(
                         f"{wheres[i]}.{key}: the chat template ignores this key (it renders the same text "
                         f"without it), so the row would be trained as if it were not there; remove the key, "

@@ -16,7 +16,7 @@ from peftctl.data.formats import Formatter
 from peftctl.data.packing import PackedSet, layout_for, pack
 from peftctl.data.store import ExampleSet, Table, TableWriter
 from peftctl.data.templates import ChatRenderer, use_chat_template
-from peftctl.data.tokenize import Counts, tokenize_source
+from peftctl.data.tokenize import Counts, render_rows, tokenize_source
 from peftctl.errors import InputError
 from peftctl.ui import Reporter
 
@@ -61,7 +61,8 @@ class _Builder:
         if cfg.cache:
             self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
 
-    def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
+    def formatter(self, spec) -> Formatter:
+        """The row parser of one source (its format, columns and roles, or the section's)."""
         cfg = self.cfg
         fmt = spec.format or cfg.format
         if fmt in CHAT_FORMATS and self.chat is None:
@@ -69,14 +70,21 @@ class _Builder:
                 f"data: format {fmt!r} renders conversations with a chat template, and the tokenizer has "
                 "none; set data.chat_template (a name such as chatml or llama3, or a Jinja template)"
             )
-        formatter = Formatter(
+        return Formatter(
             fmt, self.tokenizer, columns=spec.columns if spec.columns is not None else cfg.columns,
             roles=spec.roles if spec.roles is not None else cfg.roles, train_on=cfg.train_on, chat=self.chat,
+            template_prompts=cfg.chat_template is not None,
         )
+
+    def table(self, spec, split: str, prompts: bool) -> tuple[Table, bool]:
+        cfg = self.cfg
+        formatter = self.formatter(spec)
+        fmt = formatter.fmt
         src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
         key = cache.cache_key({
             "source": src.fingerprint(), "tokenizer": self.tokenizer_fp, "template": self.template,
             "format": fmt, "columns": formatter.columns, "roles": formatter.roles, "train_on": cfg.train_on,
+            "template_prompts": formatter.template_prompts,
             "max_length": cfg.max_length, "truncation": cfg.truncation, "prompts": prompts,
         })
 
@@ -143,14 +151,47 @@ def _weighted(examples: ExampleSet, weights: list[float], rng: np.random.Generat
     return examples.take(np.concatenate(chosen))
 
 
-def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, reporter: Reporter | None = None) -> Data:
+def check_rows(cfg, tokenizer, limit: int | None = None) -> tuple[dict[tuple[str, int], list[str]], int]:
+    """Parse every row (the first `limit` of each source when given) of every local source of a
+    data section as training will (`tokenize.render_rows`, the same parser), without tokenizing or
+    caching anything: ({(split, source index): ["FILE row N: why (format: F)", ...]} for the sources
+    with bad rows (at most tokenize.MAX_ERRORS each), the number of sources read). A hub dataset is
+    not read (it may need the network); an unreadable file or invalid JSON is its source's one message."""
+    builder = _Builder(cfg, tokenizer, Reporter())
+    problems: dict[tuple[str, int], list[str]] = {}
+    checked = 0
+    for split in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg, split) or []):
+            src = sources.resolve(spec.path, split=spec.split, subset=spec.subset, text_sample_by=cfg.text_sample_by)
+            if src.kind == "hub":
+                continue
+            checked += 1
+            formatter = builder.formatter(spec)
+            errors: list[str] = []
+            broken: list[str] = []
+            try:
+                for _ in render_rows(src, formatter, errors, limit):
+                    pass
+            except InputError as e:  # the file itself: invalid JSON, not UTF-8, unreadable
+                broken.append(str(e))
+            if errors or broken:
+                problems[(split, i)] = [f"{e} (format: {formatter.fmt})" for e in errors] + broken
+    return problems, checked
+
+
+def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, reporter: Reporter | None = None,
+          task: str = "causal_lm", labels: list[str] | None = None) -> Data:
     """Train and eval examples for a recipe's data section.
 
     The tokenizer is given the recipe's chat template (when it names one), so that the tokenizer
     saved with an adapter renders prompts as training did. `attention` is the model's attention
-    implementation; packing shapes its batches for it.
+    implementation; packing shapes its batches for it. `task` (`model.task`): a task other than
+    causal_lm reads its rows into `tasks.TaskExample`s (`build_task`), with `labels` (seq_cls,
+    token_cls: the label names in id order).
     """
     reporter = reporter or Reporter()
+    if task != "causal_lm":
+        return build_task(cfg, tokenizer, task, labels, seed, reporter)
     # Every source is found, and its files checked readable, before any is read: a bad eval file
     # stops the build before the training data is tokenized.
     for s in [*cfg.train, *(cfg.eval or [])]:
@@ -192,3 +233,58 @@ def build(cfg, tokenizer, seed: int = 0, *, attention: str | None = None, report
         reporter.log(f"packed {len(train):,} examples into {len(data.train):,} sequences of up to "
                      f"{cfg.max_length} tokens ({100 * data.train.fill():.1f}% filled)")
     return data
+
+
+def _task_stats(examples, rows: int) -> DataStats:
+    return DataStats(rows=rows, examples=len(examples), sources=0,
+                     truncated=sum(e.truncated for e in examples),
+                     tokens=sum(len(e.input_ids) for e in examples),
+                     loss_tokens=sum(e.num_loss_tokens for e in examples))
+
+
+def build_task(cfg, tokenizer, task: str, labels: list[str] | None, seed: int, reporter: Reporter) -> Data:
+    """`build` for model.task seq2seq_lm, seq_cls or token_cls (`tasks.py`): every row read into an
+    example (no cache), eval_split and source weights as for causal LMs; packing refused."""
+    from peftctl.data import tasks
+
+    if cfg.packing:
+        raise InputError(f"data.packing: model.task {task} trains on whole examples; packing is for causal_lm only")
+    tasks.check_formats(task, cfg)
+    for s in [*cfg.train, *(cfg.eval or [])]:
+        sources.resolve(s.path, split=s.split, subset=s.subset, text_sample_by=cfg.text_sample_by)
+    parts, rows = [], 0
+    for spec in cfg.train:
+        one = cfg.model_copy(update={"train": [spec], "eval": None})
+        examples, n = tasks.build_examples(task, one, tokenizer, labels, "train")
+        parts.append(examples)
+        rows += n
+        reporter.log(f"train: {spec.path}: {len(examples):,} examples ({task})")
+    train = [e for part in parts for e in part]
+    eval_set, eval_rows = None, 0
+    if cfg.eval:
+        eval_set, eval_rows = tasks.build_examples(task, cfg, tokenizer, labels, "eval")
+        reporter.log(f"eval: {len(eval_set):,} examples ({task})")
+    rng = np.random.default_rng(seed)
+    if cfg.eval_split:
+        order = rng.permutation(len(train))
+        n_eval = max(1, round(len(train) * cfg.eval_split))
+        if n_eval >= len(train):
+            raise InputError(f"data.eval_split {cfg.eval_split} leaves no training examples ({len(train)} in all)")
+        eval_set = [train[i] for i in sorted(order[:n_eval])]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    weighted, in_train = [], {id(e) for e in train}
+    for part, spec in zip(parts, cfg.train, strict=True):
+        kept = [e for e in part if id(e) in in_train]
+        whole, frac = int(spec.weight), spec.weight - int(spec.weight)
+        weighted += kept * whole
+        if frac:
+            weighted += [kept[i] for i in sorted(rng.choice(len(kept), size=round(frac * len(kept)), replace=False))]
+    train = tasks.TaskExamples(weighted)
+    if eval_set is not None:
+        eval_set = tasks.TaskExamples(eval_set)
+    if not train:
+        raise InputError("train data: no examples")
+    stats = {"train": _task_stats(train, rows)}
+    if eval_set is not None:
+        stats["eval"] = _task_stats(eval_set, eval_rows)
+    return Data(train, eval_set, stats, {"train": train} | ({"eval": eval_set} if eval_set is not None else {}))

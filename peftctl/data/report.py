@@ -24,8 +24,13 @@ def load(recipe, reporter: Reporter | None = None):
     from peftctl.data.pipeline import build
 
     tokenizer = models.load_tokenizer(recipe.model)
+    task, labels = recipe.model.task_name, recipe.model.labels
+    if task in ("seq_cls", "token_cls") and not labels:
+        from peftctl.data.tasks import label_names
+
+        labels = label_names(task, recipe.data)
     data = build(recipe.data, tokenizer, seed=recipe.train.seed, attention=recipe.model.attn_implementation,
-                 reporter=reporter)
+                 reporter=reporter, task=task, labels=labels)
     return data, tokenizer
 
 
@@ -38,6 +43,8 @@ def split_examples(data, split: str):
 def runs(example: Example) -> list[tuple[list[int], bool]]:
     """The example's tokens in runs of equal loss state: [(token ids, carries loss), ...]."""
     out: list[tuple[list[int], bool]] = []
+    if getattr(example, "task", None) in ("seq_cls", "seq2seq_lm"):  # the labels are not per input token
+        return [(list(example.input_ids), False)]
     for tok, label in zip(example.input_ids, example.labels, strict=True):
         loss = label != IGNORE_INDEX
         if out and out[-1][1] == loss:
@@ -62,7 +69,9 @@ def describe(example: Example, tokenizer) -> dict[str, Any]:
         # What `peftctl eval` generates from (the sequence's own first tokens) and the answer it expects.
         out["prompt_ids"] = example.prompt_ids
         out["reference"] = example.reference
-    if example.rejected is not None:
+    if getattr(example, "reference", None) is not None and "reference" not in out:
+        out["reference"] = example.reference  # seq2seq: the target
+    if getattr(example, "rejected", None) is not None:
         out["rejected"] = {k: v for k, v in describe(example.rejected, tokenizer).items()
                            if k in ("input_ids", "labels", "text", "tokens", "loss_tokens")}
     return out

@@ -216,27 +216,41 @@ def _truncate_pair(ids, mask, rej_ids, rej_mask, max_length: int):
     return (ids[over:], mask[over:]), (rej_ids[over:], rej_mask[over:])
 
 
+def render_rows(src: Source, formatter: Formatter, errors: list[str],
+                limit: int | None = None) -> Iterator[tuple[Row, Rendered | None]]:
+    """(row, its rendering) for each row of `src` (the first `limit` rows when given), parsed by the
+    source's `formatter`; a row that does not fit gives None and its message ("FILE row N: why")
+    appended to `errors`, and reading stops at MAX_ERRORS of them. The one place rows are parsed:
+    training (`tokenize_source`) and `peftctl validate` (`data.check`) both read them here."""
+    names = src.names
+    for n, row in enumerate(src.rows(), start=1):
+        if limit is not None and n > limit:
+            return
+        try:
+            yield row, formatter(row.value)
+        except RowError as e:
+            errors.append(f"{names[row.file]} row {row.number}: {e}")
+            yield row, None
+            if len(errors) >= MAX_ERRORS:
+                return
+
+
 def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableWriter, *, max_length: int,
                     truncation: str, prompts: bool, reporter: Reporter, label: str) -> Counts:
     """Read, render and tokenize every row of a source into `writer`; return the counts."""
     counts = Counts()
     errors: list[str] = []
-    names = src.names
     encoder = Tokenizer(tokenizer)
 
     def batches() -> Iterator[list[tuple[Row, Rendered]]]:
         batch: list[tuple[Row, Rendered]] = []
         reporter.start(src.estimated_rows(), f"tokenizing {label}", unit="rows")
-        for row in src.rows():
+        for row, rendered in render_rows(src, formatter, errors):
             counts.rows += 1
             if counts.rows % BATCH_ROWS == 0:
                 reporter.advance(counts.rows, {})
-            try:
-                batch.append((row, formatter(row.value)))
-            except RowError as e:
-                errors.append(f"{names[row.file]} row {row.number}: {e}")
-                if len(errors) >= MAX_ERRORS:
-                    break
+            if rendered is not None:
+                batch.append((row, rendered))
             if len(batch) >= BATCH_ROWS:
                 yield batch
                 batch = []

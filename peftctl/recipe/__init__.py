@@ -12,7 +12,8 @@ Files, each one concern:
 - `problems.py`: validation errors as `file:line path: message` with "did you mean";
 - `loading.py`: `load`, `loads`, `from_dict`, which put the above together;
 - `docs.py`: docs/recipe.md (`peftctl schema`); `foreign.py`: transformers', axolotl's and
-  LLaMA-Factory's names for the recipe's fields.
+  LLaMA-Factory's names for the recipe's fields (and "did you mean" from them); `translate.py`:
+  axolotl and LLaMA-Factory configs translated into recipes.
 
 Importing it imports no torch (`peftctl --help`, `validate` stay fast).
 """

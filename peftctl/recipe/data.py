@@ -103,11 +103,14 @@ class DataSection(Section):
         default="chat",
         description=(
             "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
-            "input?, output}; chat: {messages: [{role, content}, ...]} with an optional system turn, "
-            "rendered with the chat template; sharegpt: {conversations: [{from, value}, ...]} with "
-            "roles mapped (human: user, gpt: assistant, ...); preference: {prompt, chosen, rejected} as "
-            "strings or message lists (with train.objective sft trained on the chosen response; with dpo, "
-            "ipo, orpo or simpo on the pair); classification: {text, label}: the text, a newline, then the label as the "
+            "input?, output, system?} (both as plain text, prompt then response then EOS, or, when "
+            "chat_template is set, as a user turn and an assistant turn of that template); chat: "
+            "{messages: [{role, content, weight?}, ...]} with an optional system turn, rendered with "
+            "the chat template (an assistant message with weight 0 carries no loss); sharegpt: "
+            "{conversations: [{from, value}, ...]} with roles mapped (human: user, gpt: assistant, "
+            "...); preference: {prompt, chosen, rejected} as strings or message lists (with "
+            "train.objective sft trained on the chosen response; with dpo, ipo, orpo or simpo on the "
+            "pair); classification: {text, label}: the text, a newline, then the label as the "
             "response (exact match is then accuracy)."
         ),
     )
@@ -130,9 +133,10 @@ class DataSection(Section):
     chat_template: str | None = Field(
         default=None,
         description=(
-            "Chat template: unset uses the tokenizer's; a name (chatml, llama3, zephyr, mistral, "
-            "gemma, phi3) or an inline Jinja template overrides it. The template used is saved with "
-            "the adapter's tokenizer."
+            "Chat template: unset uses the tokenizer's (for chat, sharegpt and conversational "
+            "preference rows); a name (chatml, llama3, zephyr, mistral, gemma, phi3) or an inline "
+            "Jinja template overrides it, and then renders completion and alpaca rows too. The "
+            "template used is saved with the adapter's tokenizer."
         ),
         json_schema_extra=aka(axolotl="chat_template", llamafactory="template"),
     )

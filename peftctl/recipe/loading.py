@@ -4,6 +4,7 @@ paths, validate against the schema, and report every problem at once (`RecipeErr
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.overrides import parse_override, set_dotted
 from peftctl.recipe.paths import resolve_paths
 from peftctl.recipe.problems import problems_from_validation
-from peftctl.recipe.schema import Recipe
+from peftctl.recipe.schema import Recipe, field_at
 from peftctl.recipe.yamlfile import EXTENSION_PREFIX, huge_ints, parse_yaml
 
 
@@ -68,6 +69,13 @@ def loads(
         if err:
             problems.append(Problem(f"--set {text_}", None, "", err))
             continue
+        if (why := _comma_list(data, parts, value)) is not None:
+            problems.append(Problem(f"--set {text_}", None, ".".join(parts), why))
+            parent = data
+            for part in parts[:-1]:
+                parent = parent[part]
+            del parent[parts[-1]]  # one problem, said once
+            continue
         overridden[tuple(parts)] = text_
         overridden.update({k: text_ for k in created if k not in overridden})
     resolve_paths(data, Path.cwd(), keys_from=set(overridden))
@@ -89,6 +97,24 @@ def loads(
         raise RecipeError(problems)
     recipe._origin = (source, lines, overridden)
     return recipe
+
+
+def _comma_list(data: Any, parts: list[str], value: Any) -> str | None:
+    """Why `--set key=a,b` (a plain string of names and commas) for a field that takes a list is
+    refused: such a string is one value (for target_modules one regular expression, which no module
+    name with a comma matches), not the list it looks like. None when that is not the case."""
+    if not (isinstance(value, str) and re.fullmatch(r"[\w./\-]+(\s*,\s*[\w./\-]+)+", value)):
+        return None
+    try:
+        field = field_at(tuple(parts), data)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if "list" not in str(field.annotation):
+        return None
+    items = [v.strip() for v in value.split(",")]
+    regex = (f" (a string here is one regular expression matching whole module names, and no module is "
+             f"named {value!r})" if parts[-1] in ("target_modules", "exclude_modules") else "")
+    return f"{value!r} is one string, not a list{regex}; write a list: --set '{'.'.join(parts)}=[{', '.join(items)}]'"
 
 
 def from_dict(data: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Recipe:

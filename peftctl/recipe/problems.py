@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from peftctl.adapters.registry import METHODS
 from peftctl.errors import Problem
+from peftctl.recipe.foreign import familiar_hint
 from peftctl.recipe.origin import Key
 from peftctl.recipe.schema import model_at
 
@@ -27,6 +28,10 @@ def _message(err: dict[str, Any], path: Key, data: Any) -> str:
         parent = model_at(path[:-1], data)
         hint = ""
         if parent is not None:
+            where = ".".join(p for p in path[:-1] if isinstance(p, str))
+            familiar = familiar_hint(str(path[-1]), where, list(parent.model_fields))
+            if familiar:
+                return f"unknown field; {familiar}"
             close = difflib.get_close_matches(str(path[-1]), list(parent.model_fields), n=1, cutoff=0.6)
             if close:
                 hint = f"; did you mean '{close[0]}'?"

@@ -7,18 +7,19 @@ sections, and how to walk the schema from a dotted key to the class or field tha
 from __future__ import annotations
 
 import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from peftctl.adapters.registry import config_classes
+from peftctl.data.formats import TASK_FORMATS
 from peftctl.errors import Problem
 from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
 from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.train import TrainSection
-from peftctl.sections import ModelSection
+from peftctl.sections import OBJECTIVE_METRICS, TASK_METRICS, TASK_TYPES, ModelSection
 
 
 class TrackingSection(Section):
@@ -42,10 +43,34 @@ class TrackingSection(Section):
         description="MLflow experiment name.",
         json_schema_extra=aka(axolotl="mlflow_experiment_name"),
     )
+    wandb: bool = Field(
+        default=False,
+        description=(
+            "Log params and metrics to Weights & Biases (needs `wandb`), files in RUN_DIR/wandb; a resumed "
+            "run continues the same W&B run."
+        ),
+    )
+    wandb_project: str = Field(
+        default="peftctl", description="W&B project.", json_schema_extra=aka(axolotl="wandb_project"),
+    )
+    wandb_entity: str | None = Field(
+        default=None, description="W&B entity (user or team); unset: the account's default.",
+        json_schema_extra=aka(axolotl="wandb_entity"),
+    )
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        default="auto",
+        description=(
+            "online: sync to the W&B server as the run goes; offline: write the run's files only (upload "
+            "later with `wandb sync RUN_DIR/wandb/offline-run-*`); auto: online when an API key is set "
+            "(WANDB_API_KEY or `wandb login`) and the server answers within 3 seconds, else offline "
+            "(WANDB_MODE, when set, decides)."
+        ),
+        json_schema_extra=aka(axolotl="wandb_mode"),
+    )
     run_name: str | None = Field(
         default=None,
         description="Run name for the trackers; unset: the run folder's name.",
-        json_schema_extra=training_argument("run_name"),
+        json_schema_extra=training_argument("run_name", axolotl="wandb_name"),
     )
 
 
@@ -101,14 +126,6 @@ class Recipe(Section):
     )
     output: OutputSection = Field(description="Where the run writes.")
 
-    @field_validator("adapter")
-    @classmethod
-    def _causal_lm(cls, v: Any) -> Any:
-        # Runs load the base with AutoModelForCausalLM; the adapter file records CAUSAL_LM.
-        if getattr(v, "task_type", None) not in (None, "CAUSAL_LM"):
-            raise ValueError(f"task_type: peftctl trains causal language models; set CAUSAL_LM or leave it "
-                             f"unset (got {v.task_type})")
-        return v
 
     # Where each value was given (file, lines, --set flags), for problems found after validation.
     _origin: Any = PrivateAttr(default=None)
@@ -126,6 +143,34 @@ class Recipe(Section):
         if isinstance(data, dict) and isinstance(data.get("adapter"), dict):
             data = {**data, "adapter": {"method": "lora", **data["adapter"]}}
         return data
+
+    @model_validator(mode="after")
+    def _task_checks(self):
+        # The adapter file records model.task's PEFT task type; the data formats and metrics fit the task.
+        task = self.model.task_name
+        objective = self.train.objective
+        if objective != "sft" and task != "causal_lm":
+            raise ValueError(f"train.objective {objective} trains a causal language model on preference pairs; "
+                             f"model.task {task} cannot: use model.task causal_lm or train.objective sft")
+        given = getattr(self.adapter, "task_type", None)
+        if given is not None and str(getattr(given, "value", given)) != TASK_TYPES[task]:
+            raise ValueError(f"adapter.task_type {getattr(given, 'value', given)} does not match model.task {task} "
+                             f"({TASK_TYPES[task]}); set model.task, and leave adapter.task_type unset")
+        if task != "causal_lm" and self.data.packing:
+            raise ValueError(f"data.packing: model.task {task} trains on whole examples; packing is for causal_lm only")
+        formats = {self.data.format} | {s.format for s in [*self.data.train, *(self.data.eval or [])] if s.format}
+        if task == "causal_lm" and "token_classification" in formats:
+            raise ValueError("data.format token_classification needs model.task: token_cls")
+        if task != "causal_lm" and (wrong := sorted(formats - set(TASK_FORMATS[task]))):
+            raise ValueError(f"data.format {wrong[0]!r} does not fit model.task {task}; use "
+                             f"{' or '.join(TASK_FORMATS[task])}")
+        metric = self.train.best_metric
+        allowed = ("eval_loss", *TASK_METRICS[task], *OBJECTIVE_METRICS[objective])
+        if metric not in allowed:
+            what = f"train.objective {objective}" if objective != "sft" else f"model.task {task}"
+            raise ValueError(f"train.metric_for_best {self.train.metric_for_best!r}: {what} reports "
+                             f"{', '.join(allowed)}")
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self):

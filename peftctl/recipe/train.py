@@ -225,11 +225,30 @@ class TrainSection(Section):
         json_schema_extra=aka(axolotl="early_stopping_patience", llamafactory="early_stopping_steps"),
     )
     early_stopping_threshold: float = Field(
-        default=0.0, ge=0, description="An eval_loss counts as better only when lower by more than this."
+        default=0.0, ge=0,
+        description="A value of metric_for_best counts as better only when better by more than this.",
+    )
+    metric_for_best: str = Field(
+        default="eval_loss",
+        description=(
+            "The evaluation metric that early stopping and load_best_at_end watch: eval_loss, or one of "
+            "model.task's metrics: seq2seq_lm exact_match; seq_cls and token_cls accuracy, f1; or, with a "
+            "preference train.objective, one of its TRL metrics: rewards/accuracies, rewards/margins, "
+            "rewards/chosen, rewards/rejected, logps/chosen, logps/rejected (orpo also log_odds_ratio, "
+            "log_odds_chosen) (an eval_ prefix is accepted, as transformers writes them)."
+        ),
+        json_schema_extra=training_argument("metric_for_best_model"),
+    )
+    greater_is_better: bool | None = Field(
+        default=None,
+        description=("Whether a larger metric_for_best is better. Unset: false for eval_loss and the preference "
+                     "metrics of the rejected answers (rewards/rejected, logps/rejected), true for the others."),
+        json_schema_extra=training_argument("greater_is_better"),
     )
     load_best_at_end: bool = Field(
         default=False,
-        description="Save the adapter of the best evaluation (lowest eval_loss) as the run's adapter, not the last.",
+        description=("Save the adapter of the best evaluation (metric_for_best: lowest eval_loss by default) as "
+                     "the run's adapter, not the last."),
         json_schema_extra=training_argument("load_best_model_at_end", axolotl="load_best_model_at_end"),
     )
     skip_nonfinite_steps: int = Field(
@@ -299,6 +318,18 @@ class TrainSection(Section):
         ),
         json_schema_extra=aka(axolotl="lora_model_dir", llamafactory="adapter_name_or_path", **PATH),
     )
+
+    @property
+    def best_metric(self) -> str:
+        """metric_for_best as evaluations name it: eval_loss, or the metric's own name (accuracy, ...)."""
+        name = self.metric_for_best
+        return name if name == "eval_loss" else name.removeprefix("eval_")
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return self.best_metric != "eval_loss" and not self.best_metric.endswith("/rejected")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

@@ -176,12 +176,13 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     """Load the base model and tokenizer and attach a fresh adapter; input errors exit 2."""
     from peftctl import models
     from peftctl.adapters import TaskType, attach, io
+    from peftctl.sections import TASK_TYPES
 
     model, tokenizer = models.load(recipe.model, dtype=dtype, device_map=device_map)
     base_vocab = io.vocabulary_rows(model)  # before anything resizes the embeddings
     config = recipe.adapter.model_copy(update={
         "base_model_name_or_path": models.base_model_reference(recipe.model),
-        "task_type": recipe.adapter.task_type or TaskType.CAUSAL_LM.value,  # runs train causal LMs
+        "task_type": TaskType(TASK_TYPES[recipe.model.task_name]).value,  # PEFT's name for model.task
     })
     try:
         peft_model = attach(model, config)
@@ -190,6 +191,20 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
     # Saving compares the vocabulary with this: embeddings resized for new tokens are saved too.
     peft_model.base_model.base_vocab_size = base_vocab
     return peft_model, tokenizer
+
+
+def with_labels(recipe):
+    """The recipe with `model.labels` for seq_cls and token_cls: the recipe's own, else the training
+    data's label names, sorted (`data.tasks.label_names`; a bad row is an input error naming it). The
+    run writes them in its recipe.yaml, so that evaluating, merging and exporting it load the same head."""
+    from peftctl.sections import LABELLED_TASKS
+
+    task = recipe.model.task_name
+    if task not in LABELLED_TASKS or recipe.model.labels:
+        return recipe
+    from peftctl.data.tasks import label_names
+
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"labels": label_names(task, recipe.data)})})
 
 
 def resolved(recipe):
@@ -290,7 +305,7 @@ def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> s
     if summary.get("stop_reason") == "early_stopping" and cfg.early_stopping_patience is not None:
         since = checkpoint.read_state(ckpt).evals_since_best if ckpt is not None else None
         if since is None or since >= cfg.early_stopping_patience:
-            return (f"it stopped early at step {steps}: eval_loss had not improved for "
+            return (f"it stopped early at step {steps}: {cfg.best_metric} had not improved for "
                     f"{cfg.early_stopping_patience} evaluations")
     done = summary.get("examples_seen")
     if done is None:  # a summary written before examples were counted
@@ -300,6 +315,20 @@ def finished_run(resume: str | None, run_dir: Path, cfg, ckpt: Path | None) -> s
     if cfg.max_steps is None and target_examples(cfg, n) > done:
         return None
     return f"it completed {steps} steps ({done / n:.4g} epochs)"
+
+
+def resume_command(recipe, num_processes: int = 1) -> str:
+    """The command that continues this run: the recipe file and its --set flags as given (from where
+    the recipe says its values came), `--resume auto`; quoted for a POSIX shell."""
+    import shlex
+
+    source, _, overridden = recipe._origin or ("RECIPE", {}, {})
+    args = ["peftctl", "train", source]
+    for flag in dict.fromkeys(overridden.values()):
+        args += ["--set", flag]
+    if num_processes > 1:
+        args += ["--num-processes", str(num_processes)]
+    return shlex.join([*args, "--resume", "auto"])
 
 
 def resume_point(resume: str | None, run_dir: Path, run_recipe, hashes: Callable[[], dict[str, str]]):
@@ -457,6 +486,12 @@ def _on_main(accelerator, fn) -> None:
         raise error
 
 
+def best_record(state) -> dict[str, Any]:
+    """The evaluation record of the best step (its eval_loss and metrics)."""
+    found = [r for r in state.evals if r.get("step") == state.best_step]
+    return found[-1] if found else {"eval_loss": state.best_eval_loss}
+
+
 def already_finished(run_dir: Path, why: str, reporter: Reporter) -> dict[str, Any]:
     """A finished run started again: nothing is trained or written; its summary, with `nothing_trained`."""
     reporter.log(f"{run_dir}: the run has already finished ({why}); nothing to train. To train on, "
@@ -502,6 +537,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         raise InputError("model.quantization: a quantized base is not sharded by FSDP here; train it on one GPU "
                          "per process with DDP (configs/ddp.yaml), each holding the whole quantized model")
     dtype = models.resolve_dtype(recipe.model.dtype)
+    recipe = with_labels(recipe)  # seq_cls / token_cls: the head's labels, before anything else is decided
     run_recipe = resolved(recipe)
     cfg = run_recipe.train
     # Before anything is read: a run in progress has not said how it ends. Checked by the main process
@@ -532,7 +568,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     model, tokenizer = prepare_model(recipe, dtype=dtype, device_map=device_map)
     check_model(recipe, model, tokenizer)
     dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed,
-                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter)
+                             attention=packed_attention(model, cfg, accelerator.device), reporter=reporter,
+                             task=recipe.model.task_name, labels=recipe.model.labels)
     check_data(dataset, accelerator.num_processes)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
@@ -651,15 +688,26 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                     state.trackers["mlflow_run_id"] = mlf.run_id
                     summary["mlflow"] = {"tracking_uri": mlf.uri, "run_id": mlf.run_id}
                     sinks.append(mlf)
+                if recipe.tracking.wandb:
+                    wb = trackers.WandB(recipe.tracking, run.path, recipe.tracking.run_name or run.path.name,
+                                        trackers.flat_params(run_recipe.model_dump(mode="json")),
+                                        state.trackers.get("wandb_run_id"))
+                    state.trackers["wandb_run_id"] = wb.run_id
+                    summary["wandb"] = {"mode": wb.mode, "run_id": wb.run_id, "dir": wb.dir}
+                    if wb.why_offline:
+                        reporter.log(f"wandb: offline ({wb.why_offline}); upload later with: wandb sync {wb.dir}")
+                    sinks.append(wb)
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
                 stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks, ref_logps=ref_logps,
+                eval_tokenizer={"tokenizer": tokenizer, "id2label": dict(enumerate(recipe.model.labels or []))},
             )
             if ended == "interrupted":
                 summary.update(status="interrupted", stop_reason=stop.name)
                 raise Interrupted(stop.signum, f"interrupted by {stop.name} at step {state.step}; "
-                                  f"{where_to_resume()}; continue with --resume auto")
+                                  f"{where_to_resume()}; continue with: "
+                                  f"{resume_command(recipe, accelerator.num_processes)}")
             if hooks:
                 hooks.end()  # after the last step, before the run's adapter is saved
             save_final(run.path, unwrapped, tokenizer, state, cfg, fsdp, main, reporter)
@@ -667,7 +715,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     except StopNow as e:
         summary.update(status="interrupted", stop_reason=f"{e} (second signal)")
         raise Interrupted(e.signum, f"stopped at once by a second {e} during step {state.step + 1}; "
-                          f"{where_to_resume()}") from None
+                          f"{where_to_resume()}; continue with: "
+                          f"{resume_command(recipe, accelerator.num_processes)}") from None
     except Diverged as e:
         summary.update(status="diverged", stop_reason=e.reason, error=str(e))
         # A collapse first seen at step `since` was made by the update of the step before: the
@@ -700,7 +749,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             train_loss=state.last_loss,
             final_eval=state.evals[-1] if state.evals else None,
             best_eval=None if state.best_step is None else {
-                "eval_loss": state.best_eval_loss, "step": state.best_step,
+                **{k: v for k, v in best_record(state).items() if k != "step"},
+                "metric": cfg.best_metric, "step": state.best_step,
                 "checkpoint": f"{checkpoint.CHECKPOINTS}/{best_ckpt}"
                 if (run.path / checkpoint.CHECKPOINTS / best_ckpt).is_dir() else None,
             },

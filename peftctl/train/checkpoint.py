@@ -393,7 +393,8 @@ def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: 
 # ---- what a resumed recipe may change ----------------------------------------------------------------
 
 # Changing these makes the checkpoint a different run: refused.
-_MUST_MATCH = ("model.name_or_path", "model.revision", "model.tokenizer", "adapter.", "data.", "train.seed")
+_MUST_MATCH = ("model.name_or_path", "model.revision", "model.tokenizer", "model.task", "model.labels", "adapter.", "data.",
+               "train.seed")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from peftctl.constants import IGNORE_INDEX
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
-from peftctl.loss import eval_loss, inner_model, loss_sum, prepare
+from peftctl.loss import count_loss_tokens, eval_loss, inner_model, loss_sum, prepare
 from peftctl.preference import Objective, eval_metrics, eval_sums, micro_step, pair_batch
 from peftctl.train.checkpoint import TrainState
 from peftctl.ui import Reporter
@@ -124,7 +123,7 @@ class MicroBatch:
 
     def __init__(self, batch: dict[str, torch.Tensor], real: bool, indices: list[int] | None = None, pair=None):
         self.batch, self.weight, self.indices, self.pair = batch, 1.0 if real else 0.0, indices, pair
-        self.loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
+        self.loss_tokens = count_loss_tokens(batch) if real else 0
         if pair is not None and real:
             self.loss_tokens = int(pair.lengths.sum())  # the answers' tokens (orpo's labels cover more)
         self.input_tokens = count_input_tokens(batch) if real else 0
@@ -186,12 +185,15 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics: Callable[[dict[str, Any]], None],
         checkpoint: Callable[[TrainState], None],
         stop_signal: Callable[[], bool],
-        reporter: Reporter, hooks=None, ref_logps: dict[str, torch.Tensor] | None = None) -> str:
+        reporter: Reporter, hooks=None, ref_logps: dict[str, torch.Tensor] | None = None,
+        eval_tokenizer: dict[str, Any] | None = None) -> str:
     """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted.
     `hooks` (a `peftctl.adapters.hooks.HookSet`, false when empty): the adapter method's loss terms,
     added to each step's objective once, and its action after each update, before gradients are zeroed.
     `ref_logps`: precomputed reference log-probabilities ("train", "eval": (N, 2) host tensors) of a
-    preference objective that needs them (`train.precompute_ref_log_probs`)."""
+    preference objective that needs them (`train.precompute_ref_log_probs`).
+    `eval_tokenizer`: {"tokenizer", "id2label"} for the evaluations of a task other than causal LM
+    (`metrics.task_metrics`: generation, tag names); early stopping watches `train.metric_for_best`."""
     cfg = recipe.train
     objective = Objective.of(cfg)
     pairs = objective.pairs
@@ -211,11 +213,38 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         t = torch.tensor(values, dtype=torch.float64, device=device)
         return accelerator.reduce(t, reduction="sum").tolist()
 
-    def run_eval(step: int) -> bool:
-        """Evaluate; record the metrics; return whether eval_loss improved on the best so far."""
-        model.eval()
+    task = getattr(eval_examples[0], "task", "causal_lm") if eval_examples else "causal_lm"
+    metric, greater = cfg.best_metric, cfg.best_is_greater
+
+    def pair_evaluate() -> dict[str, Any]:
+        """A preference objective's eval_loss and TRL's metrics (`preference.eval_metrics`)."""
+        ref = ref_logps.get("eval")
+        if accelerator.distributed_type == DistributedType.FSDP:
+            sums = eval_sums(objective, model, eval_examples, recipe.eval.batch_size, pad_id, device, ref)
+        else:
+            rank = accelerator.process_index
+            sums = reduce(*eval_sums(objective, accelerator.unwrap_model(model), eval_examples[rank::world],
+                                     recipe.eval.batch_size, pad_id, device,
+                                     None if ref is None else ref[rank::world]))
+        return eval_metrics(objective, sums)
+
+    def evaluate() -> dict[str, Any]:
         if pairs:
-            return run_pair_eval(step)
+            return pair_evaluate()
+        if task != "causal_lm":
+            # Every process evaluates all examples through the unwrapped model (a few hundred
+            # forwards at most), so that F1 and exact match need no gathering of predictions.
+            from peftctl.metrics import task_metrics
+
+            tok = eval_tokenizer or {}
+            found = task_metrics(accelerator.unwrap_model(model), tok.get("tokenizer"), eval_examples,
+                                 recipe.eval.batch_size, device, id2label=tok.get("id2label"),
+                                 max_new_tokens=recipe.eval.max_new_tokens, exact_match=recipe.eval.exact_match)
+            found.pop("samples", None)
+            record = {"eval_loss": found.pop("eval_loss"), "eval_tokens": found.pop("eval_tokens")}
+            if task == "seq2seq_lm":
+                record["eval_perplexity"] = math.exp(min(record["eval_loss"], 50))
+            return record | {f"eval_{k}": v for k, v in found.items()}
         if accelerator.distributed_type == DistributedType.FSDP:
             # Every forward of a sharded model is collective: each process runs the same batches.
             loss, n = eval_loss(model, eval_examples, recipe.eval.batch_size, pad_id, device)
@@ -225,32 +254,24 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             shard = eval_examples[accelerator.process_index :: world]
             loss, n = reduce(*eval_loss(accelerator.unwrap_model(model), shard, recipe.eval.batch_size,
                                         pad_id, device))
-        model.train()
-        record = {"step": step, "eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)),
-                  "eval_tokens": int(n)}
-        return record_eval(step, record, f"perplexity {record['eval_perplexity']:.3f}")
+        return {"eval_loss": loss / n, "eval_perplexity": math.exp(min(loss / n, 50)), "eval_tokens": int(n)}
 
-    def run_pair_eval(step: int) -> bool:
-        ref = ref_logps.get("eval")
-        if accelerator.distributed_type == DistributedType.FSDP:
-            sums = eval_sums(objective, model, eval_examples, recipe.eval.batch_size, pad_id, device, ref)
-        else:
-            rank = accelerator.process_index
-            sums = reduce(*eval_sums(objective, accelerator.unwrap_model(model), eval_examples[rank::world],
-                                     recipe.eval.batch_size, pad_id, device,
-                                     None if ref is None else ref[rank::world]))
+    def run_eval(step: int) -> bool:
+        """Evaluate; record the metrics; return whether metric_for_best improved on the best so far
+        (kept in `state.best_eval_loss`, whichever metric it is)."""
+        model.eval()
+        record = {"step": step, **evaluate()}
         model.train()
-        record = {"step": step, **eval_metrics(objective, sums)}
-        return record_eval(step, record, f"reward accuracy {record['eval_rewards/accuracies']:.3f}  "
-                                         f"margin {record['eval_rewards/margins']:.4f}")
-
-    def record_eval(step: int, record: dict[str, Any], shown: str) -> bool:
         write_metrics(record)
         state.evals.append(record)
-        reporter.log(f"step {step}: eval_loss {record['eval_loss']:.4f}  {shown}")
+        shown = "  ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
+                          if k not in ("step", "eval_tokens", "eval_pairs"))
+        reporter.log(f"step {step}: eval {shown}")
+        value = record["eval_loss" if metric == "eval_loss" else f"eval_{metric}"]
         best = state.best_eval_loss
-        if best is None or record["eval_loss"] < best - cfg.early_stopping_threshold:
-            state.best_eval_loss, state.best_step, state.evals_since_best = record["eval_loss"], step, 0
+        thr = cfg.early_stopping_threshold
+        if best is None or (value > best + thr if greater else value < best - thr):
+            state.best_eval_loss, state.best_step, state.evals_since_best = value, step, 0
             return True
         state.evals_since_best += 1
         return False
@@ -437,7 +458,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             reporter.stop()
             return "interrupted"
         if patience_out:
-            reporter.log(f"step {step}: eval_loss has not improved for {state.evals_since_best} "
+            reporter.log(f"step {step}: {metric} has not improved for {state.evals_since_best} "
                          f"evaluations (best {state.best_eval_loss:.4f} at step {state.best_step}); stopping")
             reporter.stop()
             return "early_stopping"

@@ -11,7 +11,6 @@ estimate per device (`peftctl.memory`, for the longest micro-batch the data can 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         resolved,
         resume_point,
         trackers,
+        with_labels,
     )
     from peftctl.train.loop import examples_in_steps, total_steps
     from peftctl.train.optim import warmup_steps
@@ -53,15 +53,17 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     cfg = recipe.train
     # As train does, in train's order.
     refuse_in_use(Path(recipe.output.dir))
+    recipe = with_labels(recipe)
     hashes = functools.cache(lambda: data_hashes(recipe.data))
-    ckpt, _, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe), hashes)
+    ckpt, changes, finished = resume_point(resume, Path(recipe.output.dir), resolved(recipe), hashes)
     hashes()  # the data files found and read before the model (train digests them here)
     trackers.check_installed(recipe.tracking)
     tokenizer = models.load_tokenizer(recipe.model)
     # The model on the meta device, with the adapter attached; then what train checks of it.
     built = meta_model(recipe)
     check_model(recipe, built[0], tokenizer)
-    dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed, attention=built[0].config._attn_implementation)
+    dataset = data_lib.build(recipe.data, tokenizer, seed=cfg.seed, attention=built[0].config._attn_implementation,
+                             task=recipe.model.task_name, labels=recipe.model.labels)
     check_data(dataset, num_processes)
     done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
     steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
@@ -71,7 +73,11 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     # The longest micro-batch pads every row to its longest sequence.
     workload = budget.workload(dataset.train, cfg.batch_size, pairs=cfg.objective != "sft")
     inspected = inspect_recipe(recipe, workload, built=built)
-    checkpoints = 0 if cfg.save_every is None else math.ceil(steps / cfg.save_every)
+    # The periodic checkpoints this invocation writes (train.loop: every save_every steps and at the
+    # last step), from the step it starts at.
+    checkpoints = 0 if cfg.save_every is None or steps <= done.step else (
+        steps // cfg.save_every - done.step // cfg.save_every + (steps % cfg.save_every != 0))
+    keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
     return {
         "dry_run": True,
         "model": recipe.model.name_or_path,
@@ -93,7 +99,11 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "mean_example_tokens": round(mean_len, 1),
         "tokens": int(steps * global_batch * mean_len),  # the expected count, without padding
         "checkpoints": checkpoints,
+        "checkpoints_kept": checkpoints if cfg.keep_checkpoints is None else min(checkpoints, cfg.keep_checkpoints),
+        # and one at each evaluation that improves on the best eval loss (not counted: data-dependent)
+        "checkpoints_at_best_eval": bool(keep_best and len(dataset.eval or [])),
         "resume_from": str(ckpt) if ckpt else None,
+        "resume_changes": changes,  # what the real run logs as "resuming from ... with recipe changes"
         "nothing_to_train": finished,  # a finished run: why `train` would train nothing
         "memory_estimate_bytes": inspected["memory"],
         "memory_plan": inspected["memory"]["memory_plan"],
@@ -106,11 +116,13 @@ def meta_model(recipe):
     """(the PeftModel a run of `recipe` trains, built on the meta device (`models.meta_model`);
     the model config; dtype). An adapter that does not fit the model is an input error."""
     from peftctl import models
-    from peftctl.adapters import attach
+    from peftctl.adapters import TaskType, attach
+    from peftctl.sections import TASK_TYPES
 
     model, config, dtype = models.meta_model(recipe.model)
+    adapter = recipe.adapter.model_copy(update={"task_type": TaskType(TASK_TYPES[recipe.model.task_name]).value})
     try:
-        return attach(model, recipe.adapter), config, dtype
+        return attach(model, adapter), config, dtype
     except (ValueError, TypeError) as e:
         raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
 
