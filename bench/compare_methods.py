@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "methods"
 # The table's order: LoRA first (the reference), then the others as issue 11 lists them.
-ORDER = ["lora", "dora", "ia3", "adalora", "vera", "loha", "lokr"]
+ORDER = ["lora", "dora", "ia3", "adalora", "vera", "loha", "lokr", "prompt_tuning", "p_tuning", "prefix_tuning"]
 
 
 def available() -> list[str]:

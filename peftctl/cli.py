@@ -392,6 +392,10 @@ def eval_(
     recipe: RecipeArg,
     adapter: Annotated[Path | None, typer.Option(help="Run folder (or adapter folder) to evaluate.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Evaluate the base model without adapter.")] = False,
+    predictions: Annotated[Path | None, typer.Option(
+        help="Write every answered example (input, reference, prediction, whether it matched; for "
+             "classification the label's probability) to this JSON-lines file.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --predictions file.")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -401,8 +405,11 @@ def eval_(
 
     if base and adapter is not None:
         raise InputError("give --adapter or --base, not both")
+    if overwrite and predictions is None:
+        raise InputError("--overwrite applies to --predictions, which is not given")
     r = _load_recipe(recipe, set_)
-    result = evaluate(r, adapter=adapter, base=base, reporter=_reporter())
+    result = evaluate(r, adapter=adapter, base=base, reporter=_reporter(), predictions=predictions,
+                      overwrite=overwrite)
 
     def render(res):
         out = _stdout()
@@ -422,8 +429,168 @@ def eval_(
             for s in res["samples"][:3]:
                 mark = "✓" if s["correct"] else "✗"
                 out.print(f"    {mark} {s['prediction']!r} (reference {s['reference']!r})", markup=False)
+        if res.get("predictions"):
+            out.print(f"  predictions in {res['predictions']}", markup=False)
 
     _emit(result, json_, render)
+
+
+TargetArg = Annotated[str, typer.Argument(
+    help="A run or adapter folder, a merged or plain model folder, a .gguf file or the built-in alias.",
+    show_default=False)]
+AdapterNameOpt = Annotated[str | None, typer.Option(
+    "--adapter", help="Which adapter of a folder that holds several (PEFT's layout: 'default' at the top, "
+                      "each other in a subfolder of its name).", show_default=False)]
+BaseOpt = Annotated[bool, typer.Option("--base", help="The run's base model without its adapter (same tokenizer "
+                                                      "and template), to compare.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0: greedy decoding; above 0: sampling at this temperature.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens up to "
+                                                               "this total probability (with --temperature > 0).",
+                                               show_default=False)]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed for sampling (with --temperature > 0).",
+                                             show_default=False)]
+
+
+def _streamer(gen):
+    """A TextStreamer printing the answer as it is made, when stdout is a terminal; else None."""
+    if not sys.stdout.isatty():
+        return None
+    from transformers import TextStreamer
+
+    return TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@app.command()
+@handled
+def generate(
+    target: TargetArg,
+    prompt: Annotated[str | None, typer.Option(help="The prompt (a user message when the model has a chat "
+                                                    "template).", show_default=False)] = None,
+    input_: Annotated[Path | None, typer.Option(
+        "--input", help="A JSON-lines file: one prompt (a JSON string) or list of messages a line.",
+        show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the results (JSON lines) to this file instead of stdout.",
+        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
+    adapter: AdapterNameOpt = None,
+    base: BaseOpt = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Give the model the prompt text as it is (no chat template, "
+                                                    "no data format).")] = False,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Answer a prompt, or every line of a JSON-lines file, with a run's model (or any model): rendered as
+    the run's training rendered prompts (its chat template), greedy unless --temperature > 0.
+
+    --prompt prints the answer (streamed on a terminal); --input prints one JSON line per prompt
+    {"line", "prompt", "output", "new_tokens", "finish_reason"} (--output: into that file, written
+    atomically). --json prints one object instead: the answer's fields, or {"results": [...]}."""
+    from peftctl import generate as gen_lib
+    from peftctl.errors import InputError
+    from peftctl.fsio import check_output_file
+
+    if (prompt is None) == (input_ is None):
+        raise InputError("give --prompt TEXT or --input FILE.jsonl (one of the two)")
+    if overwrite and output is None:
+        raise InputError("--overwrite applies to --output, which is not given")
+    sampling = gen_lib.Sampling(max_new_tokens, temperature, top_p, seed)
+    prompts = gen_lib.read_prompts(input_) if input_ is not None else None  # a bad line before any loading
+    if output is not None:
+        check_output_file(output, "--output", overwrite, hint="choose another path or pass --overwrite")
+    gen = gen_lib.load(target, adapter_name=adapter, base=base, raw=raw, reporter=_reporter())
+    head = {"model": gen.source, "adapter": gen.adapter}
+    if prompts is None:
+        prompts = [(None, prompt)]
+        ids = [_placed(lambda: gen.prompt_ids(prompt), "--prompt")]
+    else:
+        ids = gen_lib.render_all(gen, prompts, input_)  # every line rendered before any is answered
+    if input_ is None and output is None and not json_:
+        streamer = _streamer(gen)
+        answer = gen.generate(ids[0], sampling, streamer)
+        if streamer is None:
+            sys.stdout.write(answer.text + "\n")
+        return
+    rows = gen_lib.answer_file(gen, prompts, ids, sampling, reporter=_reporter())
+    if input_ is None:
+        rows = ({k: v for k, v in row.items() if k != "line"} for row in rows)
+    if output is not None:
+        n = gen_lib.write_jsonl(output, rows)
+        _emit({**head, "output": str(output), "prompts": n}, json_,
+              lambda res: _stdout().print(f"{res['prompts']} answer(s) in {res['output']}", markup=False))
+    elif json_:
+        results = list(rows)
+        _write_json({**head, **results[0]} if input_ is None else {**head, "results": results})
+    else:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+
+def _placed(fn, flag: str):
+    """`fn()`, with its ValueError an input error naming the flag."""
+    from peftctl.errors import InputError
+
+    try:
+        return fn()
+    except ValueError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+@app.command()
+@handled
+def chat(
+    target: TargetArg,
+    adapter: AdapterNameOpt = None,
+    base: BaseOpt = False,
+    system: Annotated[str | None, typer.Option(help="A system message that opens the conversation.",
+                                               show_default=False)] = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+) -> None:
+    """Talk with a run's model (or any chat model), turn by turn, rendered with its chat template.
+
+    Reads your messages from stdin, one a line (so a conversation can be piped in); each answer goes
+    to stdout. /reset forgets the conversation; /exit or end of input (Ctrl-D) ends it."""
+    from peftctl import generate as gen_lib
+
+    sampling = gen_lib.Sampling(max_new_tokens, temperature, top_p, seed)
+    gen = gen_lib.load(target, adapter_name=adapter, base=base, reporter=_reporter())
+    session = gen_lib.Chat(gen, sampling, system=system)
+    interactive = sys.stdin.isatty()
+    err = _stderr()
+    if interactive:
+        err.print(f"chatting with {gen.source}: /reset forgets the conversation, /exit or Ctrl-D ends it", markup=False)
+    while True:
+        if interactive:
+            err.print("[bold]>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            if interactive:
+                err.print()
+            return
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            if interactive:
+                err.print("(conversation forgotten)")
+            continue
+        if not command:
+            continue
+        streamer = _streamer(gen)
+        answer = session.say(text, streamer)
+        if streamer is None:
+            sys.stdout.write(answer.text + "\n")
+            sys.stdout.flush()
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,21 @@ def _normalize(text: str) -> str:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-             device, reporter: Reporter | None = None) -> list[str]:
-    """Greedy answers to tokenized prompts, batched by similar length (left padding)."""
+             device, reporter: Reporter | None = None, probabilities: list[float] | None = None) -> list[str]:
+    """Greedy answers to tokenized prompts, batched by similar length (left padding).
+
+    `probabilities`: a list that gets, for each answer in order, the probability the model gives it
+    (temperature 1): the product over its tokens, the EOS that ends it included, of softmax(logits)
+    at the chosen token, from generate's raw logits (float32). For an answer cut at max_new_tokens it
+    is the probability of the tokens made."""
     import torch
 
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-    eos.discard(None)
+    from peftctl.models import stop_token_ids
+
+    eos = set(stop_token_ids(model, tokenizer))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    probs: list[float] = [0.0] * len(prompts)
     pad = tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -34,24 +40,56 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
         for row, i in enumerate(idx):
             ids[row, length - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, length - len(prompts[i]) :] = 1
+        extra = {"return_dict_in_generate": True, "output_logits": True} if probabilities is not None else {}
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos),
+                do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos), **extra,
             )
+        sequences = out.sequences if probabilities is not None else out
         for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, length:], skip_special_tokens=True)
+            answers[i] = tokenizer.decode(sequences[row, length:], skip_special_tokens=True)
+            if probabilities is not None:
+                logp = 0.0
+                for t, tok in enumerate(sequences[row, length:].tolist()):
+                    logp += torch.log_softmax(out.logits[t][row].float(), -1)[tok].item()
+                    if tok in eos:
+                        break
+                probs[i] = math.exp(logp)
         if reporter:
             reporter.advance(min(start + batch_size, len(order)), {})
+    if probabilities is not None:
+        probabilities.extend(probs)
     return answers
 
 
+def is_classification(data) -> bool:
+    """Whether every eval source of a recipe's data section is `format: classification` (the text, a
+    newline, the label as the answer): its predictions then carry the label's probability."""
+    sources = data.eval or data.train
+    return all((s.format or data.format) == "classification" for s in sources)
+
+
+def prediction_row(example, tokenizer, prediction: str, correct: bool, probability: float | None) -> dict[str, Any]:
+    """One line of `--predictions`: where the example comes from ("FILE row N"), its input (the prompt
+    as the model read it, special tokens included), the reference answer, the prediction, whether
+    they match (exact match: equal after collapsing whitespace) and, for classification, the
+    probability the model gives its predicted label."""
+    row = {"source": example.source, "input": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
+           "reference": example.reference, "prediction": prediction, "correct": correct}
+    if probability is not None:
+        row["probability"] = probability
+    return row
+
+
 def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = None, objective=None,
-          ref=None) -> dict[str, Any]:
+          ref=None, predictions: list[dict[str, Any]] | None = None, classification: bool = False) -> dict[str, Any]:
     """eval_loss (mean over loss tokens), perplexity, and exact match where references exist. With a
     preference `objective` (`preference.Objective`) on pairs: its eval_loss and TRL's metrics
     (eval_rewards/accuracies, ...; `ref`: (N, 2) reference log-probabilities, else the model with
-    its adapters disabled), and exact match on the chosen answers."""
+    its adapters disabled), and exact match on the chosen answers.
+    `predictions`: a list that gets a `prediction_row` for every scored example, in data order (with
+    the label's probability when `classification`)."""
     from peftctl.loss import eval_loss
 
     reporter = reporter or Reporter()
@@ -72,8 +110,9 @@ def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = N
     scored = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
     if cfg.exact_match and scored:
         reporter.start(len(scored), "generate", unit="answers")
+        probs: list[float] | None = [] if predictions is not None and classification else None
         answers = generate(model, tokenizer, [e.prompt_ids for e in scored], cfg.batch_size,
-                           cfg.max_new_tokens, device, reporter)
+                           cfg.max_new_tokens, device, reporter, probabilities=probs)
         reporter.stop()
         hits = [_normalize(a) == _normalize(e.reference) for a, e in zip(answers, scored, strict=True)]
         result["exact_match"] = sum(hits) / len(hits)
@@ -82,6 +121,11 @@ def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = N
             {"reference": e.reference, "prediction": a.strip(), "correct": h}
             for a, e, h in list(zip(answers, scored, hits, strict=True))[:5]
         ]
+        if predictions is not None:
+            predictions.extend(
+                prediction_row(e, tokenizer, a.strip(), h, probs[k] if probs is not None else None)
+                for k, (a, e, h) in enumerate(zip(answers, scored, hits, strict=True))
+            )
     return result
 
 
@@ -101,17 +145,28 @@ def _with_run_labels(recipe, run):
 
 
 def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
-             reporter: Reporter | None = None) -> dict[str, Any]:
-    """Evaluate the recipe's base model, or it with an adapter (default: the recipe's run folder)."""
+             reporter: Reporter | None = None, predictions: str | Path | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate the recipe's base model, or it with an adapter (default: the recipe's run folder).
+
+    `predictions`: a JSON-lines file to write (atomically) with one `prediction_row` per example
+    that has a reference answer, in data order; an existing file is refused unless `overwrite`, and
+    the path is checked before anything loads. The result then names it (`predictions`)."""
     import torch
 
     from peftctl import data as data_lib
     from peftctl import models, runs
     from peftctl.adapters.io import has_adapter
+    from peftctl.fsio import atomic_file, check_output_file
 
     reporter = reporter or Reporter()
     if recipe.data.eval is None and recipe.data.eval_split is None:  # before anything loads
         raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
+    if predictions is not None:
+        check_output_file(predictions, "--predictions", overwrite, hint="choose another path or pass --overwrite")
+        if not recipe.eval.exact_match:
+            raise InputError("--predictions: eval.exact_match is off in the recipe, so no answer is generated; "
+                             "set eval.exact_match: true")
     if not base and adapter is None:
         adapter = recipe.output.dir
         if not has_adapter(adapter):
@@ -132,6 +187,10 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     if not dataset.eval:
         raise InputError("no eval data: set data.eval or data.eval_split in the recipe")
     examples = dataset.eval[: recipe.eval.max_examples] if recipe.eval.max_examples else dataset.eval
+    if predictions is not None and recipe.model.task_name == "causal_lm" and \
+            not any(e.prompt_ids is not None and e.reference is not None for e in examples):
+        raise InputError(f"--predictions: no eval example has a reference answer to predict (format "
+                         f"{recipe.data.format!r} gives none); use data with responses")
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     models.set_pad_token(model, tokenizer)
@@ -155,6 +214,7 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     if rows is not None:
         models.check_token_ids(tokenizer.get_vocab(), rows,
                                models.tokenizer_name(recipe.model) if base else f"{adapter}: the run's tokenizer")
+    rows: list[dict[str, Any]] | None = [] if predictions is not None else None
     if recipe.model.task_name != "causal_lm":
         from peftctl.metrics import task_metrics
 
@@ -162,11 +222,18 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
         result = {"examples": len(examples), **task_metrics(
             model, tokenizer, examples, recipe.eval.batch_size, device,
             id2label=dict(enumerate(recipe.model.labels or [])), max_new_tokens=recipe.eval.max_new_tokens,
-            exact_match=recipe.eval.exact_match)}
+            exact_match=recipe.eval.exact_match, predictions=rows)}
         if "exact_match" in result:
             result["exact_match_n"] = len(examples)
         if recipe.model.task_name == "seq2seq_lm":
             result["perplexity"] = math.exp(min(result["eval_loss"], 50))
     else:
-        result = score(model, tokenizer, examples, recipe.eval, device, reporter, objective, ref)
-    return {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}
+        result = score(model, tokenizer, examples, recipe.eval, device, reporter, objective, ref, predictions=rows,
+                       classification=is_classification(recipe.data))
+    result = {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}
+    if rows is not None:
+        with atomic_file(predictions) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        result["predictions"] = str(predictions)
+    return result

@@ -220,6 +220,20 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     return path
 
 
+def check_output_file(path: str | os.PathLike, what: str = "output file", overwrite: bool = False,
+                      hint: str = "choose another path") -> Path:
+    """Check, before any work, that `path` can be written as a file (with `atomic_file`): its folder
+    can be an output folder (`check_output_dir`), it is not a folder, and it does not exist unless
+    `overwrite` (nothing the user had is replaced unasked). An input error naming the path otherwise."""
+    path = Path(path)
+    check_output_dir(path.parent, f"{what} {path}: the folder")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(f"{what} {path} exists; {hint}")
+    return path
+
+
 def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 

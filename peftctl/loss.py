@@ -46,6 +46,15 @@ def inner_model(model):
     return model
 
 
+def prepended_tokens(model) -> int:
+    """Virtual tokens the model's adapter puts before each sequence in its output (prompt tuning,
+    P-tuning: `PeftModel.prepended_tokens`); 0 for every other model."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    count = getattr(type(model), "prepended_tokens", None)
+    return count(model) if count is not None else 0
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -152,18 +161,20 @@ def loss_sum(model, batch: dict[str, torch.Tensor], plan: LossPlan | None = None
     inner = inner_model(model)
     if _accepts(type(inner).forward, "use_cache"):
         kwargs["use_cache"] = False  # a loss needs no KV cache (transformers builds one by default)
+    # Positions the output holds before the batch's own (a prompt-learning adapter's virtual tokens).
+    skip = prepended_tokens(model)
     if not _accepts_logits_to_keep(type(inner).forward):
-        logits = model(**kwargs).logits
+        logits = model(**kwargs).logits[:, skip:]
         return _cross_entropy(logits, plan.targets), plan.n_tokens
     head = plain_head(inner)
     if head is None:
-        logits = model(**kwargs, logits_to_keep=plan.positions).logits
+        logits = model(**kwargs, logits_to_keep=plan.positions + skip).logits
         return _cross_entropy(logits, plan.targets[:, plan.positions]), plan.n_tokens
     # The head passes its input through for this call (an instance attribute shadows the class's
     # forward), so the model returns the hidden states and no logits are computed.
     head.forward = _identity
     try:
-        hidden = model(**kwargs, logits_to_keep=0).logits
+        hidden = model(**kwargs, logits_to_keep=0).logits[:, skip:]
     finally:
         del head.forward
     hidden = hidden.reshape(-1, hidden.shape[-1])

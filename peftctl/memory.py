@@ -272,6 +272,9 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
     per_layer += int(b * sum(m.saved_activations()[1] for m in adapted) / max(layers, 1))
     tokens = workload.batch * workload.seq_len
     loss_tokens = max(1, int(tokens * workload.loss_fraction))
+    # A prompt-learning adapter's virtual tokens run through every layer with each sequence.
+    prepended = getattr(type(peft_model), "prepended_tokens", None)
+    tokens += workload.batch * (prepended(peft_model) if prepended else 0)
     # Kept whether or not layers are checkpointed: the final norm's input, one layer's gradients
     # during its backward, one dequantized weight.
     always = tokens * (norm + b * (3 * inter + 2 * hidden)) + largest_quantized * b

@@ -228,6 +228,10 @@ def _trained_logits(runs_: list, spec, weights, combination_type, density, svd_r
     return probe_logits(model, tokenizer)
 
 
+# Adapters that change the model's input, not its weights: nothing to merge.
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
 def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = None,
                  combination_type: str | None = None, density: float | None = None,
                  svd_rank: int | None = None, reporter: Reporter | None = None):
@@ -241,6 +245,11 @@ def merged_model(run_dirs: list[str | Path], *, weights: list[float] | None = No
     weights, combination_type = _check_options(len(run_dirs), weights, combination_type, None, False, None,
                                                density=density, svd_rank=svd_rank)
     runs_ = [runs.read_run(d) for d in run_dirs]
+    for r in runs_:  # before any weights load
+        if r.adapter_config.get("peft_type") in PROMPT_TYPES:
+            raise InputError(f"{r.path}: a {r.adapter_config['peft_type']} adapter cannot be merged into the model: it "
+                             "adds virtual tokens to the input (or keys and values before it), not a change to any "
+                             "weight; deploy the base model with the adapter (`peftctl export RUN --format peft`)")
     combination_type = _combination_for(runs_, weights, given) or combination_type
     spec = runs_[0].model_section
     report: dict[str, Any] = {}

@@ -104,14 +104,22 @@ def _generate(model, tokenizer, examples, batch_size: int, device, max_new_token
 
 @torch.no_grad()
 def task_metrics(model, tokenizer, examples, batch_size: int, device, *, id2label: dict[int, str] | None = None,
-                 max_new_tokens: int = 64, exact_match: bool = True) -> dict[str, Any]:
+                 max_new_tokens: int = 64, exact_match: bool = True,
+                 predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """eval_loss, its count (`eval_tokens`: target tokens, labelled tokens, or examples), and the
     task's metrics (`TASK_METRICS`) of `examples` (`data.tasks.TaskExample`, one task) under `model`
-    (in eval mode; batched by length). `id2label`: token_cls tag names (entity F1)."""
+    (in eval mode; batched by length). `id2label`: the label names (seq_cls, token_cls).
+
+    `predictions`: a list that gets one row per example, in data order (`eval --predictions`):
+    `source` ("FILE row N"), `input` (the text as the model read it), `reference`, `prediction`,
+    `correct`; seq_cls labels by name with `probability` (the softmax of the predicted label);
+    token_cls the tag lists of the labelled (first) sub-tokens, correct when all tags are; seq2seq
+    the generated answer (exact match after whitespace normalisation)."""
     task = examples[0].task
     total, count = 0.0, 0
     refs: list = []
     preds: list = []
+    probs: list[float] = []
     order: list[int] = []
     for idx, batch in _batches(examples, batch_size, tokenizer.pad_token_id, device):
         logits = task_logits(model, batch)
@@ -122,6 +130,8 @@ def task_metrics(model, tokenizer, examples, batch_size: int, device, *, id2labe
         if task == "seq_cls":
             refs += labels.tolist()
             preds += logits.argmax(-1).tolist()
+            if predictions is not None:
+                probs += logits.float().softmax(-1).max(-1).values.tolist()
         elif task == "token_cls":
             guess = logits.argmax(-1)
             for row in range(labels.shape[0]):
@@ -138,10 +148,33 @@ def task_metrics(model, tokenizer, examples, batch_size: int, device, *, id2labe
         names = id2label or {}
         result["f1"] = entity_f1([[names.get(t, str(t)) for t in r] for r in refs],
                                  [[names.get(p, str(p)) for p in q] for q in preds])
-    elif task == "seq2seq_lm" and exact_match:
+    elif task == "seq2seq_lm" and (exact_match or predictions is not None):
         answers = _generate(model, tokenizer, examples, batch_size, device, max_new_tokens)
         hits = [normalize(a) == normalize(e.reference) for a, e in zip(answers, examples, strict=True)]
-        result["exact_match"] = sum(hits) / len(hits)
-        result["samples"] = [{"reference": e.reference, "prediction": a.strip(), "correct": h}
-                             for a, e, h in list(zip(answers, examples, hits, strict=True))[:5]]
+        if exact_match:
+            result["exact_match"] = sum(hits) / len(hits)
+            result["samples"] = [{"reference": e.reference, "prediction": a.strip(), "correct": h}
+                                 for a, e, h in list(zip(answers, examples, hits, strict=True))[:5]]
+        if predictions is not None:
+            predictions += [_row(e, tokenizer, e.reference, a.strip(), h)
+                            for e, a, h in zip(examples, answers, hits, strict=True)]
+    if predictions is not None and task != "seq2seq_lm":
+        names = id2label or {}
+        rows: dict[int, dict[str, Any]] = {}
+        for k, i in enumerate(order):
+            if task == "seq_cls":
+                ref, pred = names.get(refs[k], refs[k]), names.get(preds[k], preds[k])
+                rows[i] = _row(examples[i], tokenizer, ref, pred, refs[k] == preds[k], probability=probs[k])
+            else:
+                ref, pred = [names.get(t, t) for t in refs[k]], [names.get(p, p) for p in preds[k]]
+                rows[i] = _row(examples[i], tokenizer, ref, pred, ref == pred)
+        predictions += [rows[i] for i in range(len(examples))]
     return result
+
+
+def _row(example, tokenizer, reference, prediction, correct: bool, probability: float | None = None) -> dict:
+    row = {"source": example.source, "input": tokenizer.decode(example.input_ids, skip_special_tokens=True),
+           "reference": reference, "prediction": prediction, "correct": bool(correct)}
+    if probability is not None:
+        row["probability"] = probability
+    return row

@@ -803,6 +803,17 @@ def embedding_rows(model) -> int | None:
     return min(counts)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a generated answer: the tokenizer's EOS and every one the model's
+    generation config names (chat models often stop at an end-of-turn token that is not the
+    tokenizer's EOS). For `peftctl eval` and `peftctl generate` alike."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, list) else {gen}
+    ids.discard(None)
+    return sorted(ids)
+
+
 def tokenizer_name(spec) -> str:
     """How messages name a recipe's tokenizer."""
     return f"tokenizer {spec.tokenizer}" if spec.tokenizer else f"model {spec.name_or_path}: the tokenizer"

@@ -133,10 +133,11 @@ def _json_kind(value: Any) -> str:
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "a JSON-lines file",
-               partial_last_line: bool = False) -> Iterator[tuple[int, dict]]:
+               partial_last_line: bool = False, expect: type | None = dict) -> Iterator[tuple[int, Any]]:
     """Yield (line number, object) for each non-empty line; a line that is not a JSON object is
-    `BadFileError` naming the file and the line. With `partial_last_line`, a last line without its
-    newline that is not JSON is skipped (the half line a writer killed mid-line leaves)."""
+    `BadFileError` naming the file and the line (`expect=None`: any JSON value, for the caller to
+    check). With `partial_last_line`, a last line without its newline that is not JSON is skipped
+    (the half line a writer killed mid-line leaves)."""
     with reading(path, what):
         text = Path(path).read_text(encoding="utf-8")
     lines = text.split("\n")
@@ -150,8 +151,8 @@ def read_jsonl(path: str | os.PathLike, what: str = "a JSON-lines file",
             if partial_last_line and n == len(lines) + 1:
                 return
             raise BadFileError(path, f"line {n} is not JSON ({_reason(e)})") from None
-        if not isinstance(value, dict):
-            raise BadFileError(path, f"line {n} is not a JSON object")
+        if expect is not None and not isinstance(value, expect):
+            raise BadFileError(path, f"line {n} is not a JSON {_json_kind(expect)}")
         yield n, value
 
 

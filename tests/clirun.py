@@ -11,9 +11,10 @@ from peftctl.cli import app
 runner = CliRunner()
 
 
-def run(*args, code=0):
-    """Invoke `peftctl *args` and assert it exits with `code`; the result has `.stdout` and `.stderr`."""
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+def run(*args, code=0, input=None):
+    """Invoke `peftctl *args` (stdin: `input`, a string) and assert it exits with `code`; the result has
+    `.stdout` and `.stderr`."""
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False, input=input)
     assert result.exit_code == code, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
 

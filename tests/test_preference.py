@@ -399,6 +399,11 @@ def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_p
     path.write_text(text)
     result = run("validate", path, code=2)
     assert "train.objective dpo" in result.stderr and "model.task seq_cls" in result.stderr
+    prompt = _recipe(tmp_path, tiny_model_dir, pref_data, "prompt")
+    prompt.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), None, "prompt", data={"format": "preference"},
+                                  adapter={"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                  train={"objective": "dpo"}))
+    assert "prompt_tuning adapter is trained with objective sft" in run("validate", prompt, code=2).stderr
 
     sft = _recipe(tmp_path, tiny_model_dir, pref_data, "sft", objective="sft", eval_every=1,
                   metric_for_best="eval_rewards/accuracies")

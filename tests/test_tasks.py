@@ -90,7 +90,7 @@ def test_seq_cls_end_to_end(tmp_path):
     # The labels, sorted, are the run's: in its recipe.yaml.
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["labels"] == ["neg", "pos"]
 
-    result = run_json("eval", recipe)
+    result = run_json("eval", recipe, "--predictions", tmp_path / "predictions.jsonl")
     id2label = {0: "neg", 1: "pos"}
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, id2label=id2label,
                                                               label2id={"neg": 0, "pos": 1})
@@ -110,6 +110,15 @@ def test_seq_cls_end_to_end(tmp_path):
     assert result["f1"] == pytest.approx(f1_score(labels.tolist(), preds, average="macro"), abs=1e-12)
     # Trained: the head and the adapter learned the task (untrained, the head is a coin flip).
     assert result["accuracy"] >= 0.9, result
+    # --predictions: every example in data order, labels by name, the predicted label's probability.
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    probs = expected.softmax(-1).max(-1).values.tolist()
+    assert [r["source"] for r in rows] == [f"{eval_} row {i + 1}" for i in range(len(examples))]
+    assert [r["prediction"] for r in rows] == [id2label[p] for p in preds]
+    assert [r["reference"] for r in rows] == [id2label[y] for y in labels.tolist()]
+    assert sum(r["correct"] for r in rows) == round(result["accuracy"] * len(rows))
+    # float32 softmax of logits that agree to 1e-5: probabilities agree to ~1e-5 too.
+    assert [r["probability"] for r in rows] == pytest.approx(probs, abs=1e-5)
 
     out = tmp_path / "merged"
     run_json("export", run_dir, "--format", "merged", "-o", out)

@@ -42,6 +42,9 @@ class PeftType(str, enum.Enum):
     LOKR = "LOKR"
     ADALORA = "ADALORA"
     VERA = "VERA"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
 
 
 def positive_ranks(v: dict[str, int]) -> dict[str, int]:

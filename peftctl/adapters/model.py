@@ -55,6 +55,7 @@ class AdapterModel(nn.Module):
         # base's); None: read from the config's base_model_name_or_path when saving (see io.embeddings_to_save).
         self.base_vocab_size: int | None = None
         self._active_trainable = True  # whether the active adapters train (set_adapter's inference_mode)
+        self.prompt_disabled = False  # a prompt-learning adapter switched off (disable_adapter)
         self._training_hooks: dict[str, TrainingHooks] = {}  # what methods add to training (hooks.py)
         # Per adapter, what its method keeps outside the layers (made by the method's `before_inject`).
         self.method_state = nn.ModuleDict().train(self.training)
@@ -86,6 +87,8 @@ class AdapterModel(nn.Module):
             raise ValueError(
                 f"this model holds {', '.join(methods)} adapters; a {config.method} adapter cannot be added to it"
             )
+        if config.is_prompt_learning:
+            return self._inject_prompt(adapter_name, config, loading)
         trains_biases = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
         if trains_biases and getattr(config, "bias", "none") != "none":
             # PEFT's rule: the base model's biases are shared by every adapter, so one adapter at most
@@ -144,6 +147,35 @@ class AdapterModel(nn.Module):
             self._training_hooks[adapter_name] = hooks
         self._apply_trainability()
         return names
+
+    def _inject_prompt(self, adapter_name: str, config: AdapterConfig, loading: bool) -> list[str]:
+        """A prompt-learning adapter: no layer changes; its encoder (`adapters.prompt`) is kept in
+        `method_state`, with the config's model dimensions filled in from the model, as PEFT records them.
+        A saved adapter's encoder is not initialised (its weights are loaded next)."""
+        from peftctl.adapters import prompt
+
+        config = prompt.with_model_dims(config, self.model)
+        init = config
+        if loading and config.method == "prompt_tuning":
+            init = config.model_copy(update={"inference_mode": True})  # the file's weights replace any init
+        encoder = prompt.make_encoder(self.model, init)
+        self.method_state[adapter_name] = encoder.train(self.training)
+        self.peft_config[adapter_name] = config
+        hooks = prompt.training_hooks(self, adapter_name, config)
+        if hooks is not None:
+            self._training_hooks[adapter_name] = hooks
+        self._apply_trainability()
+        return []
+
+    def prompt_adapter(self):
+        """(config, encoder) of the active prompt-learning adapter, or None (another method, or the
+        adapters disabled)."""
+        if not self.active_adapters or self.prompt_disabled:
+            return None
+        config = self.peft_config[self.active_adapters[0]]
+        if not config.is_prompt_learning:
+            return None
+        return config, self.method_state[self.active_adapters[0]]
 
     def _recorded_config(self, config: AdapterConfig, names: list[str]) -> AdapterConfig:
         """The config as saved: what was actually built, in PEFT's terms."""
@@ -223,6 +255,8 @@ class AdapterModel(nn.Module):
         """Make these adapters the active ones; they train unless `inference_mode` (PEFT's rule)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_names(names)
+        if len(names) > 1 and any(self.peft_config[n].is_prompt_learning for n in names):
+            raise ValueError("one prompt-learning adapter is active at a time (PEFT's rule too)")
         self.active_adapters = names
         self._apply_trainability(not inference_mode)
 
@@ -231,6 +265,9 @@ class AdapterModel(nn.Module):
         if trainable is None:
             trainable = self._active_trainable
         self._active_trainable = trainable
+        for name, config in self.peft_config.items():
+            if config.is_prompt_learning:
+                self.method_state[name].requires_grad_(trainable and name in self.active_adapters)
         for module in self.wrappers():
             module.set_adapter(self.active_adapters, trainable=trainable)
         for mode in {getattr(c, "bias", "none") for c in self.peft_config.values()}:
@@ -242,6 +279,7 @@ class AdapterModel(nn.Module):
                 p.requires_grad_(trainable)
 
     def _set_enabled(self, enabled: bool) -> None:
+        self.prompt_disabled = not enabled
         for module in self.wrappers():
             module.disable_adapters = not enabled
 
@@ -274,9 +312,17 @@ class AdapterModel(nn.Module):
                 module.batch_adapter_names = names
 
     # ---- merging ------------------------------------------------------------------------------
+    def _refuse_prompt_merge(self, names: list[str]) -> None:
+        prompts = sorted({self.peft_config[n].peft_type for n in names if self.peft_config[n].is_prompt_learning})
+        if prompts:
+            raise ValueError(f"{', '.join(prompts)} adapters cannot be merged: they add virtual tokens to the model's "
+                             "input (or keys and values before it), not a change to its weights; use the base model "
+                             "with the adapter (export --format peft)")
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = adapter_names or self.active_adapters
         self._check_names(names)
+        self._refuse_prompt_merge(names)
         for layer in self.adapter_layers():
             if any(n in layer.adapter_names and n not in layer.merged_adapters for n in names):
                 _untie_before_merge(self.model, layer)

@@ -110,14 +110,38 @@ class PeftModel(nn.Module):
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base model's forward; `adapter_names` gives each row of the batch its own adapter."""
+        prompt = self.base_model.prompt_adapter()
+        if prompt is not None:
+            return self._prompt_call("forward", prompt, adapter_names, args, kwargs)
         with self._rows(adapter_names, 1):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         # generate repeats each row for beams and returned sequences; the names follow their rows.
+        prompt = self.base_model.prompt_adapter()
+        if prompt is not None:
+            return self._prompt_call("generate", prompt, adapter_names, args, kwargs)
         repeat = max(kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1)
         with self._rows(adapter_names, repeat):
             return self.base_model.model.generate(*args, **kwargs)
+
+    def _prompt_call(self, what: str, prompt, adapter_names, args, kwargs):
+        """forward / generate with a prompt-learning adapter active (`adapters.prompt`)."""
+        from peftctl.adapters import prompt as prompt_lib
+
+        config, encoder = prompt
+        if adapter_names is not None:
+            raise ValueError(f"adapter_names (a mixed batch) is not available for {config.peft_type} adapters")
+        prompt_lib.check_ready(encoder, config)
+        return getattr(prompt_lib, what)(self, config, encoder, args, kwargs)
+
+    def prepended_tokens(self) -> int:
+        """How many virtual tokens the active adapter puts before each sequence in the forward's
+        output (prompt tuning, P-tuning: num_virtual_tokens; other methods and prefix tuning: 0)."""
+        prompt = self.base_model.prompt_adapter()
+        if prompt is None or prompt[0].method == "prefix_tuning":
+            return 0
+        return prompt[0].num_virtual_tokens * prompt[0].num_transformer_submodules
 
     def _rows(self, adapter_names: list[str] | None, repeat: int):
         if adapter_names is None:
@@ -147,12 +171,14 @@ class PeftModel(nn.Module):
         before (so a nested `disable_adapter` leaves the outer one's layers disabled)."""
         layers = list(self.base_model.wrappers())
         before = [layer.disable_adapters for layer in layers]
+        prompt_before = self.base_model.prompt_disabled
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
             for layer, disabled in zip(layers, before, strict=True):
                 layer.disable_adapters = disabled
+            self.base_model.prompt_disabled = prompt_before
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)

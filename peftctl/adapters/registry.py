@@ -23,6 +23,9 @@ METHODS: dict[str, str] = {
     "lokr": "peftctl.adapters.lokr",
     "adalora": "peftctl.adapters.adalora",
     "vera": "peftctl.adapters.vera",
+    "prompt_tuning": "peftctl.adapters.prompt_tuning",
+    "p_tuning": "peftctl.adapters.p_tuning",
+    "prefix_tuning": "peftctl.adapters.prefix_tuning",
 }
 
 

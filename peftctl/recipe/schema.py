@@ -190,11 +190,24 @@ class Recipe(Section):
             if self.data.packing:
                 raise ValueError(f"data.packing: train.objective {self.train.objective} batches whole pairs, "
                                  "which are not packed; set packing: false")
+            if self.adapter.is_prompt_learning:
+                # The pairs' log-probabilities (loss.token_losses) index the batch's own positions,
+                # which a prompt-learning adapter's virtual tokens or cache would shift.
+                raise ValueError(f"train.objective {self.train.objective}: preference training takes a LoRA-family "
+                                 f"adapter; a {self.adapter.method} adapter is trained with objective sft")
             if self.train.init_adapter is not None and self.train.objective in ("dpo", "ipo") \
                     and not self.train.precompute_ref_log_probs:
                 raise ValueError("train.init_adapter with dpo or ipo: the reference is the model the run starts "
                                  "from (base + that adapter), which is computed once before training; set "
                                  "train.precompute_ref_log_probs: true")
+        if self.adapter.is_prompt_learning and self.data.packing:
+            raise ValueError(f"data.packing: a {self.adapter.method} adapter puts its virtual tokens before each "
+                             "sequence, and a packed row holds several; set data.packing: false")
+        if self.adapter.method == "prefix_tuning" and (self.uses_gradient_checkpointing()
+                                                       or self.train.memory_budget is not None):
+            raise ValueError("train.gradient_checkpointing: prefix tuning's keys and values enter every layer "
+                             "through the cache, which a checkpointed layer's recomputation would extend a second "
+                             "time (PEFT refuses it too); set train.gradient_checkpointing: false and no memory_budget")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:

@@ -184,8 +184,11 @@ def prepare_model(recipe, *, dtype=None, device_map=None):
         "base_model_name_or_path": models.base_model_reference(recipe.model),
         "task_type": TaskType(TASK_TYPES[recipe.model.task_name]).value,  # PEFT's name for model.task
     })
+    from peftctl.adapters.prompt import init_tokenizer
+
     try:
-        peft_model = attach(model, config)
+        with init_tokenizer(tokenizer):  # prompt_tuning_init: TEXT reads its text with the run's tokenizer
+            peft_model = attach(model, config)
     except (ValueError, TypeError) as e:
         raise InputError(f"adapter: {(str(e).splitlines() or [''])[0]}") from None  # torch adds C++ frames
     # Saving compares the vocabulary with this: embeddings resized for new tokens are saved too.
