@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every train and eval (repeatable)")
     ap.add_argument("--jobs", type=int, default=1, help="methods trained at once (default 1: timings need it)")
+    ap.add_argument("--with-rows", type=Path, help="an earlier run's OUT/rows.jsonl: its methods not run now join "
+                    "the table (the document says so)")
     args = ap.parse_args(argv)
     methods = args.methods.split(",") if args.methods else available()
     unknown = [m for m in methods if m not in available()]
@@ -294,11 +296,19 @@ def main(argv: list[str] | None = None) -> int:
         except RunFailed as e:
             sys.exit(str(e))
     minutes = (time.monotonic() - start) / 60
+    if args.with_rows is not None:
+        earlier = [json.loads(x) for x in args.with_rows.read_text().splitlines() if x.strip()]
+        ran = {r["method"] for r in rows}
+        rows = sorted([*rows, *(r for r in earlier if r["method"] not in ran)],
+                      key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER), r["method"]))
     if rates is not None:
         text = sweep_document(rows, rates, argv, load, minutes, args.steps)
         print(sweep_table(rows, rates))
     else:
         text = document(rows, base, argv, load, minutes, args.steps)
+        if args.with_rows is not None:
+            text += (f"\nThe rows of {', '.join(sorted({r['method'] for r in rows} - ran))} come from an earlier run "
+                     f"of the script ({args.with_rows}, its own machine load).\n")
         print(table(rows, base))
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text, encoding="utf-8")
