@@ -20,6 +20,7 @@ which transformers 5.24's loop no longer passes). The oracle for generation is g
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 
@@ -162,6 +163,55 @@ def test_generation_with_cache_and_left_padding(case, tiny_llama):
         logits = ours(input_ids=padded, attention_mask=mask).logits
         alone = ours(input_ids=short[None]).logits
     assert torch.allclose(logits[0, n + 2:], alone[0, n:], atol=1e-4)
+
+
+def _cache_renamed(model):
+    """`model` as the other transformers line builds it: its forward and prepare_inputs_for_generation
+    take the KV cache under the other name (`past_key_values` in transformers 5.17, `cache` in 5.24),
+    and refuse the installed one (which would otherwise land unseen in **kwargs)."""
+    from peftctl.adapters.prompt import cache_key
+
+    cls, new = type(model), cache_key(model)
+    old = "past_key_values" if new == "cache" else "cache"
+
+    def forward(self, *args, **kwargs):
+        if new in kwargs:
+            raise TypeError(f"this model's forward takes its cache as {old}, not {new}")
+        if old in kwargs:
+            kwargs[new] = kwargs.pop(old)
+        return cls.forward(self, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = cls.prepare_inputs_for_generation(self, *args, **kwargs)
+        if new in inputs:
+            inputs[old] = inputs.pop(new)
+        return inputs
+
+    signature = inspect.signature(cls.forward)
+    forward.__signature__ = signature.replace(parameters=[
+        p.replace(name=old) if p.name == new else p for p in signature.parameters.values()])
+    model.__class__ = type(f"Renamed{cls.__name__}", (cls,), {
+        "forward": forward, "prepare_inputs_for_generation": prepare_inputs_for_generation})
+    return model
+
+
+@pytest.mark.parametrize("case", ["prompt-random", "prefix"])
+def test_cache_argument_under_either_name(case, tiny_llama):
+    """transformers renamed the forward's KV cache argument (after 5.17, by 5.24) `past_key_values` to `cache`; a prefix
+    passed under the name the model does not take was silently dropped (prefix tuning's mask then
+    overran the keys), and generation never left its first step (prompt tuning's exact match 0%).
+    peftctl reads the name from the model: a model taking the other name gives the same logits and
+    the same greedy generations (same operations in the same order: exact)."""
+    ours, _ = _both("llama", case, tiny_llama)
+    _perturbed(ours)
+    with torch.no_grad():
+        logits = ours(input_ids=IDS).logits
+    expected = _generate(ours, IDS, 6)
+    _cache_renamed(ours.get_base_model())
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, logits)
+    assert torch.equal(_generate(ours, IDS, 6), expected)
+    assert torch.equal(expected, _greedy_without_cache(ours, IDS, 6))
 
 
 def test_loss_counts_real_tokens_only(tiny_llama):

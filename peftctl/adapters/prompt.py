@@ -3,7 +3,9 @@
 Prompt tuning and P-tuning put `n = num_virtual_tokens` embeddings P (n, token_dim) before the
 token embeddings E(x): the base model reads [P; E(x)], with the attention mask extended by n ones
 (and labels, when given, by n IGNORE_INDEX). Prefix tuning gives every layer n extra keys and values
-through the model's cache (transformers' `DynamicCache`), so the model reads x after a prefix it
+through the model's cache (transformers' `DynamicCache`, passed under the name the model's forward
+takes: `cache` in transformers 5.24, `past_key_values` in 5.17 and before; see `cache_key`), so the model
+reads x after a prefix it
 never sees as tokens. Decoder-only models only: encoder-decoder models (T5-style) are refused.
 
 The encoders (PEFT's `PromptEmbedding`, `PromptEncoder`, `PrefixEncoder`, with the same parameter
@@ -272,6 +274,21 @@ def prefix_cache(config, output: torch.Tensor, batch: int, dtype: torch.dtype, c
     return cache
 
 
+def cache_key(model: nn.Module) -> str:
+    """The name under which `model`'s forward takes its KV cache: `cache` (transformers 5.24, which
+    renamed it after 5.17) or `past_key_values` (5.17 and before). Read from the forward's signature, the name the model
+    acts on: the other name lands in `**kwargs` and is silently ignored (a prefix never applied).
+    Raises ValueError when the forward takes neither."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`); "
+                     "prompt-learning methods need one")
+
+
 def model_inputs(peft_model, config, encoder: nn.Module, *, input_ids=None, inputs_embeds=None,
                  attention_mask=None, position_ids=None, labels=None, first: bool = True, cache=None):
     """The base model's inputs for a prompt-learning adapter: `first` is a forward that starts a
@@ -299,7 +316,7 @@ def model_inputs(peft_model, config, encoder: nn.Module, *, input_ids=None, inpu
     dtype = _model_dtype(base)
     if prefix:
         if first:
-            out["cache"] = prefix_cache(config, encoder_output(encoder, config), batch, dtype, cache)
+            out[cache_key(base)] = prefix_cache(config, encoder_output(encoder, config), batch, dtype, cache)
         out["input_ids"], out["inputs_embeds"] = input_ids, inputs_embeds
         if labels is not None:
             out["labels"] = labels
@@ -345,11 +362,12 @@ def generate(peft_model, config, encoder, args, kwargs):
     and reuse the cache. Returns what transformers' generate returns (prompt ids, then new tokens)."""
     base = peft_model.base_model.model
     original = base.prepare_inputs_for_generation
+    key = cache_key(base)  # `cache` or `past_key_values`, by the transformers version
 
     @functools.wraps(original)  # generate checks its keyword arguments against this signature
     def prepare(*args, **kwargs):
         inputs = original(*args, **kwargs)
-        cache = inputs.get("cache")
+        cache = inputs.get(key)
         first = cache is None or cache.get_seq_length() == 0
         prepared = model_inputs(peft_model, config, encoder, input_ids=inputs.pop("input_ids", None),
                                 inputs_embeds=inputs.pop("inputs_embeds", None),
