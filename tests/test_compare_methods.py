@@ -73,7 +73,7 @@ def test_a_sweep_picks_each_method_s_lowest_eval_loss_and_reports_failed_rates()
 def test_each_method_s_recipe_uses_the_rate_its_sweep_chose():
     compare = _script()
     sweep = "\n".join((ROOT / "bench" / "results" / name).read_text()
-                      for name in ("methods-lr-sweep.md", "methods-lr-sweep-prompt.md", "methods-lr-sweep-prefix.md"))
+                      for name in ("methods-lr-sweep.md", "methods-lr-sweep-prompt.md"))
     chosen: dict[str, list[float]] = {}
     for line in sweep.splitlines():
         if not line.startswith("| ") or line.startswith(("| method", "|---")):
