@@ -454,3 +454,22 @@ def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir
                                "X LOAD REPORT from: m\nKey | Status |\nclassifier.bias | MISSING |\n"
                                "pooler.dense.weight | UNEXPECTED |", None, None)
     assert head_only.filter(record) and head_only.keys == []
+
+
+def test_eval_takes_the_runs_labels_and_a_seeded_base_head(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 16)
+    eval_ = write_classification(tmp_path / "eval.jsonl", 8, seed=1)
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, eval_, max_steps=2,
+                     eval_every=None)
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    # Labels in another order than the run's: refused naming both (it would score with a wrong mapping).
+    r = run("eval", recipe, "--adapter", run_dir, "--set", "model.labels=[pos, neg]", code=2)
+    assert "model.labels [pos, neg] differ from the run's [neg, pos]" in r.stderr
+    same = run_json("eval", recipe, "--adapter", run_dir, "--set", "model.labels=[neg, pos]")
+    assert same == run_json("eval", recipe, "--adapter", run_dir)
+    # --base: the new head is seeded by train.seed, so two runs agree exactly; another seed differs.
+    first, second = run_json("eval", recipe, "--base"), run_json("eval", recipe, "--base")
+    assert first == second
+    other = run_json("eval", recipe, "--base", "--set", "train.seed=1")
+    assert other["eval_loss"] != first["eval_loss"]
