@@ -473,3 +473,15 @@ def test_eval_takes_the_runs_labels_and_a_seeded_base_head(tmp_path, bert_dir):
     assert first == second
     other = run_json("eval", recipe, "--base", "--set", "train.seed=1")
     assert other["eval_loss"] != first["eval_loss"]
+
+
+def test_an_empty_train_or_eval_file_is_refused_naming_it(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    empty = _write(tmp_path / "empty.jsonl", [])
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, empty)
+    for command in (("train", recipe), ("eval", recipe, "--base")):
+        r = run(*command, code=2)
+        assert f"eval data: {empty}: no rows" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = run("train", recipe, "--set", f"data.train={empty}", "--set", f"data.eval={train}", code=2)
+    assert f"training data: {empty}: no rows, so no labels" in r.stderr

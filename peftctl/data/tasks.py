@@ -204,7 +204,7 @@ def label_names(task: str, cfg, tokenizer=None) -> list[str]:
                     break
     _raise(errors, f"format: {TASK_FORMATS[task][0]}")
     if not found:
-        raise InputError("training data: no rows, so no labels")
+        raise InputError(f"training data: {', '.join(str(s.path) for s in cfg.train)}: no rows, so no labels")
     return _sorted_names(found)
 
 
