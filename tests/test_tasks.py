@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from peftctl.errors import InputError
 from tests.clirun import run, run_json
 from tests.tiny_tasks import build_bert, build_t5, write_classification, write_seq2seq, write_tagging
 
@@ -336,10 +337,9 @@ def test_task_unset_notes_the_task_a_classifier_config_implies(tmp_path, caplog)
 
     folder = build_bert(tmp_path / "bert")
     BertForSequenceClassification.from_pretrained(folder, num_labels=3).save_pretrained(folder)
-    with caplog.at_level("WARNING", logger="peftctl"):
+    # An encoder-only config is no causal LM: refused, naming the task its config implies.
+    with pytest.raises(InputError, match="set model.task: seq_cls, which its config implies"):
         models.load_model(ModelSection(name_or_path=str(folder), dtype="float32"))
-    assert "implies model.task: seq_cls; model.task is unset, so it loads as causal_lm" in caplog.text
-    caplog.clear()
     model = models.load_model(ModelSection(name_or_path=str(folder), dtype="float32", task="seq_cls",
                                            labels=["a", "b"]))
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "a", 1: "b"}
@@ -485,3 +485,14 @@ def test_an_empty_train_or_eval_file_is_refused_naming_it(tmp_path, bert_dir):
     assert not (tmp_path / "run").exists()
     r = run("train", recipe, "--set", f"data.train={empty}", "--set", f"data.eval={train}", code=2)
     assert f"training data: {empty}: no rows, so no labels" in r.stderr
+
+
+def test_an_encoder_only_model_is_refused_as_a_causal_lm(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    recipe = _recipe(tmp_path, bert_dir, "causal_lm", "text", ["query"], train, train)
+    for task in ("causal_lm", "null"):
+        for dry in ((), ("--dry-run",)):  # the plan (config only) and the real load
+            r = run("train", recipe, *dry, "--set", f"model.task={task}", code=2)
+            assert f"model {bert_dir}" in r.stderr and "encoder-only model (bert, is_decoder false)" in r.stderr
+            assert "set model.task: seq_cls or token_cls" in r.stderr
+    assert not (tmp_path / "run").exists()
