@@ -496,3 +496,19 @@ def test_an_encoder_only_model_is_refused_as_a_causal_lm(tmp_path, bert_dir):
             assert f"model {bert_dir}" in r.stderr and "encoder-only model (bert, is_decoder false)" in r.stderr
             assert "set model.task: seq_cls or token_cls" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_word_without_sub_tokens_is_refused_naming_it(tmp_path, bert_dir):
+    good = _write(tmp_path / "good.jsonl", [{"tokens": ["alice", "in", "paris"], "tags": ["B-PER", "O", "B-LOC"]}])
+    bad = _write(tmp_path / "bad.jsonl", [{"tokens": ["alice", "in", "paris"], "tags": ["B-PER", "O", "B-LOC"]},
+                                          {"tokens": ["alice", " ", "paris"], "tags": ["B-PER", "O", "B-LOC"]},
+                                          {"tokens": ["alice", "\u200b"], "tags": ["B-PER", "O"]}])
+    recipe = _recipe(tmp_path, bert_dir, "token_cls", "token_classification", ["query"], bad, good)
+    r = run("train", recipe, code=2)
+    assert f"{bad} row 2: word 1 (' ') of field 'tokens' has no sub-token" in r.stderr
+    assert f"{bad} row 3: word 1 ('\\u200b') of field 'tokens' has no sub-token" in r.stderr
+    assert not (tmp_path / "run").exists()
+    # Truncation is not this error: a row cut at max_length trains (its last words untagged).
+    long = _write(tmp_path / "long.jsonl", [{"tokens": ["alice", "in", "paris"] * 14,
+                                            "tags": ["B-PER", "O", "B-LOC"] * 14}])
+    assert run_json("train", recipe, "--dry-run", "--set", f"data.train={long}")["train_examples"] == 1
