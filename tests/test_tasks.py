@@ -512,3 +512,12 @@ def test_a_word_without_sub_tokens_is_refused_naming_it(tmp_path, bert_dir):
     long = _write(tmp_path / "long.jsonl", [{"tokens": ["alice", "in", "paris"] * 14,
                                             "tags": ["B-PER", "O", "B-LOC"] * 14}])
     assert run_json("train", recipe, "--dry-run", "--set", f"data.train={long}")["train_examples"] == 1
+
+
+def test_duplicate_or_empty_labels_are_refused_naming_them(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, train)
+    r = run("validate", recipe, "--set", "model.labels=[neg, pos, neg]", code=2)
+    assert "'neg' given more than once" in r.stderr and str(recipe) in r.stderr
+    r = run("validate", recipe, "--set", "model.labels=[neg, '', pos]", code=2)
+    assert "label 1 is empty ('')" in r.stderr
