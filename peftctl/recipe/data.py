@@ -109,8 +109,12 @@ class DataSection(Section):
             "the chat template (an assistant message with weight 0 carries no loss); sharegpt: "
             "{conversations: [{from, value}, ...]} with roles mapped (human: user, gpt: assistant, "
             "...); preference: {prompt, chosen, rejected} as strings or message lists (trained on the "
-            "chosen response; the rejected one is tokenized alongside); classification: {text, label}: "
-            "the text, a newline, then the label as the response (exact match is then accuracy)."
+            "chosen response; the rejected one is tokenized alongside); classification: {text, label} "
+            "(label a string or an integer): for model.task seq_cls, {text, text_pair?, label} read by "
+            "the classification head (one label id per row); for causal_lm, the text, a newline, then the "
+            "label as the response (exact match is then accuracy); token_classification (model.task "
+            "token_cls only): {tokens, tags}, lists of equal length (CoNLL style), a word's tag the label "
+            "of its first sub-token. seq2seq_lm reads completion, alpaca, chat and sharegpt as source -> target."
         ),
     )
     columns: dict[str, str] = Field(
