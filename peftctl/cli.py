@@ -421,6 +421,9 @@ def eval_(
         for name in ("accuracy", "f1"):
             if name in res:
                 out.print(f"  {name:<11} {res[name]:.4f}")
+        for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
+            if key in res:
+                out.print(f"  {key.removeprefix('eval_'):<19} {res[key]:.4f}")
         if "exact_match" in res:
             out.print(f"  exact_match {res['exact_match']:.3f} ({res['exact_match_n']} answers)")
             for s in res["samples"][:3]:

@@ -82,22 +82,31 @@ def prediction_row(example, tokenizer, prediction: str, correct: bool, probabili
     return row
 
 
-def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = None,
-          predictions: list[dict[str, Any]] | None = None, classification: bool = False) -> dict[str, Any]:
-    """eval_loss (mean over loss tokens), perplexity, and exact match where references exist.
+def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = None, objective=None,
+          ref=None, predictions: list[dict[str, Any]] | None = None, classification: bool = False) -> dict[str, Any]:
+    """eval_loss (mean over loss tokens), perplexity, and exact match where references exist. With a
+    preference `objective` (`preference.Objective`) on pairs: its eval_loss and TRL's metrics
+    (eval_rewards/accuracies, ...; `ref`: (N, 2) reference log-probabilities, else the model with
+    its adapters disabled), and exact match on the chosen answers.
     `predictions`: a list that gets a `prediction_row` for every scored example, in data order (with
     the label's probability when `classification`)."""
     from peftctl.loss import eval_loss
 
     reporter = reporter or Reporter()
     model.eval()
-    loss, n = eval_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device)
-    result: dict[str, Any] = {
-        "examples": len(examples),
-        "eval_loss": loss / n,
-        "perplexity": math.exp(min(loss / n, 50)),
-        "eval_tokens": n,
-    }
+    if objective is not None and objective.pairs:
+        from peftctl.preference import eval_metrics, eval_sums
+
+        result: dict[str, Any] = {"examples": len(examples), **eval_metrics(
+            objective, eval_sums(objective, model, examples, cfg.batch_size, tokenizer.pad_token_id, device, ref))}
+    else:
+        loss, n = eval_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device)
+        result = {
+            "examples": len(examples),
+            "eval_loss": loss / n,
+            "perplexity": math.exp(min(loss / n, 50)),
+            "eval_tokens": n,
+        }
     scored = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
     if cfg.exact_match and scored:
         reporter.start(len(scored), "generate", unit="answers")
@@ -195,7 +204,20 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     torch.manual_seed(recipe.train.seed)
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     models.set_pad_token(model, tokenizer)
-    if not base:
+    from peftctl.preference import Objective, reference_logps
+
+    objective = Objective.of(recipe.train)
+    ref = None
+    init = recipe.train.init_adapter
+    if not base and objective.needs_reference and init is not None:
+        # The reference is the model the run started from: the base with train.init_adapter.
+        from peftctl.train.checkpoint import load_adapter
+
+        model = runs.attach_saved_adapter(model, init)
+        ref = reference_logps(model, examples, recipe.eval.batch_size, tokenizer.pad_token_id, device,
+                              adapter_off=False)
+        load_adapter(model, Path(adapter), "--adapter")
+    elif not base:
         model = runs.attach_saved_adapter(model, adapter)
     # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).
     rows = models.embedding_rows(model)
@@ -216,7 +238,7 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
         if recipe.model.task_name == "seq2seq_lm":
             result["perplexity"] = math.exp(min(result["eval_loss"], 50))
     else:
-        result = score(model, tokenizer, examples, recipe.eval, device, reporter, predictions=rows,
+        result = score(model, tokenizer, examples, recipe.eval, device, reporter, objective, ref, predictions=rows,
                        classification=is_classification(recipe.data))
     result = {"model": recipe.model.name_or_path, "adapter": None if base else str(adapter), **result}
     if rows is not None:

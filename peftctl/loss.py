@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftctl.constants import IGNORE_INDEX as IGNORE
-from peftctl.kernels.linear_cross_entropy import linear_cross_entropy_sum
+from peftctl.kernels.linear_cross_entropy import linear_cross_entropy_rows, linear_cross_entropy_sum
 
 # Architectures whose logits are exactly lm_head(hidden states): no soft-capping, scaling or bias
 # after the head. Others (Gemma 2/3, Cohere, Granite, ...) take the model's own logits.
@@ -216,6 +216,62 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], plan: LossPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token cross-entropies, flat row-major index into batch x seq of the position each
+    predicts from) for the positions that predict a loss token (and, when `plan.rows` is None, all
+    others with loss 0), in float32 (float64 for a float64 model). The same model call as
+    `loss_sum`: logits only at loss positions, and none at all through a plain head (chunked
+    linear cross-entropy, `kernels.linear_cross_entropy_rows`)."""
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    inner = inner_model(model)
+    if _accepts(type(inner).forward, "use_cache"):
+        kwargs["use_cache"] = False
+    batch_size, seq = plan.targets.shape
+    head = plain_head(inner) if _accepts_logits_to_keep(type(inner).forward) else None
+    if head is None:
+        if _accepts_logits_to_keep(type(inner).forward):
+            logits = model(**kwargs, logits_to_keep=plan.positions).logits
+            targets, columns = plan.targets[:, plan.positions], plan.positions
+        else:
+            logits = model(**kwargs).logits
+            targets, columns = plan.targets, torch.arange(seq, device=plan.targets.device)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
+                                 ignore_index=IGNORE, reduction="none")
+        index = (torch.arange(batch_size, device=logits.device)[:, None] * seq + columns.to(logits.device)).reshape(-1)
+        return losses, index
+    head.forward = _identity
+    try:
+        hidden = model(**kwargs, logits_to_keep=0).logits
+    finally:
+        del head.forward
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = plan.targets.reshape(-1).to(hidden.device)
+    if plan.rows is not None:
+        index = plan.rows.to(hidden.device)
+        hidden, targets = hidden.index_select(0, index), targets.index_select(0, index)
+    else:
+        index = torch.arange(hidden.shape[0], device=hidden.device)
+    return linear_cross_entropy_rows(hidden, head.weight, targets), index
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], plan: LossPlan,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its loss tokens, sum_t log p(y_t | y_<t): a (batch,)
+    float32 tensor (float64 for a float64 model), differentiable; computed from `token_losses`
+    (no full logits). Returned twice, or with `mask` ((batch, seq) bool, True where position t
+    predicts a token to count) first the sum over the masked tokens, then over all loss tokens."""
+    losses, index = token_losses(model, batch, plan)
+    seq = plan.targets.shape[1]
+    rows = torch.div(index, seq, rounding_mode="floor")
+    total = losses.new_zeros(plan.targets.shape[0]).index_add(0, rows, -losses)
+    if mask is None:
+        return total, total
+    picked = mask.reshape(-1).to(losses.device).index_select(0, index)
+    return losses.new_zeros(plan.targets.shape[0]).index_add(0, rows, torch.where(picked, -losses, 0.0)), total
 
 
 @torch.no_grad()

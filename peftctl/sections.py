@@ -25,6 +25,11 @@ TaskName = Literal[tuple(TASK_TYPES)]  # type: ignore[valid-type]
 # The metrics each task's evaluations report besides eval_loss (higher is better for all).
 TASK_METRICS = {"causal_lm": (), "seq2seq_lm": ("exact_match",), "seq_cls": ("accuracy", "f1"),
                 "token_cls": ("accuracy", "f1")}
+# TRL's metrics of each preference objective (`train.objective`; evaluations prefix them with eval_).
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                      "logps/chosen", "logps/rejected")
+OBJECTIVE_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS, "ipo": PREFERENCE_METRICS, "simpo": PREFERENCE_METRICS,
+                     "orpo": (*PREFERENCE_METRICS, "log_odds_ratio", "log_odds_chosen")}
 # The tasks whose model gets a new head with one output per label (`model.labels`).
 LABELLED_TASKS = ("seq_cls", "token_cls")
 

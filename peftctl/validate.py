@@ -66,6 +66,14 @@ def check_files(recipe, source: str | None = None, rows: int | None = None) -> l
             problems.append(recipe.problem("model.tokenizer", f"tokenizer {spec.tokenizer}: not a folder"))
         else:
             notes.append(f"model.tokenizer {spec.tokenizer}: a hub id; it must be reachable or in the hub cache")
+    init = recipe.train.init_adapter
+    if init is not None:
+        from peftctl.adapters.io import has_adapter
+
+        if not Path(init).exists():
+            notes.append(f"train.init_adapter {init}: not there yet; `train` needs the adapter (a run folder) there")
+        elif not has_adapter(init):
+            problems.append(recipe.problem("train.init_adapter", f"{init}: holds no adapter (adapter_model.safetensors)"))
     if not problems and rows != 0:
         problems += _row_problems(recipe, rows, notes)
     if is_nonempty_dir(Path(recipe.output.dir)):

@@ -135,3 +135,24 @@ def checkpointing_runs(make_model, batch):
         loss.backward()
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     return calls, grads
+
+
+def write_preference_data(path: Path, n: int, seed: int = 0, messages: bool = False) -> Path:
+    """Preference pairs: a date question, the ISO answer chosen, a wrong one (day and month
+    swapped, or another year) rejected; prompts and answers as strings, or as message lists."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            y, m, d = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
+            prompt = f"Convert {MONTHS[m - 1]} {d}, {y} to ISO: "
+            chosen = f"{y:04d}-{m:02d}-{d:02d}"
+            rejected = f"{y:04d}-{d:02d}-{m:02d}" if i % 2 else f"{y + 1:04d}-{m:02d}-{d:02d}"
+            if messages:
+                row = {"prompt": [{"role": "user", "content": prompt.strip()}],
+                       "chosen": [{"role": "assistant", "content": chosen}],
+                       "rejected": [{"role": "assistant", "content": rejected}]}
+            else:
+                row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            f.write(json.dumps(row) + "\n")
+    return path

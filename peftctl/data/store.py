@@ -18,7 +18,7 @@ import numpy as np
 
 from peftctl.constants import IGNORE_INDEX
 
-FORMAT_VERSION = 2  # 2: tokens never straddle a prompt / response boundary (tokenize.py)
+FORMAT_VERSION = 3  # 2: tokens never straddle a prompt / response boundary; 3: pairs truncated together (tokenize.py)
 
 
 @dataclass

@@ -200,6 +200,22 @@ class Tokenizer:
         return main, rejected
 
 
+def _truncate_pair(ids, mask, rej_ids, rej_mask, max_length: int):
+    """A preference pair cut to max_length together: the tokens both sequences share (the prompt)
+    lose their beginning, as many as the longer sequence is over, so that both answers stay whole
+    and comparable; None when even the answers with one prompt token do not fit."""
+    n = min(len(ids), len(rej_ids))
+    same = ids[:n] == rej_ids[:n]
+    shared = n if same.all() else int(np.argmin(same))
+    # The prompt: shared, and before either answer's first loss token (train_on: all has none).
+    if mask.any() and rej_mask.any() and not mask[0] and not rej_mask[0]:
+        shared = min(shared, int(np.argmax(mask)), int(np.argmax(rej_mask)))
+    over = max(len(ids), len(rej_ids)) - max_length
+    if over > shared - 1:
+        return None
+    return (ids[over:], mask[over:]), (rej_ids[over:], rej_mask[over:])
+
+
 def render_rows(src: Source, formatter: Formatter, errors: list[str],
                 limit: int | None = None) -> Iterator[tuple[Row, Rendered | None]]:
     """(row, its rendering) for each row of `src` (the first `limit` rows when given), parsed by the
@@ -253,9 +269,13 @@ def tokenize_source(src: Source, formatter: Formatter, tokenizer, writer: TableW
             if too_long and truncation == "drop":
                 counts.dropped_too_long += 1
                 continue
+            if pair is not None and too_long:
+                cut = _truncate_pair(ids, mask, *pair, max_length)
+                if cut is None:  # the answers alone are longer than max_length
+                    counts.dropped_too_long += 1
+                    continue
+                (ids, mask), pair = cut
             ids, mask = ids[:max_length], mask[:max_length]
-            if pair is not None:
-                pair = (pair[0][:max_length], pair[1][:max_length])
             if not mask[1:].any() or (pair is not None and not pair[1][1:].any()):
                 counts.dropped_no_loss += 1
                 continue

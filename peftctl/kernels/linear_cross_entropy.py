@@ -109,3 +109,79 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     half = hidden.dtype in (torch.bfloat16, torch.float16)
     rows = chunk_rows or default_chunk_rows(weight.shape[0], bytes_per_logit=2 if half and use_triton(hidden) else 8)
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
+
+
+class _LinearCrossEntropyRows(torch.autograd.Function):
+    """Per-row losses: the forward keeps d loss_i / d hidden_i (one row each); the backward scales
+    row i by the incoming gradient's entry i. The head's weight gradient depends on those entries,
+    so when the weight trains it is recomputed chunk by chunk in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        need_h = hidden.requires_grad
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        fused = use_triton(hidden) and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        losses = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            if fused:
+                grad = h @ weight.T
+                losses[start : start + chunk_rows] = _fused_rows(grad, t, need_h)
+            else:
+                grad = _plain_rows(h, weight, t, acc, losses[start : start + chunk_rows], need_h)
+            if need_h:
+                grad_h[start : start + chunk_rows] = grad @ weight
+        ctx.save_for_backward(grad_h, hidden if weight.requires_grad else None, weight, targets)
+        ctx.chunk_rows, ctx.acc = chunk_rows, acc
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, hidden, weight, targets = ctx.saved_tensors
+        gh = grad_h * grad_out[:, None].to(grad_h.dtype) if grad_h is not None else None
+        gw = None
+        if hidden is not None:  # the head trains: sum_i g_i (softmax_i - onehot_i)^T h_i, recomputed
+            gw = torch.zeros(weight.shape, dtype=ctx.acc, device=weight.device)
+            scratch = torch.empty(min(ctx.chunk_rows, hidden.shape[0]), dtype=ctx.acc, device=hidden.device)
+            for start in range(0, hidden.shape[0], ctx.chunk_rows):
+                h = hidden[start : start + ctx.chunk_rows]
+                grad = _plain_rows(h, weight, targets[start : start + ctx.chunk_rows], ctx.acc,
+                                   scratch[: len(h)], True)
+                grad = grad * grad_out[start : start + ctx.chunk_rows, None].to(grad.dtype)
+                gw += (grad.T @ h).to(ctx.acc)
+            gw = gw.to(weight.dtype)
+        return gh, gw, None, None
+
+
+def _plain_rows(h, weight, t, acc, out, need_grad):
+    """Plain PyTorch: the chunk's per-row losses written into `out`; returns d loss / d logits
+    (softmax - one_hot, zero on ignored rows) in h's dtype when `need_grad`."""
+    valid = t != IGNORE
+    logits = (h @ weight.T).to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe_t = torch.where(valid, t, 0)
+    picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+    out.copy_(torch.where(valid, lse - picked, 0.0))
+    if not need_grad:
+        return None
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+    grad.mul_(valid[:, None])
+    return grad.to(h.dtype)
+
+
+def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_rows: int | None = None) -> torch.Tensor:
+    """Per-row cross-entropies of `hidden @ weight.T` against `targets`: a (N,) float32 (float64
+    for float64 input) tensor, 0 where the target is IGNORE_INDEX; the same arithmetic as
+    `linear_cross_entropy_sum` (whose sum it is), for losses that weigh rows differently (the
+    preference objectives sum them per sequence). hidden: (N, H); weight: (V, H); targets: (N,).
+    The logits are never materialised beyond one chunk; the gradient with respect to `hidden` is
+    computed in the forward (one (N, H) buffer) and scaled per row in the backward."""
+    if hidden.dim() != 2 or targets.dim() != 1:
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    half = hidden.dtype in (torch.bfloat16, torch.float16)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], bytes_per_logit=2 if half and use_triton(hidden) else 8)
+    return _LinearCrossEntropyRows.apply(hidden, weight, targets, rows)

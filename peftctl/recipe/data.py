@@ -108,13 +108,14 @@ class DataSection(Section):
             "{messages: [{role, content, weight?}, ...]} with an optional system turn, rendered with "
             "the chat template (an assistant message with weight 0 carries no loss); sharegpt: "
             "{conversations: [{from, value}, ...]} with roles mapped (human: user, gpt: assistant, "
-            "...); preference: {prompt, chosen, rejected} as strings or message lists (trained on the "
-            "chosen response; the rejected one is tokenized alongside); classification: {text, label} "
-            "(label a string or an integer): for model.task seq_cls, {text, text_pair?, label} read by "
-            "the classification head (one label id per row); for causal_lm, the text, a newline, then the "
-            "label as the response (exact match is then accuracy); token_classification (model.task "
-            "token_cls only): {tokens, tags}, lists of equal length (CoNLL style), a word's tag the label "
-            "of its first sub-token. seq2seq_lm reads completion, alpaca, chat and sharegpt as source -> target."
+            "...); preference: {prompt, chosen, rejected} as strings or message lists (with "
+            "train.objective sft trained on the chosen response; with dpo, ipo, orpo or simpo on the "
+            "pair); classification: {text, label} (label a string or an integer): for model.task "
+            "seq_cls, {text, text_pair?, label} read by the classification head (one label id per row); "
+            "for causal_lm, the text, a newline, then the label as the response (exact match is then "
+            "accuracy); token_classification (model.task token_cls only): {tokens, tags}, lists of equal "
+            "length (CoNLL style), a word's tag the label of its first sub-token. seq2seq_lm reads "
+            "completion, alpaca, chat and sharegpt as source -> target."
         ),
     )
     columns: dict[str, str] = Field(
@@ -153,7 +154,9 @@ class DataSection(Section):
         default="truncate",
         description=(
             "Examples longer than max_length: truncate (cut the end) or drop them. Either is counted "
-            "in `peftctl data --stats` and the run's summary."
+            "in `peftctl data --stats` and the run's summary. A preference pair is cut as one: its prompt "
+            "loses its first tokens (the same in both sequences) so that both answers stay whole; a pair "
+            "whose answers alone do not fit is dropped."
         ),
     )
     train_on: Literal["assistant", "all", "last"] = Field(

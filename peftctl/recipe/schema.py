@@ -19,7 +19,7 @@ from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
 from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.train import TrainSection
-from peftctl.sections import TASK_METRICS, TASK_TYPES, ModelSection
+from peftctl.sections import OBJECTIVE_METRICS, TASK_METRICS, TASK_TYPES, ModelSection
 
 
 class TrackingSection(Section):
@@ -148,6 +148,10 @@ class Recipe(Section):
     def _task_checks(self):
         # The adapter file records model.task's PEFT task type; the data formats and metrics fit the task.
         task = self.model.task_name
+        objective = self.train.objective
+        if objective != "sft" and task != "causal_lm":
+            raise ValueError(f"train.objective {objective} trains a causal language model on preference pairs; "
+                             f"model.task {task} cannot: use model.task causal_lm or train.objective sft")
         given = getattr(self.adapter, "task_type", None)
         if given is not None and str(getattr(given, "value", given)) != TASK_TYPES[task]:
             raise ValueError(f"adapter.task_type {getattr(given, 'value', given)} does not match model.task {task} "
@@ -161,9 +165,10 @@ class Recipe(Section):
             raise ValueError(f"data.format {wrong[0]!r} does not fit model.task {task}; use "
                              f"{' or '.join(TASK_FORMATS[task])}")
         metric = self.train.best_metric
-        allowed = ("eval_loss", *TASK_METRICS[task])
+        allowed = ("eval_loss", *TASK_METRICS[task], *OBJECTIVE_METRICS[objective])
         if metric not in allowed:
-            raise ValueError(f"train.metric_for_best {self.train.metric_for_best!r}: model.task {task} reports "
+            what = f"train.objective {objective}" if objective != "sft" else f"model.task {task}"
+            raise ValueError(f"train.metric_for_best {self.train.metric_for_best!r}: {what} reports "
                              f"{', '.join(allowed)}")
         return self
 
@@ -176,6 +181,25 @@ class Recipe(Section):
         if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
             raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
                              f"a {self.adapter.method} adapter has none")
+        if self.train.objective != "sft":
+            formats = {s.format or self.data.format for s in [*self.data.train, *(self.data.eval or [])]}
+            if formats != {"preference"}:
+                other = sorted(formats - {"preference"})[0]
+                raise ValueError(f"train.objective {self.train.objective} trains on pairs: every data source needs "
+                                 f"format preference ({{prompt, chosen, rejected}}), not {other}")
+            if self.data.packing:
+                raise ValueError(f"data.packing: train.objective {self.train.objective} batches whole pairs, "
+                                 "which are not packed; set packing: false")
+            if self.adapter.is_prompt_learning:
+                # The pairs' log-probabilities (loss.token_losses) index the batch's own positions,
+                # which a prompt-learning adapter's virtual tokens or cache would shift.
+                raise ValueError(f"train.objective {self.train.objective}: preference training takes a LoRA-family "
+                                 f"adapter; a {self.adapter.method} adapter is trained with objective sft")
+            if self.train.init_adapter is not None and self.train.objective in ("dpo", "ipo") \
+                    and not self.train.precompute_ref_log_probs:
+                raise ValueError("train.init_adapter with dpo or ipo: the reference is the model the run starts "
+                                 "from (base + that adapter), which is computed once before training; set "
+                                 "train.precompute_ref_log_probs: true")
         if self.adapter.is_prompt_learning and self.data.packing:
             raise ValueError(f"data.packing: a {self.adapter.method} adapter puts its virtual tokens before each "
                              "sequence, and a packed row holds several; set data.packing: false")

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from peftctl.recipe.fields import Section, aka, training_argument
+from peftctl.recipe.fields import PATH, Section, aka, training_argument
 
 # numpy's legacy seeding (np.random.seed, which transformers' and accelerate's set_seed call) takes
 # 0 <= seed < 2**32; torch and random take more, so this range suits all three.
@@ -233,14 +233,17 @@ class TrainSection(Section):
         default="eval_loss",
         description=(
             "The evaluation metric that early stopping and load_best_at_end watch: eval_loss, or one of "
-            "model.task's metrics: seq2seq_lm exact_match; seq_cls and token_cls accuracy, f1 (an eval_ "
-            "prefix is accepted, as transformers writes them)."
+            "model.task's metrics: seq2seq_lm exact_match; seq_cls and token_cls accuracy, f1; or, with a "
+            "preference train.objective, one of its TRL metrics: rewards/accuracies, rewards/margins, "
+            "rewards/chosen, rewards/rejected, logps/chosen, logps/rejected (orpo also log_odds_ratio, "
+            "log_odds_chosen) (an eval_ prefix is accepted, as transformers writes them)."
         ),
         json_schema_extra=training_argument("metric_for_best_model"),
     )
     greater_is_better: bool | None = Field(
         default=None,
-        description="Whether a larger metric_for_best is better. Unset: false for eval_loss, true for the others.",
+        description=("Whether a larger metric_for_best is better. Unset: false for eval_loss and the preference "
+                     "metrics of the rejected answers (rewards/rejected, logps/rejected), true for the others."),
         json_schema_extra=training_argument("greater_is_better"),
     )
     load_best_at_end: bool = Field(
@@ -258,6 +261,65 @@ class TrainSection(Section):
         ),
     )
 
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        default="sft",
+        description=(
+            "What the run optimises. sft: the cross-entropy of the loss tokens. dpo, ipo, orpo, simpo: a "
+            "preference loss on pairs (data.format: preference), with TRL's formulas (DPOTrainer's sigmoid "
+            "and ipo, ORPOTrainer, CPOTrainer's simpo); dpo and ipo compare with the reference, the same "
+            "model the run starts from (README, Preference training)."
+        ),
+        json_schema_extra=aka(axolotl="rl", llamafactory="pref_loss"),
+    )
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description=(
+            "TRL's beta: dpo's and simpo's inverse temperature, ipo's regularisation (tau), orpo's weight "
+            "of the odds-ratio term (lambda)."
+        ),
+        json_schema_extra=aka(axolotl="rl_beta", llamafactory="pref_beta"),
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo and simpo: the probability that a pair's labels are flipped (conservative DPO); TRL's name.",
+        json_schema_extra=aka(axolotl="dpo_label_smoothing"),
+    )
+    simpo_gamma: float = Field(
+        default=0.5, description="simpo: the target reward margin gamma (TRL's name).",
+        json_schema_extra=aka(axolotl="simpo_gamma", llamafactory="simpo_gamma"),
+    )
+    cpo_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "simpo: weight of the chosen answers' cross-entropy added to the loss (TRL's name; 0 is SimPO as "
+            "published, TRL's CPOConfig defaults to 1)."
+        ),
+        json_schema_extra=aka(axolotl="cpo_alpha"),
+    )
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description=(
+            "dpo and ipo: compute the reference log-probabilities of every pair once, before the first "
+            "step (saved in the run folder, reused on resume), instead of a second forward in every step."
+        ),
+        json_schema_extra=aka(axolotl="precompute_ref_log_probs"),
+    )
+
+    init_adapter: str | None = Field(
+        default=None,
+        description=(
+            "Start from the adapter saved in this folder (a run folder, or any PEFT adapter folder) instead of "
+            "a fresh one: its weights are loaded into the recipe's adapter, whose `adapter` section must "
+            "describe the same adapter (method, rank, targets). For dpo and ipo the reference is then the "
+            "model with this adapter (precompute_ref_log_probs)."
+        ),
+        json_schema_extra=aka(axolotl="lora_model_dir", llamafactory="adapter_name_or_path", **PATH),
+    )
+
     @property
     def best_metric(self) -> str:
         """metric_for_best as evaluations name it: eval_loss, or the metric's own name (accuracy, ...)."""
@@ -266,7 +328,9 @@ class TrainSection(Section):
 
     @property
     def best_is_greater(self) -> bool:
-        return self.greater_is_better if self.greater_is_better is not None else self.best_metric != "eval_loss"
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return self.best_metric != "eval_loss" and not self.best_metric.endswith("/rejected")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

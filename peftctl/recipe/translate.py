@@ -35,7 +35,7 @@ _OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf":
 _ATTENTION = {"fa2": "flash_attention_2", "sdpa": "sdpa", "disabled": "eager", "eager": "eager"}
 # Options that change nothing peftctl does, or that it decides itself: dropped with this reason.
 _NOT_NEEDED = {
-    "do_train": "peftctl train trains", "stage": "peftctl trains with the SFT objective (stage: sft)",
+    "do_train": "peftctl train trains", "stage": "stage: sft is peftctl's default objective",
     "overwrite_output_dir": "peftctl never overwrites a run folder (it resumes one with --resume)",
     "overwrite_cache": "the data cache is keyed by content: a change rebuilds it",
     "preprocessing_num_workers": "no equivalent", "dataloader_num_workers": "no equivalent",
@@ -141,6 +141,8 @@ def _scalar(b: _Builder, key: str, dotted: str, value: Any) -> None:
         return b.drop(key, value, "peftctl's eval_split is a fraction between 0 and 1 (0: no eval data)")
     elif last in ("dir", "cache_dir"):
         value = b.path(str(value), data=False)
+    elif last == "init_adapter":
+        value = b.path(str(value))  # a local adapter folder, read where the tool reads it
     b.set(dotted, value, key)
     return None
 
@@ -283,7 +285,8 @@ def _llamafactory_special(b: _Builder, key: str, value: Any, config: dict[str, A
         if value:
             b.set("model.dtype", "float16" if key == "fp16" else "bfloat16", key)
     elif key == "stage" and value != "sft":
-        raise InputError(f"stage: {value}: peftctl trains with the SFT objective (stage: sft)")
+        raise InputError(f"stage: {value}: only stage: sft is translated (for preference training, write "
+                         "train.objective and data.format: preference in the recipe by hand)")
     elif key == "train_on_prompt":
         if value:
             b.set("data.train_on", "all", key)

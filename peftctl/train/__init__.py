@@ -29,7 +29,8 @@ from peftctl.ui import Reporter
 # A temporary name of fsio's atomic writes and of checkpoint folders: `.NAME.XXXX.tmp` (or `.old`).
 _TEMPORARY = re.compile(r"^\..+\.(tmp|old)$")
 # What a run writes besides the adapter and tokenizer files (removed when a run starts again).
-_ATTEMPT_FILES = ("metrics.jsonl", "summary.json", "curves.png", "tensorboard")
+_ATTEMPT_FILES = ("metrics.jsonl", "summary.json", "curves.png", "tensorboard", "reference_logps.safetensors")
+REFERENCE_FILE = "reference_logps.safetensors"  # train.precompute_ref_log_probs: (N, 2) per split
 
 
 def _entries(path: Path) -> list[Path]:
@@ -407,7 +408,7 @@ def speed_settings(peft_model, cfg, examples, device, reporter: Reporter) -> dic
 
         out["kernels"] = enable_fused(peft_model)
     config = peft_model.get_base_model().config
-    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size), device) \
+    chosen = budget.plan(peft_model, config, cfg, budget.workload(examples, cfg.batch_size, pairs=cfg.objective != "sft"), device) \
         if cfg.memory_budget is not None else None
     if chosen is not None:
         budget.apply(peft_model, chosen["checkpoint_layers"], chosen["offload"], device)
@@ -433,6 +434,38 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     else:
         peft_model.save_adapter("default", run_dir, tensors=tensors)
     tokenizer.save_pretrained(run_dir)
+
+
+def reference_logps(recipe, model, dataset, pad_id: int, run_dir: Path | None, device,
+                    reporter: Reporter) -> dict[str, Any] | None:
+    """The precomputed reference log-probabilities of a dpo / ipo run with
+    `train.precompute_ref_log_probs`: read back from the run folder (a resumed run), else computed
+    now, on the model as the run starts (its adapter disabled, or the `train.init_adapter` one
+    enabled), before any checkpoint's weights are loaded. None when the run needs none."""
+    import torch
+
+    from peftctl.preference import Objective
+    from peftctl.preference import reference_logps as compute
+    from peftctl.userfiles import load_safetensors
+
+    cfg = recipe.train
+    if not (Objective.of(cfg).needs_reference and cfg.precompute_ref_log_probs):
+        return None
+    splits = {"train": dataset.train} | ({"eval": dataset.eval} if dataset.eval else {})
+    saved = run_dir / REFERENCE_FILE if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        tensors = load_safetensors(saved)
+        for name, examples in splits.items():
+            got = tensors.get(name)
+            if got is None or tuple(got.shape) != (len(examples), 2) or got.dtype != torch.float32:
+                raise InputError(f"{saved}: holds no {name} reference log-probabilities for these {len(examples)} "
+                                 "pairs; remove it to compute them again")
+        reporter.log(f"reference log-probabilities from {saved}")
+        return {name: tensors[name].contiguous() for name in splits} | {"saved": True}
+    reporter.log("computing the reference log-probabilities of every pair (train.precompute_ref_log_probs)")
+    adapter_off = cfg.init_adapter is None
+    return {name: compute(model, examples, recipe.eval.batch_size, pad_id, device, adapter_off=adapter_off)
+            for name, examples in splits.items()}
 
 
 def _on_main(accelerator, fn) -> None:
@@ -547,6 +580,12 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         f"trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
     )
     speed = speed_settings(model, cfg, dataset.train, accelerator.device, reporter)
+    if cfg.init_adapter is not None:
+        checkpoint.load_adapter(model, Path(cfg.init_adapter), "train.init_adapter")
+        reporter.log(f"starting from the adapter in {cfg.init_adapter}")
+    # Before a checkpoint's weights load: the reference is the model as the run starts.
+    ref_logps = reference_logps(run_recipe, model, dataset, tokenizer.pad_token_id, run.path if ckpt else None,
+                                accelerator.device, reporter)
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
@@ -586,6 +625,12 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
                              + (f" (removed {', '.join(removed)})" if removed else ""))
 
     _on_main(accelerator, open_folder)
+    if ref_logps is not None and not ref_logps.pop("saved", False):
+        from safetensors.torch import save as st_save
+
+        from peftctl.fsio import atomic_write_bytes
+
+        _on_main(accelerator, lambda: atomic_write_bytes(run.path / REFERENCE_FILE, st_save(ref_logps)))
     sinks: list[Any] = []
     summary: dict[str, Any] = {
         "status": "running",
@@ -658,7 +703,7 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             ended = fit(
                 model, optimizer, scheduler, scaler, dataset.train, dataset.eval, run_recipe, accelerator,
                 tokenizer.pad_token_id, state, steps, write_metrics=write_metrics, checkpoint=save_checkpoint,
-                stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks,
+                stop_signal=lambda: stop.signum is not None, reporter=reporter, hooks=hooks, ref_logps=ref_logps,
                 eval_tokenizer={"tokenizer": tokenizer, "id2label": dict(enumerate(recipe.model.labels or []))},
             )
             if ended == "interrupted":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 GIB = 2**30
 
 
@@ -41,16 +43,22 @@ def budget_bytes(setting, device) -> int | None:
     return int(float(setting) * GIB)
 
 
-def workload(examples, batch_size: int):
+def workload(examples, batch_size: int, pairs: bool = False):
     """The longest micro-batch the data can make (every row padded to the longest example), and
-    the share of positions that carry loss."""
+    the share of positions that carry loss. `pairs` (a preference objective): each example is two
+    rows, its chosen and its rejected sequence, padded to the longest of either."""
     from peftctl.memory import Workload
 
     if hasattr(examples, "lengths") or hasattr(examples, "bins"):  # an ExampleSet or a PackedSet
         from peftctl.train.plan import sequence_lengths
 
         lengths, loss = sequence_lengths(examples)
-        return Workload(batch_size, int(lengths.max()), float(loss.sum()) / max(int(lengths.sum()), 1))
+        longest = int(lengths.max())
+        if pairs and hasattr(examples, "tables"):
+            rejected = [np.diff(t.arrays["rejected_offsets"]) for t in examples.tables if "rejected_offsets" in t.arrays]
+            longest = max([longest, *(int(r.max()) for r in rejected if len(r))])
+        return Workload(batch_size * (2 if pairs else 1), longest,
+                        float(loss.sum()) / max(int(lengths.sum()), 1))
     lengths = [len(e.input_ids) for e in examples]
     loss_fraction = sum(e.num_loss_tokens for e in examples) / max(sum(lengths), 1)
     return Workload(batch_size, max(lengths), loss_fraction)

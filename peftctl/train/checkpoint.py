@@ -62,6 +62,7 @@ class TrainState:
     window_loss: float = 0.0
     window_tokens: float = 0.0
     window_inputs: float = 0.0
+    window_stats: dict[str, float] = field(default_factory=dict)  # preference metrics' sums (TRL's names)
     evals: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1
     data_sha256: dict[str, str] = field(default_factory=dict)
@@ -236,16 +237,19 @@ def copy_adapter(src: Path, dest: Path) -> None:
             shutil.copyfile(src / name, tmp)
 
 
-def load_adapter(peft_model, ckpt: Path) -> None:
-    """Copy a checkpoint's adapter weights into the (not yet sharded) model."""
+def load_adapter(peft_model, ckpt: Path, what: str | None = None) -> None:
+    """Copy a checkpoint's (or, `what` naming the recipe field, any saved adapter's) weights into
+    the (not yet sharded) model."""
     from peftctl.adapters import io
 
     try:
+        if what is not None and not io.has_adapter(ckpt):
+            raise InputError(f"{what}: {ckpt} holds no adapter (adapter_model.safetensors)")
         peft_model.base_model.load_adapter_tensors("default", io.read_weights(ckpt), str(ckpt))
     except PeftctlError:
         raise  # a bad file: the error names it
     except ValueError as e:
-        raise InputError(str(e)) from None
+        raise InputError(f"{what}: {e}" if what else str(e)) from None
 
 
 def optimizer_state(model, optimizer, fsdp: bool) -> dict[str, Any]:

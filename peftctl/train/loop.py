@@ -26,6 +26,7 @@ from accelerate.utils import DistributedType
 from peftctl.data import Example, collate, count_input_tokens
 from peftctl.errors import RuntimeFailure
 from peftctl.loss import count_loss_tokens, eval_loss, inner_model, loss_sum, prepare
+from peftctl.preference import Objective, eval_metrics, eval_sums, micro_step, pair_batch
 from peftctl.train.checkpoint import TrainState
 from peftctl.ui import Reporter
 
@@ -114,14 +115,19 @@ class MicroBatch:
     """One process's share of a global micro-batch, on the host, with its counts (counted here, so
     that the loop needs no device sync per micro-batch). `weight` is 0 for a stand-in: a process
     whose share is empty (the last micro-batch of an epoch smaller than the number of processes)
-    still runs an example forward and backward, as every process must, with its loss times 0."""
+    still runs an example forward and backward, as every process must, with its loss times 0.
+    `units`: what the step's loss is averaged over: loss tokens, or pairs for a preference
+    objective (`pair`: the pairs' counts); `indices`: the examples' positions in the data."""
 
-    __slots__ = ("batch", "loss_tokens", "input_tokens", "weight")
+    __slots__ = ("batch", "loss_tokens", "input_tokens", "weight", "units", "indices", "pair")
 
-    def __init__(self, batch: dict[str, torch.Tensor], real: bool):
-        self.batch, self.weight = batch, 1.0 if real else 0.0
+    def __init__(self, batch: dict[str, torch.Tensor], real: bool, indices: list[int] | None = None, pair=None):
+        self.batch, self.weight, self.indices, self.pair = batch, 1.0 if real else 0.0, indices, pair
         self.loss_tokens = count_loss_tokens(batch) if real else 0
+        if pair is not None and real:
+            self.loss_tokens = int(pair.lengths.sum())  # the answers' tokens (orpo's labels cover more)
         self.input_tokens = count_input_tokens(batch) if real else 0
+        self.units = (pair.pairs if pair is not None else self.loss_tokens) if real else 0
 
 
 class DataStream:
@@ -135,8 +141,9 @@ class DataStream:
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int,
-                 pad_id: int, epoch: int = 0, position: int = 0, limit: int | None = None):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+                 pad_id: int, epoch: int = 0, position: int = 0, limit: int | None = None,
+                 pairs: Objective | None = None):
+        self.examples, self.batch_size, self.seed, self.pairs = examples, batch_size, seed, pairs
         self.rank, self.world, self.pad_id = rank, world, pad_id
         self.epoch, self.position, self.limit = epoch, position, limit
         self._order: tuple[int, list[int]] | None = None
@@ -165,7 +172,12 @@ class DataStream:
         chunk = self.order(self.epoch)[self.position : end]
         self.position = end
         mine = chunk[self.rank :: self.world]
-        return MicroBatch(collate([self.examples[j] for j in (mine or chunk[:1])], self.pad_id), bool(mine))
+        picked = mine or chunk[:1]
+        examples = [self.examples[j] for j in picked]
+        if self.pairs is not None:
+            pair = pair_batch(examples, self.pad_id, self.pairs)
+            return MicroBatch(pair.batch, bool(mine), picked, pair)
+        return MicroBatch(collate(examples, self.pad_id), bool(mine), picked)
 
 
 def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples: list[Example] | None,
@@ -173,18 +185,25 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics: Callable[[dict[str, Any]], None],
         checkpoint: Callable[[TrainState], None],
         stop_signal: Callable[[], bool],
-        reporter: Reporter, hooks=None, eval_tokenizer: dict[str, Any] | None = None) -> str:
+        reporter: Reporter, hooks=None, ref_logps: dict[str, torch.Tensor] | None = None,
+        eval_tokenizer: dict[str, Any] | None = None) -> str:
     """Train from `state` to `steps`. Returns why it ended: completed, early_stopping or interrupted.
     `hooks` (a `peftctl.adapters.hooks.HookSet`, false when empty): the adapter method's loss terms,
     added to each step's objective once, and its action after each update, before gradients are zeroed.
+    `ref_logps`: precomputed reference log-probabilities ("train", "eval": (N, 2) host tensors) of a
+    preference objective that needs them (`train.precompute_ref_log_probs`).
     `eval_tokenizer`: {"tokenizer", "id2label"} for the evaluations of a task other than causal LM
     (`metrics.task_metrics`: generation, tag names); early stopping watches `train.metric_for_best`."""
     cfg = recipe.train
+    objective = Objective.of(cfg)
+    pairs = objective.pairs
+    ref_logps = ref_logps or {}
     world = accelerator.num_processes
     device = accelerator.device
     params = [p for p in model.parameters() if p.requires_grad]
     stream = DataStream(train, cfg.batch_size, cfg.seed, accelerator.process_index, world, pad_id,
-                        state.epoch, state.position, limit=target_examples(cfg, len(train)))
+                        state.epoch, state.position, limit=target_examples(cfg, len(train)),
+                        pairs=objective if pairs else None)
     vocab_size = getattr(getattr(inner_model(model), "config", None), "vocab_size", None)
     keep_best = cfg.save_every is not None or cfg.load_best_at_end or cfg.early_stopping_patience is not None
 
@@ -197,7 +216,21 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     task = getattr(eval_examples[0], "task", "causal_lm") if eval_examples else "causal_lm"
     metric, greater = cfg.best_metric, cfg.best_is_greater
 
+    def pair_evaluate() -> dict[str, Any]:
+        """A preference objective's eval_loss and TRL's metrics (`preference.eval_metrics`)."""
+        ref = ref_logps.get("eval")
+        if accelerator.distributed_type == DistributedType.FSDP:
+            sums = eval_sums(objective, model, eval_examples, recipe.eval.batch_size, pad_id, device, ref)
+        else:
+            rank = accelerator.process_index
+            sums = reduce(*eval_sums(objective, accelerator.unwrap_model(model), eval_examples[rank::world],
+                                     recipe.eval.batch_size, pad_id, device,
+                                     None if ref is None else ref[rank::world]))
+        return eval_metrics(objective, sums)
+
     def evaluate() -> dict[str, Any]:
+        if pairs:
+            return pair_evaluate()
         if task != "causal_lm":
             # Every process evaluates all examples through the unwrapped model (a few hundred
             # forwards at most), so that F1 and exact match need no gathering of predictions.
@@ -232,7 +265,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         write_metrics(record)
         state.evals.append(record)
         shown = "  ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
-                          if k not in ("step", "eval_tokens"))
+                          if k not in ("step", "eval_tokens", "eval_pairs"))
         reporter.log(f"step {step}: eval {shown}")
         value = record["eval_loss" if metric == "eval_loss" else f"eval_{metric}"]
         best = state.best_eval_loss
@@ -270,15 +303,29 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         micro, moved, epoch_after, position_after, consumed_after = ahead
         if not micro:  # the data ran out: total_steps counts exactly, so this is only a safeguard
             break
-        (step_tokens,) = reduce(sum(mb.loss_tokens for mb in micro))
+        # The step's loss is averaged over its units (loss tokens, or pairs) of all processes; a
+        # preference objective's NLL term over the chosen answers' tokens.
+        step_tokens, step_chosen = reduce(sum(mb.units for mb in micro),
+                                          sum(mb.pair.chosen_tokens * mb.weight for mb in micro) if pairs else 0)
         local_loss = torch.zeros((), dtype=torch.float32, device=device)
+        local_stats = torch.zeros(len(objective.metric_names), dtype=torch.float64, device=device) if pairs else None
         step_terms: dict[str, torch.Tensor] = {}  # the hooks' loss terms of this step (read when logging)
         for i, mb in enumerate(micro):
             batch, plan = moved[i]
             sync = i == len(micro) - 1
             ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
             with ctx:
-                loss, _ = loss_sum(model, batch, plan)
+                if pairs:
+                    ref = ref_logps.get("train")
+                    if ref is not None:  # (2B,): the chosen rows' then the rejected rows'
+                        ref = torch.cat([ref[mb.indices, 0], ref[mb.indices, 1]]).to(device, non_blocking=True)
+                    answer = None if mb.pair.answer is None else mb.pair.answer.to(device, non_blocking=True)
+                    pair_loss, nll, stats = micro_step(objective, model, batch, plan, mb.pair.lengths, ref, answer)
+                    # In loss-sum units: divided by the step's pairs below, the objective of the step.
+                    loss = pair_loss + objective.nll_weight * nll * (step_tokens / max(step_chosen, 1))
+                    local_stats += stats * mb.weight
+                else:
+                    loss, _ = loss_sum(model, batch, plan)
                 if mb.weight != 1.0:
                     loss = loss * mb.weight  # a stand-in: every process runs a backward, this one adds nothing
                 # DDP averages gradients over processes; multiplying by `world` turns that average
@@ -305,8 +352,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         # drawn with this step's batches (a run that stops after this step resumes after it).
         ahead = draw() if step < steps else None
         grad_norm = float(grad_norm)  # the step's one wait for the device (with the loss below)
-        step_loss, inputs, stopping = reduce(float(local_loss), sum(mb.input_tokens for mb in micro),
-                                             float(stop_signal()))
+        step_loss, inputs, loss_tokens, stopping, *stats = reduce(
+            float(local_loss), sum(mb.input_tokens for mb in micro), sum(mb.loss_tokens for mb in micro),
+            float(stop_signal()), *(local_stats.tolist() if pairs else ()))
         # The rate this step's update uses: logged for this step (the scheduler then moves on).
         lr = optimizer.param_groups[0]["lr"]
 
@@ -335,7 +383,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if bad is None and step_tokens and vocab_size and looks_collapsed(grad_norm, step_loss / step_tokens,
+        if bad is None and not pairs and step_tokens and vocab_size and looks_collapsed(grad_norm, step_loss / step_tokens,
                                                                           vocab_size):
             state.collapsed_steps += 1
         else:
@@ -346,7 +394,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             state.window_loss += step_loss
             state.window_tokens += step_tokens
             state.tokens_seen += int(inputs)
-            state.loss_tokens_seen += int(step_tokens)
+            state.loss_tokens_seen += int(loss_tokens)
+            for name, value in zip(objective.metric_names if pairs else (), stats, strict=True):
+                state.window_stats[name] = state.window_stats.get(name, 0.0) + value
         state.window_inputs += inputs
         if step % cfg.log_every == 0 or step == steps:
             now = time.perf_counter()
@@ -364,14 +414,23 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                 "loss_tokens": int(state.window_tokens),
                 "elapsed_s": time_before + now - start,
             }
+            shown_pairs = ""
+            if pairs:  # TRL's metrics, means over the window's pairs
+                record["pairs"] = record.pop("loss_tokens")
+                record.update({k: v / state.window_tokens for k, v in state.window_stats.items()
+                               if state.window_tokens})
+                if state.window_tokens:
+                    shown_pairs = (f"  acc {record['rewards/accuracies']:.2f}  "
+                                   f"margin {record['rewards/margins']:.3g}")
             if step_terms:  # the adapter method's loss terms at this step (not in `loss`)
                 record["loss_terms"] = {k: float(v) for k, v in step_terms.items()}
             write_metrics(record)
             reporter.advance(step, {"loss": state.last_loss, "lr": lr, "tok/s": round(record["tokens_per_s"])})
             shown = "-" if loss_now is None else f"{loss_now:.4f}"
-            reporter.log(f"step {step}/{steps}  loss {shown}  lr {lr:.3g}  "
+            reporter.log(f"step {step}/{steps}  loss {shown}{shown_pairs}  lr {lr:.3g}  "
                          f"tok/s {record['tokens_per_s']:.0f}")
             state.window_loss = state.window_tokens = state.window_inputs = 0.0
+            state.window_stats = {}
             window_start = now
         else:
             reporter.advance(step, {"loss": state.last_loss})

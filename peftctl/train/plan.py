@@ -71,7 +71,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     lengths, _ = sequence_lengths(dataset.train)
     mean_len = float(lengths.mean())
     # The longest micro-batch pads every row to its longest sequence.
-    workload = budget.workload(dataset.train, cfg.batch_size)
+    workload = budget.workload(dataset.train, cfg.batch_size, pairs=cfg.objective != "sft")
     inspected = inspect_recipe(recipe, workload, built=built)
     # The periodic checkpoints this invocation writes (train.loop: every save_every steps and at the
     # last step), from the step it starts at.

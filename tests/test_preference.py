@@ -1,0 +1,434 @@
+"""Preference objectives (train.objective: dpo, ipo, orpo, simpo) against TRL, the test-only oracle.
+
+For one tiny Llama, one set of LoRA weights (random, so that policy and reference differ) and one
+batch of pairs tokenized by peftctl, TRL's own code computes the loss and the logged metrics:
+DPOTrainer._compute_loss (sigmoid, ipo; its concatenated forward, its reference = adapters
+disabled), ORPOTrainer and CPOTrainer (loss_type simpo) get_batch_loss_metrics (their concatenated
+forward on full logits), and CPOTrainer.cpo_loss for conservative DPO's label smoothing. peftctl
+computes the same through its chunked per-row linear cross-entropy (no full logits).
+
+Tolerance: everything runs in float32. A sequence's log-probability sums ~10-20 token terms, each a
+log-sum-exp over 320 logits of size ~1-10, so each side carries a rounding error of a few float32
+ulps of the summed magnitude (|log p| ~ 60): ~60 x 1.2e-7 x ~10 ~ 1e-4 at worst, typically 1e-5.
+The losses and rewards are differences of such sums times beta (0.1-2): atol 2e-4 and rtol 1e-4
+hold that with room, and are 100x tighter than any formula error (a wrong sign, average vs sum,
+a missing gamma / beta) would produce.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from clirun import run, run_json
+from tiny import recipe_text, write_preference_data
+
+ATOL, RTOL = 2e-4, 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("trl", reason="TRL is the test-only oracle of the preference losses")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftctl import data as data_lib
+    from peftctl.recipe.data import DataSection
+    from peftctl.runs import attach_saved_adapter
+
+    tmp = tmp_path_factory.mktemp("pref")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_preference_data(tmp / "pairs.jsonl", 8, seed=3)
+    examples = data_lib.build(DataSection(train=str(path), format="preference", max_length=64), tokenizer).train
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp / "adapter")
+    ours = attach_saved_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp / "adapter",
+                                is_trainable=True)
+    return {"tmp": tmp, "tokenizer": tokenizer, "examples": examples, "peft": peft_model, "ours": ours,
+            "path": path, "model_dir": tiny_model_dir}
+
+
+@pytest.fixture
+def trl_trainer():
+    """TRL's trainers set accelerate's process-wide state (mixed precision): reset after each test,
+    as peftctl's runs set their own."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def _ours(setup, objective, examples=None):
+    """peftctl's loss (with its gradient) and metrics (TRL's names) for one batch of pairs."""
+    from peftctl.loss import loss_plan
+    from peftctl.preference import eval_metrics, micro_step, pair_batch
+
+    model = setup["ours"]
+    model.zero_grad()
+    pb = pair_batch(list(examples or setup["examples"]), setup["tokenizer"].pad_token_id, objective)
+    loss, nll, stats = micro_step(objective, model, pb.batch, loss_plan(pb.batch["labels"]), pb.lengths,
+                                  answer=pb.answer)
+    total = loss / pb.pairs + objective.nll_weight * nll / pb.chosen_tokens
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    metrics = eval_metrics(objective, [pb.pairs, float(loss.detach()), pb.chosen_tokens, float(nll.detach()),
+                                       *stats.tolist()], "")
+    assert metrics["loss"] == pytest.approx(float(total.detach()), rel=1e-6)
+    return pb.batch, metrics, grads
+
+
+def _close(ours: float, theirs: float, what: str):
+    assert abs(ours - theirs) <= ATOL + RTOL * abs(theirs), f"{what}: peftctl {ours} vs TRL {theirs}"
+
+
+def _grads_close(ours: dict, peft_model):
+    theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs)
+    for name, g in ours.items():
+        # The same sums as the loss, differentiated: the gradient's rounding scales with its norm.
+        torch.testing.assert_close(g, theirs[name], atol=ATOL * max(1.0, float(theirs[name].abs().max())), rtol=RTOL)
+    assert any(float(g.abs().max()) > 1e-3 for g in ours.values())  # a real gradient was compared
+
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5)])
+def test_dpo_and_ipo_match_trl(setup, trl_trainer, loss_type, beta):
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from peftctl.preference import Objective
+
+    name = "dpo" if loss_type == "sigmoid" else "ipo"
+    batch, ours, grads = _ours(setup, Objective(name, beta=beta))
+    args = DPOConfig(output_dir=str(setup["tmp"] / f"trl-{name}"), beta=beta, loss_type=[loss_type], report_to=[],
+                     use_cpu=True, bf16=False, max_length=64, per_device_train_batch_size=8)
+    # A fresh adapter from peft_config: TRL's reference is then the adapter-off model (given a
+    # PeftModel it would copy the adapter as the reference); the weights are set afterwards.
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(setup["model_dir"]), args=args,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                lora_dropout=0.0),
+                         processing_class=setup["tokenizer"],
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    set_peft_model_state_dict(trainer.model, load_file(setup["tmp"] / "adapter" / "adapter_model.safetensors"))
+    trainer.model.zero_grad()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != -100).long()}
+    loss = trainer._compute_loss(trainer.model, inputs, False)
+    loss.backward()
+    _close(ours["loss"], float(loss.detach()), "loss")
+    for key in METRICS:
+        _close(ours[key], trainer._metrics["train"][key][-1], key)
+    assert abs(ours["rewards/margins"]) > 20 * ATOL  # the adapter moved the policy away from the reference
+    _grads_close(grads, trainer.model)
+
+
+def _trl_batch(setup, objective):
+    """TRL's CPO / ORPO batch of the same pairs (labels on the answers)."""
+    from peftctl.preference import collate_pairs
+
+    batch = collate_pairs(list(setup["examples"]), setup["tokenizer"].pad_token_id)
+    b = batch["input_ids"].shape[0] // 2
+    out = {}
+    for side, rows in (("chosen", slice(0, b)), ("rejected", slice(b, None))):
+        out[f"{side}_input_ids"] = batch["input_ids"][rows]
+        out[f"{side}_attention_mask"] = batch["attention_mask"][rows]
+        out[f"{side}_labels"] = batch["labels"][rows]
+    return out
+
+
+@pytest.mark.parametrize("name", ["orpo", "simpo"])
+def test_orpo_and_simpo_match_trl(setup, trl_trainer, name):
+    from datasets import Dataset
+
+    from peftctl.preference import Objective
+
+    ds = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    common = dict(report_to=[], use_cpu=True, bf16=False, max_length=64)
+    if name == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        objective = Objective("orpo", beta=0.2)
+        trainer = ORPOTrainer(model=setup["peft"], args=ORPOConfig(output_dir=str(setup["tmp"] / "orpo"), beta=0.2,
+                                                                   **common), processing_class=setup["tokenizer"],
+                              train_dataset=ds)
+        extra = {"nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio", "log_odds_chosen": "log_odds_chosen"}
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        objective = Objective("simpo", beta=2.0, simpo_gamma=0.7, cpo_alpha=0.3, label_smoothing=0.1)
+        trainer = CPOTrainer(model=setup["peft"], args=CPOConfig(
+            output_dir=str(setup["tmp"] / "simpo"), beta=2.0, loss_type="simpo", simpo_gamma=0.7, cpo_alpha=0.3,
+            label_smoothing=0.1, **common), processing_class=setup["tokenizer"], train_dataset=ds)
+        extra = {"nll_loss": "nll_loss"}
+    batch, ours, grads = _ours(setup, objective)
+    trainer.model.zero_grad()
+    loss, theirs = trainer.get_batch_loss_metrics(trainer.model, _trl_batch(setup, objective), "train")
+    loss.backward()
+    _close(ours["loss"], float(loss.detach()), "loss")
+    for key in (*METRICS, *extra):
+        _close(ours[key], float(theirs[key]), key)
+    _grads_close(grads, trainer.model)
+
+
+def test_dpo_label_smoothing_is_conservative_dpo(setup):
+    """TRL 1.16's DPOTrainer dropped label smoothing from its sigmoid loss; its CPOTrainer keeps
+    the conservative-DPO form, which is DPO's once fed the log-ratios (policy minus reference)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    from peftctl.loss import loss_plan
+    from peftctl.preference import Objective, PairBatch, collate_pairs, pair_logps
+
+    pb = PairBatch(collate_pairs(list(setup["examples"]), setup["tokenizer"].pad_token_id))
+    plan = loss_plan(pb.batch["labels"])
+    with torch.no_grad():
+        pi = pair_logps(setup["ours"], pb.batch, plan)
+        ref = pair_logps(setup["ours"], pb.batch, plan, reference=True)
+    b = pb.pairs
+    losses, _ = Objective("dpo", beta=0.3, label_smoothing=0.2).terms(pi[:b], pi[b:], ref[:b], ref[b:], None, None)
+    trl_self = SimpleNamespace(alpha=0.0, beta=0.3, label_smoothing=0.2, loss_type="sigmoid",
+                               accelerator=SimpleNamespace(device=torch.device("cpu")))
+    theirs, _, _ = CPOTrainer.cpo_loss(trl_self, pi[:b] - ref[:b], pi[b:] - ref[b:])
+    torch.testing.assert_close(losses, theirs, atol=1e-6, rtol=1e-6)  # the same float32 inputs
+
+
+def test_linear_cross_entropy_rows_matches_plain_and_weights_rows():
+    """Per-row losses equal F.cross_entropy's; the backward weighs each row by its incoming
+    gradient, for the hidden states and for a head that trains (recomputed in the backward)."""
+    import torch.nn.functional as F
+
+    from peftctl.kernels.linear_cross_entropy import linear_cross_entropy_rows
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[::5] = -100
+    weights = torch.randn(37, dtype=torch.float64, generator=g)
+    rows = linear_cross_entropy_rows(h, w, t, chunk_rows=8)
+    (rows * weights).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    plain = F.cross_entropy(h @ w.T, t, reduction="none", ignore_index=-100)
+    (plain * weights).sum().backward()
+    # float64 on both sides, the same operations in another order: agreement to ~1e-12.
+    torch.testing.assert_close(rows, plain.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gh, h.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gw, w.grad, atol=1e-12, rtol=1e-12)
+
+
+def _recipe(tmp_path, model_dir, data, out, **train):
+    path = tmp_path / f"{out}.yaml"
+    train = {"objective": "dpo", "max_steps": 4, "batch_size": 2, "log_every": 1, "save_every": 2, **train}
+    path.write_text(recipe_text(model_dir, str(data[0]), str(data[1]), str(tmp_path / out),
+                                data={"format": "preference"}, train=train))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefdata")
+    return (write_preference_data(folder / "train.jsonl", 16, seed=1),
+            write_preference_data(folder / "eval.jsonl", 6, seed=2, messages=True))
+
+
+def _metrics(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_resumes_exactly_and_accumulation_equals_one_batch(tmp_path, tiny_model_dir, pref_data):
+    """A dpo run: TRL's metric names in metrics.jsonl and eval --json; stopped after step 2 and
+    resumed, it logs what the uninterrupted run logs, to the bit; batch 2 x grad_accum 2 trains
+    the same adapter as batch 4 (the loss is a mean over the step's pairs, not over micro-batches)."""
+    from safetensors.torch import load_file
+
+    full = _recipe(tmp_path, tiny_model_dir, pref_data, "full", eval_every=2)
+    run("train", full)
+    records = _metrics(tmp_path / "full")
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(k in steps[0] for k in METRICS) and steps[0]["pairs"] == 2
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all(f"eval_{k}" in evals[-1] for k in METRICS)
+    result = run_json("eval", full)
+    assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert result["eval_rewards/accuracies"] == evals[-1]["eval_rewards/accuracies"]
+
+    # Interrupted after step 2 (max_steps 2 ends it there, with its checkpoint), then resumed to 4.
+    part = _recipe(tmp_path, tiny_model_dir, pref_data, "part", eval_every=2)
+    run("train", part, "--set", "train.max_steps=2")
+    run("train", part, "--resume", "auto")
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in _metrics(tmp_path / "part")] \
+        == [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in records]
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    one = _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=4, max_steps=2, lr=1e-2)
+    acc = _recipe(tmp_path, tiny_model_dir, pref_data, "acc", batch_size=2, grad_accum=2, max_steps=2, lr=1e-2)
+    run("train", one)
+    run("train", acc)
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "acc" / "adapter_model.safetensors")
+    # The same sums in two halves: float32 rounding of the gradient (~1e-7 relative), through two
+    # AdamW updates of lr 1e-2 whose step is ~lr whatever the gradient's size: 1e-5 absolute.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    losses = [[r["loss"] for r in _metrics(tmp_path / name) if "loss" in r] for name in ("one", "acc")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_preference_objective_refuses_other_formats(make_recipe):
+    result = run("validate", make_recipe(train={"objective": "dpo"}), code=2)
+    assert "format preference" in result.stderr
+
+
+def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):
+    """A pair longer than max_length loses the beginning of its prompt (the tokens both sequences
+    share), the same tokens from both, so that both answers stay whole; a pair whose answers alone
+    do not fit is dropped and counted; truncation: drop drops every pair that is too long."""
+    from transformers import AutoTokenizer
+
+    from peftctl import data as data_lib
+    from peftctl.recipe.data import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_preference_data(tmp_path / "pairs.jsonl", 12, seed=5)
+    whole = data_lib.build(DataSection(train=str(path), format="preference", max_length=64, cache=False), tokenizer)
+    lengths = [max(len(e.input_ids), len(e.rejected.input_ids)) for e in whole.train]
+    answers = [max(e.num_loss_tokens, e.rejected.num_loss_tokens) for e in whole.train]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the pairs are too long
+    cut = data_lib.build(DataSection(train=str(path), format="preference", max_length=limit, cache=False), tokenizer)
+    kept = [i for i, a in enumerate(answers) if a + 1 <= limit]  # the answers and one prompt token fit
+    assert cut.stats["train"].dropped_too_long == len(answers) - len(kept)
+    assert len(cut.train) == len(kept) and cut.stats["train"].truncated == sum(lengths[i] > limit for i in kept) > 0
+    for e, i in zip(cut.train, kept, strict=True):
+        full = whole.train[i]
+        over = max(0, lengths[i] - limit)
+        for got, ref in ((e, full), (e.rejected, full.rejected)):
+            assert got.input_ids == ref.input_ids[over:] and got.labels == ref.labels[over:]
+    dropped = data_lib.build(DataSection(train=str(path), format="preference", max_length=limit, cache=False,
+                                         truncation="drop"), tokenizer)
+    assert len(dropped.train) == sum(n <= limit for n in lengths)
+    # A limit the longest answers alone reach: those pairs are dropped, the others cut.
+    tight = max(answers)
+    few = data_lib.build(DataSection(train=str(path), format="preference", max_length=tight, cache=False), tokenizer)
+    assert few.stats["train"].dropped_too_long == sum(a + 1 > tight for a in answers) > 0
+    assert len(few.train) == sum(a + 1 <= tight for a in answers) > 0
+
+
+def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir, pref_data):
+    """train.init_adapter: the run starts from that adapter, and DPO's reference is the model with
+    it (precomputed): at the first step, before any update, policy and reference are the same
+    model, so the rewards are 0 and the loss ln 2 (with the adapter-off base as the reference they
+    would not be: the first run moved the adapter)."""
+    import math
+
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "first", objective="simpo", max_steps=3, lr=2e-2))
+    refused = _recipe(tmp_path, tiny_model_dir, pref_data, "no", init_adapter=str(tmp_path / "first"))
+    assert "precompute_ref_log_probs" in run("validate", refused, code=2).stderr
+    second = _recipe(tmp_path, tiny_model_dir, pref_data, "second", init_adapter=str(tmp_path / "first"),
+                     precompute_ref_log_probs=True, max_steps=1, save_every=None, eval_every=1)
+    run("train", second)
+    step, evaluation = _metrics(tmp_path / "second")
+    # The same float32 sums in another batch (another padding): ~1e-6 apart.
+    assert abs(step["rewards/chosen"]) < 1e-5 and abs(step["rewards/rejected"]) < 1e-5
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # The base as the reference: the first run's adapter is far from it.
+    base_ref = run_json("eval", second, "--adapter", tmp_path / "first", "--set", "train.init_adapter=null",
+                        "--set", "train.precompute_ref_log_probs=false")
+    assert abs(base_ref["eval_rewards/margins"]) > 1e-3
+    # eval of the run: the reference is the init adapter, as in training
+    result = run_json("eval", second)
+    assert result["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+
+
+def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
+    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing and the
+    reference computed in each step, is the global batch of two pairs in one process with the
+    reference precomputed (train.precompute_ref_log_probs, saved in the run folder): the same
+    losses, metrics and adapter."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    two = _recipe(tmp_path, tiny_model_dir, pref_data, "two", batch_size=1, max_steps=3, save_every=None,
+                  lr=1e-2, gradient_checkpointing=True)
+    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=2, max_steps=3, save_every=None,
+                         lr=1e-2, precompute_ref_log_probs=True))
+    assert (tmp_path / "one" / "reference_logps.safetensors").is_file()
+    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r] for name in ("one", "two"))
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", *METRICS):
+            # float32 sums over other batches of the same pairs (the reference's too), then three
+            # AdamW steps: ~1e-6.
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_path, tiny_model_dir, pref_data):
+    """Where preference training meets model.task, metric_for_best and validate's every-row check:
+    a preference objective on another task is refused; metric_for_best takes the objective's TRL
+    metrics (eval_ prefix or not; the rejected answers' lower is better) and early stopping and
+    load_best_at_end follow it; a bad pair row is named by validate."""
+    from peftctl.recipe import load
+
+    path = _recipe(tmp_path, tiny_model_dir, pref_data, "seqcls")
+    text = path.read_text().replace("dtype: float32", "dtype: float32\n  task: seq_cls")
+    path.write_text(text)
+    result = run("validate", path, code=2)
+    assert "train.objective dpo" in result.stderr and "model.task seq_cls" in result.stderr
+    prompt = _recipe(tmp_path, tiny_model_dir, pref_data, "prompt")
+    prompt.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), None, "prompt", data={"format": "preference"},
+                                  adapter={"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                  train={"objective": "dpo"}))
+    assert "prompt_tuning adapter is trained with objective sft" in run("validate", prompt, code=2).stderr
+
+    sft = _recipe(tmp_path, tiny_model_dir, pref_data, "sft", objective="sft", eval_every=1,
+                  metric_for_best="eval_rewards/accuracies")
+    assert "metric_for_best" in run("validate", sft, code=2).stderr
+    rejected = load(_recipe(tmp_path, tiny_model_dir, pref_data, "rej", eval_every=1,
+                                   metric_for_best="eval_rewards/rejected"))
+    assert rejected.train.best_metric == "rewards/rejected" and not rejected.train.best_is_greater
+
+    margins = load(_recipe(tmp_path, tiny_model_dir, pref_data, "mar", eval_every=1, metric_for_best="rewards/margins"))
+    assert margins.train.best_is_greater
+    # Watched the other way (the smallest margin is best), so that the best evaluation is not the
+    # one eval_loss would pick: DPO training raises the margin as it lowers the loss.
+    best = _recipe(tmp_path, tiny_model_dir, pref_data, "best", eval_every=1, max_steps=3, save_every=None,
+                   metric_for_best="eval_rewards/margins", greater_is_better=False, load_best_at_end=True, lr=1e-2)
+    summary = run_json("train", best)
+    evals = [r for r in _metrics(tmp_path / "best") if "eval_loss" in r]
+    low = min(evals, key=lambda r: r["eval_rewards/margins"])
+    assert low["step"] != min(evals, key=lambda r: r["eval_loss"])["step"]  # the case tells the metrics apart
+    assert summary["best_eval"]["metric"] == "rewards/margins" and summary["best_eval"]["step"] == low["step"]
+
+    bad = tmp_path / "bad.jsonl"
+    rows = pref_data[0].read_text().splitlines()
+    rows[2] = '{"prompt": "Convert May 1, 2000 to ISO: ", "chosen": "2000-05-01"}'
+    bad.write_text("\n".join(rows) + "\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(path.read_text().replace("\n  task: seq_cls", "").replace(str(pref_data[0]), str(bad)))
+    result = run("validate", broken, code=2)
+    assert "bad.jsonl row 3" in result.stderr and "rejected" in result.stderr
