@@ -130,13 +130,20 @@ def score(model, tokenizer, examples, cfg, device, reporter: Reporter | None = N
 
 
 def _with_run_labels(recipe, run):
-    """The recipe with `model.labels` (seq_cls, token_cls): the recipe's own; else the run's, as its
-    recipe.yaml recorded them (the head was trained for those); else the training data's."""
+    """The recipe with `model.labels` (seq_cls, token_cls): with a run, the run's, as its recipe.yaml
+    recorded them (the head was trained for those; a recipe whose own labels differ is an InputError
+    naming both); else the recipe's own; else the training data's."""
     from peftctl.sections import LABELLED_TASKS
 
-    if recipe.model.task_name not in LABELLED_TASKS or recipe.model.labels:
+    if recipe.model.task_name not in LABELLED_TASKS:
         return recipe
     labels = getattr(getattr(getattr(run, "recipe", None), "model", None), "labels", None)
+    if labels and recipe.model.labels and list(recipe.model.labels) != list(labels):
+        raise InputError(f"model.labels [{', '.join(map(str, recipe.model.labels))}] differ from the run's "
+                         f"[{', '.join(map(str, labels))}] (its recipe.yaml; the head was trained for those, "
+                         f"in that order): drop model.labels or set them as the run has them")
+    if recipe.model.labels:
+        return recipe
     if not labels:
         from peftctl.data.tasks import label_names
 
@@ -192,6 +199,9 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
         raise InputError(f"--predictions: no eval example has a reference answer to predict (format "
                          f"{recipe.data.format!r} gives none); use data with responses")
     reporter.log(f"evaluating {'the base model' if base else adapter} on {len(examples)} examples")
+    # A new head (seq_cls, token_cls) starts as training's does (train seeds right before its load):
+    # the "before" number is reproducible and is the one training starts from.
+    torch.manual_seed(recipe.train.seed)
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     models.set_pad_token(model, tokenizer)
     from peftctl.preference import Objective, reference_logps

@@ -353,6 +353,29 @@ def task_note(spec, config) -> str | None:
             f"unset, so it loads as causal_lm (AutoModelForCausalLM); set model.task: {implied} to train that")
 
 
+def encoder_only(config) -> bool:
+    """Whether a config is of a bidirectional encoder (BERT, RoBERTa, ...): a masked-LM model type
+    that is no encoder-decoder and is not configured as a decoder (`is_decoder`, XLM's `causal`).
+    transformers' causal-LM class of such a model attends both ways unless `is_decoder` is set."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False)
+            and not getattr(config, "causal", False))
+
+
+def check_causal_lm(spec, config, description: str) -> None:
+    """InputError when model.task causal_lm (or unset) would train an encoder-only model: its
+    attention sees the tokens it predicts, so it learns nothing a causal LM can use."""
+    if spec.task_name == "causal_lm" and encoder_only(config):
+        implied = implied_task(config)
+        hint = f"model.task: {implied}, which its config implies" if implied in ("seq_cls", "token_cls") else \
+            "model.task: seq_cls or token_cls"
+        raise InputError(f"model {description}: an encoder-only model ({config.model_type}, is_decoder false) "
+                         f"cannot train as a causal LM (model.task: {spec.task or 'causal_lm, the default'}); "
+                         f"set {hint}")
+
+
 def _load_failure(spec, source: ModelSource, err: Exception) -> InputError | None:
     """An Auto class that has no model for this config (a T5 config under AutoModelForCausalLM) is an
     input error naming the task to set; None for other failures."""
@@ -379,6 +402,7 @@ def meta_model(spec):
     source = resolve(spec.name_or_path, spec.cache_dir, convert=False)
     check_model_files(spec, source)  # headers only
     config = load_config(spec, source)
+    check_causal_lm(spec, config, source.description)
     if (note := task_note(spec, config)) is not None:
         log.warning(note)
     dtype = resolve_dtype(spec.dtype)
@@ -680,6 +704,8 @@ def load_model(spec, source: ModelSource | None = None, *, dtype=None, device_ma
     if quantized and source.kind == "gguf":
         source = gguf_folder(source, spec.cache_dir)
     check_model_files(spec, source)  # config, remote code, weights (headers, pickle rule)
+    if spec.task_name == "causal_lm":
+        check_causal_lm(spec, load_config(spec, source), source.description)
     kw = _common_kwargs(spec, source)
     kw["dtype"] = dtype
     if quantized:

@@ -210,8 +210,12 @@ class ModelSection(Section):
         if self.labels is not None:
             if self.task not in LABELLED_TASKS:
                 raise ValueError(f"labels: only model.task seq_cls or token_cls has labels (task is {self.task})")
-            if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
-                raise ValueError("labels: give at least one label, each once")
+            if len(self.labels) < 1:
+                raise ValueError("labels: give at least one label")
+            if blank := [i for i, name in enumerate(self.labels) if not name.strip()]:
+                raise ValueError(f"labels: label {blank[0]} is empty ({self.labels[blank[0]]!r}); give each a name")
+            if dups := sorted({name for name in self.labels if self.labels.count(name) > 1}):
+                raise ValueError(f"labels: {', '.join(map(repr, dups))} given more than once; give each label once")
         return self
 
     @property

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from peftctl.errors import InputError
 from tests.clirun import run, run_json
 from tests.tiny_tasks import build_bert, build_t5, write_classification, write_seq2seq, write_tagging
 
@@ -336,10 +337,9 @@ def test_task_unset_notes_the_task_a_classifier_config_implies(tmp_path, caplog)
 
     folder = build_bert(tmp_path / "bert")
     BertForSequenceClassification.from_pretrained(folder, num_labels=3).save_pretrained(folder)
-    with caplog.at_level("WARNING", logger="peftctl"):
+    # An encoder-only config is no causal LM: refused, naming the task its config implies.
+    with pytest.raises(InputError, match="set model.task: seq_cls, which its config implies"):
         models.load_model(ModelSection(name_or_path=str(folder), dtype="float32"))
-    assert "implies model.task: seq_cls; model.task is unset, so it loads as causal_lm" in caplog.text
-    caplog.clear()
     model = models.load_model(ModelSection(name_or_path=str(folder), dtype="float32", task="seq_cls",
                                            labels=["a", "b"]))
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "a", 1: "b"}
@@ -454,3 +454,70 @@ def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir
                                "X LOAD REPORT from: m\nKey | Status |\nclassifier.bias | MISSING |\n"
                                "pooler.dense.weight | UNEXPECTED |", None, None)
     assert head_only.filter(record) and head_only.keys == []
+
+
+def test_eval_takes_the_runs_labels_and_a_seeded_base_head(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 16)
+    eval_ = write_classification(tmp_path / "eval.jsonl", 8, seed=1)
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, eval_, max_steps=2,
+                     eval_every=None)
+    run_json("train", recipe)
+    run_dir = tmp_path / "run"
+    # Labels in another order than the run's: refused naming both (it would score with a wrong mapping).
+    r = run("eval", recipe, "--adapter", run_dir, "--set", "model.labels=[pos, neg]", code=2)
+    assert "model.labels [pos, neg] differ from the run's [neg, pos]" in r.stderr
+    same = run_json("eval", recipe, "--adapter", run_dir, "--set", "model.labels=[neg, pos]")
+    assert same == run_json("eval", recipe, "--adapter", run_dir)
+    # --base: the new head is seeded by train.seed, so two runs agree exactly; another seed differs.
+    first, second = run_json("eval", recipe, "--base"), run_json("eval", recipe, "--base")
+    assert first == second
+    other = run_json("eval", recipe, "--base", "--set", "train.seed=1")
+    assert other["eval_loss"] != first["eval_loss"]
+
+
+def test_an_empty_train_or_eval_file_is_refused_naming_it(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    empty = _write(tmp_path / "empty.jsonl", [])
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, empty)
+    for command in (("train", recipe), ("eval", recipe, "--base")):
+        r = run(*command, code=2)
+        assert f"eval data: {empty}: no rows" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = run("train", recipe, "--set", f"data.train={empty}", "--set", f"data.eval={train}", code=2)
+    assert f"training data: {empty}: no rows, so no labels" in r.stderr
+
+
+def test_an_encoder_only_model_is_refused_as_a_causal_lm(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    recipe = _recipe(tmp_path, bert_dir, "causal_lm", "text", ["query"], train, train)
+    for task in ("causal_lm", "null"):
+        for dry in ((), ("--dry-run",)):  # the plan (config only) and the real load
+            r = run("train", recipe, *dry, "--set", f"model.task={task}", code=2)
+            assert f"model {bert_dir}" in r.stderr and "encoder-only model (bert, is_decoder false)" in r.stderr
+            assert "set model.task: seq_cls or token_cls" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_word_without_sub_tokens_is_refused_naming_it(tmp_path, bert_dir):
+    good = _write(tmp_path / "good.jsonl", [{"tokens": ["alice", "in", "paris"], "tags": ["B-PER", "O", "B-LOC"]}])
+    bad = _write(tmp_path / "bad.jsonl", [{"tokens": ["alice", "in", "paris"], "tags": ["B-PER", "O", "B-LOC"]},
+                                          {"tokens": ["alice", " ", "paris"], "tags": ["B-PER", "O", "B-LOC"]},
+                                          {"tokens": ["alice", "\u200b"], "tags": ["B-PER", "O"]}])
+    recipe = _recipe(tmp_path, bert_dir, "token_cls", "token_classification", ["query"], bad, good)
+    r = run("train", recipe, code=2)
+    assert f"{bad} row 2: word 1 (' ') of field 'tokens' has no sub-token" in r.stderr
+    assert f"{bad} row 3: word 1 ('\\u200b') of field 'tokens' has no sub-token" in r.stderr
+    assert not (tmp_path / "run").exists()
+    # Truncation is not this error: a row cut at max_length trains (its last words untagged).
+    long = _write(tmp_path / "long.jsonl", [{"tokens": ["alice", "in", "paris"] * 14,
+                                            "tags": ["B-PER", "O", "B-LOC"] * 14}])
+    assert run_json("train", recipe, "--dry-run", "--set", f"data.train={long}")["train_examples"] == 1
+
+
+def test_duplicate_or_empty_labels_are_refused_naming_them(tmp_path, bert_dir):
+    train = write_classification(tmp_path / "train.jsonl", 4)
+    recipe = _recipe(tmp_path, bert_dir, "seq_cls", "classification", ["query"], train, train)
+    r = run("validate", recipe, "--set", "model.labels=[neg, pos, neg]", code=2)
+    assert "'neg' given more than once" in r.stderr and str(recipe) in r.stderr
+    r = run("validate", recipe, "--set", "model.labels=[neg, '', pos]", code=2)
+    assert "label 1 is empty ('')" in r.stderr

@@ -136,7 +136,9 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
             "PEFT task type (CAUSAL_LM, SEQ_CLS, ...); recorded in adapter_config.json, where it tells "
             "PEFT's AutoPeftModel which model class to load. SEQ_CLS and TOKEN_CLS also train and save "
             "the model's head in full (modules named classifier or score), QUESTION_ANS its qa_outputs, "
-            "as PEFT does. A recipe trains a causal language model: unset, its run records CAUSAL_LM."
+            "as PEFT does. In a recipe it follows model.task (causal_lm: CAUSAL_LM, seq2seq_lm: "
+            "SEQ_2_SEQ_LM, seq_cls: SEQ_CLS, token_cls: TOKEN_CLS): leave it unset; a value that differs "
+            "is refused."
         ),
     )
     target_modules: list[str] | str | None = Field(

@@ -263,6 +263,8 @@ def build_task(cfg, tokenizer, task: str, labels: list[str] | None, seed: int, r
     eval_set, eval_rows = None, 0
     if cfg.eval:
         eval_set, eval_rows = tasks.build_examples(task, cfg, tokenizer, labels, "eval")
+        if not eval_set:  # as for causal_lm: an empty data.eval is an error, not evaluation switched off
+            raise InputError(f"eval data: {', '.join(str(s.path) for s in cfg.eval)}: no rows")
         reporter.log(f"eval: {len(eval_set):,} examples ({task})")
     rng = np.random.default_rng(seed)
     if cfg.eval_split:

@@ -204,7 +204,7 @@ def label_names(task: str, cfg, tokenizer=None) -> list[str]:
                     break
     _raise(errors, f"format: {TASK_FORMATS[task][0]}")
     if not found:
-        raise InputError("training data: no rows, so no labels")
+        raise InputError(f"training data: {', '.join(str(s.path) for s in cfg.train)}: no rows, so no labels")
     return _sorted_names(found)
 
 
@@ -268,6 +268,11 @@ def _example(task, reader: _Reader, row, where, tokenizer, label2id, max_length,
             labels.append(IGNORE_INDEX if word is None or word == previous else ids[word])
             previous = word
         seen = {w for w in enc.word_ids() if w is not None}
+        if len(seen) < len(words):  # truncated, or a word with no sub-token (its tag would be lost)
+            whole = {w for w in tokenizer(words, is_split_into_words=True).word_ids() if w is not None}
+            if empty := [i for i in range(len(words)) if i not in whole]:
+                raise RowError(f"word {empty[0]} ({words[empty[0]]!r}) of field {reader.col('tokens')!r} has no "
+                               f"sub-token in this tokenizer, so its tag would be lost; drop or replace the word")
         return TaskExample(task, list(enc["input_ids"]), labels,
                            token_type_ids=list(enc["token_type_ids"]) if "token_type_ids" in enc else None,
                            source=where, truncated=len(seen) < len(words))

@@ -110,8 +110,12 @@ class DataSection(Section):
             "{conversations: [{from, value}, ...]} with roles mapped (human: user, gpt: assistant, "
             "...); preference: {prompt, chosen, rejected} as strings or message lists (with "
             "train.objective sft trained on the chosen response; with dpo, ipo, orpo or simpo on the "
-            "pair); classification: {text, label}: the text, a newline, then the label as the "
-            "response (exact match is then accuracy)."
+            "pair); classification: {text, label} (label a string or an integer): for model.task "
+            "seq_cls, {text, text_pair?, label} read by the classification head (one label id per row); "
+            "for causal_lm, the text, a newline, then the label as the response (exact match is then "
+            "accuracy); token_classification (model.task token_cls only): {tokens, tags}, lists of equal "
+            "length (CoNLL style), a word's tag the label of its first sub-token. seq2seq_lm reads "
+            "completion, alpaca, chat and sharegpt as source -> target."
         ),
     )
     columns: dict[str, str] = Field(

@@ -219,8 +219,9 @@ class TrainSection(Section):
         default=None,
         ge=1,
         description=(
-            "Stop when eval_loss has not improved for this many evaluations in a row; unset: never. "
-            "Needs eval_every."
+            "Stop when metric_for_best (default eval_loss; accuracy, f1 or exact_match for the tasks that "
+            "have them) has not improved, by more than early_stopping_threshold, for this many "
+            "evaluations in a row; unset: never. Needs eval_every."
         ),
         json_schema_extra=aka(axolotl="early_stopping_patience", llamafactory="early_stopping_steps"),
     )
