@@ -17,6 +17,8 @@ a missing gamma / beta) would produce.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from clirun import run, run_json
@@ -432,3 +434,21 @@ def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_p
     broken.write_text(path.read_text().replace("\n  task: seq_cls", "").replace(str(pref_data[0]), str(bad)))
     result = run("validate", broken, code=2)
     assert "bad.jsonl row 3" in result.stderr and "rejected" in result.stderr
+
+
+def test_dpo_on_a_4bit_base_trains_with_the_adapter_off_model_as_reference(tmp_path, tiny_model_dir, pref_data):
+    """QLoRA: DPO on a 4-bit (bitsandbytes) base. Before the first update the adapter is a no-op, so the
+    policy is its own reference: the first step's rewards are exactly 0 (the reference pass is the same
+    4-bit network with the adapter off); after training the held-out margin is not 0."""
+    path = tmp_path / "q.yaml"
+    path.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(pref_data[1]), str(tmp_path / "q"),
+                                model={"quantization": {"bits": 4}}, data={"format": "preference"},
+                                train={"objective": "dpo", "max_steps": 3, "batch_size": 2, "log_every": 1,
+                                       "lr": 5e-2, "eval_every": 3, "warmup_steps": 0}))
+    run("train", path)
+    records = _metrics(tmp_path / "q")
+    first = next(r for r in records if "loss" in r)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)  # -log sigmoid(0)
+    last = [r for r in records if "eval_loss" in r][-1]
+    assert math.isfinite(last["eval_loss"]) and last["eval_rewards/margins"] != 0.0
