@@ -108,8 +108,8 @@ def model_card(run, summary: dict | None, converted_from: str | None = None) -> 
 
     section = run.model_section
     auto = AUTO_CLASSES[section.task_name]
-    labels = f", num_labels={len(section.labels)}, id2label={dict(enumerate(section.labels))!r}" \
-        if section.labels else ""
+    labels = (f", num_labels={len(section.labels)}, id2label={dict(enumerate(section.labels))!r}, "
+              f"label2id={ {name: i for i, name in enumerate(section.labels)}!r}") if section.labels else ""
     lines += [
         "",
         "## Use",

@@ -127,6 +127,10 @@ def test_seq_cls_end_to_end(tmp_path):
     assert merged.config.id2label == id2label
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, expected, atol=ATOL, rtol=0)
+    # The shared adapter's model card loads the base with the run's labels both ways.
+    run("export", run_dir, "--format", "peft", "-o", tmp_path / "share")
+    card = (tmp_path / "share" / "README.md").read_text()
+    assert "num_labels=2, id2label={0: 'neg', 1: 'pos'}, label2id={'neg': 0, 'pos': 1})" in card
     refused = run("export", run_dir, "--format", "gguf", "-o", tmp_path / "gguf", code=2)
     assert "causal language models" in refused.stderr and "seq_cls" in refused.stderr
     assert not (tmp_path / "gguf").exists()
