@@ -214,6 +214,15 @@ def validate(
     _emit(result, json_, render)
 
 
+def _eval_metrics(record: dict) -> str:
+    """An evaluation's numbers for a human: the loss, then each other metric (accuracy, f1, exact
+    match, rewards/...), four decimals."""
+    skip = {"eval_loss", "eval_perplexity", "eval_tokens", "eval_pairs"}
+    others = [f"{k.removeprefix('eval_')} {v:.4f}" for k, v in record.items()
+              if k.startswith("eval_") and k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join([f"loss {record['eval_loss']:.4f}", *others])
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -373,9 +382,14 @@ def report(
         out.print(f"[bold]{res['run_dir']}[/bold]: {s.get('status', 'no summary.json')}, "
                   f"{s.get('steps', '?')} steps", markup=True)
         if s.get("final_eval"):
-            out.print(f"  final eval loss {s['final_eval']['eval_loss']:.4f}")
+            out.print(f"  final eval  {_eval_metrics(s['final_eval'])}")
         if s.get("best_eval"):
-            out.print(f"  best eval loss  {s['best_eval']['eval_loss']:.4f} at step {s['best_eval']['step']}")
+            best = s["best_eval"]
+            name = best.get("metric") or "eval_loss"
+            key = name if name.startswith("eval_") else f"eval_{name}"
+            if isinstance(best.get(key), (int, float)):
+                out.print(f"  best {key.removeprefix('eval_')} {best[key]:.4f} at step {best['step']} "
+                          f"(train.metric_for_best)")
         if s.get("tokens_per_s"):
             out.print(f"  {s['tokens_seen']:,} tokens at {s['tokens_per_s']:.0f} tokens/s; "
                       f"peak memory {_gib(s['peak_memory_bytes'])}")

@@ -85,6 +85,10 @@ def test_seq_cls_end_to_end(tmp_path):
     best = max(evals, key=lambda r: (r["eval_accuracy"], -r["step"]))
     assert summary["best_eval"]["metric"] == "accuracy" and summary["best_eval"]["step"] == best["step"]
     assert summary["best_eval"]["eval_accuracy"] == best["eval_accuracy"]
+    # report names the metric the run chose its best evaluation by, with the evaluation's metrics.
+    text = run("report", tmp_path / "run", "--no-image").stdout
+    assert f"best accuracy {best['eval_accuracy']:.4f} at step {best['step']}" in text
+    assert "final eval  loss " in text and ", accuracy " in text and ", f1 " in text
     config = _common_checks(tmp_path, "SEQ_CLS", ("accuracy", "f1"))
     assert "classifier" in config["modules_to_save"]
     run_dir = tmp_path / "run"
