@@ -5,8 +5,14 @@ token embeddings E(x): the base model reads [P; E(x)], with the attention mask e
 (and labels, when given, by n IGNORE_INDEX). Prefix tuning gives every layer n extra keys and values
 through the model's cache (transformers' `DynamicCache`, passed under the name the model's forward
 takes: `cache` in transformers 5.24, `past_key_values` in 5.17 and before; see `cache_key`), so the model
-reads x after a prefix it
-never sees as tokens. Decoder-only models only: encoder-decoder models (T5-style) are refused.
+reads x after a prefix it never sees as tokens.
+
+Encoder-decoder models (T5-style; task_type SEQ_2_SEQ_LM, num_transformer_submodules 2), as PEFT's
+PeftModelForSeq2SeqLM: prompt tuning and P-tuning create 2n virtual tokens and feed the first n to
+the encoder (`encoder_inputs`; the decoder's inputs, labels and logits are unchanged); prefix tuning
+gives the decoder's self-attention its keys and values through an `EncoderDecoderCache`
+(`seq2seq_prefix_cache`, with PEFT's layer layout), the encoder and the cross-attention unchanged.
+Other task types (SEQ_CLS, TOKEN_CLS, ...) are refused: PEFT trains the classification head with them.
 
 The encoders (PEFT's `PromptEmbedding`, `PromptEncoder`, `PrefixEncoder`, with the same parameter
 names and order of random draws) live in `AdapterModel.method_state[adapter_name]`; the adapter file
