@@ -132,7 +132,7 @@ SEQ2SEQ = [PROMPT, PTUNING, PREFIX]
 @pytest.mark.parametrize("adapter", SEQ2SEQ, ids=[a["method"] for a in SEQ2SEQ])
 def test_seq2seq_trains_evaluates_and_exports_for_peft(adapter, tmp_path):
     """model.task seq2seq_lm on a local tiny T5 folder: the run trains (the loss on one repeated
-    batch falls), `peftctl eval` reports loss and exact match from its generations (references set
+    batch falls) and resumes exactly, `peftctl eval` reports loss and exact match from its generations (references set
     to PEFT's greedy answers for some rows give exactly that share), and the exported adapter loads
     in PEFT with the run's logits (tolerance: tests/test_tasks.py's, float32 roundings of the same
     operations: 1e-5)."""
@@ -161,7 +161,7 @@ def test_seq2seq_trains_evaluates_and_exports_for_peft(adapter, tmp_path):
         "adapter": {k: v for k, v in adapter.items() if not k.startswith("prompt_tuning_init")},
         "data": {"train": str(train), "eval": str(held_out), "format": "completion", "max_length": 32},
         "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1, "warmup_steps": 0, "seed": 0,
-                  "scheduler": "constant", "save_every": None},
+                  "scheduler": "constant", "save_every": 4},
         "eval": {"batch_size": 4, "max_new_tokens": 4},
         "output": {"dir": str(tmp_path / "run")},
     }, sort_keys=False))
@@ -174,6 +174,10 @@ def test_seq2seq_trains_evaluates_and_exports_for_peft(adapter, tmp_path):
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1, losses  # the same 8 rows every step
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_transformer_submodules"] == 2
+    saved = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
+    # Resuming from the middle checkpoint ends where the uninterrupted run ended, bit for bit.
+    run("train", recipe, "--resume", out / "checkpoints" / "step-000004")
+    assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], saved)
 
     run("export", out, "--format", "peft", "-o", tmp_path / "share")
     theirs = TheirPeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model_dir), tmp_path / "share").eval()

@@ -194,6 +194,10 @@ def test_virtual_tokens_and_prefix_only_where_they_belong(case):
     n = ours.peft_config["default"].num_virtual_tokens
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     if case == "prefix":
+        with torch.no_grad():  # a decoder mask covers the decoder's tokens; the prefix is always read
+            masked = ours(input_ids=IDS, attention_mask=MASK, decoder_input_ids=decoder,
+                          decoder_attention_mask=torch.ones_like(decoder))
+        assert close(masked.logits, out.logits)
         assert torch.equal(out.encoder_last_hidden_state, plain.encoder_last_hidden_state)
         assert cache.self_attention_cache.get_seq_length() == n + 4
         assert cache.cross_attention_cache.layers[0].keys.shape[-2] == IDS.shape[1]
@@ -261,3 +265,47 @@ def test_refusals():
     ours, _ = _both("prompt-random")
     with pytest.raises(ValueError, match="cannot be merged"):
         ours.merge_and_unload()
+
+
+@pytest.mark.parametrize("case", ["prompt-random", "ptuning-lstm"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(case):
+    """Non-reentrant checkpointing (what `train.gradient_checkpointing` enables) on T5 with the virtual
+    tokens in the encoder: its layers run again in the backward and the encoder's gradients are the
+    same, to float32 rounding amplified by this model (see the module's tolerances: 2e-4 of the largest)."""
+    from peftctl.loss import loss_sum
+    from peftctl.train import enable_gradient_checkpointing
+
+    name, kw = CASES[case]
+    labels = torch.tensor([[7, 9, 1], [12, 1, -100]])
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = get_peft_model(tiny_t5(), getattr(peftctl, name)(task_type="SEQ_2_SEQ_LM", **kw))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        calls = [0]
+        model.get_base_model().encoder.block[0].layer[0].SelfAttention.register_forward_hook(
+            lambda *a: calls.__setitem__(0, calls[0] + 1))
+        total, _ = loss_sum(model, {"input_ids": IDS, "attention_mask": MASK, "labels": labels, "task": "seq2seq_lm"})
+        total.backward()
+        runs.append((calls[0], {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (calls_a, a), (calls_b, b) = runs
+    assert (calls_a, calls_b) == (1, 2)
+    assert a.keys() == b.keys() and a and all(close(b[k], a[k]) for k in a)
+
+
+def test_bf16_base_computes_in_bf16():
+    """A bfloat16 T5: the prefix (or virtual tokens) cast down to it, the logits bfloat16, the
+    encoder float32 with float32 gradients; generate() runs."""
+    for case in ("prompt-random", "prefix"):
+        name, kw = CASES[case]
+        torch.manual_seed(1)
+        model = get_peft_model(tiny_t5().to(torch.bfloat16), getattr(peftctl, name)(task_type="SEQ_2_SEQ_LM", **kw))
+        labels = torch.tensor([[7, 9, 1], [12, 1, -100]])
+        out = model.train()(input_ids=IDS, attention_mask=MASK, labels=labels)
+        assert out.logits.dtype == torch.bfloat16
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+        assert _generate(model.eval(), steps=3).shape == (2, 4)
