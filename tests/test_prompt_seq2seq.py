@@ -286,7 +286,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(case):
         model.train()
         calls = [0]
         model.get_base_model().encoder.block[0].layer[0].SelfAttention.register_forward_hook(
-            lambda *a: calls.__setitem__(0, calls[0] + 1))
+            lambda *a, calls=calls: calls.__setitem__(0, calls[0] + 1))
         total, _ = loss_sum(model, {"input_ids": IDS, "attention_mask": MASK, "labels": labels, "task": "seq2seq_lm"})
         total.backward()
         runs.append((calls[0], {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
