@@ -106,10 +106,10 @@ def _greedy_without_cache(model, ids=IDS, mask=MASK, steps=6):
     return out
 
 
-def _generate(model, ids=IDS, mask=MASK, steps=6):
+def _generate(model, ids=IDS, mask=MASK, steps=6, **kwargs):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                              do_sample=False)
+                              do_sample=False, **kwargs)
 
 
 LAYER_CASES = [(2, c) for c in CASES] + [(3, "prefix"), (3, "prefix-projection")]
@@ -160,13 +160,16 @@ def test_adapters_move_both_ways_with_identical_logits_and_generations(case, tmp
 
 @pytest.mark.parametrize("case", ["prompt-random", "ptuning-lstm", "prefix"])
 def test_generation_with_cache_and_padding_either_side(case):
-    """generate() (KV cache) is greedy decoding by full forwards; a batch of sources of different
+    """generate() (KV cache, or none) is greedy decoding by full forwards; a batch of sources of different
     lengths, right- or left-padded, gives each row what it gives alone (T5's relative positions:
     the virtual tokens go right before a row's first real token)."""
     ours, _ = _both(case)
     _perturbed(ours)
     expected = _greedy_without_cache(ours)
     assert torch.equal(_generate(ours), expected)
+    # Without a cache every step reads the whole decoder sequence (and a fresh prefix); beams too.
+    assert torch.equal(_generate(ours, use_cache=False), expected)
+    assert torch.equal(_generate(ours, num_beams=2), _generate(ours, num_beams=2, use_cache=False))
     short = IDS[1, :4]
     alone = _generate(ours, short[None], torch.ones(1, 4, dtype=torch.long))[0]
     assert torch.equal(alone, expected[1])  # right padding: the row as it is alone

@@ -524,11 +524,15 @@ def seq2seq_generate(peft_model, config, encoder, args, kwargs):
 
     def prepare(inputs: dict[str, Any]) -> dict[str, Any]:
         cache = inputs.get(key)
-        if cache is None or cache.get_seq_length() == 0:
+        # use_cache=False: every step reads the whole decoder sequence, so it gets a fresh prefix (T5
+        # returns the cache it was given even then, and generate hands it to the next step).
+        fresh = inputs.get("use_cache") is False
+        if fresh or cache is None or cache.get_seq_length() == 0:
             ref = inputs.get("decoder_input_ids")
             ref = ref if ref is not None else inputs["decoder_inputs_embeds"]
+            given = cache if isinstance(cache, EncoderDecoderCache) and not fresh else None
             inputs[key] = seq2seq_prefix_cache(config, encoder_output(encoder, config), ref.shape[0], _model_dtype(base),
-                                               cache if isinstance(cache, EncoderDecoderCache) else None)
+                                               given)
         _extend_decoder_mask(inputs, n)
         return inputs
 
