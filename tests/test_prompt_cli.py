@@ -1,7 +1,8 @@
 """Prompt tuning, P-tuning and prefix tuning through the CLI on the tiny model: validate, dry run,
 train, eval (loss and exact match, which generates), inspect, export --format peft (PEFT loads it
-and gives the run's logits), resume (bit for bit, P-tuning's encoder included); and the refusals
-(merge, packing, prefix tuning with gradient checkpointing) as exit 2 with the reason."""
+and gives the run's logits), resume (bit for bit, P-tuning's encoder included), two processes equal
+to one; the same on a tiny T5 (model.task seq2seq_lm); and the refusals (merge, packing, prefix
+tuning with gradient checkpointing, model.task seq_cls / token_cls) as exit 2 with the reason."""
 
 from __future__ import annotations
 
