@@ -120,6 +120,8 @@ def test_same_seed_same_weights_logits_and_counts(layers, case):
     """The same seed gives PEFT's weights and logits, an odd number of layers too (PEFT's prefix
     layout reads the stored layer (2 i) mod num_layers for decoder layer i)."""
     ours, theirs = _both(case, layers)
+    mine, peft_state = ours.base_model.method_state["default"].state_dict(), theirs.prompt_encoder["default"].state_dict()
+    assert mine.keys() == peft_state.keys() and all(torch.equal(mine[k], peft_state[k]) for k in mine)
     a, b, base = _logits(ours), _logits(theirs), _logits(ours.get_base_model())
     assert a.shape == b.shape == base.shape  # the decoder's positions only
     assert close(a, b)
