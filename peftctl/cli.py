@@ -744,8 +744,9 @@ def inspect(
         return
     from peftctl.inspect import inspect_recipe
     from peftctl.memory import Workload
+    from peftctl.train import with_labels
 
-    r = _load_recipe(target, set_)
+    r = with_labels(_load_recipe(target, set_))  # a classification head as training sizes it
     # Every position of a full-length sequence may carry loss: the estimate is for the worst batch.
     result = inspect_recipe(r, Workload(r.train.batch_size, r.data.max_length) if memory else None)
 

@@ -150,6 +150,10 @@ def test_token_cls_end_to_end(tmp_path):
     eval_ = write_tagging(tmp_path / "eval.jsonl", 16, seed=1)
     recipe = _recipe(tmp_path, model_dir, "token_cls", "token_classification", ["query", "value"], train, eval_,
                      lr=3e-2)
+    # inspect sizes the head from the training data's tags, as the run does (it showed 2 labels).
+    head = [m for m in run_json("inspect", recipe)["modules"] if m["module"].endswith("classifier")]
+    hidden = AutoModelForTokenClassification.from_pretrained(model_dir).config.hidden_size
+    assert sum(m["trainable_params"] for m in head) == 4 * hidden + 4, head
     run_json("train", recipe)
     config = _common_checks(tmp_path, "TOKEN_CLS", ("accuracy", "f1"))
     assert "classifier" in config["modules_to_save"]
