@@ -573,3 +573,23 @@ def test_integer_tags_index_named_model_labels(tmp_path):
     text["model"]["labels"] = names
     recipe.write_text(yaml.safe_dump(text, sort_keys=False))
     assert "label '7' is not one of model.labels" in run("validate", recipe, code=2).stderr
+
+
+def test_data_show_gives_each_task_examples_target(tmp_path):
+    """`peftctl data --show` / `--json` of task data: the label's name, each word's tag, the target."""
+    bert = build_bert(tmp_path / "bert")
+    cases = [("seq_cls", "classification", bert, write_classification(tmp_path / "c.jsonl", 4)),
+             ("token_cls", "token_classification", bert, write_tagging(tmp_path / "t.jsonl", 4)),
+             ("seq2seq_lm", "completion", build_t5(tmp_path / "t5"), write_seq2seq(tmp_path / "s.jsonl", 4))]
+    for task, fmt, model, path in cases:
+        recipe = _recipe(tmp_path, model, task, fmt, ["q"], path, path)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        shown = run("data", recipe, "--show", "1").stdout
+        got = run_json("data", recipe, "--show", "1")["examples"][0]
+        if task == "seq_cls":
+            assert f"→ label ⟦{rows[0]['label']}⟧" in shown and got["label"] == rows[0]["label"]
+        elif task == "token_cls":
+            assert [tag for _, tag in got["tags"]] == rows[0]["tags"]  # one tag per word, by name
+            assert f"/{rows[0]['tags'][0]}⟧" in shown
+        else:
+            assert f"→ target ⟦{rows[0]['completion']}⟧" in shown and got["reference"] == rows[0]["completion"]
