@@ -503,8 +503,9 @@ def test_an_encoder_only_model_is_refused_as_a_causal_lm(tmp_path, bert_dir):
     train = write_classification(tmp_path / "train.jsonl", 4)
     recipe = _recipe(tmp_path, bert_dir, "causal_lm", "text", ["query"], train, train)
     for task in ("causal_lm", "null"):
-        for dry in ((), ("--dry-run",)):  # the plan (config only) and the real load
-            r = run("train", recipe, *dry, "--set", f"model.task={task}", code=2)
+        # validate (config only), the plan (config only) and the real load
+        for command in (("validate",), ("train", "--dry-run"), ("train",)):
+            r = run(command[0], recipe, *command[1:], "--set", f"model.task={task}", code=2)
             assert f"model {bert_dir}" in r.stderr and "encoder-only model (bert, is_decoder false)" in r.stderr
             assert "set model.task: seq_cls or token_cls" in r.stderr
     assert not (tmp_path / "run").exists()
