@@ -44,7 +44,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Parameter-efficient fine-tuning (LoRA, DoRA, IA3) of transformers models, driven by YAML recipes.",
+    help="Parameter-efficient fine-tuning (LoRA, DoRA, IA3, AdaLoRA, LoHa, LoKr, VeRA; prompt tuning, P-tuning, "
+    "prefix tuning) of transformers models, driven by YAML recipes.",
 )
 
 _state = {"debug": False, "emitted": False}
@@ -349,6 +350,8 @@ def _render_memory(out, mem: dict[str, Any]) -> None:
     for on in (True, False):
         mark = " (this recipe)" if on == gc else ""
         key = "activations_with_checkpointing" if on else "activations_without_checkpointing"
+        if mem[key] is None:  # a method that refuses checkpointing (prefix tuning)
+            continue
         table.add_row(f"activations, checkpointing {'on' if on else 'off'}{mark}", _size(mem[key]))
     table.add_row("logits and loss", _size(mem["logits"]))
     table.add_row("[bold]total[/bold]", f"[bold]{_size(mem['total'])}[/bold]")
@@ -794,7 +797,13 @@ def _render_adapter(res: dict[str, Any]) -> None:
     for m in res["modules"]:
         table.add_row(*(_cell(m.get(c)) for c in columns))
     out = _stdout()
-    out.print(table)
+    if res["modules"] or cfg.get("num_virtual_tokens") is None:
+        out.print(table)
+    else:  # a prompt-learning adapter changes no module: its virtual tokens are the adapter
+        out.print(f"{res['method']} adapter in {res['path']} (base: {res['base_model']}): "
+                  f"{cfg['num_virtual_tokens']} virtual tokens "
+                  f"{'(keys and values in every layer)' if res['method'] == 'prefix_tuning' else 'before every sequence'}"
+                  "; no module of the model is changed", markup=False)
     # The method's scalar options (lists and patterns are in --json).
     out.print(" ".join(f"{k}={_cell(v) if isinstance(v, float) else v}" for k, v in cfg.items()
                        if isinstance(v, bool | int | float | str)))

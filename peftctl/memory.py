@@ -239,11 +239,22 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
         else:
             name = str(p.dtype).removeprefix("torch.")
             weights[name] = weights.get(name, 0) + nbytes
-    # What a method keeps outside the layers (VeRA's frozen shared projections) counts as weights.
+    # What a method keeps outside the layers: its trainable parameters (a prompt-learning method's
+    # virtual tokens and P-tuning's or a projected prefix's encoder) count as the adapter's; frozen
+    # ones and buffers (VeRA's shared projections) as weights.
     method_state = getattr(getattr(peft_model, "base_model", None), "method_state", None)
-    for t in method_state.buffers() if isinstance(method_state, torch.nn.Module) else ():
-        name = str(t.dtype).removeprefix("torch.")
-        weights[name] = weights.get(name, 0) + t.numel() * t.element_size()
+    if isinstance(method_state, torch.nn.Module):
+        for t in [*method_state.parameters(), *method_state.buffers()]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            nbytes = t.numel() * t.element_size()
+            if t.requires_grad:
+                adapter += nbytes
+                states += optimizer_state_bytes(optimizer, momentum, t.numel(), tuple(t.shape), t.element_size())
+            else:
+                name = str(t.dtype).removeprefix("torch.")
+                weights[name] = weights.get(name, 0) + nbytes
 
     hidden, inter, kv, layers = _dims(config)
     heads = config.num_attention_heads

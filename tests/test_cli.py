@@ -156,6 +156,9 @@ def test_help_is_fast():
     p = subprocess.run([sys.executable, "-m", "peftctl", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "train" in p.stdout
     assert time.perf_counter() - start < 3.0
+    # It names the methods the README names (rich wraps the line: compare without the layout).
+    words = " ".join(w for w in p.stdout.split() if w != "│")
+    assert "(LoRA, DoRA, IA3, AdaLoRA, LoHa, LoKr, VeRA; prompt tuning, P-tuning, prefix tuning)" in words
     p = subprocess.run([sys.executable, "-c", "import peftctl.cli, sys; print('torch' in sys.modules)"],
                        capture_output=True, text=True)
     assert p.stdout.strip() == "False"

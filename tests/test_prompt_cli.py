@@ -73,10 +73,19 @@ def test_prompt_tuning_end_to_end(tmp_path, tiny_model_dir, chat_data):
 
 def test_ptuning_trains_through_its_encoder_and_resumes_exactly(tmp_path, tiny_model_dir, chat_data):
     recipe = _recipe(tmp_path, tiny_model_dir, chat_data, "pt", PTUNING, gradient_checkpointing=True)
+    # The memory estimate counts the trainable state as the screen counts the trainable params: the
+    # virtual tokens and the LSTM encoder, float32 (4 bytes), gradients alike, AdamW's two moments.
+    plan = run_json("train", recipe, "--dry-run")
+    mem, n = plan["memory_estimate_bytes"], plan["trainable_params"]
+    assert n > 4 * 64  # the encoder's parameters besides the 4 x 64 tokens
+    assert mem["adapter_weights"] == mem["gradients"] == 4 * n and mem["optimizer_states"] == 8 * n
     run_json("train", recipe)
     out = tmp_path / "pt"
     saved = load_file(out / "adapter_model.safetensors")
     assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape == (4, 64)
+    # The run folder holds no adapted module: its virtual tokens instead of an empty table.
+    shown = run("inspect", out).stdout
+    assert "4 virtual tokens before every sequence" in shown and "params │" not in shown  # no table
     # A checkpoint also holds the encoder (the file holds only its output): resuming continues it.
     run("train", recipe, "--resume", out / "checkpoints" / "step-000001")
     assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], saved["prompt_embeddings"])
@@ -90,6 +99,14 @@ def test_prefix_tuning_trains(tmp_path, tiny_model_dir, chat_data):
     assert saved["prompt_embeddings"].shape == (4, 2 * 2 * 32)
     r = run("train", recipe, "--dry-run", "--set", "train.gradient_checkpointing=true", code=2)
     assert "prefix tuning" in r.stderr and "gradient_checkpointing: false" in r.stderr
+    # The estimate counts the prefix encoder (float32, AdamW) and no checkpointed activations, which
+    # prefix tuning refuses.
+    info = run_json("inspect", recipe, "--memory")
+    mem, n = info["memory"], info["trainable_params"]
+    assert mem["adapter_weights"] == mem["gradients"] == 4 * n > 0 and mem["optimizer_states"] == 8 * n
+    assert mem["activations_with_checkpointing"] is None and not mem["gradient_checkpointing"]
+    shown = run("inspect", recipe, "--memory").stdout
+    assert "checkpointing off (this recipe)" in shown and "checkpointing on" not in shown
 
 
 @pytest.mark.parametrize("adapter", [PTUNING, PREFIX], ids=["p_tuning", "prefix_tuning"])

@@ -178,6 +178,8 @@ def inspect_recipe(recipe, workload=None, built=None) -> dict[str, Any]:
             offload=chosen is not None and chosen["offload"],
         )
         result["memory"]["memory_plan"] = chosen
+        if recipe.adapter.method == "prefix_tuning":  # refuses gradient checkpointing (the recipe check)
+            result["memory"]["activations_with_checkpointing"] = None
         result["memory"]["workload"] = {"batch": workload.batch, "seq_len": workload.seq_len,
                                         "loss_fraction": workload.loss_fraction}
     return result
