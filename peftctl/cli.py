@@ -316,6 +316,8 @@ def _render_plan(p: dict[str, Any]) -> None:
     out.print(f"  steps        {p['steps']} (global batch {p['global_batch']} on {p['num_processes']} "
               f"process(es), {p['epochs']} epochs, {p['warmup_steps']} warmup)")
     out.print(f"  tokens       about {p['tokens']:,}")
+    if p.get("objective_line"):
+        out.print(f"  objective    {p['objective_line']}", markup=False)
     kept = f", the last {p['checkpoints_kept']} kept" if p["checkpoints_kept"] < p["checkpoints"] else ""
     best = " (and one at each evaluation that improves eval_loss)" if p["checkpoints_at_best_eval"] else ""
     out.print(f"  checkpoints  {p['checkpoints']}{kept}{best}"

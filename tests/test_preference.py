@@ -345,6 +345,21 @@ def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):
     assert len(few.train) == sum(a + 1 <= tight for a in answers) > 0
 
 
+def test_dry_run_counts_both_sequences_of_a_pair_and_names_the_objective(tmp_path, tiny_model_dir, pref_data):
+    """The dry run's tokens are the run's tokens_seen: a pair's chosen and rejected sequences both
+    (one epoch of the 16 pairs: the expected count is exact); its plan names the objective and the
+    reference pass."""
+    recipe = _recipe(tmp_path, tiny_model_dir, pref_data, "dry", batch_size=4, max_steps=4, save_every=None)
+    plan = run_json("train", recipe, "--dry-run")
+    shown = run("train", recipe, "--dry-run").stdout
+    assert "objective    dpo (beta 0.1), reference (the adapter disabled): a second forward in every step" in shown
+    pre = run("train", recipe, "--dry-run", "--set", "train.precompute_ref_log_probs=true").stdout
+    assert "one pass over the pairs before the first step" in pre
+    assert "no reference model" in run("train", recipe, "--dry-run", "--set", "train.objective=orpo").stdout
+    summary = run_json("train", recipe)
+    assert plan["tokens"] == summary["tokens_seen"]
+
+
 def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir, pref_data):
     """train.init_adapter: the run starts from that adapter, and DPO's reference is the model with
     it (precomputed): at the first step, before any update, policy and reference are the same

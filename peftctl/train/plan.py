@@ -20,16 +20,35 @@ from peftctl import memory
 from peftctl.errors import InputError
 
 
-def sequence_lengths(train) -> tuple[np.ndarray, np.ndarray]:
+def sequence_lengths(train, pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and loss tokens of each sequence the loop batches: an example, or a packed row of
-    several (read from the tables' per-example counts, without building the sequences)."""
+    several (read from the tables' per-example counts, without building the sequences). `pairs` (a
+    preference objective): the tokens of each pair's two sequences, chosen and rejected, as the run
+    counts them (its tokens_seen); the loss tokens stay the chosen sequence's."""
     from peftctl.data.packing import PackedSet
 
     if isinstance(train, PackedSet):
         lengths, loss = train.examples.lengths(), train.examples.loss_counts()
         return (np.array([lengths[b].sum() for b in train.bins], dtype=np.int64),
                 np.array([loss[b].sum() for b in train.bins], dtype=np.int64))
-    return train.lengths(), train.loss_counts()
+    lengths = train.lengths()
+    if pairs and all("rejected_offsets" in t.arrays for t in train.tables):
+        lengths = lengths + train._per_table([np.diff(t.arrays["rejected_offsets"]) for t in train.tables])
+    return lengths, train.loss_counts()
+
+
+def objective_line(cfg) -> str | None:
+    """A preference objective in a few words, with its reference pass; None for sft."""
+    from peftctl.preference import Objective
+
+    if cfg.objective == "sft":
+        return None
+    if not Objective.of(cfg).needs_reference:
+        return f"{cfg.objective} (beta {cfg.beta:g}), no reference model"
+    start = f"the adapter in {cfg.init_adapter}" if cfg.init_adapter else "the adapter disabled"
+    how = ("one pass over the pairs before the first step" if cfg.precompute_ref_log_probs
+           else "a second forward in every step")
+    return f"{cfg.objective} (beta {cfg.beta:g}), reference ({start}): {how}"
 
 
 def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str, Any]:
@@ -68,7 +87,7 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
     done = checkpoint.read_state(ckpt) if ckpt is not None else checkpoint.TrainState()
     steps = total_steps(cfg, len(dataset.train), num_processes, done.step, done.epoch, done.position)
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
-    lengths, _ = sequence_lengths(dataset.train)
+    lengths, _ = sequence_lengths(dataset.train, pairs=cfg.objective != "sft")
     mean_len = float(lengths.mean())
     # The longest micro-batch pads every row to its longest sequence.
     workload = budget.workload(dataset.train, cfg.batch_size, pairs=cfg.objective != "sft")
@@ -98,8 +117,11 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         # Exact for a fresh run (passes over the data its steps make); a resumed one may change geometry.
         "epochs": round(examples_in_steps(cfg, len(dataset.train), num_processes, steps) / len(dataset.train), 4),
         "warmup_steps": warmup_steps(cfg, steps),
+        # A preference pair's are its two sequences' (chosen and rejected), as the run's tokens_seen.
         "mean_example_tokens": round(mean_len, 1),
         "tokens": int(steps * global_batch * mean_len),  # the expected count, without padding
+        "objective": cfg.objective,
+        "objective_line": objective_line(cfg),  # None for sft
         "checkpoints": checkpoints,
         "checkpoints_kept": checkpoints if cfg.keep_checkpoints is None else min(checkpoints, cfg.keep_checkpoints),
         # and one at each evaluation that improves on the best eval loss (not counted: data-dependent)
