@@ -97,6 +97,19 @@ def _task_problems(recipe, src, notes: list[str]) -> list[Problem]:
             models.check_causal_lm(spec, config, src.description)
     except InputError as e:
         return [recipe.problem("model.task" if "model.task" in str(e) else "model.name_or_path", str(e))]
+    if recipe.adapter.is_prompt_learning:  # token_dim, num_layers, ... against the model's, as train fills them
+        from types import SimpleNamespace
+
+        from peftctl.adapters import TaskType
+        from peftctl.adapters.prompt import with_model_dims
+        from peftctl.sections import TASK_TYPES
+
+        adapter = recipe.adapter.model_copy(update={"task_type": TaskType(TASK_TYPES[spec.task_name]).value})
+        try:
+            with_model_dims(adapter, SimpleNamespace(config=config))
+        except ValueError as e:
+            field = next((f for f in ("token_dim", "num_layers", "num_attention_heads") if str(e).startswith(f)), "method")
+            return [recipe.problem(f"adapter.{field}", str(e))]
     note = models.task_note(spec, config)
     if note:
         notes.append(note)

@@ -207,3 +207,25 @@ def test_a_target_regex_that_does_not_compile_is_a_recipe_error(make_recipe):
         assert "adapter.target_modules: invalid regular expression '[q_proj'" in r.stderr, r.stderr
     r = run("validate", make_recipe(), "--set", "adapter.exclude_modules=(v_proj", code=2)
     assert "adapter.exclude_modules: invalid regular expression" in r.stderr and "--set" in r.stderr
+
+
+def test_options_that_act_on_evaluations_need_eval_data(make_recipe, tmp_path):
+    """metric_for_best, greater_is_better, load_best_at_end, early_stopping_patience and eval_every
+    with no eval data (no data.eval, no data.eval_split): the run would evaluate nothing, so the
+    recipe is refused (exit 2, the field named), before any work; with eval data they are accepted."""
+    from tiny import write_preference_data
+
+    # A preference objective: metric_for_best has values besides eval_loss (a chat sft run has none).
+    pairs = write_preference_data(tmp_path / "pairs.jsonl", 8)
+    recipe = make_recipe(out=str(tmp_path / "run"), data={"train": str(pairs), "format": "preference", "eval": str(pairs)},
+                         train={"objective": "dpo"})
+    for flag in ("train.metric_for_best=rewards/accuracies", "train.greater_is_better=true", "train.load_best_at_end=true",
+                 "train.early_stopping_patience=2", "train.eval_every=2"):
+        extra = ("--set", "train.eval_every=2") if "patience" in flag else ()
+        for command in (("validate",), ("train",)):
+            r = run(*command, recipe, "--set", "data.eval=null", "--set", flag, *extra, code=2)
+            assert f"train.{flag.split('.')[1].split('=')[0]} needs eval data" in r.stderr, (command, flag)
+    assert not (tmp_path / "run").exists()
+    run("validate", recipe, "--set", "train.load_best_at_end=true", "--set", "train.metric_for_best=rewards/accuracies")
+    run("validate", recipe, "--set", "data.eval=null", "--set", "data.eval_split=0.25",
+        "--set", "train.load_best_at_end=true")

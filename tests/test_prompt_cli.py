@@ -247,3 +247,43 @@ def test_classification_tasks_are_refused(task, tmp_path):
             r = run(command, recipe, code=2)
             assert f"adapter.method {adapter['method']} is not supported with model.task {task}" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fields_the_method_would_ignore_are_refused(tmp_path, tiny_model_dir, chat_data):
+    """A prompt-learning field that PEFT would ignore or overwrite is refused (exit 2, naming the
+    field) by validate, the dry run and train, not written over or dropped: a token_dim, num_layers
+    or num_attention_heads other than the model's (prefix tuning on the tiny Llama, grouped-query:
+    token_dim 2 x 16 = 32, where PEFT replaces the given value silently); the init text or tokenizer
+    without prompt_tuning_init TEXT (PEFT accepts and ignores them); an MLP P-tuning encoder's
+    dropout; a prefix's encoder_hidden_size without prefix_projection; a recipe's
+    tokenizer_name_or_path (the run's tokenizer reads the text). A saved PEFT file with the init
+    text and RANDOM still loads (PEFT writes such files)."""
+    prefix = _recipe(tmp_path, tiny_model_dir, chat_data, "px", PREFIX)
+    for flag, words in (("adapter.token_dim=99", "token_dim 99: this model's is 32"),
+                        ("adapter.num_layers=3", "num_layers 3: this model's is 2"),
+                        ("adapter.num_attention_heads=4", "num_attention_heads 4: this model's is 2")):
+        for command in (("validate",), ("train", "--dry-run"), ("train",)):
+            r = run(*command, prefix, "--set", flag, code=2)
+            assert words in r.stderr and "Traceback" not in r.stderr, (command, flag)
+    assert not (tmp_path / "px").exists()  # nothing written
+    run("validate", prefix, "--set", "adapter.token_dim=32")  # the model's own value is fine
+
+    text_init = _recipe(tmp_path, tiny_model_dir, chat_data, "pt", PROMPT)
+    for init in ("RANDOM", "SAMPLE_VOCAB"):
+        r = run("validate", text_init, "--set", f"adapter.prompt_tuning_init={init}", code=2)
+        assert "prompt_tuning_init_text is only read with prompt_tuning_init TEXT" in r.stderr
+    r = run("validate", text_init, "--set", f"adapter.tokenizer_name_or_path={tiny_model_dir}", code=2)
+    assert "adapter.tokenizer_name_or_path" in r.stderr and "run's tokenizer" in r.stderr
+    r = run("validate", _recipe(tmp_path, tiny_model_dir, chat_data, "p2", {**PTUNING, "encoder_dropout": 0.1}),
+            "--set", "adapter.encoder_reparameterization_type=MLP", code=2)
+    assert "encoder_dropout is only used with encoder_reparameterization_type LSTM" in r.stderr
+    r = run("validate", prefix, "--set", "adapter.prefix_projection=false", "--set", "adapter.encoder_hidden_size=8",
+            code=2)
+    assert "encoder_hidden_size is only used with prefix_projection: true" in r.stderr
+
+    from peftctl.adapters.prompt_tuning.config import PromptTuningConfig
+
+    saved = PromptTuningConfig.from_peft_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2,
+                                               "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": "x",
+                                               "tokenizer_name_or_path": "gpt2"})
+    assert saved.prompt_tuning_init == "RANDOM"

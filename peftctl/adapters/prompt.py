@@ -72,18 +72,31 @@ def _text_config(model: nn.Module) -> dict[str, Any]:
     return d
 
 
-def _first(d: dict[str, Any], keys: tuple[str, ...], field: str) -> int:
-    for key in keys:
-        if d.get(key) is not None:
-            return d[key]
-    raise ValueError(f"cannot tell {field} from the model's config; set {field} in the adapter config")
+def _find(d: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    return next((d[key] for key in keys if d.get(key) is not None), None)
+
+
+def _agreed(field: str, given: int | None, model: int | None, how: str = "") -> int:
+    """The model's value of `field`; one set in the config must be it (PEFT would keep a differing
+    one, which breaks the forward or is recorded wrong, or, for prefix tuning on a grouped-query
+    model, overwrite it silently)."""
+    if given is not None and model is not None and given != model:
+        raise ValueError(f"{field} {given}: this model's is {model}{how}; leave {field} unset (taken from the model)")
+    if model is None and given is None:
+        raise ValueError(f"cannot tell {field} from the model's config; set {field} in the adapter config")
+    return model if model is not None else given
 
 
 def with_model_dims(config, model: nn.Module):
     """`config` with token_dim, num_layers, num_attention_heads, num_transformer_submodules (and
     encoder_hidden_size where the method has it) filled in from the model, as PEFT records them.
     Prefix tuning on a grouped-query model: token_dim = head_dim * num_key_value_heads and
-    num_attention_heads = num_key_value_heads (the keys' and values' width, PEFT's rule)."""
+    num_attention_heads = num_key_value_heads (the keys' and values' width, PEFT's rule).
+
+    A token_dim, num_layers or num_attention_heads set in the config that differs from the model's
+    (as just defined) is a ValueError: PEFT keeps such a value (fills only unset ones), which gives
+    embeddings or keys of the wrong width (an error in the forward) or records a wrong number, and on
+    a grouped-query model its prefix tuning replaces token_dim and num_attention_heads silently."""
     d = _text_config(model)
     encoder_decoder = is_encoder_decoder(model)
     task = str(getattr(config.task_type, "value", config.task_type)) if config.task_type is not None else None
@@ -99,25 +112,30 @@ def with_model_dims(config, model: nn.Module):
         raise ValueError(f"num_transformer_submodules {submodules}: it is 2 for an encoder-decoder model and 1 for "
                          "a decoder-only one; leave it unset")
     update: dict[str, Any] = {"num_transformer_submodules": submodules}
-    if config.num_layers is None:
-        update["num_layers"] = _first(d, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
-    layers = update.get("num_layers", config.num_layers)
+    layers = _agreed("num_layers", config.num_layers, _find(d, ("num_hidden_layers", "num_layers", "n_layer")))
+    update["num_layers"] = layers
     decoder_layers = d.get("num_decoder_layers") or layers
     if encoder_decoder and config.method == "prefix_tuning" and decoder_layers != layers:
         raise ValueError(f"prefix tuning gives each of num_layers {layers} decoder layers a prefix (PEFT's layout); "
                          f"this model's decoder has {decoder_layers} layers")
-    token_dim = config.token_dim or _first(d, ("hidden_size", "n_embd", "d_model"), "token_dim")
-    heads = config.num_attention_heads or _first(
-        d, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"), "num_attention_heads")
+    width = _find(d, ("hidden_size", "n_embd", "d_model"))
+    heads = _find(d, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"))
+    how = ""
     if config.method == "prefix_tuning" and d.get("num_key_value_heads") is not None:
-        head_dim = d.get("head_dim") or token_dim // heads
-        token_dim, heads = head_dim * d["num_key_value_heads"], d["num_key_value_heads"]
+        head_dim = d.get("head_dim") or (width or config.token_dim) // (heads or config.num_attention_heads)
+        width, heads = head_dim * d["num_key_value_heads"], d["num_key_value_heads"]
+        how = " (prefix tuning: the keys' and values' width, head_dim x num_key_value_heads, as PEFT records it)"
     head_dim = d.get("d_kv")  # T5's attention width per head, which need not be d_model / num_heads
-    if config.method == "prefix_tuning" and head_dim and token_dim != head_dim * heads:
-        raise ValueError(f"prefix tuning's keys and values are num_attention_heads x token_dim / num_attention_heads "
-                         f"wide: {heads} x {token_dim // heads} here, but this model's attention is {heads} x "
-                         f"{head_dim}; set token_dim {head_dim * heads}")
-    update["token_dim"], update["num_attention_heads"] = token_dim, heads
+    if config.method == "prefix_tuning" and head_dim and heads and head_dim * heads != width:
+        # The keys' and values' width, which a config must give (PEFT would take d_model and fail).
+        if config.token_dim != head_dim * heads:
+            raise ValueError(f"prefix tuning's keys and values are num_attention_heads x token_dim / "
+                             f"num_attention_heads wide: {heads} x {(config.token_dim or width) // heads} here, but "
+                             f"this model's attention is {heads} x {head_dim}; set token_dim {head_dim * heads}")
+        width = head_dim * heads
+    token_dim = _agreed("token_dim", config.token_dim, width, how)
+    update["token_dim"] = token_dim
+    update["num_attention_heads"] = _agreed("num_attention_heads", config.num_attention_heads, heads, how)
     if "encoder_hidden_size" in type(config).model_fields and config.encoder_hidden_size is None:
         update["encoder_hidden_size"] = token_dim
     return config.model_copy(update=update)

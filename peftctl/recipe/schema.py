@@ -182,8 +182,18 @@ class Recipe(Section):
     def _cross_checks(self):
         if self.data.eval is not None and self.data.eval_split is not None:
             raise ValueError("data: set eval or eval_split, not both")
-        if self.train.eval_every is not None and self.data.eval is None and self.data.eval_split is None:
-            raise ValueError("train.eval_every needs eval data: set data.eval or data.eval_split")
+        if self.data.eval is None and self.data.eval_split is None:
+            # Options that act on evaluations: with no eval data the run evaluates nothing.
+            t, fields = self.train, type(self.train).model_fields
+            for name in ("metric_for_best", "greater_is_better", "load_best_at_end", "early_stopping_patience",
+                         "eval_every"):
+                if getattr(t, name) != fields[name].default:
+                    raise ValueError(f"train.{name} needs eval data: set data.eval or data.eval_split")
+        if self.adapter.method == "prompt_tuning":
+            for name in ("tokenizer_name_or_path", "tokenizer_kwargs"):
+                if getattr(self.adapter, name) is not None:
+                    raise ValueError(f"adapter.{name}: a recipe tokenizes prompt_tuning_init_text with the run's "
+                                     "tokenizer (model.tokenizer, else the model's); leave it unset")
         if self.train.loraplus_lr_ratio is not None and self.adapter.method != "lora":
             raise ValueError(f"train.loraplus_lr_ratio (LoRA+) sets the learning rate of LoRA's B matrices; "
                              f"a {self.adapter.method} adapter has none")

@@ -50,6 +50,10 @@ class PromptEncoderConfig(PromptLearningConfig):
                 and not READING_SAVED.get()):
             warnings.warn("for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used.",
                           UserWarning, stacklevel=2)
+        # PEFT ignores encoder_dropout with MLP silently: refused in a new config, accepted from a file.
+        if self.encoder_reparameterization_type == "MLP" and self.encoder_dropout and not READING_SAVED.get():
+            raise ValueError("encoder_dropout is only used with encoder_reparameterization_type LSTM (between the "
+                             "LSTM's layers; PEFT's MLP has no dropout and would ignore it): leave it unset")
         return self
 
 

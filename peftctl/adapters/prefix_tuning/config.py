@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from peftctl.adapters.config import READING_SAVED
 from peftctl.adapters.prompt_config import PromptLearningConfig
 
 
@@ -31,6 +32,15 @@ class PrefixTuningConfig(PromptLearningConfig):
     init_weights: Literal["zero"] | None = Field(
         default=None,
         description="Unset: random init (N(0, 1), torch.nn.Embedding's); zero: keys and values start at 0.")
+
+    @model_validator(mode="after")
+    def _projection_only(self):
+        # PEFT ignores encoder_hidden_size without prefix_projection (and records the model's width
+        # there): refused in a new config, accepted from a file.
+        if self.encoder_hidden_size is not None and not self.prefix_projection and not READING_SAVED.get():
+            raise ValueError("encoder_hidden_size is only used with prefix_projection: true (the projection's "
+                             "width; PEFT would ignore it): set prefix_projection: true or leave it unset")
+        return self
 
 
 CONFIG_CLASS = PrefixTuningConfig

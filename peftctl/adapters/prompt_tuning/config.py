@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from peftctl.adapters.config import READING_SAVED
 from peftctl.adapters.prompt_config import PromptLearningConfig
 
 
@@ -55,10 +56,19 @@ class PromptTuningConfig(PromptLearningConfig):
 
     @model_validator(mode="after")
     def _text_init(self):
+        """The text fields are read with TEXT only: set with RANDOM or SAMPLE_VOCAB they are refused
+        in a new config (PEFT refuses tokenizer_kwargs so but accepts and ignores
+        prompt_tuning_init_text and tokenizer_name_or_path); a saved file's are accepted, as PEFT does."""
         if self.prompt_tuning_init == PromptTuningInit.TEXT and self.prompt_tuning_init_text is None:
             raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
         if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init TEXT")
+        if self.prompt_tuning_init != PromptTuningInit.TEXT and not READING_SAVED.get():
+            for name in ("prompt_tuning_init_text", "tokenizer_name_or_path"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only read with prompt_tuning_init TEXT (this is "
+                                     f"{self.prompt_tuning_init}; PEFT would ignore it): set prompt_tuning_init: "
+                                     f"TEXT or leave {name} unset")
         return self
 
     def to_peft_dict(self) -> dict:
