@@ -192,6 +192,15 @@ def test_preference_pairs_tokenize_chosen_and_rejected(tmp_path, tok):
     ([{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}],
      {"chat_template": "mistral"}, "row 1: the chat template refused this conversation: Conversation roles must alternate"),
     ([{"instruction": "x", "output": ""}], {"format": "alpaca"}, "row 1: field 'output' is empty"),
+    # A field that is there but null is said to be null, not missing (the keys list would show it).
+    ([{"prompt": "p", "chosen": None, "rejected": "r"}], {"format": "preference"},
+     "row 1: field 'chosen' is null; it needs a value"),
+    ([{"text": None}], {"format": "text"}, "row 1: field 'text' is null; it needs a value"),
+    ([{"q": "p", "a": None}], {"format": "completion", "columns": {"prompt": "q", "completion": "a"}},
+     "row 1: field 'a' (the format's 'completion', mapped in data.columns) is null"),
+    ([{"messages": None}], {}, "row 1: field 'messages' is null"),
+    ([{"messages": [{"role": "user", "content": None}]}], {}, "row 1: messages[0].content is null"),
+    ([{"messages": [{"role": None, "content": "hi"}]}], {}, "row 1: messages[0].role is null"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, tok, rows, kw, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)

@@ -155,8 +155,12 @@ class Formatter:
     def _col(self, field: str) -> str:
         return self.columns.get(field, field)
 
-    def _missing(self, field: str) -> RowError:
+    def _missing(self, field: str, row: dict[str, Any] | None = None) -> RowError:
+        """The row has no value for `field`: missing, or (its key present) null."""
         col = self._col(field)
+        if row is not None and col in row:  # present, null: not what "missing" says (the keys list it)
+            mapped = f" (the format's {field!r}, mapped in data.columns)" if col != field else ""
+            return RowError(f"field {col!r}{mapped} is null; it needs a value")
         if col != field:
             return MissingField(f"missing column {col!r} (the format's {field!r}, mapped in data.columns)")
         return MissingField(f"missing field {field!r}")
@@ -166,7 +170,7 @@ class Formatter:
         value = row.get(col)
         if value is None:
             if required:
-                raise self._missing(field)
+                raise self._missing(field, row)
             return ""
         if not isinstance(value, str):
             raise RowError(f"field {col!r} must be a string, got {type(value).__name__}")
@@ -230,7 +234,7 @@ class Formatter:
         col = self._col("label")
         label = row.get(col)
         if label is None:
-            raise self._missing("label")
+            raise self._missing("label", row)
         if isinstance(label, bool) or not isinstance(label, str | int):
             raise RowError(f"field {col!r} must be a string or an integer, got {type(label).__name__}")
         if not str(label).strip():
@@ -254,7 +258,7 @@ class Formatter:
                 raise RowError(f"{where} must be an object with {role_key!r} and {content_key!r}")
             role = m.get(role_key)
             if role is None:
-                raise RowError(f"{where} has no {role_key!r}")
+                raise RowError(f"{where}.{role_key} is null" if role_key in m else f"{where} has no {role_key!r}")
             if not isinstance(role, str) or not role.strip():
                 raise RowError(f"{where}.{role_key} is empty" if isinstance(role, str) else
                                f"{where}.{role_key} must be a string, got {type(role).__name__}")
@@ -264,7 +268,7 @@ class Formatter:
                     f"{where}.{role_key}: unknown role {role!r}; known: {', '.join(ROLES)} "
                     "(map other names with data.roles, e.g. {human: user, gpt: assistant})"
                 )
-            content = self._content(m.get(content_key), f"{where}.{content_key}")
+            content = self._content(m.get(content_key), f"{where}.{content_key}", content_key in m)
             if mapped == "assistant" and not content.strip() and not m.get("tool_calls"):
                 raise RowError(f"{where}: the assistant message is empty")
             for own, mapped_from in (("role", role_key), ("content", content_key)):
@@ -288,11 +292,11 @@ class Formatter:
         return out, wheres
 
     @staticmethod
-    def _content(value: Any, where: str) -> str:
+    def _content(value: Any, where: str, present: bool = False) -> str:
         if isinstance(value, str):
             return value
         if value is None:
-            raise RowError(f"{where} is missing")
+            raise RowError(f"{where} is null" if present else f"{where} is missing")
         if isinstance(value, list):  # OpenAI-style content parts: text only
             texts = []
             for part in value:
@@ -423,7 +427,7 @@ class Formatter:
     def _chat(self, row):
         value = row.get(self._col("messages"))
         if value is None:
-            raise self._missing("messages")
+            raise self._missing("messages", row)
         messages, wheres = self._messages(value)
         # A row-level system prompt (LLaMA-Factory's and axolotl's `system` column) opens the conversation.
         system = self._str(row, "system", required=False)
@@ -442,7 +446,7 @@ class Formatter:
         values = {f: row.get(self._col(f)) for f in ("prompt", "chosen", "rejected")}
         for f, v in values.items():
             if v is None:
-                raise self._missing(f)
+                raise self._missing(f, row)
         if any(isinstance(v, list) for v in values.values()):
             # Conversational pairs (TRL's layout): prompt messages, then the chosen or rejected turns.
             def turns(field: str, role: str) -> tuple[list[dict[str, Any]], list[str]]:
