@@ -917,6 +917,9 @@ def _render_stats(out, stats: dict) -> None:
         out.print(f"  truncated {s['truncated']:,} · dropped too long {s['dropped_too_long']:,} · dropped "
                   f"without loss tokens {s['dropped_no_loss']:,}"
                   + (f" · from cache {s['from_cache']}/{s['sources']}" if s["sources"] else ""))
+        if s.get("identical_pairs"):
+            out.print(f"  [yellow]warning[/yellow]: {s['identical_pairs']:,} preference pairs have identical chosen "
+                      "and rejected answers (kept, as TRL keeps them; their loss cannot move)")
         if s.get("packed_sequences") is not None:
             out.print(f"  packed into {s['packed_sequences']:,} sequences, {100 * s['packing_fill']:.1f}% filled")
         if "length" in s:

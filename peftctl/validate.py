@@ -130,7 +130,7 @@ def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:
     if recipe.model.task_name != "causal_lm":
         return _task_row_problems(recipe, tokenizer, notes)
     try:
-        found, checked = check_rows(data, tokenizer, limit=rows)
+        found, checked = check_rows(data, tokenizer, limit=rows, notes=notes)
     except InputError as e:
         return [recipe.problem("data", str(e).removeprefix("data: "))]
     problems = []

@@ -360,6 +360,33 @@ def test_dry_run_counts_both_sequences_of_a_pair_and_names_the_objective(tmp_pat
     assert plan["tokens"] == summary["tokens_seen"]
 
 
+def test_identical_pairs_are_counted_and_a_null_answer_is_named(tmp_path, tiny_model_dir, pref_data):
+    """Pairs whose chosen and rejected answers are the same: kept (TRL trains them too), counted and
+    warned of by validate, `data --stats` and the run's data log. A null answer is said to be null
+    (not "missing" next to a keys list that shows it)."""
+    import json
+
+    rows = [json.loads(line) for line in pref_data[0].read_text().splitlines()]
+    for row in rows[:3]:
+        row["rejected"] = row["chosen"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(tmp_path, tiny_model_dir, (pairs, pref_data[1]), "same", max_steps=1, save_every=None)
+    notes = run_json("validate", recipe)["notes"]
+    assert any(f"data.train {pairs}: 3 rows are preference pairs whose chosen and rejected answers are identical"
+               in n for n in notes), notes
+    stats = run_json("data", recipe, "--stats")["stats"]
+    assert stats["train"]["identical_pairs"] == 3 and stats["train"]["examples"] == 16  # kept
+    assert stats["eval"]["identical_pairs"] == 0
+    assert "3 preference pairs have identical chosen and rejected answers" in run("data", recipe, "--stats").stdout
+    assert "3 rows are preference pairs whose chosen and rejected" in run("train", recipe).stderr
+
+    rows[5]["chosen"] = None
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run("validate", recipe, code=2)
+    assert "row 6: field 'chosen' is null; it needs a value" in r.stderr and "the row's keys" not in r.stderr
+
+
 def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_model_dir, pref_data):
     """train.init_adapter: the run starts from that adapter, and DPO's reference is the model with
     it (precomputed): at the first step, before any update, policy and reference are the same

@@ -21,6 +21,9 @@ from peftctl.errors import InputError
 from peftctl.ui import Reporter
 
 CHAT_FORMATS = ("chat", "sharegpt")
+# A warning, not a refusal nor a drop: TRL's DPOTrainer (and LLaMA-Factory) train such pairs as they are.
+IDENTICAL_PAIRS = ("are preference pairs whose chosen and rejected answers are identical: kept, but their loss "
+                   "cannot move (ln 2 for dpo; TRL trains them alike); fix or remove them")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class DataStats:
     split_at_response: int = 0  # rows tokenized as prompt and response apart (tokenize.py)
     merged_at_response: int = 0  # rows whose prompt ends inside a token that could not be split
     prompt_differs: int = 0  # chat rows whose generation prompt differs from the rendered turn
+    identical_pairs: int = 0  # preference pairs whose chosen and rejected are the same (kept, as TRL keeps them)
     from_cache: int = 0  # sources read from the cache
     sources: int = 0
     packed_sequences: int | None = None
@@ -115,6 +119,7 @@ class _Builder:
              "generates from the tokens before it"),
             (c.get("prompt_differs"), "end in a turn that the chat template renders differently after its "
              "generation prompt (add_generation_prompt): scoring generates from the conversation as trained"),
+            (table.identical_pairs(), IDENTICAL_PAIRS),
         ):
             if count:
                 self.reporter.log(f"{split}: {spec.path}: {count:,} rows {what}")
@@ -130,6 +135,7 @@ def _stats(tables: list[tuple[Table, bool]], examples: ExampleSet, count_rows: b
         s.rows, s.dropped_too_long, s.dropped_no_loss = total.rows, total.dropped_too_long, total.dropped_no_loss
         s.split_at_response, s.merged_at_response = total.split_at_response, total.merged_at_response
         s.prompt_differs = total.prompt_differs
+        s.identical_pairs = sum(t.identical_pairs() for t, _ in tables)
     s.examples = len(examples)
     s.tokens = int(examples.lengths().sum())
     s.loss_tokens = int(examples.loss_counts().sum())
@@ -151,12 +157,14 @@ def _weighted(examples: ExampleSet, weights: list[float], rng: np.random.Generat
     return examples.take(np.concatenate(chosen))
 
 
-def check_rows(cfg, tokenizer, limit: int | None = None) -> tuple[dict[tuple[str, int], list[str]], int]:
+def check_rows(cfg, tokenizer, limit: int | None = None,
+               notes: list[str] | None = None) -> tuple[dict[tuple[str, int], list[str]], int]:
     """Parse every row (the first `limit` of each source when given) of every local source of a
     data section as training will (`tokenize.render_rows`, the same parser), without tokenizing or
     caching anything: ({(split, source index): ["FILE row N: why (format: F)", ...]} for the sources
     with bad rows (at most tokenize.MAX_ERRORS each), the number of sources read). A hub dataset is
-    not read (it may need the network); an unreadable file or invalid JSON is its source's one message."""
+    not read (it may need the network); an unreadable file or invalid JSON is its source's one message.
+    `notes` gets a line per source with preference pairs whose chosen and rejected are the same text."""
     builder = _Builder(cfg, tokenizer, Reporter())
     problems: dict[tuple[str, int], list[str]] = {}
     checked = 0
@@ -169,11 +177,14 @@ def check_rows(cfg, tokenizer, limit: int | None = None) -> tuple[dict[tuple[str
             formatter = builder.formatter(spec)
             errors: list[str] = []
             broken: list[str] = []
+            identical = 0
             try:
-                for _ in render_rows(src, formatter, errors, limit):
-                    pass
+                for _, r in render_rows(src, formatter, errors, limit):
+                    identical += r is not None and r.rejected is not None and r.rejected.text == r.text
             except InputError as e:  # the file itself: invalid JSON, not UTF-8, unreadable
                 broken.append(str(e))
+            if identical and notes is not None:
+                notes.append(f"warning: data.{split} {spec.path}: {identical:,} rows {IDENTICAL_PAIRS}")
             if errors or broken:
                 problems[(split, i)] = [f"{e} (format: {formatter.fmt})" for e in errors] + broken
     return problems, checked
