@@ -210,7 +210,7 @@ def test_a_target_regex_that_does_not_compile_is_a_recipe_error(make_recipe):
 
 
 def test_options_that_act_on_evaluations_need_eval_data(make_recipe, tmp_path):
-    """metric_for_best, greater_is_better, load_best_at_end, early_stopping_patience and eval_every
+    """metric_for_best, greater_is_better, load_best_at_end, early_stopping_patience (and _threshold) and eval_every
     with no eval data (no data.eval, no data.eval_split): the run would evaluate nothing, so the
     recipe is refused (exit 2, the field named), before any work; with eval data they are accepted."""
     from tiny import write_preference_data
@@ -220,7 +220,7 @@ def test_options_that_act_on_evaluations_need_eval_data(make_recipe, tmp_path):
     recipe = make_recipe(out=str(tmp_path / "run"), data={"train": str(pairs), "format": "preference", "eval": str(pairs)},
                          train={"objective": "dpo"})
     for flag in ("train.metric_for_best=rewards/accuracies", "train.greater_is_better=true", "train.load_best_at_end=true",
-                 "train.early_stopping_patience=2", "train.eval_every=2"):
+                 "train.early_stopping_patience=2", "train.early_stopping_threshold=0.1", "train.eval_every=2"):
         extra = ("--set", "train.eval_every=2") if "patience" in flag else ()
         for command in (("validate",), ("train",)):
             r = run(*command, recipe, "--set", "data.eval=null", "--set", flag, *extra, code=2)

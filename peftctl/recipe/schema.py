@@ -186,7 +186,7 @@ class Recipe(Section):
             # Options that act on evaluations: with no eval data the run evaluates nothing.
             t, fields = self.train, type(self.train).model_fields
             for name in ("metric_for_best", "greater_is_better", "load_best_at_end", "early_stopping_patience",
-                         "eval_every"):
+                         "early_stopping_threshold", "eval_every"):
                 if getattr(t, name) != fields[name].default:
                     raise ValueError(f"train.{name} needs eval data: set data.eval or data.eval_split")
         if self.adapter.method == "prompt_tuning":
