@@ -361,32 +361,67 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
 
 def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
     """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing and the
-    reference computed in each step, is the global batch of two pairs in one process with the
-    reference precomputed (train.precompute_ref_log_probs, saved in the run folder): the same
-    losses, metrics and adapter."""
+    reference precomputed (train.precompute_ref_log_probs): the train split's read from the data
+    cache (where a one-process run put it) and handed to both processes, the eval split's computed
+    half by each process; is the global batch of two pairs in one process with the reference
+    computed in each step: the same losses, metrics and adapter, and the same reference numbers as
+    one process computes."""
     import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    two = _recipe(tmp_path, tiny_model_dir, pref_data, "two", batch_size=1, max_steps=3, save_every=None,
-                  lr=1e-2, gradient_checkpointing=True)
+    from peftctl import data as data_lib
+    from peftctl.models import load
+
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    # One process, no eval data: the train split's reference in the cache.
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), None, str(tmp_path / "warm"),
+                                data={"format": "preference", **cache},
+                                train={"objective": "dpo", "max_steps": 1, "batch_size": 2,
+                                       "precompute_ref_log_probs": True}, eval={"batch_size": 2}))
+    run("train", warm)
+    two = tmp_path / "two.yaml"
+    two.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(pref_data[1]), str(tmp_path / "two"),
+                               data={"format": "preference", **cache},
+                               train={"objective": "dpo", "max_steps": 3, "batch_size": 1, "log_every": 1, "lr": 1e-2,
+                                      "eval_every": 3, "gradient_checkpointing": True,
+                                      "precompute_ref_log_probs": True},
+                               eval={"batch_size": 2}))  # 3 eval batches: the processes' shares differ in size
     p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2"],
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "train: reference log-probabilities of 16 pairs from the cache" in p.stderr
+    assert "eval: computing the reference log-probabilities of 6 pairs" in p.stderr
+    assert torch.equal(load_file(tmp_path / "two" / "reference_logps.safetensors")["train"],
+                       load_file(tmp_path / "warm" / "reference_logps.safetensors")["train"])
     run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=2, max_steps=3, save_every=None,
-                         lr=1e-2, precompute_ref_log_probs=True))
-    assert (tmp_path / "one" / "reference_logps.safetensors").is_file()
-    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r] for name in ("one", "two"))
+                         lr=1e-2, eval_every=3))
+    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r or "eval_loss" in r] for name in ("one", "two"))
+    assert len(a) == len(b) == 4
     for x, y in zip(a, b, strict=True):
-        for key in ("loss", *METRICS):
+        for key in ("loss", *METRICS) if "loss" in x else ("eval_loss", *(f"eval_{m}" for m in METRICS)):
             # float32 sums over other batches of the same pairs (the reference's too), then three
             # AdamW steps: ~1e-6.
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
     a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+    # The eval split's numbers, shared by two processes, are those one process computes: the same
+    # batches of the same model; another process's thread count may round a matmul otherwise
+    # (float32, sums of ~60: a few ulps, ~1e-5).
+    from peftctl.preference import reference_logps
+    from peftctl.recipe import load as load_recipe
+
+    recipe = load_recipe(two)
+    model, tokenizer = load(recipe.model)
+    examples = data_lib.build(recipe.data, tokenizer).eval
+    mine = reference_logps(model, examples, 2, tokenizer.pad_token_id, torch.device("cpu"))
+    torch.testing.assert_close(load_file(tmp_path / "two" / "reference_logps.safetensors")["eval"], mine,
+                               atol=1e-4, rtol=1e-6)
 
 
 def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_path, tiny_model_dir, pref_data):
@@ -452,3 +487,77 @@ def test_dpo_on_a_4bit_base_trains_with_the_adapter_off_model_as_reference(tmp_p
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)  # -log sigmoid(0)
     last = [r for r in records if "eval_loss" in r][-1]
     assert math.isfinite(last["eval_loss"]) and last["eval_rewards/margins"] != 0.0
+
+
+def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_model_dir, pref_data):
+    """train.precompute_ref_log_probs keeps each split's reference log-probabilities in the data
+    cache: a second run with the same inputs reads them (and says so), the same numbers to the bit;
+    the same init adapter at another path is the same reference; a changed init adapter recomputes
+    both splits, changed eval data the eval split only; a resumed run reads the run folder's copy
+    even when the cache is gone; data.cache: false neither reads nor writes the cache."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    reference = cache / "reference"
+
+    def recipe(out, init, eval_path=None, **data):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(eval_path or pref_data[1]),
+                                    str(tmp_path / out), data={"format": "preference", "cache_dir": str(cache), **data},
+                                    train={"objective": "dpo", "max_steps": 1, "batch_size": 2, "log_every": 1,
+                                           "save_every": 1, "init_adapter": str(init),
+                                           "precompute_ref_log_probs": True}))
+        return path
+
+    def ref(out):
+        return load_file(tmp_path / out / "reference_logps.safetensors")
+
+    def same(a, b):
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # An init adapter whose weights move the model away from the base (lora_B is 0 when fresh).
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "sft", objective="simpo", max_steps=2, lr=5e-2,
+                         save_every=None))
+    first = run("train", recipe("a", tmp_path / "sft"))
+    assert first.stderr.count("computing the reference log-probabilities") == 2
+    assert "from the cache" not in first.stderr and len(list(reference.glob("*.safetensors"))) == 2
+    second = run("train", recipe("b", tmp_path / "sft"))
+    assert "computing the reference" not in second.stderr
+    assert "train: reference log-probabilities of 16 pairs from the cache" in second.stderr
+    assert "eval: reference log-probabilities of 6 pairs from the cache" in second.stderr
+    assert same(ref("a"), ref("b"))
+
+    shutil.copytree(tmp_path / "sft", tmp_path / "copy")  # the same weights elsewhere: the same reference
+    assert "computing the reference" not in run("train", recipe("c", tmp_path / "copy")).stderr
+    weights = load_file(tmp_path / "copy" / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = weights[key] * 2
+    save_file(weights, tmp_path / "copy" / "adapter_model.safetensors")
+    changed = run("train", recipe("d", tmp_path / "copy"))
+    assert changed.stderr.count("computing the reference log-probabilities") == 2
+    assert not torch.equal(ref("d")["train"], ref("a")["train"])  # another reference, really computed
+    assert len(list(reference.glob("*.safetensors"))) == 4
+
+    rows = pref_data[1].read_text().splitlines()
+    row = json.loads(rows[0])
+    row["rejected"][0]["content"] = "1999-99-99"
+    other_eval = tmp_path / "eval2.jsonl"
+    other_eval.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    new_eval = run("train", recipe("e", tmp_path / "sft", other_eval))
+    assert "train: reference log-probabilities of 16 pairs from the cache" in new_eval.stderr
+    assert "eval: computing the reference log-probabilities" in new_eval.stderr
+    assert torch.equal(ref("e")["train"], ref("a")["train"])
+    assert torch.equal(ref("e")["eval"][1:], ref("a")["eval"][1:]) and ref("e")["eval"][0, 1] != ref("a")["eval"][0, 1]
+
+    # Resumed with the cache cleared: the run folder's numbers, nothing computed.
+    shutil.rmtree(cache)
+    resumed = run("train", recipe("a", tmp_path / "sft"), "--resume", "auto", "--set", "train.max_steps=2")
+    assert "computing the reference" not in resumed.stderr and "reference_logps.safetensors" in resumed.stderr
+    assert not reference.exists() and same(ref("a"), ref("b"))
+
+    off = run("train", recipe("f", tmp_path / "sft", cache=False))
+    assert off.stderr.count("computing the reference log-probabilities") == 2 and not reference.exists()
+    assert same(ref("f"), ref("b"))
