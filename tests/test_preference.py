@@ -17,6 +17,7 @@ a missing gamma / beta) would produce.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -561,3 +562,28 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     off = run("train", recipe("f", tmp_path / "sft", cache=False))
     assert off.stderr.count("computing the reference log-probabilities") == 2 and not reference.exists()
     assert same(ref("f"), ref("b"))
+
+
+def test_dpo_divergence_stops_as_sft_does(tmp_path, tiny_model_dir, pref_data):
+    """Divergence detection on a preference run, provoked for real: float16 and a learning rate of
+    1e4. Step 1's update (the reference is the adapter-off model, so its rewards are 0 and its
+    gradient is not) overflows the float16 activations: the next step's log-probabilities and
+    so its DPO loss are not finite. With one skip allowed, that step is skipped and the next one
+    ends the run, exit 1, with the sft path's message, status and files (the last good checkpoint
+    kept, no final adapter)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "div"
+    path = _recipe(tmp_path, tiny_model_dir, pref_data, "div", max_steps=20, save_every=1, lr=1e4,
+                   skip_nonfinite_steps=1, warmup_steps=0)
+    path.write_text(path.read_text().replace("dtype: float32", "dtype: float16"))
+    r = run("train", path, code=1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 1 and summary["steps"] == 2
+    assert "training diverged at step 3: the loss is not finite" in r.stderr and "Traceback" not in r.stderr
+    assert [m for m in _metrics(out) if "skipped" in m] == [{"step": 2, "skipped": "loss is not finite"}]
+    assert f"last checkpoint {out / 'checkpoints' / 'step-000002'}" in r.stderr
+    for step in (1, 2):  # the skipped step changed nothing
+        weights = load_file(out / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "adapter_model.safetensors").exists()
