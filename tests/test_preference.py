@@ -553,6 +553,13 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     assert torch.equal(ref("e")["train"], ref("a")["train"])
     assert torch.equal(ref("e")["eval"][1:], ref("a")["eval"][1:]) and ref("e")["eval"][0, 1] != ref("a")["eval"][0, 1]
 
+    # A damaged cache file is computed again (and replaced).
+    damaged = sorted(reference.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[0]
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    again = run("train", recipe("g", tmp_path / "sft"))
+    assert again.stderr.count("computing the reference log-probabilities") == 1
+    assert same(ref("g"), ref("a")) and load_file(damaged)["logps"].shape == (16, 2)  # replaced whole
+
     # Resumed with the cache cleared: the run folder's numbers, nothing computed.
     shutil.rmtree(cache)
     resumed = run("train", recipe("a", tmp_path / "sft"), "--resume", "auto", "--set", "train.max_steps=2")

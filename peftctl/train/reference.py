@@ -200,6 +200,9 @@ def reference_logps(recipe, model, splits: dict, pad_id: int, accelerator, repor
         out[name] = compute(model, examples, recipe.eval.batch_size, pad_id, device, adapter_off, accelerator,
                             reporter, name)
         if path is not None:
-            write_cached(path, out[name], name)
-            reporter.log(f"{name}: reference log-probabilities cached in {path}")
+            try:
+                write_cached(path, out[name], name)
+                reporter.log(f"{name}: reference log-probabilities cached in {path}")
+            except OSError as e:  # a cache that cannot be written costs the next run the computation, no more
+                reporter.log(f"{name}: the reference log-probabilities could not be cached in {path} ({e})")
     return out
