@@ -204,7 +204,8 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     torch.manual_seed(recipe.train.seed)
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     models.set_pad_token(model, tokenizer)
-    from peftctl.preference import Objective, reference_logps
+    from peftctl.preference import Objective
+    from peftctl.train.reference import reference_logps as cached_reference
 
     objective = Objective.of(recipe.train)
     ref = None
@@ -214,8 +215,9 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
         from peftctl.train.checkpoint import load_adapter
 
         model = runs.attach_saved_adapter(model, init)
-        ref = reference_logps(model, examples, recipe.eval.batch_size, tokenizer.pad_token_id, device,
-                              adapter_off=False)
+        # Computed once and kept in the data cache, as training keeps its own (train.reference).
+        ref = cached_reference(recipe, model, {"eval": examples}, tokenizer.pad_token_id, None, reporter,
+                               device=device)["eval"]
         load_adapter(model, Path(adapter), "--adapter")
     elif not base:
         model = runs.attach_saved_adapter(model, adapter)

@@ -509,7 +509,7 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
         path.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(eval_path or pref_data[1]),
                                     str(tmp_path / out), data={"format": "preference", "cache_dir": str(cache), **data},
                                     train={"objective": "dpo", "max_steps": 1, "batch_size": 2, "log_every": 1,
-                                           "save_every": 1, "init_adapter": str(init),
+                                           "save_every": 1, "eval_every": 1, "init_adapter": str(init),
                                            "precompute_ref_log_probs": True}))
         return path
 
@@ -530,6 +530,12 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     assert "train: reference log-probabilities of 16 pairs from the cache" in second.stderr
     assert "eval: reference log-probabilities of 6 pairs from the cache" in second.stderr
     assert same(ref("a"), ref("b"))
+
+    # peftctl eval of such a run (its reference: the init adapter's model) reads the same cache.
+    evaluated = run("eval", recipe("b", tmp_path / "sft"), "--json")
+    assert "eval: reference log-probabilities of 6 pairs from the cache" in evaluated.stderr
+    assert json.loads(evaluated.stdout)["eval_loss"] == pytest.approx(
+        [r for r in _metrics(tmp_path / "b") if "eval_loss" in r][-1]["eval_loss"], rel=1e-5)
 
     shutil.copytree(tmp_path / "sft", tmp_path / "copy")  # the same weights elsewhere: the same reference
     assert "computing the reference" not in run("train", recipe("c", tmp_path / "copy")).stderr

@@ -167,14 +167,15 @@ def compute(model, examples, batch_size: int, pad_id: int, device, adapter_off: 
 
 
 def reference_logps(recipe, model, splits: dict, pad_id: int, accelerator, reporter: Reporter,
-                    kernels: Any = None) -> dict[str, Any]:
+                    kernels: Any = None, device=None) -> dict[str, Any]:
     """{split: (N, 2) float32 host tensor} for `splits` ({name: ExampleSet}), each read from the
-    cache when its key is there, else computed (shared among the processes) and cached."""
+    cache when its key is there, else computed (shared among the processes of `accelerator`; None:
+    one process, on `device`) and cached."""
     import torch
 
-    device = accelerator.device
-    world = accelerator.num_processes
-    main = accelerator.is_main_process
+    device = accelerator.device if accelerator is not None else device
+    world = accelerator.num_processes if accelerator is not None else 1
+    main = accelerator is None or accelerator.is_main_process
     folder = cache_folder(recipe.data)
     adapter_off = recipe.train.init_adapter is None
     out = {}
