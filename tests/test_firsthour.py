@@ -517,5 +517,11 @@ output_dir: ./out-ax
          "columns": {"prompt": "conversations", "role": "from", "content": "value"},
          "roles": {"human": "user", "gpt": "assistant"}}]
     run("validate", "ax.yaml")
-    (tmp_path / "ax.yml").write_text((tmp_path / "ax.yml").read_text().replace("rl: simpo", "rl: kto"))
+    text = (tmp_path / "ax.yml").read_text()
+    (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: kto"))
     assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rl: kto")
+    (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: dpo\nrpo_alpha: 0.5"))
+    if "rpo_alpha" in TrainSection.model_fields:  # TRL's RPO weight, the same name here
+        assert run_json("recipe", "from-axolotl", "ax.yml")["recipe"]["train"]["rpo_alpha"] == 0.5
+    else:
+        assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rpo_alpha")

@@ -423,6 +423,12 @@ def _axolotl_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) 
         if value == "simpo" and config.get("cpo_alpha") is None:
             b.set("train.cpo_alpha", 1.0, key)  # axolotl leaves TRL's CPOConfig default; peftctl's is 0
         _from_adapter_note(b, value, config.get("lora_model_dir"), "lora_model_dir", "axolotl")
+    elif key == "rpo_alpha" and key not in foreign_names("axolotl"):
+        # TRL's RPO: an NLL term on the chosen answers added to dpo's loss; none here unless the schema has it.
+        if value:
+            raise InputError(f"rpo_alpha: {value}: peftctl's dpo has no NLL term on the chosen answers; set "
+                             "rpo_alpha: 0 (or unset) to translate")
+        b.drop(key, value, "0: no NLL term, as peftctl's dpo")
     elif key in ("datasets", "test_datasets"):
         sources = [s for ds in (value if isinstance(value, list) else [value])
                    if (s := _axolotl_source(b, key, ds)) is not None]
