@@ -149,6 +149,12 @@ def compute(model, examples, batch_size: int, pad_id: int, device, adapter_off: 
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     what = f"reference log-probabilities ({label}" + (f", this process's share of {world})" if world > 1 else ")")
+    # Where the model is: the run's device, but the host under FSDP, which loads the whole model
+    # there and shards it afterwards (the reference is the model before any checkpoint or sharding).
+    param = next(iter(model.parameters()), None)
+    run_on = param.device if param is not None and param.device.type != "meta" else device
+    if run_on != device and run_on.type == "cpu":
+        reporter.log(f"{label}: the model is on the host until it is sharded: its reference pass runs there")
 
     def progress(done: int, total: int) -> None:
         if done == 0:
@@ -157,7 +163,7 @@ def compute(model, examples, batch_size: int, pad_id: int, device, adapter_off: 
             reporter.advance(done, {})
 
     try:
-        out = reference_logps(model, examples, batch_size, pad_id, device, adapter_off=adapter_off,
+        out = reference_logps(model, examples, batch_size, pad_id, run_on, adapter_off=adapter_off,
                               share=(rank, world), progress=progress)
     finally:
         reporter.stop()
