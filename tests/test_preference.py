@@ -497,6 +497,7 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     both splits, changed eval data the eval split only; a resumed run reads the run folder's copy
     even when the cache is gone; data.cache: false neither reads nor writes the cache."""
     import json
+    import os
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -504,9 +505,9 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     cache = tmp_path / "cache"
     reference = cache / "reference"
 
-    def recipe(out, init, eval_path=None, **data):
+    def recipe(out, init, eval_path=None, model=tiny_model_dir, **data):
         path = tmp_path / f"{out}.yaml"
-        path.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(eval_path or pref_data[1]),
+        path.write_text(recipe_text(model, str(pref_data[0]), str(eval_path or pref_data[1]),
                                     str(tmp_path / out), data={"format": "preference", "cache_dir": str(cache), **data},
                                     train={"objective": "dpo", "max_steps": 1, "batch_size": 2, "log_every": 1,
                                            "save_every": 1, "eval_every": 1, "init_adapter": str(init),
@@ -524,6 +525,7 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
                          save_every=None))
     first = run("train", recipe("a", tmp_path / "sft"))
     assert first.stderr.count("computing the reference log-probabilities") == 2
+    assert "reference log-probabilities (train): 16 pairs" in first.stderr  # the progress (a bar on a terminal)
     assert "from the cache" not in first.stderr and len(list(reference.glob("*.safetensors"))) == 2
     second = run("train", recipe("b", tmp_path / "sft"))
     assert "computing the reference" not in second.stderr
@@ -547,6 +549,16 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     assert changed.stderr.count("computing the reference log-probabilities") == 2
     assert not torch.equal(ref("d")["train"], ref("a")["train"])  # another reference, really computed
     assert len(list(reference.glob("*.safetensors"))) == 4
+
+    # The model's files are part of the key: a weights file written again is another model.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert run("train", recipe("m1", tmp_path / "sft", model=model)).stderr.count("computing the reference") == 2
+    assert "computing the reference" not in run("train", recipe("m2", tmp_path / "sft", model=model)).stderr
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert run("train", recipe("m3", tmp_path / "sft", model=model)).stderr.count("computing the reference") == 2
+    assert same(ref("m3"), ref("a"))  # the same weights, in fact: the same numbers
 
     rows = pref_data[1].read_text().splitlines()
     row = json.loads(rows[0])
