@@ -19,8 +19,11 @@ chosen and rejected sums). KEY (`data.cache.cache_key`) covers everything the nu
 A change in any recomputes; a split whose key is unchanged is read back (the console says so).
 With several processes each computes every world-th batch of the one-process order and the shares
 are summed (each pair is computed by exactly one process, the others contribute 0, so the sum is
-exact and every process ends with the numbers one process would compute); the main process alone
+exact and every process ends with the same tensor, made of the batches one process makes: the
+same numbers, up to a matmul's rounding under another thread count); the main process alone
 reads and writes the cache and hands what it read to the others. `data.cache: false`: no cache.
+The pass runs where the model is (the host under FSDP, before sharding). `peftctl eval` of a run
+from `train.init_adapter` reads and writes the same entries.
 """
 
 from __future__ import annotations
