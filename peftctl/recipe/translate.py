@@ -163,7 +163,7 @@ def _axolotl_source(b: _Builder, key: str, ds: Any) -> dict[str, Any] | None:
         kind if isinstance(kind, str) else "")
     if fmt is None:
         b.drop(key, ds, f"dataset type {kind!r} has no equivalent (peftctl reads alpaca, sharegpt, "
-                        "chat_template and completion)")
+                        "chat_template and completion, and chat_template.default pairs with rl)")
         return None
     src: dict[str, Any] = {"path": b.path(str(ds["path"])), "format": fmt}
     for theirs, ours in (("split", "split"), ("name", "subset")):
