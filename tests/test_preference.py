@@ -361,12 +361,12 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
 
 
 def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
-    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing and the
-    reference precomputed (train.precompute_ref_log_probs): the train split's read from the data
-    cache (where a one-process run put it) and handed to both processes, the eval split's computed
-    half by each process; is the global batch of two pairs in one process with the reference
-    computed in each step: the same losses, metrics and adapter, and the same reference numbers as
-    one process computes."""
+    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing, is the global
+    batch of two pairs in one process with the reference computed in each step: the same losses,
+    metrics and adapter, whether the two processes compute the reference in each step too or
+    precompute it (train.precompute_ref_log_probs: the train split's read from the data cache,
+    where a one-process run put it, and handed to both processes; the eval split's computed half by
+    each process: the same numbers as one process computes)."""
     import os
     import subprocess
     import sys
@@ -391,25 +391,31 @@ def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, p
                                       "eval_every": 3, "gradient_checkpointing": True,
                                       "precompute_ref_log_probs": True},
                                eval={"batch_size": 2}))  # 3 eval batches: the processes' shares differ in size
-    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2"],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = tmp_path / "ddp.yaml"  # the reference in each step, through DDP's wrapper
+    ddp.write_text(two.read_text().replace("precompute_ref_log_probs: true", "precompute_ref_log_probs: false")
+                   .replace(str(tmp_path / "two"), str(tmp_path / "ddp")))
+    for recipe in (ddp, two):
+        p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"],
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "ddp" / "reference_logps.safetensors").exists()
     assert "train: reference log-probabilities of 16 pairs from the cache" in p.stderr
     assert "eval: computing the reference log-probabilities of 6 pairs" in p.stderr
     assert torch.equal(load_file(tmp_path / "two" / "reference_logps.safetensors")["train"],
                        load_file(tmp_path / "warm" / "reference_logps.safetensors")["train"])
     run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=2, max_steps=3, save_every=None,
                          lr=1e-2, eval_every=3))
-    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r or "eval_loss" in r] for name in ("one", "two"))
-    assert len(a) == len(b) == 4
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss", *METRICS) if "loss" in x else ("eval_loss", *(f"eval_{m}" for m in METRICS)):
-            # float32 sums over other batches of the same pairs (the reference's too), then three
-            # AdamW steps: ~1e-6.
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
-    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for name in ("ddp", "two"):
+        a, b = ([r for r in _metrics(tmp_path / n) if "loss" in r or "eval_loss" in r] for n in ("one", name))
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b, strict=True):
+            for key in ("loss", *METRICS) if "loss" in x else ("eval_loss", *(f"eval_{m}" for m in METRICS)):
+                # float32 sums over other batches of the same pairs (the reference's too), then three
+                # AdamW steps: ~1e-6.
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (name, key)
+        a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("one", name))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
     # The eval split's numbers, shared by two processes, are those one process computes: the same
     # batches of the same model; another process's thread count may round a matmul otherwise
