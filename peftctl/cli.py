@@ -305,8 +305,9 @@ def _render_plan(p: dict[str, Any]) -> None:
     out = _stdout()
     mem = p["memory_estimate_bytes"]
     out.print(f"[bold]plan[/bold] (dry run: nothing trained, nothing written) for {p['output_dir']}")
-    out.print(f"  model        {p['model']} ({p['model_type']}, {p['dtype']}), {p['method']} on "
-              f"{p['adapted_modules']} modules")
+    where = (f"{p['virtual_tokens']} virtual tokens" if p.get("virtual_tokens") is not None
+             else f"on {p['adapted_modules']} modules")
+    out.print(f"  model        {p['model']} ({p['model_type']}, {p['dtype']}), {p['method']} {where}")
     out.print(f"  parameters   {p['trainable_params']:,} trainable of {p['total_params']:,} "
               f"({p['trainable_percent']:.3f}%)")
     out.print(f"  data         {p['train_examples']} training examples, {p['eval_examples']} eval, "
@@ -758,7 +759,13 @@ def inspect(
             table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])),
                           ", ".join(v for v in row["adapter"].values() if v), f"{row['trainable_params']:,}")
         out = _stdout()
-        out.print(table)
+        if res["modules"] or not r.adapter.is_prompt_learning:
+            out.print(table)
+        else:  # no module of the model is adapted: the trained tokens are the adapter
+            out.print(f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant}): "
+                      f"{r.adapter.num_virtual_tokens} virtual tokens "
+                      f"{'(keys and values in every layer)' if r.adapter.method == 'prefix_tuning' else 'before every sequence'}"
+                      "; no module of the model is changed")
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
                   f"|| trainable%: {res['trainable_percent']:.4f}")
         if "memory" in res:

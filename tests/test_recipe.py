@@ -131,11 +131,7 @@ def test_missing_and_empty_files(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
-    from peftctl.sections import ModelSection
     from peftctl.validate import check_files
-
-    if path.name == "classify.yaml" and "task" not in ModelSection.model_fields:
-        pytest.skip("recipes/classify.yaml needs model.task (issue 13's tasks branch), not merged here yet")
 
     r = recipe.load(path)
     check_files(r, source=str(path))  # data files exist, model resolvable
