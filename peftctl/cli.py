@@ -744,8 +744,9 @@ def inspect(
         return
     from peftctl.inspect import inspect_recipe
     from peftctl.memory import Workload
+    from peftctl.train import with_labels
 
-    r = _load_recipe(target, set_)
+    r = with_labels(_load_recipe(target, set_))  # a classification head as training sizes it
     # Every position of a full-length sequence may carry loss: the estimate is for the worst batch.
     result = inspect_recipe(r, Workload(r.train.batch_size, r.data.max_length) if memory else None)
 
@@ -834,7 +835,7 @@ def data_(
     r = _load_recipe(recipe, set_)
     if split == "eval" and r.data.eval is None and r.data.eval_split is None:
         raise InputError("--split eval: the recipe has no eval data (set data.eval or data.eval_split)")
-    data, tokenizer = report.load(r, _reporter())
+    data, tokenizer, labels = report.load(r, _reporter())
     report.split_examples(data, split)
     if json_:
         head = {"split": split}
@@ -846,18 +847,18 @@ def data_(
         # Streamed: every example of a large data set would not fit in one string.
         _state["emitted"] = True
         sys.stdout.write(json.dumps(head)[:-1] + ', "examples": [')
-        for i, ex in enumerate(report.examples_json(data, tokenizer, split, show)):
+        for i, ex in enumerate(report.examples_json(data, tokenizer, split, show, labels)):
             sys.stdout.write(("," if i else "") + json.dumps(ex))
         sys.stdout.write("]}\n")
         return
     out = _stdout()
     if show is not None or not stats:
-        _render_examples(out, data, tokenizer, split, 3 if show is None else show)
+        _render_examples(out, data, tokenizer, split, 3 if show is None else show, labels)
     if stats:
         _render_stats(out, report.stats(data))
 
 
-def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
+def _render_examples(out, data, tokenizer, split: str, n: int, labels: list[str] | None = None) -> None:
     from rich.text import Text
 
     from peftctl.data import report
@@ -871,6 +872,16 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
         parts = [("", ex)] + ([("rejected", ex.rejected)] if ex.rejected is not None else [])
         out.print(f"── #{k + 1} {ex.source} · {len(ex.input_ids)} tokens · {ex.num_loss_tokens} with loss"
                   + (" · truncated" if ex.truncated else ""), style="bold", markup=False)
+        if getattr(ex, "task", None) == "token_cls":  # each labelled token with its tag
+            text = Text()
+            for piece, tag in report.tags(ex, tokenizer, labels):
+                if tag is None:
+                    text.append(piece, style="dim")
+                else:
+                    text.append(f"⟦{piece}/{tag}⟧" if plain else f"{piece}/{tag}", style="bold green")
+            out.print(text)
+            continue
+        goal = report.target(ex, labels)
         for name, e in parts:
             text = Text(f"[{name}]\n" if name else "")
             for ids, loss in report.runs(e):
@@ -879,6 +890,9 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
                     piece = f"⟦{piece}⟧"
                 text.append(piece, style="bold green" if loss else "dim")
             out.print(text)
+        if goal is not None:
+            out.print(Text.assemble(("→ label " if ex.task == "seq_cls" else "→ target ", "bold"),
+                                    (f"⟦{goal}⟧" if plain else goal, "bold green")))
 
 
 def _render_stats(out, stats: dict) -> None:
