@@ -19,7 +19,7 @@ from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
 from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.train import TrainSection
-from peftctl.sections import OBJECTIVE_METRICS, TASK_METRICS, TASK_TYPES, ModelSection
+from peftctl.sections import TASK_METRICS, TASK_TYPES, ModelSection, reported_metrics
 
 
 class TrackingSection(Section):
@@ -171,7 +171,7 @@ class Recipe(Section):
             raise ValueError(f"data.format {wrong[0]!r} does not fit model.task {task}; use "
                              f"{' or '.join(TASK_FORMATS[task])}")
         metric = self.train.best_metric
-        allowed = ("eval_loss", *TASK_METRICS[task], *OBJECTIVE_METRICS[objective])
+        allowed = ("eval_loss", *TASK_METRICS[task], *reported_metrics(objective, self.train))
         if metric not in allowed:
             what = f"train.objective {objective}" if objective != "sft" else f"model.task {task}"
             raise ValueError(f"train.metric_for_best {self.train.metric_for_best!r}: {what} reports "
