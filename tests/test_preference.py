@@ -410,6 +410,18 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
               "--resume", "auto", code=2).stderr
     assert "cannot resume" in err and "train.init_adapter" in err
 
+    # eval of a run takes the reference the run used (its reference_logps.safetensors), even after
+    # the starting adapter's folder changed; on other eval pairs that changed folder is refused.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, tmp_path / "first" / "adapter_model.safetensors")
+    again = run("eval", second, "--json")
+    assert json.loads(again.stdout)["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+    assert "reference log-probabilities of the run" in again.stderr
+    err = run("eval", second, "--set", f"data.eval={pref_data[0]}", code=2).stderr
+    assert "train.init_adapter" in err and "no longer those the run started from" in err
+
 
 def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
     """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing, is the global
@@ -593,9 +605,9 @@ def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_mod
     assert "eval: reference log-probabilities of 6 pairs from the cache" in second.stderr
     assert same(ref("a"), ref("b"))
 
-    # peftctl eval of such a run (its reference: the init adapter's model) reads the same cache.
+    # peftctl eval of such a run (its reference: the init adapter's model) reads the run's own copy.
     evaluated = run("eval", recipe("b", tmp_path / "sft"), "--json")
-    assert "eval: reference log-probabilities of 6 pairs from the cache" in evaluated.stderr
+    assert "reference log-probabilities of the run" in evaluated.stderr
     assert json.loads(evaluated.stdout)["eval_loss"] == pytest.approx(
         [r for r in _metrics(tmp_path / "b") if "eval_loss" in r][-1]["eval_loss"], rel=1e-5)
 

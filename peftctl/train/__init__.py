@@ -583,6 +583,14 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         if ckpt is None:  # a resumed run continues from its checkpoint's weights (loaded below)
             reporter.log(f"starting from the adapter in {cfg.init_adapter}")
     # Before a checkpoint's weights load: the reference is the model as the run starts.
+    from peftctl.preference import Objective
+
+    ref_meta = None  # what the saved reference was computed on (peftctl eval reads it)
+    if cfg.precompute_ref_log_probs and Objective.of(cfg).needs_reference and main:
+        from peftctl.train import reference
+
+        ref_meta = reference.run_metadata(recipe, model, {"train": dataset.train} | (
+            {"eval": dataset.eval} if dataset.eval else {}))
     ref_logps = reference_logps(run_recipe, model, dataset, tokenizer.pad_token_id, run.path if ckpt else None,
                                 accelerator, reporter, speed.get("kernels"))
     if ckpt is not None:
@@ -629,7 +637,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
 
         from peftctl.fsio import atomic_write_bytes
 
-        _on_main(accelerator, lambda: atomic_write_bytes(run.path / REFERENCE_FILE, st_save(ref_logps)))
+        _on_main(accelerator, lambda: atomic_write_bytes(run.path / REFERENCE_FILE,
+                                                         st_save(ref_logps, metadata=ref_meta)))
     sinks: list[Any] = []
     summary: dict[str, Any] = {
         "status": "running",

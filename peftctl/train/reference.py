@@ -48,6 +48,26 @@ def examples_digest(examples) -> str:
     return h.hexdigest()
 
 
+def pairs_digest(examples) -> str:
+    """sha256 of the pairs themselves (each sequence's token ids and labels, in order): what a
+    run's saved reference log-probabilities were computed on (`run_metadata`)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for seq in (ex, ex.rejected):
+            h.update(json.dumps([list(map(int, seq.input_ids)), list(map(int, seq.labels))]).encode())
+    return h.hexdigest()
+
+
+def run_metadata(recipe, model, splits: dict) -> dict[str, str]:
+    """What the run folder's reference_logps.safetensors records beside the numbers: each split's
+    `pairs_digest` and, with train.init_adapter, the digest of that adapter's weights (the
+    reference model), so that `peftctl eval` can tell whether they still apply."""
+    out = {f"{name}_pairs": pairs_digest(examples) for name, examples in splits.items()}
+    if recipe.train.init_adapter is not None:
+        out["init_adapter_weights"] = adapter_digest(model)
+    return out
+
+
 def model_files(spec, model) -> dict[str, Any]:
     """The model's files as they are now: (name, size, mtime_ns) of every file of its folder (a
     file replaced is a new model), or of its GGUF file; a hub model's id, revision and commit."""
