@@ -334,6 +334,20 @@ def model_inputs(peft_model, config, encoder: nn.Module, *, input_ids=None, inpu
     return out
 
 
+def cache_positions(config, positions: torch.Tensor, first: bool) -> torch.Tensor:
+    """`generate`'s `cache_position` (the indices in the KV cache of this step's tokens, (seq,) int64),
+    shifted past the n virtual tokens the cache holds before the real ones; at prompt tuning's and
+    P-tuning's first step the virtual tokens' own 0 .. n-1 come first, as they are fed with it.
+    transformers 4.x passes `cache_position` to every model, which builds its attention mask from it
+    (unshifted, the mask misses the virtual tokens' columns); 5.24 only to remote-code models whose
+    forward takes one. `generate` shifts whichever it is given, so it follows the installed version."""
+    n = config.num_virtual_tokens
+    shifted = positions + n
+    if first and config.method != "prefix_tuning":
+        shifted = torch.cat((torch.arange(n, device=positions.device, dtype=positions.dtype), shifted))
+    return shifted
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return word_embeddings(model).weight.dtype
 
@@ -375,6 +389,8 @@ def generate(peft_model, config, encoder, args, kwargs):
                                 position_ids=inputs.pop("position_ids", None), first=first,
                                 cache=cache if first else None)
         inputs.update(prepared)
+        if inputs.get("cache_position") is not None:
+            inputs["cache_position"] = cache_positions(config, inputs["cache_position"], first)
         if first and config.method != "prefix_tuning":
             inputs.pop("input_ids", None)
         return inputs
