@@ -305,8 +305,9 @@ def _render_plan(p: dict[str, Any]) -> None:
     out = _stdout()
     mem = p["memory_estimate_bytes"]
     out.print(f"[bold]plan[/bold] (dry run: nothing trained, nothing written) for {p['output_dir']}")
-    out.print(f"  model        {p['model']} ({p['model_type']}, {p['dtype']}), {p['method']} on "
-              f"{p['adapted_modules']} modules")
+    where = (f"{p['virtual_tokens']} virtual tokens" if p.get("virtual_tokens") is not None
+             else f"on {p['adapted_modules']} modules")
+    out.print(f"  model        {p['model']} ({p['model_type']}, {p['dtype']}), {p['method']} {where}")
     out.print(f"  parameters   {p['trainable_params']:,} trainable of {p['total_params']:,} "
               f"({p['trainable_percent']:.3f}%)")
     out.print(f"  data         {p['train_examples']} training examples, {p['eval_examples']} eval, "
@@ -743,8 +744,9 @@ def inspect(
         return
     from peftctl.inspect import inspect_recipe
     from peftctl.memory import Workload
+    from peftctl.train import with_labels
 
-    r = _load_recipe(target, set_)
+    r = with_labels(_load_recipe(target, set_))  # a classification head as training sizes it
     # Every position of a full-length sequence may carry loss: the estimate is for the worst batch.
     result = inspect_recipe(r, Workload(r.train.batch_size, r.data.max_length) if memory else None)
 
@@ -758,7 +760,13 @@ def inspect(
             table.add_row(row["module"], row["type"], "x".join(map(str, row["shape"] or [])),
                           ", ".join(v for v in row["adapter"].values() if v), f"{row['trainable_params']:,}")
         out = _stdout()
-        out.print(table)
+        if res["modules"] or not r.adapter.is_prompt_learning:
+            out.print(table)
+        else:  # no module of the model is adapted: the trained tokens are the adapter
+            out.print(f"{res['method']} on {res['model']} ({res['model_type']}, {res['dtype']}{quant}): "
+                      f"{r.adapter.num_virtual_tokens} virtual tokens "
+                      f"{'(keys and values in every layer)' if r.adapter.method == 'prefix_tuning' else 'before every sequence'}"
+                      "; no module of the model is changed")
         out.print(f"trainable params: {res['trainable_params']:,} || all params: {res['total_params']:,} "
                   f"|| trainable%: {res['trainable_percent']:.4f}")
         if "memory" in res:
@@ -827,7 +835,7 @@ def data_(
     r = _load_recipe(recipe, set_)
     if split == "eval" and r.data.eval is None and r.data.eval_split is None:
         raise InputError("--split eval: the recipe has no eval data (set data.eval or data.eval_split)")
-    data, tokenizer = report.load(r, _reporter())
+    data, tokenizer, labels = report.load(r, _reporter())
     report.split_examples(data, split)
     if json_:
         head = {"split": split}
@@ -839,18 +847,18 @@ def data_(
         # Streamed: every example of a large data set would not fit in one string.
         _state["emitted"] = True
         sys.stdout.write(json.dumps(head)[:-1] + ', "examples": [')
-        for i, ex in enumerate(report.examples_json(data, tokenizer, split, show)):
+        for i, ex in enumerate(report.examples_json(data, tokenizer, split, show, labels)):
             sys.stdout.write(("," if i else "") + json.dumps(ex))
         sys.stdout.write("]}\n")
         return
     out = _stdout()
     if show is not None or not stats:
-        _render_examples(out, data, tokenizer, split, 3 if show is None else show)
+        _render_examples(out, data, tokenizer, split, 3 if show is None else show, labels)
     if stats:
         _render_stats(out, report.stats(data))
 
 
-def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
+def _render_examples(out, data, tokenizer, split: str, n: int, labels: list[str] | None = None) -> None:
     from rich.text import Text
 
     from peftctl.data import report
@@ -864,6 +872,16 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
         parts = [("", ex)] + ([("rejected", ex.rejected)] if ex.rejected is not None else [])
         out.print(f"── #{k + 1} {ex.source} · {len(ex.input_ids)} tokens · {ex.num_loss_tokens} with loss"
                   + (" · truncated" if ex.truncated else ""), style="bold", markup=False)
+        if getattr(ex, "task", None) == "token_cls":  # each labelled token with its tag
+            text = Text()
+            for piece, tag in report.tags(ex, tokenizer, labels):
+                if tag is None:
+                    text.append(piece, style="dim")
+                else:
+                    text.append(f"⟦{piece}/{tag}⟧" if plain else f"{piece}/{tag}", style="bold green")
+            out.print(text)
+            continue
+        goal = report.target(ex, labels)
         for name, e in parts:
             text = Text(f"[{name}]\n" if name else "")
             for ids, loss in report.runs(e):
@@ -872,6 +890,9 @@ def _render_examples(out, data, tokenizer, split: str, n: int) -> None:
                     piece = f"⟦{piece}⟧"
                 text.append(piece, style="bold green" if loss else "dim")
             out.print(text)
+        if goal is not None:
+            out.print(Text.assemble(("→ label " if ex.task == "seq_cls" else "→ target ", "bold"),
+                                    (f"⟦{goal}⟧" if plain else goal, "bold green")))
 
 
 def _render_stats(out, stats: dict) -> None:

@@ -13,11 +13,14 @@ answer lengths n_c, n_r, beta = `train.beta`, eps = `train.label_smoothing`:
 - dpo (Rafailov et al. 2023, eq. 7; conservative DPO's label smoothing, Mitchell 2023):
   h = (pi_c - ref_c) - (pi_r - ref_r);  loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
   With eps = 0 this is TRL's DPOTrainer loss_type "sigmoid".
+  RPO (Pang et al. 2024, eq. 3): dpo or ipo + rpo_alpha NLL(chosen answers), TRL's loss_type [.., "sft"]
+  with loss_weights [1, rpo_alpha].
 - ipo (Azar et al. 2023, eq. 17, on per-token averages as TRL's loss_type "ipo"):
   loss = ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2.
 - orpo (Hong et al. 2024, eqs. 4-7; TRL's ORPOTrainer): with averages a_c = pi_c / n_c, a_r = pi_r / n_r,
   log_odds = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r));
-  loss = NLL(chosen) - beta log sigmoid(log_odds), NLL the mean cross-entropy of the chosen answers' tokens.
+  loss = NLL(chosen) - beta log sigmoid(log_odds), NLL the mean cross-entropy of the chosen sequences'
+  tokens (prompt and answer, as TRL's; elsewhere NLL(chosen) covers the chosen answers' tokens only).
 - simpo (Meng et al. 2024, eq. 6; TRL's CPOTrainer with loss_type "simpo"): with gamma = `train.simpo_gamma`,
   z = a_c - a_r - gamma / beta;  loss = -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
   + cpo_alpha NLL(chosen).
@@ -56,11 +59,12 @@ class Objective:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     cpo_alpha: float = 0.0
+    rpo_alpha: float = 0.0
 
     @classmethod
     def of(cls, train_cfg) -> Objective:
         return cls(train_cfg.objective, train_cfg.beta, train_cfg.label_smoothing, train_cfg.simpo_gamma,
-                   train_cfg.cpo_alpha)
+                   train_cfg.cpo_alpha, train_cfg.rpo_alpha)
 
     @property
     def pairs(self) -> bool:
@@ -73,7 +77,7 @@ class Objective:
     @property
     def nll_weight(self) -> float:
         """Weight of the chosen answers' mean token cross-entropy in the loss."""
-        return {"orpo": 1.0, "simpo": self.cpo_alpha}.get(self.name, 0.0)
+        return {"orpo": 1.0, "simpo": self.cpo_alpha, "dpo": self.rpo_alpha, "ipo": self.rpo_alpha}.get(self.name, 0.0)
 
     @property
     def metric_names(self) -> tuple[str, ...]:

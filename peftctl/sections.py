@@ -144,8 +144,9 @@ class ModelSection(Section):
         default=None,
         description=(
             "seq_cls and token_cls: the label names, in id order (id2label). Unset: the labels found in "
-            "the training data, sorted (integer labels numerically). A run writes them here in its "
-            "recipe.yaml, and a merged model has them in its config."
+            "the training data, sorted (integer labels numerically). Integer labels in the data that are "
+            "not among these names are ids into them (datasets' ClassLabel: labels [O, B-PER, I-PER] with "
+            "tags 0, 1, 2). A run writes them here in its recipe.yaml, and a merged model has them in its config."
         ),
     )
     dtype: DtypeName = Field(

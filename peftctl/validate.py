@@ -58,6 +58,8 @@ def check_files(recipe, source: str | None = None, rows: int | None = None) -> l
         if not problems:  # the files are there and readable: every token has an embedding row
             field = "model.tokenizer" if spec.tokenizer else "model.name_or_path"
             problems += [recipe.problem(field, m) for m in token_problems(spec, src)]
+        if not problems and src.kind == "folder":  # the model fits model.task, as train checks it
+            problems += _task_problems(recipe, src, notes)
     if spec.tokenizer:
         folder = Path(spec.tokenizer)
         if folder.is_dir():
@@ -81,6 +83,24 @@ def check_files(recipe, source: str | None = None, rows: int | None = None) -> l
     if problems:
         raise RecipeError(problems)
     return notes
+
+
+def _task_problems(recipe, src, notes: list[str]) -> list[Problem]:
+    """train's checks of the model's config against model.task (`models.check_causal_lm`: an
+    encoder-only model as a causal LM), and its note when the config implies another task."""
+    from peftctl import models
+
+    spec = recipe.model
+    try:
+        config = models.load_config(spec, src)
+        if spec.task_name == "causal_lm":
+            models.check_causal_lm(spec, config, src.description)
+    except InputError as e:
+        return [recipe.problem("model.task" if "model.task" in str(e) else "model.name_or_path", str(e))]
+    note = models.task_note(spec, config)
+    if note:
+        notes.append(note)
+    return []
 
 
 def _row_problems(recipe, rows: int | None, notes: list[str]) -> list[Problem]:

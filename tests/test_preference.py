@@ -102,8 +102,9 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
            "logps/rejected")
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5)])
-def test_dpo_and_ipo_match_trl(setup, trl_trainer, loss_type, beta):
+@pytest.mark.parametrize("loss_type,beta,rpo_alpha", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.7)])
+def test_dpo_and_ipo_match_trl(setup, trl_trainer, loss_type, beta, rpo_alpha):
+    """rpo_alpha: TRL 1.x's RPO is loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]."""
     from datasets import Dataset
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -113,8 +114,11 @@ def test_dpo_and_ipo_match_trl(setup, trl_trainer, loss_type, beta):
     from peftctl.preference import Objective
 
     name = "dpo" if loss_type == "sigmoid" else "ipo"
-    batch, ours, grads = _ours(setup, Objective(name, beta=beta))
-    args = DPOConfig(output_dir=str(setup["tmp"] / f"trl-{name}"), beta=beta, loss_type=[loss_type], report_to=[],
+    batch, ours, grads = _ours(setup, Objective(name, beta=beta, rpo_alpha=rpo_alpha))
+    rpo = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, rpo_alpha]) if rpo_alpha else dict(loss_type=[loss_type])
+    if rpo_alpha:
+        assert ours["nll_loss"] > 0.1  # the NLL term is really in the compared loss
+    args = DPOConfig(output_dir=str(setup["tmp"] / f"trl-{name}-{rpo_alpha}"), beta=beta, **rpo, report_to=[],
                      use_cpu=True, bf16=False, max_length=64, per_device_train_batch_size=8)
     # A fresh adapter from peft_config: TRL's reference is then the adapter-off model (given a
     # PeftModel it would copy the adapter as the reference); the weights are set afterwards.
@@ -297,6 +301,14 @@ def test_dpo_run_resumes_exactly_and_accumulation_equals_one_batch(tmp_path, tin
 def test_preference_objective_refuses_other_formats(make_recipe):
     result = run("validate", make_recipe(train={"objective": "dpo"}), code=2)
     assert "format preference" in result.stderr
+
+
+@pytest.mark.parametrize("objective,option", [("sft", "beta"), ("dpo", "cpo_alpha"), ("orpo", "rpo_alpha"),
+                                              ("simpo", "precompute_ref_log_probs")])
+def test_an_option_of_another_objective_is_refused_not_ignored(make_recipe, objective, option):
+    result = run("validate", make_recipe(train={"objective": objective, option: 1}), code=2)
+    assert f"train.{option} applies to objective" in result.stderr and objective in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):

@@ -30,7 +30,9 @@ def test_prompt_tuning_end_to_end(tmp_path, tiny_model_dir, chat_data):
     recipe = _recipe(tmp_path, tiny_model_dir, chat_data, "pt", PROMPT)
     run("validate", recipe)
     plan = run_json("train", recipe, "--dry-run")
-    assert plan["trainable_params"] == 6 * 64
+    assert plan["trainable_params"] == 6 * 64 and plan["virtual_tokens"] == 6
+    assert "prompt_tuning 6 virtual tokens" in run("train", recipe, "--dry-run").stdout  # not "on 0 modules"
+    assert "6 virtual tokens before every sequence" in run("inspect", recipe).stdout  # not an empty table
     summary = run_json("train", recipe)
     assert summary["status"] == "completed" and summary["steps"] == 2
     out = tmp_path / "pt"

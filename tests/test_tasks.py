@@ -150,6 +150,10 @@ def test_token_cls_end_to_end(tmp_path):
     eval_ = write_tagging(tmp_path / "eval.jsonl", 16, seed=1)
     recipe = _recipe(tmp_path, model_dir, "token_cls", "token_classification", ["query", "value"], train, eval_,
                      lr=3e-2)
+    # inspect sizes the head from the training data's tags, as the run does (it showed 2 labels).
+    head = [m for m in run_json("inspect", recipe)["modules"] if m["module"].endswith("classifier")]
+    hidden = AutoModelForTokenClassification.from_pretrained(model_dir).config.hidden_size
+    assert sum(m["trainable_params"] for m in head) == 4 * hidden + 4, head
     run_json("train", recipe)
     config = _common_checks(tmp_path, "TOKEN_CLS", ("accuracy", "f1"))
     assert "classifier" in config["modules_to_save"]
@@ -515,8 +519,9 @@ def test_an_encoder_only_model_is_refused_as_a_causal_lm(tmp_path, bert_dir):
     train = write_classification(tmp_path / "train.jsonl", 4)
     recipe = _recipe(tmp_path, bert_dir, "causal_lm", "text", ["query"], train, train)
     for task in ("causal_lm", "null"):
-        for dry in ((), ("--dry-run",)):  # the plan (config only) and the real load
-            r = run("train", recipe, *dry, "--set", f"model.task={task}", code=2)
+        # validate (config only), the plan (config only) and the real load
+        for command in (("validate",), ("train", "--dry-run"), ("train",)):
+            r = run(command[0], recipe, *command[1:], "--set", f"model.task={task}", code=2)
             assert f"model {bert_dir}" in r.stderr and "encoder-only model (bert, is_decoder false)" in r.stderr
             assert "set model.task: seq_cls or token_cls" in r.stderr
     assert not (tmp_path / "run").exists()
@@ -545,3 +550,63 @@ def test_duplicate_or_empty_labels_are_refused_naming_them(tmp_path, bert_dir):
     assert "'neg' given more than once" in r.stderr and str(recipe) in r.stderr
     r = run("validate", recipe, "--set", "model.labels=[neg, '', pos]", code=2)
     assert "label 1 is empty ('')" in r.stderr
+
+
+def test_integer_tags_index_named_model_labels(tmp_path):
+    """datasets' ClassLabel columns (ner_tags: 0, 1, 2, ...) with model.labels naming the ids: the run
+    trains exactly as on the named tags (same metrics, entity f1 on the names), and eval's
+    predictions give names."""
+    import shutil
+
+    model_dir = build_bert(tmp_path / "bert")
+    names = ["B-LOC", "B-PER", "I-PER", "O"]
+    results = {}
+    for kind in ("named", "ids"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        paths = [write_tagging(folder / "train.jsonl", 64), write_tagging(folder / "eval.jsonl", 8, seed=1)]
+        if kind == "ids":
+            for p in paths:
+                rows = [json.loads(line) for line in p.read_text().splitlines()]
+                p.write_text("".join(json.dumps({**r, "tags": [names.index(t) for t in r["tags"]]}) + "\n"
+                                     for r in rows))
+        recipe = _recipe(folder, model_dir, "token_cls", "token_classification", ["query", "value"], *paths,
+                         lr=3e-2)
+        text = yaml.safe_load(recipe.read_text())
+        text["model"]["labels"] = names
+        recipe.write_text(yaml.safe_dump(text, sort_keys=False))
+        run_json("train", recipe)
+        results[kind] = run_json("eval", recipe, "--predictions", str(folder / "pred.jsonl"))
+        results[kind + "_pred"] = (folder / "pred.jsonl").read_text()
+        shutil.rmtree(folder / "run")
+    assert results["ids"]["f1"] == results["named"]["f1"] and results["ids"]["f1"] > 0
+    assert results["ids"]["accuracy"] == results["named"]["accuracy"]
+    assert "B-PER" in results["ids_pred"]
+    # An id out of range is still a row error naming it.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"tokens": ["a", "b"], "tags": [0, 7]}) + "\n")
+    recipe = _recipe(tmp_path, model_dir, "token_cls", "token_classification", ["query"], bad, bad)
+    text = yaml.safe_load(recipe.read_text())
+    text["model"]["labels"] = names
+    recipe.write_text(yaml.safe_dump(text, sort_keys=False))
+    assert "label '7' is not one of model.labels" in run("validate", recipe, code=2).stderr
+
+
+def test_data_show_gives_each_task_examples_target(tmp_path):
+    """`peftctl data --show` / `--json` of task data: the label's name, each word's tag, the target."""
+    bert = build_bert(tmp_path / "bert")
+    cases = [("seq_cls", "classification", bert, write_classification(tmp_path / "c.jsonl", 4)),
+             ("token_cls", "token_classification", bert, write_tagging(tmp_path / "t.jsonl", 4)),
+             ("seq2seq_lm", "completion", build_t5(tmp_path / "t5"), write_seq2seq(tmp_path / "s.jsonl", 4))]
+    for task, fmt, model, path in cases:
+        recipe = _recipe(tmp_path, model, task, fmt, ["q"], path, path)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        shown = run("data", recipe, "--show", "1").stdout
+        got = run_json("data", recipe, "--show", "1")["examples"][0]
+        if task == "seq_cls":
+            assert f"→ label ⟦{rows[0]['label']}⟧" in shown and got["label"] == rows[0]["label"]
+        elif task == "token_cls":
+            assert [tag for _, tag in got["tags"]] == rows[0]["tags"]  # one tag per word, by name
+            assert f"/{rows[0]['tags'][0]}⟧" in shown
+        else:
+            assert f"→ target ⟦{rows[0]['completion']}⟧" in shown and got["reference"] == rows[0]["completion"]

@@ -19,7 +19,8 @@ from peftctl.ui import Reporter
 
 
 def load(recipe, reporter: Reporter | None = None):
-    """(Data, tokenizer) for a recipe, built or read from the cache; loads the tokenizer only."""
+    """(Data, tokenizer, label names) for a recipe, built or read from the cache; loads the tokenizer
+    only. The label names (seq_cls, token_cls: id order; else None) are what the run would use."""
     from peftctl import models
     from peftctl.data.pipeline import build
 
@@ -31,7 +32,25 @@ def load(recipe, reporter: Reporter | None = None):
         labels = label_names(task, recipe.data)
     data = build(recipe.data, tokenizer, seed=recipe.train.seed, attention=recipe.model.attn_implementation,
                  reporter=reporter, task=task, labels=labels)
-    return data, tokenizer
+    return data, tokenizer, labels
+
+
+def target(example, labels: list[str] | None) -> str | None:
+    """What a task example is trained to give, in words: seq_cls its label's name, seq2seq_lm its
+    target text; token_cls: each labelled word's first sub-token and tag ("piece/TAG", spaces
+    between); None for causal-LM examples (their loss tokens say it)."""
+    task = getattr(example, "task", None)
+    if task == "seq_cls":
+        return labels[example.labels] if labels else str(example.labels)
+    if task == "seq2seq_lm":
+        return example.reference
+    return None
+
+
+def tags(example, tokenizer, labels: list[str] | None) -> list[tuple[str, str | None]]:
+    """token_cls: (token text, its tag's name or None for a token without a label) per input token."""
+    return [(tokenizer.decode([tok]), None if y == IGNORE_INDEX else (labels[y] if labels else str(y)))
+            for tok, y in zip(example.input_ids, example.labels, strict=True)]
 
 
 def split_examples(data, split: str):
@@ -54,8 +73,8 @@ def runs(example: Example) -> list[tuple[list[int], bool]]:
     return out
 
 
-def describe(example: Example, tokenizer) -> dict[str, Any]:
-    """One example as `peftctl data --json` prints it."""
+def describe(example: Example, tokenizer, labels: list[str] | None = None) -> dict[str, Any]:
+    """One example as `peftctl data --json` prints it (task examples: `label` / `tags` by name)."""
     out = {
         "source": example.source,
         "input_ids": example.input_ids,
@@ -71,16 +90,22 @@ def describe(example: Example, tokenizer) -> dict[str, Any]:
         out["reference"] = example.reference
     if getattr(example, "reference", None) is not None and "reference" not in out:
         out["reference"] = example.reference  # seq2seq: the target
+    task = getattr(example, "task", None)
+    if task == "seq_cls":
+        out["label"] = target(example, labels)
+    elif task == "token_cls":
+        out["tags"] = [[piece, tag] for piece, tag in tags(example, tokenizer, labels) if tag is not None]
     if getattr(example, "rejected", None) is not None:
         out["rejected"] = {k: v for k, v in describe(example.rejected, tokenizer).items()
                            if k in ("input_ids", "labels", "text", "tokens", "loss_tokens")}
     return out
 
 
-def examples_json(data, tokenizer, split: str, n: int | None) -> Iterator[dict[str, Any]]:
+def examples_json(data, tokenizer, split: str, n: int | None, labels: list[str] | None = None
+                  ) -> Iterator[dict[str, Any]]:
     examples = split_examples(data, split)
     for k in range(len(examples) if n is None else min(n, len(examples))):
-        yield describe(examples[k], tokenizer)
+        yield describe(examples[k], tokenizer, labels)
 
 
 def histogram(lengths: np.ndarray, bins: int = 10) -> list[dict[str, int]]:
@@ -111,7 +136,7 @@ def stats(data) -> dict[str, Any]:
 def prepare(recipe, reporter: Reporter | None = None) -> dict[str, Any]:
     """Build (or check) the cache for a recipe's data ahead of training."""
     start = time.perf_counter()
-    data, _ = load(recipe, reporter)
+    data, _, _ = load(recipe, reporter)
     tables = [{"split": split, "source": name, "examples": len(t),
                "folder": str(t.folder) if recipe.data.cache else None}
               for split, entries in data.tables.items() for name, t in entries]

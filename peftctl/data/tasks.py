@@ -243,7 +243,12 @@ def build_examples(task: str, cfg, tokenizer, labels: list[str] | None, split: s
 
 
 def _label_id(value, label2id: dict[str, int], split: str) -> int:
+    """A label's id: its name's, else an integer label is the id itself (datasets' ClassLabel: the
+    rows hold ids, model.labels the names in id order)."""
     name = str(value)
+    if name not in label2id and isinstance(value, int) and not isinstance(value, bool) \
+            and 0 <= value < len(label2id):
+        return value
     if name not in label2id:
         known = ", ".join(label2id) if len(label2id) <= 12 else ", ".join(list(label2id)[:12]) + ", ..."
         whose = "the model's labels" if split == "eval" else "model.labels"

@@ -6,6 +6,7 @@ union."""
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -96,11 +97,35 @@ def _value_at(data: Any, path: Key) -> Any:
     return data
 
 
+def _written(data: Any, key: Key) -> bool:
+    for part in key:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+_DOTTED = re.compile(r"(?<![\w.])([a-z_]+(?:\.[a-z_0-9]+)+)")
+
+
+def _field_named(err: dict[str, Any], path: Key, data: Any) -> Key:
+    """A cross-field check fails on its section (or the whole recipe): place it at the first field
+    its message names (`train.rpo_alpha ...`) that the recipe writes under that path, else the path."""
+    if err["type"] != "value_error":
+        return path
+    for name in _DOTTED.findall(str(err.get("msg", ""))):
+        key = tuple(name.split("."))
+        if key[: len(path)] == path and len(key) > len(path) and _written(data, key):
+            return key
+    return path
+
+
 def problems_from_validation(exc: ValidationError, data: Any, locate: Any) -> list[Problem]:
     """One problem per error of `exc` about raw recipe `data`, each placed by `locate(key, message)`."""
     grouped: dict[Key, list[tuple[dict, str | None]]] = {}
     for err in exc.errors():
         path, member = _clean_loc(err["loc"], data, err["type"])
+        path = _field_named(err, path, data)
         grouped.setdefault(path, []).append((err, member))
     problems = []
     for path, errs in grouped.items():

@@ -34,6 +34,18 @@ def _gib_or_auto(value: Any) -> Any:
     return float(number)
 
 
+# The preference options and the objectives that read them: one set to other than its default for
+# another objective is refused (it would be silently ignored; a resolved recipe carries the defaults).
+_OBJECTIVE_OPTIONS = {
+    "beta": ("dpo", "ipo", "orpo", "simpo"),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "rpo_alpha": ("dpo", "ipo"),
+    "precompute_ref_log_probs": ("dpo", "ipo"),
+}
+
+
 class TrainSection(Section):
     max_steps: int | None = Field(
         default=None,
@@ -300,6 +312,16 @@ class TrainSection(Section):
         ),
         json_schema_extra=aka(axolotl="cpo_alpha"),
     )
+    rpo_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "dpo and ipo: weight of the chosen answers' mean token cross-entropy added to the loss (RPO, Pang et "
+            "al. 2024; TRL's rpo_alpha, in TRL 1.x loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]). "
+            "Keeps the chosen answers likely while the pair's margin grows."
+        ),
+        json_schema_extra=aka(axolotl="rpo_alpha", llamafactory="pref_ftx"),
+    )
     precompute_ref_log_probs: bool = Field(
         default=False,
         description=(
@@ -340,6 +362,10 @@ class TrainSection(Section):
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("train.early_stopping_patience needs train.eval_every")
+        for name, objectives in _OBJECTIVE_OPTIONS.items():
+            if getattr(self, name) != type(self).model_fields[name].default and self.objective not in objectives:
+                raise ValueError(f"train.{name} applies to objective {' or '.join(objectives)}, not "
+                                 f"{self.objective}: remove it or set train.objective")
         if self.memory_budget is not None and self.gradient_checkpointing is not None:
             raise ValueError("set train.memory_budget or train.gradient_checkpointing, not both (the budget "
                              "decides which layers are checkpointed)")

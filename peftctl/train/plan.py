@@ -88,6 +88,8 @@ def plan(recipe, num_processes: int = 1, resume: str | None = None) -> dict[str,
         "total_params": inspected["total_params"],
         "trainable_percent": inspected["trainable_percent"],
         "adapted_modules": len(inspected["modules"]),
+        # Prompt-learning methods adapt no module: their virtual tokens instead (None for the others).
+        "virtual_tokens": recipe.adapter.num_virtual_tokens if recipe.adapter.is_prompt_learning else None,
         "train_examples": len(dataset.train),
         "eval_examples": len(dataset.eval or []),
         "num_processes": num_processes,
