@@ -211,12 +211,14 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     init = recipe.train.init_adapter
     if not base and objective.needs_reference and init is not None:
         # The reference is the model the run started from: the base with train.init_adapter.
-        from peftctl.train.checkpoint import load_adapter
+        from peftctl.train.checkpoint import check_same_adapter, load_adapter
 
-        model = runs.attach_saved_adapter(model, init)
+        model = runs.attach_saved_adapter(model, adapter)  # the run's adapter, with its own config
+        check_same_adapter(model.peft_config["default"], Path(init), "train.init_adapter", f"the run's ({adapter})")
+        load_adapter(model, Path(init))
         ref = reference_logps(model, examples, recipe.eval.batch_size, tokenizer.pad_token_id, device,
                               adapter_off=False)
-        load_adapter(model, Path(adapter), "--adapter")
+        load_adapter(model, Path(adapter))
     elif not base:
         model = runs.attach_saved_adapter(model, adapter)
     # Every token has an embedding row (an id past the last one fails mid-evaluation otherwise).

@@ -80,6 +80,11 @@ class Objective:
         return {"orpo": 1.0, "simpo": self.cpo_alpha, "dpo": self.rpo_alpha, "ipo": self.rpo_alpha}.get(self.name, 0.0)
 
     @property
+    def reports_nll(self) -> bool:
+        """Whether the loss has an NLL term, reported as nll_loss (training and evaluation)."""
+        return self.name == "orpo" or self.nll_weight > 0
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
         return OBJECTIVE_METRICS[self.name]
 
@@ -241,7 +246,7 @@ def eval_metrics(objective: Objective, sums: list[float], prefix: str = "eval_")
     out = {f"{prefix}loss": loss / pairs + objective.nll_weight * nll / max(tokens, 1)}
     for name, value in zip(objective.metric_names, sums[4:], strict=True):
         out[prefix + name] = value / pairs
-    if objective.nll_weight or objective.name == "orpo":
+    if objective.reports_nll:
         out[f"{prefix}nll_loss"] = nll / max(tokens, 1)
     out[f"{prefix}pairs"] = int(pairs)
     return out

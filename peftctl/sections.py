@@ -30,6 +30,16 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies"
                       "logps/chosen", "logps/rejected")
 OBJECTIVE_METRICS = {"sft": (), "dpo": PREFERENCE_METRICS, "ipo": PREFERENCE_METRICS, "simpo": PREFERENCE_METRICS,
                      "orpo": (*PREFERENCE_METRICS, "log_odds_ratio", "log_odds_chosen")}
+
+
+def reported_metrics(objective: str, train) -> tuple[str, ...]:
+    """The preference metrics a run of `objective` reports (besides eval_loss): TRL's, and nll_loss
+    when the loss has an NLL term (orpo; simpo with cpo_alpha; dpo or ipo with rpo_alpha)."""
+    nll = objective == "orpo" or (objective == "simpo" and train.cpo_alpha > 0) or (
+        objective in ("dpo", "ipo") and train.rpo_alpha > 0)
+    return (*OBJECTIVE_METRICS[objective], *(("nll_loss",) if nll else ()))
+
+
 # The tasks whose model gets a new head with one output per label (`model.labels`).
 LABELLED_TASKS = ("seq_cls", "token_cls")
 

@@ -76,6 +76,18 @@ def check_files(recipe, source: str | None = None, rows: int | None = None) -> l
             notes.append(f"train.init_adapter {init}: not there yet; `train` needs the adapter (a run folder) there")
         elif not has_adapter(init):
             problems.append(recipe.problem("train.init_adapter", f"{init}: holds no adapter (adapter_model.safetensors)"))
+        else:  # train's check (train.checkpoint.check_same_adapter), with the model-type defaults unknown here
+            from peftctl.adapters.config import CONFIG_NAME, read_config_file
+
+            try:
+                diff = recipe.adapter.differences(read_config_file(Path(init) / CONFIG_NAME), unset_matches=True)
+            except ValueError as e:
+                diff, problem = [], str(e)
+            else:
+                problem = (f"the adapter in {init} is not the one the recipe describes (its value vs the recipe's: "
+                           f"{'; '.join(diff)}); make the adapter section match its adapter_config.json")
+            if diff or problem:
+                problems.append(recipe.problem("train.init_adapter", problem))
     if not problems and rows != 0:
         problems += _row_problems(recipe, rows, notes)
     if is_nonempty_dir(Path(recipe.output.dir)):

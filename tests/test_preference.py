@@ -17,7 +17,9 @@ a missing gamma / beta) would produce.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -311,6 +313,22 @@ def test_an_option_of_another_objective_is_refused_not_ignored(make_recipe, obje
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_rpo_logs_nll_loss_in_training_and_can_be_watched(tmp_path, tiny_model_dir, pref_data):
+    """dpo + rpo_alpha 1 from a fresh adapter: at step 1 policy = reference, so the pair loss is
+    ln 2 and the logged loss is ln 2 + nll_loss; nll_loss is a metric_for_best (lower is better)."""
+    import math
+
+    recipe = _recipe(tmp_path, tiny_model_dir, pref_data, "rpo", rpo_alpha=1.0, max_steps=2, eval_every=1,
+                     save_every=None, metric_for_best="nll_loss")
+    summary = run_json("train", recipe)
+    steps = [r for r in _metrics(tmp_path / "rpo") if "loss" in r and "pairs" in r]
+    assert steps[0]["step"] == 1 and steps[0]["nll_loss"] > 1.0
+    assert steps[0]["loss"] == pytest.approx(math.log(2) + steps[0]["nll_loss"], rel=1e-5)
+    evals = [r for r in _metrics(tmp_path / "rpo") if "eval_nll_loss" in r]
+    assert summary["best_eval"]["metric"] == "nll_loss"
+    assert summary["best_eval"]["step"] == min(evals, key=lambda r: r["eval_nll_loss"])["step"]
+
+
 def test_pairs_truncate_together_prompt_first(tmp_path, tiny_model_dir):
     """A pair longer than max_length loses the beginning of its prompt (the tokens both sequences
     share), the same tokens from both, so that both answers stay whole; a pair whose answers alone
@@ -369,6 +387,28 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
     # eval of the run: the reference is the init adapter, as in training
     result = run_json("eval", second)
     assert result["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+
+    # The starting adapter must be the one the recipe describes: its weights at another scaling
+    # would start (and be the reference of) another model. validate, train and eval refuse it.
+    other = ("--set", "adapter.lora_alpha=64", "--set", "adapter.use_rslora=true")
+    for command in (("validate",), ("train", "--set", f"output.dir={tmp_path / 'alpha'}")):
+        err = run(command[0], second, *command[1:], *other, code=2).stderr
+        assert "train.init_adapter" in err and "lora_alpha: 8.0 vs 64.0" in err and "use_rslora: False vs True" in err
+    assert not (tmp_path / "alpha").exists()
+    scaled = tmp_path / "first_alpha64"  # the first run's weights, saved as another scaling
+    shutil.copytree(tmp_path / "first", scaled)
+    config = json.loads((scaled / "adapter_config.json").read_text())
+    (scaled / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    err = run("eval", second, "--set", f"train.init_adapter={scaled}", code=2).stderr
+    assert "first_alpha64" in err and "lora_alpha: 64" in err
+    # Resuming with another starting adapter (so another reference) is another run.
+    third = _recipe(tmp_path, tiny_model_dir, pref_data, "third", init_adapter=str(tmp_path / "first"),
+                    precompute_ref_log_probs=True, max_steps=1, save_every=1)
+    run("train", third)
+    shutil.copytree(tmp_path / "first", tmp_path / "first_copy")
+    err = run("train", third, "--set", "train.max_steps=2", "--set", f"train.init_adapter={tmp_path / 'first_copy'}",
+              "--resume", "auto", code=2).stderr
+    assert "cannot resume" in err and "train.init_adapter" in err
 
 
 def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
@@ -437,6 +477,8 @@ def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_p
     low = min(evals, key=lambda r: r["eval_rewards/margins"])
     assert low["step"] != min(evals, key=lambda r: r["eval_loss"])["step"]  # the case tells the metrics apart
     assert summary["best_eval"]["metric"] == "rewards/margins" and summary["best_eval"]["step"] == low["step"]
+    assert summary["final_eval"] == low  # load_best_at_end: the run's adapter is the best step's
+    assert run_json("eval", best)["eval_rewards/margins"] == pytest.approx(low["eval_rewards/margins"], rel=1e-4)
 
     bad = tmp_path / "bad.jsonl"
     rows = pref_data[0].read_text().splitlines()

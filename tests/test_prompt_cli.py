@@ -1,9 +1,12 @@
 """Prompt tuning, P-tuning and prefix tuning through the CLI on the tiny model: validate, dry run,
 train, eval (loss and exact match, which generates), inspect, export --format peft (PEFT loads it
-and gives the run's logits), resume (bit for bit, P-tuning's encoder included); and the refusals
-(merge, packing, prefix tuning with gradient checkpointing) as exit 2 with the reason."""
+and gives the run's logits), resume (bit for bit, P-tuning's encoder included), two processes equal
+to one; the same on a tiny T5 (model.task seq2seq_lm); and the refusals (merge, packing, prefix
+tuning with gradient checkpointing, model.task seq_cls / token_cls) as exit 2 with the reason."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -87,3 +90,143 @@ def test_prefix_tuning_trains(tmp_path, tiny_model_dir, chat_data):
     assert saved["prompt_embeddings"].shape == (4, 2 * 2 * 32)
     r = run("train", recipe, "--dry-run", "--set", "train.gradient_checkpointing=true", code=2)
     assert "prefix tuning" in r.stderr and "gradient_checkpointing: false" in r.stderr
+
+
+@pytest.mark.parametrize("adapter", [PTUNING, PREFIX], ids=["p_tuning", "prefix_tuning"])
+def test_two_processes_train_as_one_process_does(adapter, tmp_path, tiny_model_dir, chat_data):
+    """`--num-processes 2` (accelerate, gloo on CPU), batch 2 on each, is the global batch of 4 in
+    one process: the same losses and the same saved adapter (P-tuning's encoder and the projected
+    prefix train through DDP; their checkpointed encoders are not compared here).
+
+    Tolerance: every example's forward is the same arithmetic in both runs but for the padding
+    (each process pads its 2 rows to their own longest, masked: the softmax and matmul sums run
+    over other lengths) and the order of the sums over examples (the gradient's all-reduce mean
+    against one backward over 4 rows): float32 rounding, relative ~1e-6 on losses and gradients of
+    order 1. Three AdamW steps (lr 1e-2) move each weight by lr * m / sqrt(v), whose relative error
+    is the gradient's: ~1e-8 absolute on weights of order 1, bounded at 1e-5 (rel 1e-4 on losses)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def recipe(name, batch_size):
+        return _recipe(tmp_path, tiny_model_dir, chat_data, name, adapter, max_steps=3, batch_size=batch_size,
+                       save_every=None, lr=1e-2, scheduler="constant", log_every=1, eval_every=1000)
+
+    two = recipe("two", 2)
+    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2", "--json"],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["num_processes"] == 2
+    run("train", recipe("one", 4))
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses("one")) == 3 and losses("two") == pytest.approx(losses("one"), rel=1e-4)
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors")["prompt_embeddings"] for name in ("one", "two"))
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+SEQ2SEQ = [PROMPT, PTUNING, PREFIX]
+
+
+@pytest.mark.parametrize("adapter", SEQ2SEQ, ids=[a["method"] for a in SEQ2SEQ])
+def test_seq2seq_trains_evaluates_and_exports_for_peft(adapter, tmp_path):
+    """model.task seq2seq_lm on a local tiny T5 folder: the run trains (the loss on one repeated
+    batch falls) and resumes exactly, `peftctl eval` reports loss and exact match from its generations (references set
+    to PEFT's greedy answers for some rows give exactly that share), and the exported adapter loads
+    in PEFT with the run's logits (tolerance: tests/test_tasks.py's, float32 roundings of the same
+    operations: 1e-5)."""
+    import json
+
+    import yaml
+    from peft import PeftModel as TheirPeftModel
+    from tiny_tasks import build_t5, write_seq2seq
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from peftctl.adapters import AutoPeftModelForSeq2SeqLM
+
+    model_dir = build_t5(tmp_path / "t5")
+    base = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a livelier T5 than its default init (which answers pad tokens only): see tiny_t5
+        for p in base.parameters():
+            p.mul_(2)
+        for stack in (base.encoder, base.decoder):
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(5)
+    base.config.dropout_rate = 0.0  # the same batch every step gives the same loss but for the training
+    base.save_pretrained(model_dir)
+    train, held_out = write_seq2seq(tmp_path / "train.jsonl", 8), write_seq2seq(tmp_path / "eval.jsonl", 4, seed=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(model_dir), "dtype": "float32", "task": "seq2seq_lm"},
+        "adapter": {k: v for k, v in adapter.items() if not k.startswith("prompt_tuning_init")},
+        "data": {"train": str(train), "eval": str(held_out), "format": "completion", "max_length": 32},
+        "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1, "warmup_steps": 0, "seed": 0,
+                  "scheduler": "constant", "save_every": 4},
+        "eval": {"batch_size": 4, "max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    }, sort_keys=False))
+    run("validate", recipe)
+    summary = run_json("train", recipe)
+    assert summary["status"] == "completed"
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.1, losses  # the same 8 rows every step
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_transformer_submodules"] == 2
+    saved = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
+    # Resuming from the middle checkpoint ends where the uninterrupted run ended, bit for bit.
+    run("train", recipe, "--resume", out / "checkpoints" / "step-000004")
+    assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], saved)
+
+    run("export", out, "--format", "peft", "-o", tmp_path / "share")
+    theirs = TheirPeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model_dir), tmp_path / "share").eval()
+    ours = AutoPeftModelForSeq2SeqLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    sources = [json.loads(line)["prompt"] for line in held_out.read_text().splitlines()]
+    answers = []
+    for text in sources:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        decoder = torch.zeros((1, 1), dtype=torch.long)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids, decoder_input_ids=decoder).logits,
+                                       theirs(input_ids=ids, decoder_input_ids=decoder).logits, atol=1e-5, rtol=0)
+            for _ in range(4):  # PEFT's greedy answer, by full forwards (its generate() is not the oracle)
+                nxt = theirs(input_ids=ids, decoder_input_ids=decoder).logits[:, -1].argmax(-1, keepdim=True)
+                decoder = torch.cat((decoder, nxt), dim=1)
+                if int(nxt) == tok.eos_token_id:
+                    break
+        answers.append(" ".join(tok.decode(decoder[0], skip_special_tokens=True).split()))
+    same = [i for i, a in enumerate(answers) if a][:2]
+    assert same, answers
+    data = [json.loads(line) for line in held_out.read_text().splitlines()]
+    for i, row in enumerate(data):
+        row["completion"] = answers[i] if i in same else f"not {answers[i]}"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in data))
+    result = run_json("eval", recipe)
+    assert result["exact_match"] == len(same) / 4 and result["exact_match_n"] == 4
+    assert math.isfinite(result["eval_loss"])
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_classification_tasks_are_refused(task, tmp_path):
+    """seq_cls and token_cls with a prompt method: exit 2 naming both, before any work (they trained a
+    prompt before a frozen, never-saved random head, or failed mid-run)."""
+    import yaml
+    from tiny_tasks import build_bert, write_classification, write_tagging
+
+    model_dir = build_bert(tmp_path / "bert")
+    data = (write_classification if task == "seq_cls" else write_tagging)(tmp_path / "train.jsonl", 8)
+    recipe = tmp_path / "recipe.yaml"
+    for adapter in (PROMPT, PTUNING, PREFIX):
+        recipe.write_text(yaml.safe_dump({
+            "model": {"name_or_path": str(model_dir), "task": task}, "adapter": adapter,
+            "data": {"train": str(data), "format": "classification" if task == "seq_cls" else "token_classification"},
+            "output": {"dir": str(tmp_path / "run")}}))
+        for command in ("validate", "train"):
+            r = run(command, recipe, code=2)
+            assert f"adapter.method {adapter['method']} is not supported with model.task {task}" in r.stderr
+    assert not (tmp_path / "run").exists()

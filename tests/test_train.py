@@ -211,6 +211,8 @@ def test_early_stopping_keeps_the_best_checkpoint(make_recipe, tmp_path):
     final = adapter(out)
     assert all(torch.equal(best[k], final[k]) for k in best)  # load_best_at_end
     assert [m["step"] for m in metrics(out) if "eval_loss" in m] == [2, 4, 6]
+    # final_eval is the run's adapter's evaluation: the best one's, not the last step's
+    assert s["final_eval"]["step"] == 2 and s["final_eval"]["eval_loss"] == s["best_eval"]["eval_loss"]
 
 
 def test_grad_accumulation_equals_the_large_batch(make_recipe, tmp_path):

@@ -254,6 +254,39 @@ class AdapterConfig(BaseModel, metaclass=_ConfigCall):
     def is_prompt_learning(self) -> bool:
         return False
 
+    # Fields that do not change what an adapter computes from its saved weights: metadata, training-
+    # time randomness and schedules, and how fresh weights are drawn (the weights are loaded). Methods
+    # add theirs (`weights_only_fields`); every name ending in "dropout" is one too.
+    weights_only_fields: ClassVar[tuple[str, ...]] = (
+        "task_type", "inference_mode", "base_model_name_or_path", "revision", "init_lora_weights",
+        "init_weights", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+        "tokenizer_kwargs", "save_projection", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+        "orth_reg_weight", "total_step")
+
+    def differences(self, other: AdapterConfig, unset_matches: bool = False) -> list[str]:
+        """Why `other`'s saved weights would compute something else in an adapter of this config:
+        ["FIELD: OTHER's value vs this one's", ...] in PEFT's names (empty: the same function). Two
+        lists of target module names are compared as sets; LoRA inits that change the base model
+        (PiSSA, OLoRA, ...) are compared too. `unset_matches`: a field this config leaves None (filled
+        from the model type when the adapter is created, e.g. target_modules) matches any value."""
+        if self.peft_type != other.peft_type:
+            return [f"peft_type: {other.peft_type} vs {self.peft_type}"]
+        mine, theirs = self.to_peft_dict(), other.to_peft_dict()
+        out = []
+        for key in sorted(set(mine) | set(theirs)):
+            a, b = theirs.get(key), mine.get(key)
+            if key.endswith("dropout") or (key in self.weights_only_fields and key != "init_lora_weights"):
+                continue
+            if unset_matches and b is None:
+                continue
+            if key == "init_lora_weights":  # only an init that rewrites the base weights matters
+                a, b = (v if isinstance(v, str) and v != "gaussian" else True for v in (a, b))
+            if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+                a, b = sorted(map(str, a)), sorted(map(str, b))
+            if a != b:
+                out.append(f"{key}: {theirs.get(key)!r} vs {mine.get(key)!r}")
+        return out
+
     # ---- what a method may override -------------------------------------------------------
     def with_model_defaults(self, model_type: str | None) -> AdapterConfig:
         """The config with the defaults that depend on the model type filled in (PEFT's

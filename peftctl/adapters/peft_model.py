@@ -137,11 +137,12 @@ class PeftModel(nn.Module):
 
     def prepended_tokens(self) -> int:
         """How many virtual tokens the active adapter puts before each sequence in the forward's
-        output (prompt tuning, P-tuning: num_virtual_tokens; other methods and prefix tuning: 0)."""
+        output (prompt tuning, P-tuning: num_virtual_tokens; other methods, prefix tuning and an
+        encoder-decoder, whose virtual tokens go to the encoder and its logits are the decoder's: 0)."""
         prompt = self.base_model.prompt_adapter()
-        if prompt is None or prompt[0].method == "prefix_tuning":
+        if prompt is None or prompt[0].method == "prefix_tuning" or prompt[0].num_transformer_submodules != 1:
             return 0
-        return prompt[0].num_virtual_tokens * prompt[0].num_transformer_submodules
+        return prompt[0].num_virtual_tokens
 
     def _rows(self, adapter_names: list[str] | None, repeat: int):
         if adapter_names is None:

@@ -5,8 +5,14 @@ token embeddings E(x): the base model reads [P; E(x)], with the attention mask e
 (and labels, when given, by n IGNORE_INDEX). Prefix tuning gives every layer n extra keys and values
 through the model's cache (transformers' `DynamicCache`, passed under the name the model's forward
 takes: `cache` in transformers 5.24, `past_key_values` in 5.17 and before; see `cache_key`), so the model
-reads x after a prefix it
-never sees as tokens. Decoder-only models only: encoder-decoder models (T5-style) are refused.
+reads x after a prefix it never sees as tokens.
+
+Encoder-decoder models (T5-style; task_type SEQ_2_SEQ_LM, num_transformer_submodules 2), as PEFT's
+PeftModelForSeq2SeqLM: prompt tuning and P-tuning create 2n virtual tokens and feed the first n to
+the encoder (`encoder_inputs`; the decoder's inputs, labels and logits are unchanged); prefix tuning
+gives the decoder's self-attention its keys and values through an `EncoderDecoderCache`
+(`seq2seq_prefix_cache`, with PEFT's layer layout), the encoder and the cross-attention unchanged.
+Other task types (SEQ_CLS, TOKEN_CLS, ...) are refused: PEFT trains the classification head with them.
 
 The encoders (PEFT's `PromptEmbedding`, `PromptEncoder`, `PrefixEncoder`, with the same parameter
 names and order of random draws) live in `AdapterModel.method_state[adapter_name]`; the adapter file
@@ -78,25 +84,48 @@ def with_model_dims(config, model: nn.Module):
     encoder_hidden_size where the method has it) filled in from the model, as PEFT records them.
     Prefix tuning on a grouped-query model: token_dim = head_dim * num_key_value_heads and
     num_attention_heads = num_key_value_heads (the keys' and values' width, PEFT's rule)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or config.task_type == "SEQ_2_SEQ_LM":
-        raise ValueError(f"{config.method} is implemented here for decoder-only models; encoder-decoder models "
-                         "(T5-style, PEFT's SEQ_2_SEQ_LM) are not supported")
     d = _text_config(model)
-    update: dict[str, Any] = {}
+    encoder_decoder = is_encoder_decoder(model)
+    task = str(getattr(config.task_type, "value", config.task_type)) if config.task_type is not None else None
+    if task not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise ValueError(f"{config.method} is implemented here for task_type CAUSAL_LM and SEQ_2_SEQ_LM, not {task} "
+                         "(PEFT's classification variants also train the model's head; use a LoRA-family method)")
+    if encoder_decoder != (task == "SEQ_2_SEQ_LM"):
+        raise ValueError(f"{config.method} on an encoder-decoder model needs task_type SEQ_2_SEQ_LM, and "
+                         "task_type SEQ_2_SEQ_LM an encoder-decoder model (T5-style); this model is "
+                         f"{'encoder-decoder' if encoder_decoder else 'decoder-only'}, task_type {task}")
+    submodules = config.num_transformer_submodules or (2 if encoder_decoder else 1)
+    if submodules != (2 if encoder_decoder else 1):
+        raise ValueError(f"num_transformer_submodules {submodules}: it is 2 for an encoder-decoder model and 1 for "
+                         "a decoder-only one; leave it unset")
+    update: dict[str, Any] = {"num_transformer_submodules": submodules}
     if config.num_layers is None:
         update["num_layers"] = _first(d, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
+    layers = update.get("num_layers", config.num_layers)
+    decoder_layers = d.get("num_decoder_layers") or layers
+    if encoder_decoder and config.method == "prefix_tuning" and decoder_layers != layers:
+        raise ValueError(f"prefix tuning gives each of num_layers {layers} decoder layers a prefix (PEFT's layout); "
+                         f"this model's decoder has {decoder_layers} layers")
     token_dim = config.token_dim or _first(d, ("hidden_size", "n_embd", "d_model"), "token_dim")
     heads = config.num_attention_heads or _first(
         d, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"), "num_attention_heads")
-    if config.num_transformer_submodules is None:
-        update["num_transformer_submodules"] = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
     if config.method == "prefix_tuning" and d.get("num_key_value_heads") is not None:
         head_dim = d.get("head_dim") or token_dim // heads
         token_dim, heads = head_dim * d["num_key_value_heads"], d["num_key_value_heads"]
+    head_dim = d.get("d_kv")  # T5's attention width per head, which need not be d_model / num_heads
+    if config.method == "prefix_tuning" and head_dim and token_dim != head_dim * heads:
+        raise ValueError(f"prefix tuning's keys and values are num_attention_heads x token_dim / num_attention_heads "
+                         f"wide: {heads} x {token_dim // heads} here, but this model's attention is {heads} x "
+                         f"{head_dim}; set token_dim {head_dim * heads}")
     update["token_dim"], update["num_attention_heads"] = token_dim, heads
     if "encoder_hidden_size" in type(config).model_fields and config.encoder_hidden_size is None:
         update["encoder_hidden_size"] = token_dim
     return config.model_copy(update=update)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether `model` is a transformers encoder-decoder (T5-style: PEFT's SEQ_2_SEQ_LM)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def word_embeddings(model: nn.Module) -> nn.Module:
@@ -256,21 +285,47 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def prefix_cache(config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
-    """The per-layer keys and values of the prefix in a transformers cache: `cache` (an empty
-    DynamicCache that generate made) filled, or a new DynamicCache. `output` (n, num_layers * 2 *
-    token_dim) is split as PEFT splits it: viewed as (n, layers * 2, heads, head_dim), then permuted to
-    layers * 2 tensors (batch, heads, n, head_dim), keys and values alternating, cast to `dtype`."""
-    from transformers import DynamicCache
-
+def _prefix_layers(config, output: torch.Tensor, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`output` (n, num_layers * 2 * token_dim) split as PEFT splits it: viewed as (n, layers * 2,
+    heads, head_dim), then permuted to layers * 2 tensors (batch, heads, n, head_dim), keys and
+    values alternating, cast to `dtype`; one (keys, values) pair a layer."""
     n, heads = config.num_virtual_tokens, config.num_attention_heads
     kv = output.to(dtype).view(n, config.num_layers * 2, heads, config.token_dim // heads)
     kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (layers * 2, batch, heads, n, hd)
-    layers = [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+
+
+def prefix_cache(config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
+    """The per-layer keys and values of the prefix (`_prefix_layers`) in a transformers cache:
+    `cache` (an empty DynamicCache that generate made) filled, or a new DynamicCache."""
+    from transformers import DynamicCache
+
+    layers = _prefix_layers(config, output, batch, dtype)
     if cache is None:
         return DynamicCache(layers)
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
+    return cache
+
+
+def seq2seq_prefix_cache(config, output: torch.Tensor, batch: int, dtype: torch.dtype, cache=None):
+    """An encoder-decoder's prefix as PEFT 0.21 delivers it: an `EncoderDecoderCache` whose
+    self-attention cache holds, for decoder layer i, the keys and values stored in the file for
+    layer (2 i) mod num_layers, and whose cross-attention cache is empty (computed from the encoder's
+    output as without an adapter; the encoder gets no prefix). PEFT doubles the per-layer tensors
+    along the layer axis and regroups them four at a time (self keys, self values, cross keys, cross
+    values), then discards the cross-attention part: with an even num_layers half of the stored
+    layers are never read (they get no gradient), as in PEFT. `cache`: generate's empty
+    EncoderDecoderCache, whose self-attention cache is filled; else a new one."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    layers = _prefix_layers(config, output, batch, dtype)
+    L = config.num_layers
+    own = [layers[(2 * i) % L] for i in range(L)]
+    if cache is None:
+        return EncoderDecoderCache(DynamicCache(own), DynamicCache())
+    for i, (k, v) in enumerate(own):
+        cache.self_attention_cache.update(k, v, i)
     return cache
 
 
@@ -352,17 +407,26 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return word_embeddings(model).weight.dtype
 
 
+# PEFT's positional arguments of PeftModelForCausalLM.forward and PeftModelForSeq2SeqLM.forward.
+_FORWARD_ARGS = ("input_ids", "attention_mask", "inputs_embeds", "labels")
+_SEQ2SEQ_FORWARD_ARGS = ("input_ids", "attention_mask", "inputs_embeds", "decoder_input_ids",
+                         "decoder_attention_mask", "decoder_inputs_embeds", "labels")
+
+
 def forward(peft_model, config, encoder, args, kwargs):
     """PeftModelForCausalLM.forward for a prompt-learning adapter: the base model's output over the
     virtual tokens and the real ones (logits (batch, n + seq, vocab) for prompt tuning and P-tuning,
-    as PEFT returns them; `logits_to_keep` counts over that whole sequence)."""
-    names = ("input_ids", "attention_mask", "inputs_embeds", "labels")
-    for name, value in zip(names, args, strict=False):
+    as PEFT returns them; `logits_to_keep` counts over that whole sequence). An encoder-decoder
+    model: `seq2seq_forward`."""
+    seq2seq = is_encoder_decoder(peft_model.base_model.model)
+    for name, value in zip(_SEQ2SEQ_FORWARD_ARGS if seq2seq else _FORWARD_ARGS, args, strict=False):
         kwargs[name] = value
     if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
         raise ValueError("a prompt-learning adapter starts every forward from its own virtual tokens; "
                          "pass no cache (generate() handles the cache)")
     kwargs.pop("token_type_ids", None)  # PEFT drops them for prompt learning too
+    if seq2seq:
+        return seq2seq_forward(peft_model, config, encoder, kwargs)
     inputs = model_inputs(peft_model, config, encoder, input_ids=kwargs.pop("input_ids", None),
                           inputs_embeds=kwargs.pop("inputs_embeds", None),
                           attention_mask=kwargs.pop("attention_mask", None),
@@ -370,17 +434,156 @@ def forward(peft_model, config, encoder, args, kwargs):
     return peft_model.base_model.model(**inputs, **kwargs)
 
 
+# ---- encoder-decoder models (T5-style; PEFT's PeftModelForSeq2SeqLM) ---------------------------------
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
+        if kwargs.get(name) is not None:
+            return kwargs[name].shape[0]
+    outputs = kwargs.get("encoder_outputs")
+    if outputs is not None:
+        return outputs[0].shape[0]
+    raise ValueError("no input to tell the batch size from: pass input_ids")
+
+
+def encoder_inputs(config, encoder: nn.Module, model: nn.Module, input_ids=None, inputs_embeds=None,
+                   attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs_embeds (batch, n + seq, d_model), attention_mask (batch, n + seq) or None) of an
+    encoder-decoder's encoder with prompt tuning or P-tuning: the first n of the encoder's 2n outputs
+    (PEFT creates num_virtual_tokens * num_transformer_submodules and feeds the first n to the encoder,
+    the rest to nothing) before the token embeddings, the mask extended by n ones.
+
+    Where a row's mask starts with padding (left padding) its virtual tokens go after the padding,
+    just before its first real token (a deliberate difference from PEFT, which puts them first): T5's
+    relative position bias then sees the distances a row has alone, so a padded row reads what it
+    reads unpadded, left padding or right, as T5 without an adapter does. Rows without leading
+    padding (right-padded, unpadded) are PEFT's [virtual; tokens] exactly."""
+    if inputs_embeds is None:
+        inputs_embeds = word_embeddings(model)(input_ids)
+    n = config.num_virtual_tokens
+    batch = inputs_embeds.shape[0]
+    prompts = encoder_output(encoder, config)[:n].to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    embeds = torch.cat((prompts, inputs_embeds), dim=1)
+    if attention_mask is None:
+        return embeds, None
+    if attention_mask.dim() != 2:
+        raise ValueError("a prompt-learning adapter extends a 2D attention mask (batch, seq); got "
+                         f"{attention_mask.dim()} dimensions")
+    mask = torch.cat((attention_mask.new_ones((batch, n)), attention_mask), dim=1)
+    lead = (attention_mask.cumsum(-1) == 0).sum(-1, keepdim=True)  # each row's leading padding
+    j = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    # Position j of the result takes: padding (j < lead) from n + j, a virtual token from j - lead,
+    # a real token from j (its own place in [virtual; tokens]).
+    index = torch.where(j < lead, j + n, torch.where(j < lead + n, j - lead, j))
+    embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    return embeds, mask.gather(1, index)
+
+
+def _extend_decoder_mask(kwargs: dict[str, Any], n: int) -> None:
+    mask = kwargs.get("decoder_attention_mask")
+    if mask is not None and mask.dim() == 2:  # the prefix's keys come before the decoder's own
+        kwargs["decoder_attention_mask"] = torch.cat((mask.new_ones((mask.shape[0], n)), mask), dim=1)
+
+
+def seq2seq_forward(peft_model, config, encoder, kwargs):
+    """PeftModelForSeq2SeqLM.forward for a prompt-learning adapter. Prompt tuning, P-tuning: the
+    encoder reads the virtual tokens (`encoder_inputs`), the decoder is unchanged (logits (batch,
+    target length, vocab), labels as given). Prefix tuning: the decoder's self-attention reads the
+    prefix (`seq2seq_prefix_cache`), decoder_attention_mask (when given) extended by n ones; the
+    encoder is unchanged."""
+    base = peft_model.base_model.model
+    n = config.num_virtual_tokens
+    if config.method == "prefix_tuning":
+        _extend_decoder_mask(kwargs, n)
+        kwargs[cache_key(base)] = seq2seq_prefix_cache(config, encoder_output(encoder, config), _batch_size(kwargs),
+                                                       _model_dtype(base))
+        return base(**kwargs)
+    if kwargs.get("encoder_outputs") is not None:
+        raise ValueError(f"{config.method}: the encoder reads the virtual tokens; pass input_ids, not encoder_outputs")
+    embeds, mask = encoder_inputs(config, encoder, base, kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None),
+                                  kwargs.pop("attention_mask", None))
+    return base(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+def seq2seq_generate(peft_model, config, encoder, args, kwargs):
+    """The base model's generate for an encoder-decoder. Prompt tuning, P-tuning: generate from the
+    encoder's inputs with the virtual tokens (`encoder_inputs`). Prefix tuning: the decoder's first
+    step (its self-attention cache empty) gets the prefix in generate's own cache, later steps reuse
+    it; the encoder runs as without an adapter. Returns what transformers' generate returns for an
+    encoder-decoder (the decoder's tokens, from its start token)."""
+    base = peft_model.base_model.model
+    n = config.num_virtual_tokens
+    if args:
+        if "inputs" in kwargs or "input_ids" in kwargs:
+            raise ValueError("generate() got the input ids twice")
+        kwargs["input_ids"], args = args[0], args[1:]
+    if "inputs" in kwargs:
+        kwargs["input_ids"] = kwargs.pop("inputs")
+    if config.method != "prefix_tuning":
+        if kwargs.get("input_ids") is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError("generate() with a prompt-learning adapter takes input_ids, not inputs_embeds")
+        if kwargs.get("encoder_outputs") is not None:
+            raise ValueError(f"{config.method}: the encoder reads the virtual tokens; pass input_ids, "
+                             "not encoder_outputs")
+        embeds, mask = encoder_inputs(config, encoder, base, kwargs.pop("input_ids"), None,
+                                      kwargs.pop("attention_mask", None))
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        return base.generate(*args, inputs_embeds=embeds, **kwargs)
+
+    from transformers import EncoderDecoderCache
+
+    key = cache_key(base)
+
+    def prepare(inputs: dict[str, Any]) -> dict[str, Any]:
+        cache = inputs.get(key)
+        # use_cache=False: every step reads the whole decoder sequence, so it gets a fresh prefix (T5
+        # returns the cache it was given even then, and generate hands it to the next step).
+        fresh = inputs.get("use_cache") is False
+        if fresh or cache is None or cache.get_seq_length() == 0:
+            ref = inputs.get("decoder_input_ids")
+            ref = ref if ref is not None else inputs["decoder_inputs_embeds"]
+            given = cache if isinstance(cache, EncoderDecoderCache) and not fresh else None
+            inputs[key] = seq2seq_prefix_cache(config, encoder_output(encoder, config), ref.shape[0], _model_dtype(base),
+                                               given)
+        _extend_decoder_mask(inputs, n)
+        return inputs
+
+    return _generate_with(base, prepare, args, kwargs)
+
+
+def _generate_with(base, prepare, args, kwargs):
+    """base.generate(*args, **kwargs) with `prepare` applied to what the model's own
+    prepare_inputs_for_generation returns at each step."""
+    original = base.prepare_inputs_for_generation
+
+    @functools.wraps(original)  # generate checks its keyword arguments against this signature
+    def prepare_inputs(*a, **kw):
+        return prepare(original(*a, **kw))
+
+    own = vars(base).get("prepare_inputs_for_generation")  # an instance attribute someone else set
+    base.prepare_inputs_for_generation = prepare_inputs
+    try:
+        return base.generate(*args, **kwargs)
+    finally:
+        if own is None:
+            del base.prepare_inputs_for_generation
+        else:
+            base.prepare_inputs_for_generation = own
+
+
 def generate(peft_model, config, encoder, args, kwargs):
     """The base model's generate with the prompt applied on the first step only: the prefill reads
     the virtual tokens (or the prefix cache), later steps extend the mask and shift the positions
-    and reuse the cache. Returns what transformers' generate returns (prompt ids, then new tokens)."""
+    and reuse the cache. Returns what transformers' generate returns (prompt ids, then new tokens).
+    An encoder-decoder model: `seq2seq_generate`."""
     base = peft_model.base_model.model
-    original = base.prepare_inputs_for_generation
+    if is_encoder_decoder(base):
+        return seq2seq_generate(peft_model, config, encoder, args, kwargs)
     key = cache_key(base)  # `cache` or `past_key_values`, by the transformers version
 
-    @functools.wraps(original)  # generate checks its keyword arguments against this signature
-    def prepare(*args, **kwargs):
-        inputs = original(*args, **kwargs)
+    def prepare(inputs: dict[str, Any]) -> dict[str, Any]:
         cache = inputs.get(key)
         first = cache is None or cache.get_seq_length() == 0
         prepared = model_inputs(peft_model, config, encoder, input_ids=inputs.pop("input_ids", None),
@@ -397,15 +600,7 @@ def generate(peft_model, config, encoder, args, kwargs):
 
     if kwargs.get("inputs_embeds") is not None and config.method != "prefix_tuning":
         raise ValueError("generate() with a prompt-learning adapter takes input_ids, not inputs_embeds")
-    own = vars(base).get("prepare_inputs_for_generation")  # an instance attribute someone else set
-    base.prepare_inputs_for_generation = prepare
-    try:
-        return base.generate(*args, **kwargs)
-    finally:
-        if own is None:
-            del base.prepare_inputs_for_generation
-        else:
-            base.prepare_inputs_for_generation = own
+    return _generate_with(base, prepare, args, kwargs)
 
 
 # ---- saving and loading ------------------------------------------------------------------------------

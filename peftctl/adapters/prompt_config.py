@@ -31,8 +31,9 @@ class PromptLearningConfig(AdapterConfig):
     modules_to_save: None = Field(
         default=None, description="Not supported with prompt-learning methods here (must be empty).")
     num_transformer_submodules: int | None = Field(
-        default=None, ge=1, le=1,
-        description="1 (the model is decoder-only; encoder-decoder models, PEFT's 2, are not supported); unset: 1.")
+        default=None, ge=1, le=2,
+        description="1 for a decoder-only model, 2 for an encoder-decoder (T5-style, task_type SEQ_2_SEQ_LM); "
+                    "unset: taken from the model.")
     num_attention_heads: int | None = Field(
         default=None, ge=1, description="Number of attention heads of the base model; unset: taken from the model.")
     num_layers: int | None = Field(
@@ -48,7 +49,7 @@ class PromptLearningConfig(AdapterConfig):
     @field_validator("modules_to_save", mode="before")
     @classmethod
     def _no_modules_to_save(cls, v: Any) -> Any:
-        # PEFT trains classification heads this way; peftctl's prompt methods serve causal LMs only.
+        # PEFT trains classification heads this way; peftctl's prompt methods serve causal and seq2seq LMs only.
         if v:
             raise ValueError("modules_to_save is not supported with prompt-learning methods here")
         return None

@@ -19,7 +19,7 @@ from peftctl.recipe.data import DataSection
 from peftctl.recipe.fields import PATH, Section, aka, training_argument
 from peftctl.recipe.origin import Key, locate
 from peftctl.recipe.train import TrainSection
-from peftctl.sections import OBJECTIVE_METRICS, TASK_METRICS, TASK_TYPES, ModelSection
+from peftctl.sections import TASK_METRICS, TASK_TYPES, ModelSection, reported_metrics
 
 
 class TrackingSection(Section):
@@ -156,6 +156,12 @@ class Recipe(Section):
         if given is not None and str(getattr(given, "value", given)) != TASK_TYPES[task]:
             raise ValueError(f"adapter.task_type {getattr(given, 'value', given)} does not match model.task {task} "
                              f"({TASK_TYPES[task]}); set model.task, and leave adapter.task_type unset")
+        if self.adapter.is_prompt_learning and task in ("seq_cls", "token_cls"):
+            # PEFT's prompt methods train the classification head too (modules_to_save), and
+            # put the virtual tokens before the labelled positions: not implemented here.
+            raise ValueError(f"adapter.method {self.adapter.method} is not supported with model.task {task}: "
+                             "prompt-learning methods train causal_lm and seq2seq_lm models here; use a "
+                             "LoRA-family method for a classifier")
         if task != "causal_lm" and self.data.packing:
             raise ValueError(f"data.packing: model.task {task} trains on whole examples; packing is for causal_lm only")
         formats = {self.data.format} | {s.format for s in [*self.data.train, *(self.data.eval or [])] if s.format}
@@ -165,7 +171,7 @@ class Recipe(Section):
             raise ValueError(f"data.format {wrong[0]!r} does not fit model.task {task}; use "
                              f"{' or '.join(TASK_FORMATS[task])}")
         metric = self.train.best_metric
-        allowed = ("eval_loss", *TASK_METRICS[task], *OBJECTIVE_METRICS[objective])
+        allowed = ("eval_loss", *TASK_METRICS[task], *reported_metrics(objective, self.train))
         if metric not in allowed:
             what = f"train.objective {objective}" if objective != "sft" else f"model.task {task}"
             raise ValueError(f"train.metric_for_best {self.train.metric_for_best!r}: {what} reports "

@@ -248,7 +248,8 @@ class TrainSection(Section):
             "model.task's metrics: seq2seq_lm exact_match; seq_cls and token_cls accuracy, f1; or, with a "
             "preference train.objective, one of its TRL metrics: rewards/accuracies, rewards/margins, "
             "rewards/chosen, rewards/rejected, logps/chosen, logps/rejected (orpo also log_odds_ratio, "
-            "log_odds_chosen) (an eval_ prefix is accepted, as transformers writes them)."
+            "log_odds_chosen; with an NLL term, nll_loss) (an eval_ prefix is accepted, as transformers "
+            "writes them)."
         ),
         json_schema_extra=training_argument("metric_for_best_model"),
     )
@@ -352,7 +353,7 @@ class TrainSection(Section):
     def best_is_greater(self) -> bool:
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return self.best_metric != "eval_loss" and not self.best_metric.endswith("/rejected")
+        return self.best_metric not in ("eval_loss", "nll_loss") and not self.best_metric.endswith("/rejected")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

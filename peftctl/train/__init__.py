@@ -582,7 +582,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
     speed = speed_settings(model, cfg, dataset.train, accelerator.device, reporter)
     if cfg.init_adapter is not None:
         checkpoint.load_adapter(model, Path(cfg.init_adapter), "train.init_adapter")
-        reporter.log(f"starting from the adapter in {cfg.init_adapter}")
+        if ckpt is None:  # a resumed run continues from its checkpoint's weights (loaded below)
+            reporter.log(f"starting from the adapter in {cfg.init_adapter}")
     # Before a checkpoint's weights load: the reference is the model as the run starts.
     ref_logps = reference_logps(run_recipe, model, dataset, tokenizer.pad_token_id, run.path if ckpt else None,
                                 accelerator.device, reporter)
@@ -750,7 +751,9 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
             epochs=examples_seen / len(dataset.train),  # exact: every example counts once per pass
             examples_seen=examples_seen,
             train_loss=state.last_loss,
-            final_eval=state.evals[-1] if state.evals else None,
+            # The evaluation of the run's adapter: the best one's when load_best_at_end put it there.
+            final_eval=(best_record(state) if cfg.load_best_at_end and state.best_step is not None
+                        else state.evals[-1] if state.evals else None),
             best_eval=None if state.best_step is None else {
                 **{k: v for k, v in best_record(state).items() if k != "step"},
                 "metric": cfg.best_metric, "step": state.best_step,

@@ -237,6 +237,20 @@ def copy_adapter(src: Path, dest: Path) -> None:
             shutil.copyfile(src / name, tmp)
 
 
+def check_same_adapter(config, folder: Path, what: str, against: str = "the recipe's") -> None:
+    """InputError unless the adapter saved in `folder` computes, with its weights, what an adapter of
+    `config` would (`AdapterConfig.differences`: method, rank, scaling, targets, ...): its weights
+    copied into another adapter would silently change the model."""
+    from peftctl.adapters.config import CONFIG_NAME, read_config_file
+
+    saved = read_config_file(Path(folder) / CONFIG_NAME)
+    diff = config.differences(saved)
+    if diff:
+        raise InputError(f"{what}: the adapter in {folder} is not {against} adapter (its value vs "
+                         f"{against}: {'; '.join(diff)})" + ("; make the recipe's adapter section match its "
+                                                             "adapter_config.json" if against == "the recipe's" else ""))
+
+
 def load_adapter(peft_model, ckpt: Path, what: str | None = None) -> None:
     """Copy a checkpoint's (or, `what` naming the recipe field, any saved adapter's) weights into
     the (not yet sharded) model."""
@@ -245,6 +259,8 @@ def load_adapter(peft_model, ckpt: Path, what: str | None = None) -> None:
     try:
         if what is not None and not io.has_adapter(ckpt):
             raise InputError(f"{what}: {ckpt} holds no adapter (adapter_model.safetensors)")
+        if what is not None:
+            check_same_adapter(peft_model.peft_config["default"], ckpt, what)
         peft_model.base_model.load_adapter_tensors("default", io.read_weights(ckpt), str(ckpt))
     except PeftctlError:
         raise  # a bad file: the error names it
@@ -394,7 +410,7 @@ def restore(ckpt: Path, model, optimizer, scheduler, scaler, accelerator, fsdp: 
 
 # Changing these makes the checkpoint a different run: refused.
 _MUST_MATCH = ("model.name_or_path", "model.revision", "model.tokenizer", "model.task", "model.labels", "adapter.", "data.",
-               "train.seed")
+               "train.seed", "train.init_adapter")  # the starting adapter is also the DPO reference
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -52,6 +52,10 @@ COLLAPSE_STEPS = 5
 COLLAPSE_RTOL = 1e-4
 
 
+# Window sums of the chosen answers' cross-entropy and their token count (state.window_stats, kept
+# across a resume with the preference metrics' sums).
+NLL_SUM, NLL_TOKENS = "_nll_sum", "_nll_tokens"
+
 def looks_collapsed(grad_norm: float, mean_loss: float, vocab_size: int) -> bool:
     """One step's signature of a collapsed model (see COLLAPSE_STEPS)."""
     uniform = math.log(vocab_size)
@@ -197,6 +201,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
     cfg = recipe.train
     objective = Objective.of(cfg)
     pairs = objective.pairs
+    logs_nll = objective.reports_nll  # nll_loss in the metrics, as evaluations give it
     ref_logps = ref_logps or {}
     world = accelerator.num_processes
     device = accelerator.device
@@ -309,6 +314,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                                           sum(mb.pair.chosen_tokens * mb.weight for mb in micro) if pairs else 0)
         local_loss = torch.zeros((), dtype=torch.float32, device=device)
         local_stats = torch.zeros(len(objective.metric_names), dtype=torch.float64, device=device) if pairs else None
+        local_nll = torch.zeros((), dtype=torch.float64, device=device)  # the chosen answers' cross-entropy sum
         step_terms: dict[str, torch.Tensor] = {}  # the hooks' loss terms of this step (read when logging)
         for i, mb in enumerate(micro):
             batch, plan = moved[i]
@@ -324,6 +330,7 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
                     # In loss-sum units: divided by the step's pairs below, the objective of the step.
                     loss = pair_loss + objective.nll_weight * nll * (step_tokens / max(step_chosen, 1))
                     local_stats += stats * mb.weight
+                    local_nll += nll.detach().double() * mb.weight
                 else:
                     loss, _ = loss_sum(model, batch, plan)
                 if mb.weight != 1.0:
@@ -352,9 +359,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
         # drawn with this step's batches (a run that stops after this step resumes after it).
         ahead = draw() if step < steps else None
         grad_norm = float(grad_norm)  # the step's one wait for the device (with the loss below)
-        step_loss, inputs, loss_tokens, stopping, *stats = reduce(
+        step_loss, inputs, loss_tokens, stopping, step_nll, *stats = reduce(
             float(local_loss), sum(mb.input_tokens for mb in micro), sum(mb.loss_tokens for mb in micro),
-            float(stop_signal()), *(local_stats.tolist() if pairs else ()))
+            float(stop_signal()), float(local_nll) if logs_nll else 0.0, *(local_stats.tolist() if pairs else ()))
         # The rate this step's update uses: logged for this step (the scheduler then moves on).
         lr = optimizer.param_groups[0]["lr"]
 
@@ -397,6 +404,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             state.loss_tokens_seen += int(loss_tokens)
             for name, value in zip(objective.metric_names if pairs else (), stats, strict=True):
                 state.window_stats[name] = state.window_stats.get(name, 0.0) + value
+            if logs_nll:  # a sum over tokens, not pairs: kept apart (NLL_SUM, NLL_TOKENS)
+                for key, value in ((NLL_SUM, step_nll), (NLL_TOKENS, step_chosen)):
+                    state.window_stats[key] = state.window_stats.get(key, 0.0) + value
         state.window_inputs += inputs
         if step % cfg.log_every == 0 or step == steps:
             now = time.perf_counter()
@@ -418,7 +428,9 @@ def fit(model, optimizer, scheduler, scaler, train: list[Example], eval_examples
             if pairs:  # TRL's metrics, means over the window's pairs
                 record["pairs"] = record.pop("loss_tokens")
                 record.update({k: v / state.window_tokens for k, v in state.window_stats.items()
-                               if state.window_tokens})
+                               if state.window_tokens and k not in (NLL_SUM, NLL_TOKENS)})
+                if state.window_stats.get(NLL_TOKENS):  # the mean over the window's chosen tokens
+                    record["nll_loss"] = state.window_stats[NLL_SUM] / state.window_stats[NLL_TOKENS]
                 if state.window_tokens:
                     shown_pairs = (f"  acc {record['rewards/accuracies']:.2f}  "
                                    f"margin {record['rewards/margins']:.3g}")
