@@ -548,6 +548,8 @@ def seq2seq_generate(peft_model, config, encoder, args, kwargs):
             inputs[key] = seq2seq_prefix_cache(config, encoder_output(encoder, config), ref.shape[0], _model_dtype(base),
                                                given)
         _extend_decoder_mask(inputs, n)
+        if inputs.get("cache_position") is not None:  # transformers 4.x: past the prefix, as 5.x counts
+            inputs["cache_position"] = cache_positions(config, inputs["cache_position"], False)
         return inputs
 
     return _generate_with(base, prepare, args, kwargs)
