@@ -394,8 +394,9 @@ def cache_positions(config, positions: torch.Tensor, first: bool) -> torch.Tenso
     shifted past the n virtual tokens the cache holds before the real ones; at prompt tuning's and
     P-tuning's first step the virtual tokens' own 0 .. n-1 come first, as they are fed with it.
     transformers 4.x passes `cache_position` to every model, which builds its attention mask from it
-    (unshifted, the mask misses the virtual tokens' columns); 5.24 only to remote-code models whose
-    forward takes one. `generate` shifts whichever it is given, so it follows the installed version."""
+    (unshifted, the mask misses the virtual tokens' columns; T5's decoder also its relative positions);
+    5.24 only to remote-code models whose forward takes one. `generate` and `seq2seq_generate` (the
+    decoder's cache, behind the prefix) shift whichever they are given: they follow the installed version."""
     n = config.num_virtual_tokens
     shifted = positions + n
     if first and config.method != "prefix_tuning":
