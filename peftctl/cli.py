@@ -957,6 +957,8 @@ def _translate(tool: str, config: Path, output: Path | None, json_: bool) -> Non
         err = _stderr()
         for d in res["dropped"]:
             err.print(f"dropped {d['key']}: {d['reason']}", markup=False)
+        for note in res["notes"]:
+            err.print(f"note: {note}", markup=False)
         if res["output"] is None:
             sys.stdout.write(res["yaml"])
         else:

@@ -151,6 +151,36 @@ def _with_run_labels(recipe, run):
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"labels": labels})})
 
 
+def _run_reference(run_dir: Path, examples, model, init: str, reporter):
+    """The eval split's reference log-probabilities the run itself used (its
+    reference_logps.safetensors) when these are the pairs it computed them on, else None. When
+    they are not, the reference is computed from train.init_adapter, which must still hold the
+    weights the run started from (InputError otherwise: another reference, other rewards)."""
+    from safetensors import safe_open
+
+    from peftctl.train import REFERENCE_FILE, reference
+    from peftctl.userfiles import load_safetensors
+
+    path = run_dir / REFERENCE_FILE
+    if not path.is_file() and run_dir.parent.name == "checkpoints":  # a checkpoint of the run
+        path = run_dir.parent.parent / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("eval_pairs") == reference.pairs_digest(examples):
+        got = load_safetensors(path).get("eval")
+        if got is not None and tuple(got.shape) == (len(examples), 2):
+            reporter.log(f"reference log-probabilities of the run ({path})")
+            return got
+    weights = meta.get("init_adapter_weights")
+    if weights is not None and weights != reference.adapter_digest(model):
+        raise InputError(f"train.init_adapter {init}: its weights are no longer those the run started from "
+                         f"(recorded in {path}), so the run's reference cannot be computed again for these "
+                         "eval pairs; evaluate on the run's own eval data or restore that adapter")
+    return None
+
+
 def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
              reporter: Reporter | None = None, predictions: str | Path | None = None,
              overwrite: bool = False) -> dict[str, Any]:
@@ -204,7 +234,8 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
     torch.manual_seed(recipe.train.seed)
     model = models.load_model(recipe.model, device_map={"": device} if device.type == "cuda" else None)
     models.set_pad_token(model, tokenizer)
-    from peftctl.preference import Objective, reference_logps
+    from peftctl.preference import Objective
+    from peftctl.train.reference import reference_logps as cached_reference
 
     objective = Objective.of(recipe.train)
     ref = None
@@ -216,8 +247,11 @@ def evaluate(recipe, adapter: str | Path | None = None, base: bool = False,
         model = runs.attach_saved_adapter(model, adapter)  # the run's adapter, with its own config
         check_same_adapter(model.peft_config["default"], Path(init), "train.init_adapter", f"the run's ({adapter})")
         load_adapter(model, Path(init))
-        ref = reference_logps(model, examples, recipe.eval.batch_size, tokenizer.pad_token_id, device,
-                              adapter_off=False)
+        ref = _run_reference(Path(adapter), examples, model, init, reporter)
+        if ref is None:
+            # Computed once and kept in the data cache, as training keeps its own (train.reference).
+            ref = cached_reference(recipe, model, {"eval": examples}, tokenizer.pad_token_id, None, reporter,
+                                   device=device)["eval"]
         load_adapter(model, Path(adapter))
     elif not base:
         model = runs.attach_saved_adapter(model, adapter)

@@ -207,16 +207,28 @@ def _batches(examples, batch_size: int):
 
 
 @torch.no_grad()
-def reference_logps(model, examples, batch_size: int, pad_id: int, device, adapter_off: bool = True) -> torch.Tensor:
+def reference_logps(model, examples, batch_size: int, pad_id: int, device, adapter_off: bool = True,
+                    share: tuple[int, int] = (0, 1), progress=None) -> torch.Tensor:
     """(N, 2) float32 on the host: each pair's reference log-probabilities (chosen, rejected),
-    computed once (`train.precompute_ref_log_probs`)."""
+    computed once (`train.precompute_ref_log_probs`). `share` (rank, world): only every world-th
+    batch from the rank-th is computed (the others' rows stay 0; summed over the processes, the
+    batches are the ones a single process makes, so the numbers are too). `progress(done, total)`:
+    called with (0, this share's pairs) first, then after each batch."""
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
-    for idx in _batches(examples, batch_size):
+    rank, world = share
+    mine = [idx for n, idx in enumerate(_batches(examples, batch_size)) if n % world == rank]
+    total, done = sum(len(idx) for idx in mine), 0
+    if progress is not None:
+        progress(0, total)
+    for idx in mine:
         batch = collate_pairs([examples[j] for j in idx], pad_id)  # labels on the answers
         plan = loss_plan(batch["labels"]).to(device)
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = pair_logps(model, batch, plan, reference=True, adapter_off=adapter_off).float().cpu()
         out[idx, 0], out[idx, 1] = logps[: len(idx)], logps[len(idx) :]
+        done += len(idx)
+        if progress is not None:
+            progress(done, total)
     return out
 
 

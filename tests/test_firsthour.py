@@ -398,3 +398,130 @@ def test_weights_and_biases_offline_files_and_a_resumed_run_continues_its_id(mak
     # (a resume within the same second as the first run gets wandb's "-1" suffix on the folder)
     assert two != one and re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", two.name), two.name
     assert [r["_step"] for r in _wandb_history(two / f"run-{run_id}.wandb") if "train/loss" in r] == [6]
+
+
+LLAMAFACTORY_DPO = """\
+model_name_or_path: {model}
+stage: dpo
+do_train: true
+finetuning_type: lora
+lora_target: q_proj,v_proj
+pref_beta: 2.0
+pref_loss: simpo
+simpo_gamma: 0.3
+pref_ftx: 0.5
+dataset: pairs_alpaca,pairs_sharegpt,plain
+template: chatml
+cutoff_len: 128
+output_dir: saves/dpo
+per_device_train_batch_size: 2
+max_steps: 1
+"""
+
+
+def test_preference_configs_of_llamafactory_and_axolotl_become_preference_recipes(tmp_path, tiny_model_dir,
+                                                                                monkeypatch):
+    """LLaMA-Factory's stage: dpo (pref_loss sigmoid / ipo / orpo / simpo, pref_beta, simpo_gamma,
+    pref_ftx, dpo_label_smoothing) and its ranking datasets (alpaca: prompt strings, rendered as
+    turns of the recipe's template, as LLaMA-Factory's template does; sharegpt: a message list and
+    one chosen and one rejected message), and axolotl's rl with chat_template.default pairs, become
+    preference recipes that validate and train; losses peftctl does not have are refused, exit 2."""
+    from peftctl.recipe.train import TrainSection
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/pairs.jsonl").write_text("".join(json.dumps(
+        {"instruction": f"Convert May {d}, 2001 to ISO", "chosen": f"2001-05-{d:02d}", "rejected": f"2001-{d:02d}-05"})
+        + "\n" for d in range(1, 5)))
+    (tmp_path / "data/pairs_sg.jsonl").write_text("".join(json.dumps(
+        {"conversations": [{"from": "human", "value": f"Convert June {d}, 2002 to ISO"}],
+         "chosen": {"from": "gpt", "value": f"2002-06-{d:02d}"}, "rejected": {"from": "gpt", "value": "no"}})
+        + "\n" for d in range(1, 5)))
+    (tmp_path / "data/alpaca.jsonl").write_text(json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}) + "\n")
+    (tmp_path / "data/dataset_info.json").write_text(json.dumps({
+        "pairs_alpaca": {"file_name": "pairs.jsonl", "ranking": True,
+                         "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+        "pairs_sharegpt": {"file_name": "pairs_sg.jsonl", "formatting": "sharegpt", "ranking": True,
+                           "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "plain": {"file_name": "alpaca.jsonl"}}))
+    (tmp_path / "lf.yaml").write_text(LLAMAFACTORY_DPO.format(model=tiny_model_dir))
+    out = run_json("recipe", "from-llamafactory", "lf.yaml", "-o", "lf-dpo.yaml")
+    r = out["recipe"]
+    assert r["train"] == {"objective": "simpo", "beta": 2.0, "simpo_gamma": 0.3, "cpo_alpha": 0.5, "batch_size": 2,
+                          "max_steps": 1}
+    assert r["data"] == {"train": [
+        {"path": "data/pairs.jsonl", "format": "preference", "columns": {"prompt": "instruction"}},
+        {"path": "data/pairs_sg.jsonl", "format": "preference",
+         "columns": {"prompt": "conversations", "role": "from", "content": "value"},
+         "roles": {"human": "user", "gpt": "assistant"}}], "chat_template": "chatml", "max_length": 128}
+    dropped = {d["key"]: d["reason"] for d in out["dropped"]}
+    assert dropped["dataset: plain"] == "stage: dpo trains on ranking (preference) datasets only"
+    assert any(n.startswith("pref_ftx: 0.5 is train.cpo_alpha") for n in out["notes"])
+    assert "# Note: pref_ftx: 0.5 is train.cpo_alpha" in Path("lf-dpo.yaml").read_text()
+    run("validate", "lf-dpo.yaml")
+    # The prompt strings are a user turn of the template, as the message lists are.
+    shown = run("data", "lf-dpo.yaml", "--show", "8")
+    shown = shown.stdout + shown.stderr
+    assert "<|im_start|>user\nConvert May 1, 2001 to ISO<|im_end|>" in shown
+    assert "<|im_start|>user\nConvert June 1, 2002 to ISO<|im_end|>" in shown
+    run("train", "lf-dpo.yaml")
+    records = [json.loads(line) for line in Path("saves/dpo/metrics.jsonl").read_text().splitlines()]
+    assert "rewards/margins" in records[0] and records[0]["pairs"] == 2
+
+    def translated(text: str, code: int = 0):
+        (tmp_path / "x.yaml").write_text(text)
+        return run_json("recipe", "from-llamafactory", "x.yaml", code=code)
+
+    base = LLAMAFACTORY_DPO.format(model=tiny_model_dir)
+    dpo = translated(base.replace("pref_loss: simpo", "pref_loss: sigmoid").replace("pref_ftx: 0.5", "pref_ftx: 0")
+                     + "dpo_label_smoothing: 0.2\nadapter_name_or_path: data\n")
+    assert dpo["recipe"]["train"] | {"init_adapter": None} == {
+        "objective": "dpo", "beta": 2.0, "label_smoothing": 0.2, "precompute_ref_log_probs": True, "batch_size": 2,
+        "max_steps": 1, "init_adapter": None}
+    assert {d["key"] for d in dpo["dropped"]} >= {"simpo_gamma"}
+    assert any("the reference is the model with that adapter" in n for n in dpo["notes"])
+    orpo = translated(base.replace("pref_loss: simpo", "pref_loss: orpo").replace("pref_ftx: 0.5", "pref_ftx: 0"))
+    assert orpo["recipe"]["train"]["objective"] == "orpo"
+    # Refused, naming the option: a loss peftctl has not, another stage, pref_ftx where no NLL weight
+    # takes it (orpo's is 1 here, LLaMA-Factory's 1 + pref_ftx; dpo's is rpo_alpha where the schema has it).
+    for old, new, key in (("pref_loss: simpo", "pref_loss: hinge", "pref_loss"), ("stage: dpo", "stage: ppo", "stage"),
+                          ("pref_loss: simpo", "pref_loss: orpo", "pref_ftx"),
+                          ("pref_loss: simpo", "pref_loss: sigmoid", "pref_ftx")):
+        if new == "pref_loss: sigmoid" and "rpo_alpha" in TrainSection.model_fields:
+            assert translated(base.replace(old, new))["recipe"]["train"]["rpo_alpha"] == 0.5
+            continue
+        errors = translated(base.replace(old, new), code=2)["errors"]
+        assert errors[0]["message"].startswith(f"{key}: "), (new, errors)
+
+    (tmp_path / "data/ax_pairs.jsonl").write_text((tmp_path / "data/pairs_sg.jsonl").read_text())
+    (tmp_path / "ax.yml").write_text(f"""\
+base_model: {tiny_model_dir}
+adapter: lora
+lora_r: 4
+rl: simpo
+rl_beta: 2.5
+datasets:
+  - path: data/ax_pairs.jsonl
+    type: chat_template.default
+    field_messages: conversations
+    message_property_mappings: {{role: from, content: value}}
+    roles: {{user: [human], assistant: [gpt]}}
+  - path: data/alpaca.jsonl
+    type: alpaca
+output_dir: ./out-ax
+""")
+    ax = run_json("recipe", "from-axolotl", "ax.yml", "-o", "ax.yaml")
+    assert ax["recipe"]["train"] == {"objective": "simpo", "cpo_alpha": 1.0, "beta": 2.5}
+    assert ax["recipe"]["data"]["train"] == [
+        {"path": "data/ax_pairs.jsonl", "format": "preference",
+         "columns": {"prompt": "conversations", "role": "from", "content": "value"},
+         "roles": {"human": "user", "gpt": "assistant"}}]
+    run("validate", "ax.yaml")
+    text = (tmp_path / "ax.yml").read_text()
+    (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: kto"))
+    assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rl: kto")
+    (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: dpo\nrpo_alpha: 0.5"))
+    if "rpo_alpha" in TrainSection.model_fields:  # TRL's RPO weight, the same name here
+        assert run_json("recipe", "from-axolotl", "ax.yml")["recipe"]["train"]["rpo_alpha"] == 0.5
+    else:
+        assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rpo_alpha")

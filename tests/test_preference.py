@@ -410,35 +410,89 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
               "--resume", "auto", code=2).stderr
     assert "cannot resume" in err and "train.init_adapter" in err
 
+    # eval of a run takes the reference the run used (its reference_logps.safetensors), even after
+    # the starting adapter's folder changed; on other eval pairs that changed folder is refused.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, tmp_path / "first" / "adapter_model.safetensors")
+    again = run("eval", second, "--json")
+    assert json.loads(again.stdout)["eval_loss"] == pytest.approx(evaluation["eval_loss"], rel=1e-5)
+    assert "reference log-probabilities of the run" in again.stderr
+    err = run("eval", second, "--set", f"data.eval={pref_data[0]}", code=2).stderr
+    assert "train.init_adapter" in err and "no longer those the run started from" in err
+
 
 def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, pref_data):
-    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing and the
-    reference computed in each step, is the global batch of two pairs in one process with the
-    reference precomputed (train.precompute_ref_log_probs, saved in the run folder): the same
-    losses, metrics and adapter."""
+    """`--num-processes 2` (gloo on CPU), one pair each, with gradient checkpointing, is the global
+    batch of two pairs in one process with the reference computed in each step: the same losses,
+    metrics and adapter, whether the two processes compute the reference in each step too or
+    precompute it (train.precompute_ref_log_probs: the train split's read from the data cache,
+    where a one-process run put it, and handed to both processes; the eval split's computed half by
+    each process: the same numbers as one process computes)."""
     import os
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    two = _recipe(tmp_path, tiny_model_dir, pref_data, "two", batch_size=1, max_steps=3, save_every=None,
-                  lr=1e-2, gradient_checkpointing=True)
-    p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2"],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    from peftctl import data as data_lib
+    from peftctl.models import load
+
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    # One process, no eval data: the train split's reference in the cache.
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), None, str(tmp_path / "warm"),
+                                data={"format": "preference", **cache},
+                                train={"objective": "dpo", "max_steps": 1, "batch_size": 2,
+                                       "precompute_ref_log_probs": True}, eval={"batch_size": 2}))
+    run("train", warm)
+    two = tmp_path / "two.yaml"
+    two.write_text(recipe_text(tiny_model_dir, str(pref_data[0]), str(pref_data[1]), str(tmp_path / "two"),
+                               data={"format": "preference", **cache},
+                               train={"objective": "dpo", "max_steps": 3, "batch_size": 1, "log_every": 1, "lr": 1e-2,
+                                      "eval_every": 3, "gradient_checkpointing": True,
+                                      "precompute_ref_log_probs": True},
+                               eval={"batch_size": 2}))  # 3 eval batches: the processes' shares differ in size
+    ddp = tmp_path / "ddp.yaml"  # the reference in each step, through DDP's wrapper
+    ddp.write_text(two.read_text().replace("precompute_ref_log_probs: true", "precompute_ref_log_probs: false")
+                   .replace(str(tmp_path / "two"), str(tmp_path / "ddp")))
+    for recipe in (ddp, two):
+        p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"],
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert not (tmp_path / "ddp" / "reference_logps.safetensors").exists()
+    assert "train: reference log-probabilities of 16 pairs from the cache" in p.stderr
+    assert "eval: computing the reference log-probabilities of 6 pairs" in p.stderr
+    assert torch.equal(load_file(tmp_path / "two" / "reference_logps.safetensors")["train"],
+                       load_file(tmp_path / "warm" / "reference_logps.safetensors")["train"])
     run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "one", batch_size=2, max_steps=3, save_every=None,
-                         lr=1e-2, precompute_ref_log_probs=True))
-    assert (tmp_path / "one" / "reference_logps.safetensors").is_file()
-    a, b = ([r for r in _metrics(tmp_path / name) if "loss" in r] for name in ("one", "two"))
-    for x, y in zip(a, b, strict=True):
-        for key in ("loss", *METRICS):
-            # float32 sums over other batches of the same pairs (the reference's too), then three
-            # AdamW steps: ~1e-6.
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), key
-    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+                         lr=1e-2, eval_every=3))
+    for name in ("ddp", "two"):
+        a, b = ([r for r in _metrics(tmp_path / n) if "loss" in r or "eval_loss" in r] for n in ("one", name))
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b, strict=True):
+            for key in ("loss", *METRICS) if "loss" in x else ("eval_loss", *(f"eval_{m}" for m in METRICS)):
+                # float32 sums over other batches of the same pairs (the reference's too), then three
+                # AdamW steps: ~1e-6.
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (name, key)
+        a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("one", name))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+    # The eval split's numbers, shared by two processes, are those one process computes: the same
+    # batches of the same model; another process's thread count may round a matmul otherwise
+    # (float32 sums of ~60 over ~20 tokens, each term off by a few ulps at most: ~1e-5; atol 1e-4
+    # leaves room and is far below a wrong pair's error, whole nats).
+    from peftctl.preference import reference_logps
+    from peftctl.recipe import load as load_recipe
+
+    recipe = load_recipe(two)
+    model, tokenizer = load(recipe.model)
+    examples = data_lib.build(recipe.data, tokenizer).eval
+    mine = reference_logps(model, examples, 2, tokenizer.pad_token_id, torch.device("cpu"))
+    torch.testing.assert_close(load_file(tmp_path / "two" / "reference_logps.safetensors")["eval"], mine,
+                               atol=1e-4, rtol=1e-6)
 
 
 def test_preference_objective_with_tasks_metric_for_best_and_validate_rows(tmp_path, tiny_model_dir, pref_data):
@@ -506,3 +560,127 @@ def test_dpo_on_a_4bit_base_trains_with_the_adapter_off_model_as_reference(tmp_p
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)  # -log sigmoid(0)
     last = [r for r in records if "eval_loss" in r][-1]
     assert math.isfinite(last["eval_loss"]) and last["eval_rewards/margins"] != 0.0
+
+
+def test_precomputed_reference_is_cached_per_split_and_reused(tmp_path, tiny_model_dir, pref_data):
+    """train.precompute_ref_log_probs keeps each split's reference log-probabilities in the data
+    cache: a second run with the same inputs reads them (and says so), the same numbers to the bit;
+    the same init adapter at another path is the same reference; a changed init adapter recomputes
+    both splits, changed eval data the eval split only; a resumed run reads the run folder's copy
+    even when the cache is gone; data.cache: false neither reads nor writes the cache."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "cache"
+    reference = cache / "reference"
+
+    def recipe(out, init, eval_path=None, model=tiny_model_dir, **data):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(recipe_text(model, str(pref_data[0]), str(eval_path or pref_data[1]),
+                                    str(tmp_path / out), data={"format": "preference", "cache_dir": str(cache), **data},
+                                    train={"objective": "dpo", "max_steps": 1, "batch_size": 2, "log_every": 1,
+                                           "save_every": 1, "eval_every": 1, "init_adapter": str(init),
+                                           "precompute_ref_log_probs": True}))
+        return path
+
+    def ref(out):
+        return load_file(tmp_path / out / "reference_logps.safetensors")
+
+    def same(a, b):
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # An init adapter whose weights move the model away from the base (lora_B is 0 when fresh).
+    run("train", _recipe(tmp_path, tiny_model_dir, pref_data, "sft", objective="simpo", max_steps=2, lr=5e-2,
+                         save_every=None))
+    first = run("train", recipe("a", tmp_path / "sft"))
+    assert first.stderr.count("computing the reference log-probabilities") == 2
+    assert "reference log-probabilities (train): 16 pairs" in first.stderr  # the progress (a bar on a terminal)
+    assert "from the cache" not in first.stderr and len(list(reference.glob("*.safetensors"))) == 2
+    second = run("train", recipe("b", tmp_path / "sft"))
+    assert "computing the reference" not in second.stderr
+    assert "train: reference log-probabilities of 16 pairs from the cache" in second.stderr
+    assert "eval: reference log-probabilities of 6 pairs from the cache" in second.stderr
+    assert same(ref("a"), ref("b"))
+
+    # peftctl eval of such a run (its reference: the init adapter's model) reads the run's own copy.
+    evaluated = run("eval", recipe("b", tmp_path / "sft"), "--json")
+    assert "reference log-probabilities of the run" in evaluated.stderr
+    assert json.loads(evaluated.stdout)["eval_loss"] == pytest.approx(
+        [r for r in _metrics(tmp_path / "b") if "eval_loss" in r][-1]["eval_loss"], rel=1e-5)
+
+    shutil.copytree(tmp_path / "sft", tmp_path / "copy")  # the same weights elsewhere: the same reference
+    assert "computing the reference" not in run("train", recipe("c", tmp_path / "copy")).stderr
+    weights = load_file(tmp_path / "copy" / "adapter_model.safetensors")
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = weights[key] * 2
+    save_file(weights, tmp_path / "copy" / "adapter_model.safetensors")
+    changed = run("train", recipe("d", tmp_path / "copy"))
+    assert changed.stderr.count("computing the reference log-probabilities") == 2
+    assert not torch.equal(ref("d")["train"], ref("a")["train"])  # another reference, really computed
+    assert len(list(reference.glob("*.safetensors"))) == 4
+
+    # The model's files are part of the key: a weights file written again is another model.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert run("train", recipe("m1", tmp_path / "sft", model=model)).stderr.count("computing the reference") == 2
+    assert "computing the reference" not in run("train", recipe("m2", tmp_path / "sft", model=model)).stderr
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert run("train", recipe("m3", tmp_path / "sft", model=model)).stderr.count("computing the reference") == 2
+    assert same(ref("m3"), ref("a"))  # the same weights, in fact: the same numbers
+
+    rows = pref_data[1].read_text().splitlines()
+    row = json.loads(rows[0])
+    row["rejected"][0]["content"] = "1999-99-99"
+    other_eval = tmp_path / "eval2.jsonl"
+    other_eval.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    new_eval = run("train", recipe("e", tmp_path / "sft", other_eval))
+    assert "train: reference log-probabilities of 16 pairs from the cache" in new_eval.stderr
+    assert "eval: computing the reference log-probabilities" in new_eval.stderr
+    assert torch.equal(ref("e")["train"], ref("a")["train"])
+    assert torch.equal(ref("e")["eval"][1:], ref("a")["eval"][1:]) and ref("e")["eval"][0, 1] != ref("a")["eval"][0, 1]
+
+    # A damaged cache file is computed again (and replaced).
+    damaged = sorted(reference.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)[0]
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    again = run("train", recipe("g", tmp_path / "sft"))
+    assert again.stderr.count("computing the reference log-probabilities") == 1
+    assert same(ref("g"), ref("a")) and load_file(damaged)["logps"].shape == (16, 2)  # replaced whole
+
+    # Resumed with the cache cleared: the run folder's numbers, nothing computed.
+    shutil.rmtree(cache)
+    resumed = run("train", recipe("a", tmp_path / "sft"), "--resume", "auto", "--set", "train.max_steps=2")
+    assert "computing the reference" not in resumed.stderr and "reference_logps.safetensors" in resumed.stderr
+    assert not reference.exists() and same(ref("a"), ref("b"))
+
+    off = run("train", recipe("f", tmp_path / "sft", cache=False))
+    assert off.stderr.count("computing the reference log-probabilities") == 2 and not reference.exists()
+    assert same(ref("f"), ref("b"))
+
+
+def test_dpo_divergence_stops_as_sft_does(tmp_path, tiny_model_dir, pref_data):
+    """Divergence detection on a preference run, provoked for real: float16 and a learning rate of
+    1e4. Step 1's update (the reference is the adapter-off model, so its rewards are 0 and its
+    gradient is not) overflows the float16 activations: the next step's log-probabilities and
+    so its DPO loss are not finite. With one skip allowed, that step is skipped and the next one
+    ends the run, exit 1, with the sft path's message, status and files (the last good checkpoint
+    kept, no final adapter)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "div"
+    path = _recipe(tmp_path, tiny_model_dir, pref_data, "div", max_steps=20, save_every=1, lr=1e4,
+                   skip_nonfinite_steps=1, warmup_steps=0)
+    path.write_text(path.read_text().replace("dtype: float32", "dtype: float16"))
+    r = run("train", path, code=1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 1 and summary["steps"] == 2
+    assert "training diverged at step 3: the loss is not finite" in r.stderr and "Traceback" not in r.stderr
+    assert [m for m in _metrics(out) if "skipped" in m] == [{"step": 2, "skipped": "loss is not finite"}]
+    assert f"last checkpoint {out / 'checkpoints' / 'step-000002'}" in r.stderr
+    for step in (1, 2):  # the skipped step changed nothing
+        weights = load_file(out / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "adapter_model.safetensors").exists()

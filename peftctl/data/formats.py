@@ -29,7 +29,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "chat": ("messages", "role", "content", "tools", "system"),
     "sharegpt": ("messages", "role", "content", "tools", "system"),
-    "preference": ("prompt", "chosen", "rejected", "tools"),
+    "preference": ("prompt", "chosen", "rejected", "tools", "role", "content"),
     "classification": ("text", "label", "text_pair"),
     # model.task token_cls only (peftctl.data.tasks): a word list and one tag per word, CoNLL style.
     "token_classification": ("tokens", "tags"),
@@ -443,14 +443,16 @@ class Formatter:
         for f, v in values.items():
             if v is None:
                 raise self._missing(f)
-        if any(isinstance(v, list) for v in values.values()):
-            # Conversational pairs (TRL's layout): prompt messages, then the chosen or rejected turns.
+        # Conversational pairs (TRL's layout): prompt messages, then the chosen or rejected turns; a
+        # single message (LLaMA-Factory's and axolotl's chosen / rejected) is a list of one. Plain
+        # strings too when the recipe names a chat template (as completion and alpaca rows).
+        if self.template_prompts or any(isinstance(v, list | dict) for v in values.values()):
             def turns(field: str, role: str) -> tuple[list[dict[str, Any]], list[str]]:
                 v = values[field]
                 if isinstance(v, str):
                     messages, _ = self._messages([{self._col("role"): role, self._col("content"): v}], field)
                     return messages, [self._col(field)]
-                return self._messages(v, field)
+                return self._messages([v] if isinstance(v, dict) else v, field)
 
             prompt, where = turns("prompt", "user")
             pairs = [turns(f, "assistant") for f in ("chosen", "rejected")]

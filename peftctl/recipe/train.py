@@ -327,7 +327,8 @@ class TrainSection(Section):
         default=False,
         description=(
             "dpo and ipo: compute the reference log-probabilities of every pair once, before the first "
-            "step (saved in the run folder, reused on resume), instead of a second forward in every step."
+            "step, instead of a second forward in every step: kept in the data cache (a later run with the "
+            "same data, model and init_adapter reuses them) and in the run folder (read back on resume)."
         ),
         json_schema_extra=aka(axolotl="precompute_ref_log_probs"),
     )

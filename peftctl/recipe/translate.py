@@ -59,9 +59,11 @@ class Translation:
 
     recipe: dict[str, Any]
     dropped: list[tuple[str, Any, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # where the recipe trains otherwise than the tool would
 
     def to_yaml(self, tool: str, source: str) -> str:
         head = [f"# Translated by peftctl recipe from-{tool} from {source}."]
+        head += [f"# Note: {n}" for n in self.notes]
         if self.dropped:
             head.append("# Dropped (no equivalent in peftctl, or not needed):")
             head += [f"#   {k}: {_one_line(v)}  ({why})" for k, v, why in self.dropped]
@@ -78,6 +80,7 @@ class _Builder:
         self.tool, self.cwd, self.base = tool, cwd, base
         self.recipe: dict[str, Any] = {}
         self.dropped: list[tuple[str, Any, str]] = []
+        self.notes: list[str] = []
         self.origin: dict[tuple[str, ...], str] = {}  # recipe key -> the tool's key that set it
 
     def set(self, dotted: str, value: Any, key: str) -> None:
@@ -154,11 +157,13 @@ def _axolotl_source(b: _Builder, key: str, ds: Any) -> dict[str, Any] | None:
         b.drop(key, ds, "a dataset without a path")
         return None
     kind = ds.get("type", "alpaca")
+    if kind == "chat_template.default":  # axolotl's preference rows (rl): messages, a chosen and a rejected message
+        return _axolotl_pairs(b, key, ds)
     fmt = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "chat", "completion": "text"}.get(
         kind if isinstance(kind, str) else "")
     if fmt is None:
         b.drop(key, ds, f"dataset type {kind!r} has no equivalent (peftctl reads alpaca, sharegpt, "
-                        "chat_template and completion)")
+                        "chat_template and completion, and chat_template.default pairs with rl)")
         return None
     src: dict[str, Any] = {"path": b.path(str(ds["path"])), "format": fmt}
     for theirs, ours in (("split", "split"), ("name", "subset")):
@@ -187,6 +192,30 @@ def _axolotl_source(b: _Builder, key: str, ds: Any) -> dict[str, Any] | None:
     return src
 
 
+def _axolotl_pairs(b: _Builder, key: str, ds: dict[str, Any]) -> dict[str, Any]:
+    """axolotl's `type: chat_template.default` preference dataset as a `preference` source."""
+    src: dict[str, Any] = {"path": b.path(str(ds["path"])), "format": "preference"}
+    for theirs, ours in (("split", "split"), ("name", "subset")):
+        if ds.get(theirs) is not None:
+            src[ours] = ds[theirs]
+    mapping = ds.get("message_property_mappings") or {}
+    columns = {"prompt": ds.get("field_messages", "messages"), "chosen": ds.get("field_chosen", "chosen"),
+               "rejected": ds.get("field_rejected", "rejected"),
+               "role": ds.get("message_field_role") or mapping.get("role", "role"),
+               "content": ds.get("message_field_content") or mapping.get("content", "content")}
+    columns = {k: v for k, v in columns.items() if k != v}
+    if columns:
+        src["columns"] = columns
+    if isinstance(ds.get("roles"), dict):  # axolotl: {ours: [theirs, ...]}
+        roles = {t: r for r, theirs in ds["roles"].items() for t in (theirs or []) if t != r}
+        if roles:
+            src["roles"] = roles
+    for k in sorted(set(ds) - {"path", "type", "split", "name", "field_messages", "field_chosen", "field_rejected",
+                                "message_property_mappings", "message_field_role", "message_field_content", "roles"}):
+        b.drop(f"{key}[{ds['path']}].{k}", ds[k], "no equivalent")
+    return src
+
+
 def _llamafactory_sources(b: _Builder, key: str, names: Any, config: dict[str, Any]) -> list[dict[str, Any]]:
     folder = b.cwd / str(config.get("dataset_dir", "data"))
     info_file = folder / "dataset_info.json"
@@ -208,6 +237,14 @@ def _llamafactory_sources(b: _Builder, key: str, names: Any, config: dict[str, A
             src["split"] = entry["split"]
         if entry.get("subset"):
             src["subset"] = entry["subset"]
+        if bool(entry.get("ranking")) != (config.get("stage") == "dpo"):
+            b.drop(f"{key}: {name}", name, "stage: dpo trains on ranking (preference) datasets only" if
+                   config.get("stage") == "dpo" else "a ranking (preference) dataset, which stage: sft does not read")
+            continue
+        if entry.get("ranking"):
+            if (ranked := _llamafactory_pairs(b, f"{key}: {name}", entry, src)) is not None:
+                sources.append(ranked)
+            continue
         if entry.get("formatting", "alpaca") == "alpaca":
             src["format"] = "alpaca"
             columns = {ours: cols[theirs] for theirs, ours in
@@ -230,6 +267,134 @@ def _llamafactory_sources(b: _Builder, key: str, names: Any, config: dict[str, A
     return sources
 
 
+def _llamafactory_pairs(b: _Builder, key: str, entry: dict[str, Any], src: dict[str, Any]) -> dict[str, Any] | None:
+    """A `ranking: true` dataset (LLaMA-Factory's preference data) as a `preference` source: alpaca
+    rows (prompt, chosen, rejected as strings; the recipe's chat template renders them as turns, as
+    LLaMA-Factory's template does) or sharegpt rows (a message list, then the chosen and the
+    rejected message)."""
+    cols, tags = entry.get("columns") or {}, entry.get("tags") or {}
+    src["format"] = "preference"
+    if entry.get("formatting", "alpaca") == "alpaca":
+        # LLaMA-Factory's prompt is the instruction, then "\n" and the query (input) when a row has
+        # one; peftctl's preference rows have one prompt field.
+        if cols.get("query") or cols.get("history") or cols.get("system"):
+            named = ", ".join(c for c in ("query", "history", "system") if cols.get(c))
+            b.drop(key, entry.get("file_name") or entry.get("hf_hub_url"),
+                   f"ranking rows with {named} columns: peftctl's preference rows are one prompt, a chosen and a "
+                   "rejected answer (write the prompt as messages)")
+            return None
+        columns = {"prompt": cols.get("prompt", "instruction"), "chosen": cols.get("chosen", "chosen"),
+                   "rejected": cols.get("rejected", "rejected")}
+        b.notes.append(f"{key}: each row's {columns['prompt']!r} is the prompt; LLaMA-Factory adds the row's "
+                       "'input' after it (a newline between), peftctl does not: rows with an input lose it")
+    elif entry.get("formatting") == "sharegpt":
+        if cols.get("system") or cols.get("tools"):
+            b.drop(key, entry.get("file_name") or entry.get("hf_hub_url"),
+                   "ranking rows with a system or tools column (write them into the prompt messages)")
+            return None
+        role, content = tags.get("role_tag", "from"), tags.get("content_tag", "value")
+        columns = {"prompt": cols.get("messages", "conversations"), "chosen": cols.get("chosen", "chosen"),
+                   "rejected": cols.get("rejected", "rejected"), "role": role, "content": content}
+        roles = {tags.get(t, d): r for t, d, r in (("user_tag", "human", "user"), ("assistant_tag", "gpt", "assistant"),
+                                                    ("system_tag", "system", "system")) if tags.get(t, d) != r}
+        if roles:
+            src["roles"] = roles
+    else:
+        b.drop(key, entry.get("formatting"), "ranking data is alpaca or sharegpt")
+        return None
+    columns = {k: v for k, v in columns.items() if k != v}
+    if columns:
+        src["columns"] = columns
+    return src
+
+
+# LLaMA-Factory's pref_loss as peftctl's objective (the others have none here).
+_PREF_LOSSES = {"sigmoid": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
+# LLaMA-Factory's preference options (stage: dpo), translated together by `_llamafactory_preference`.
+_PREFERENCE_KEYS = ("stage", "pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "dpo_label_smoothing",
+                    "ld_alpha", "pref_bco_weight", "ref_model", "ref_model_adapters", "ref_model_quantization_bit")
+
+
+def _llamafactory_preference(b: _Builder, config: dict[str, Any]) -> None:
+    """stage and LLaMA-Factory's preference options (its RLHFArguments) as train.objective and its
+    options: pref_loss sigmoid / ipo / orpo / simpo is dpo / ipo / orpo / simpo, pref_beta beta,
+    simpo_gamma, dpo_label_smoothing label_smoothing (pref_loss sigmoid: LLaMA-Factory applies it
+    there only). pref_ftx (LLaMA-Factory adds pref_ftx x the chosen answer's mean token NLL to the
+    loss) is simpo's cpo_alpha and dpo / ipo's rpo_alpha where the schema has it; otherwise it must
+    be 0. InputError for what would train another loss: another stage, pref_loss, a reference model
+    other than the adapter-off one, ld_alpha, pref_bco_weight."""
+    from peftctl.recipe.train import TrainSection
+
+    stage = config.get("stage", "sft")
+    given = {k: config[k] for k in _PREFERENCE_KEYS if config.get(k) is not None and k != "stage"}
+    if stage == "sft":
+        if "stage" in config:
+            b.drop("stage", stage, _NOT_NEEDED["stage"])
+        for k, v in given.items():
+            b.drop(k, v, "used by stage: dpo only")
+        return
+    if stage != "dpo":
+        raise InputError(f"stage: {stage}: peftctl translates stage sft and dpo (its objectives are sft, dpo, ipo, "
+                         "orpo and simpo; no reward model, PPO or KTO)")
+    loss = config.get("pref_loss") or "sigmoid"
+    if loss not in _PREF_LOSSES:
+        raise InputError(f"pref_loss: {loss}: peftctl has no such objective (pref_loss sigmoid, ipo, orpo and simpo "
+                         "translate to train.objective dpo, ipo, orpo and simpo)")
+    objective = _PREF_LOSSES[loss]
+    b.set("train.objective", objective, "pref_loss" if "pref_loss" in config else "stage")
+    for k in ("ld_alpha", "pref_bco_weight"):
+        if given.get(k):
+            raise InputError(f"{k}: {given[k]}: changes the {loss} loss in a way peftctl's {objective} does not "
+                             f"(remove it to translate)")
+    if given.get("ref_model"):
+        raise InputError(f"ref_model: {given['ref_model']}: peftctl's reference is the model being trained with its "
+                         "adapter off (or train.init_adapter's adapter on); a separate reference model is not "
+                         "translated")
+    for k in ("ref_model_adapters", "ref_model_quantization_bit"):
+        if k in given:
+            b.drop(k, given[k], "no ref_model: the reference is the trained model with its adapter off")
+    if "pref_beta" in given:  # unset: 0.1, LLaMA-Factory's default and peftctl's
+        b.set("train.beta", given["pref_beta"], "pref_beta")
+    if "simpo_gamma" in given:
+        if objective == "simpo":
+            b.set("train.simpo_gamma", given["simpo_gamma"], "simpo_gamma")
+        else:
+            b.drop("simpo_gamma", given["simpo_gamma"], "used by pref_loss: simpo only")
+    if "dpo_label_smoothing" in given:
+        if objective == "dpo":
+            b.set("train.label_smoothing", given["dpo_label_smoothing"], "dpo_label_smoothing")
+        elif given["dpo_label_smoothing"]:
+            b.drop("dpo_label_smoothing", given["dpo_label_smoothing"], "LLaMA-Factory applies it to pref_loss "
+                   "sigmoid only")
+    ftx = given.get("pref_ftx", 0)
+    if ftx:
+        weight = {"simpo": "cpo_alpha", "dpo": "rpo_alpha", "ipo": "rpo_alpha"}.get(objective)
+        if weight is not None and weight in TrainSection.model_fields:
+            b.set(f"train.{weight}", ftx, "pref_ftx")
+            b.notes.append(f"pref_ftx: {ftx} is train.{weight}: the weight of the chosen answers' token NLL, averaged "
+                           "over all chosen tokens of a step (LLaMA-Factory averages each answer's first, then the "
+                           "answers: the same when the answers are equally long)")
+        else:
+            why = ("orpo's NLL weight is 1 here, as in TRL (LLaMA-Factory's is 1 + pref_ftx)" if objective == "orpo"
+                   else f"peftctl's {objective} has no NLL term on the chosen answers")
+            raise InputError(f"pref_ftx: {ftx}: {why}; set pref_ftx: 0 to translate"
+                             + ("" if objective == "orpo" else ", or use pref_loss: simpo (cpo_alpha)"))
+    if objective == "orpo":
+        b.notes.append("pref_loss: orpo is TRL's ORPO: its NLL term is the mean over the chosen sequences' prompt "
+                       "and answer tokens (LLaMA-Factory's: the mean of each chosen answer's token average)")
+    _from_adapter_note(b, objective, config.get("adapter_name_or_path"), "adapter_name_or_path", "LLaMA-Factory")
+
+
+def _from_adapter_note(b: _Builder, objective: str, adapter: Any, key: str, tool: str) -> None:
+    """dpo / ipo from an existing adapter: peftctl's reference is then the model with that adapter
+    (precomputed, which the recipe requires); the tools' is the base with the adapter off."""
+    if objective in ("dpo", "ipo") and adapter:
+        b.set("train.precompute_ref_log_probs", True, key)
+        b.notes.append(f"{key} with {objective}: the reference is the model with that adapter (train.init_adapter, "
+                       f"precomputed); {tool}'s is the base model with the adapter off"
+                       + (" (unless create_new_adapter: true, which merges it first)" if tool == "LLaMA-Factory" else ""))
+
+
 def _report_to(b: _Builder, key: str, value: Any) -> None:
     """transformers' (and LLaMA-Factory's) report_to: the trackers peftctl has are switched on."""
     for name in [value] if isinstance(value, str) else list(value or []):
@@ -248,9 +413,30 @@ def _axolotl_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) 
         b.set("tracking.wandb", False, key)
     elif key == "use_wandb":
         b.set("tracking.wandb", bool(value), key)
+    elif key == "rl":
+        if value is False:
+            return True  # no preference training: the default objective
+        if value not in _PREF_LOSSES.values():
+            raise InputError(f"rl: {value}: peftctl's preference objectives are dpo, ipo, orpo and simpo "
+                             "(train.objective); no KTO, GRPO or PPO")
+        b.set("train.objective", value, key)
+        if value == "simpo" and config.get("cpo_alpha") is None:
+            b.set("train.cpo_alpha", 1.0, key)  # axolotl leaves TRL's CPOConfig default; peftctl's is 0
+        _from_adapter_note(b, value, config.get("lora_model_dir"), "lora_model_dir", "axolotl")
+    elif key == "rpo_alpha" and key not in foreign_names("axolotl"):
+        # TRL's RPO: an NLL term on the chosen answers added to dpo's loss; none here unless the schema has it.
+        if value:
+            raise InputError(f"rpo_alpha: {value}: peftctl's dpo has no NLL term on the chosen answers; set "
+                             "rpo_alpha: 0 (or unset) to translate")
+        b.drop(key, value, "0: no NLL term, as peftctl's dpo")
     elif key in ("datasets", "test_datasets"):
         sources = [s for ds in (value if isinstance(value, list) else [value])
                    if (s := _axolotl_source(b, key, ds)) is not None]
+        pairs = config.get("rl") in _PREF_LOSSES.values()
+        for s in [s for s in sources if (s.get("format") == "preference") != pairs]:
+            sources.remove(s)
+            b.drop(f"{key}[{s['path']}]", s.get("format"), "rl trains on preference datasets "
+                   "(type: chat_template.default) only" if pairs else "a preference dataset, which needs rl")
         if sources:
             b.set("data.train" if key == "datasets" else "data.eval", sources, key)
     elif key in ("bf16", "fp16"):
@@ -284,9 +470,8 @@ def _llamafactory_special(b: _Builder, key: str, value: Any, config: dict[str, A
     elif key in ("bf16", "fp16", "pure_bf16"):
         if value:
             b.set("model.dtype", "float16" if key == "fp16" else "bfloat16", key)
-    elif key == "stage" and value != "sft":
-        raise InputError(f"stage: {value}: only stage: sft is translated (for preference training, write "
-                         "train.objective and data.format: preference in the recipe by hand)")
+    elif key in _PREFERENCE_KEYS:
+        pass  # _llamafactory_preference
     elif key == "train_on_prompt":
         if value:
             b.set("data.train_on", "all", key)
@@ -315,6 +500,8 @@ def translate(config: dict[str, Any], tool: str, *, cwd: Path, base: Path) -> Tr
     b = _Builder(tool, cwd, base)
     names = foreign_names(tool)
     special = _axolotl_special if tool == "axolotl" else _llamafactory_special
+    if tool == "llamafactory":
+        _llamafactory_preference(b, config)
     for key, value in config.items():
         if value is None:
             continue  # unset there: the default here too
@@ -333,7 +520,7 @@ def translate(config: dict[str, Any], tool: str, *, cwd: Path, base: Path) -> Tr
         b.set("output.dir", "runs/translated", "output_dir")
     _drop_refused(b)
     order = list(Recipe.model_fields)
-    return Translation(dict(sorted(b.recipe.items(), key=lambda kv: order.index(kv[0]))), b.dropped)
+    return Translation(dict(sorted(b.recipe.items(), key=lambda kv: order.index(kv[0]))), b.dropped, b.notes)
 
 
 def _drop_refused(b: _Builder) -> None:
@@ -406,4 +593,4 @@ def translate_file(path: str | os.PathLike, tool: str, output: str | os.PathLike
     if out is not None:
         atomic_write_text(out, text)
     return {"recipe": t.recipe, "yaml": text, "output": str(out) if out is not None else None,
-            "dropped": [{"key": k, "value": v, "reason": why} for k, v, why in t.dropped]}
+            "dropped": [{"key": k, "value": v, "reason": why} for k, v, why in t.dropped], "notes": t.notes}

@@ -436,16 +436,17 @@ def save_final(run_dir: Path, peft_model, tokenizer, state, cfg, fsdp: bool, mai
     tokenizer.save_pretrained(run_dir)
 
 
-def reference_logps(recipe, model, dataset, pad_id: int, run_dir: Path | None, device,
-                    reporter: Reporter) -> dict[str, Any] | None:
+def reference_logps(recipe, model, dataset, pad_id: int, run_dir: Path | None, accelerator,
+                    reporter: Reporter, kernels: Any = None) -> dict[str, Any] | None:
     """The precomputed reference log-probabilities of a dpo / ipo run with
-    `train.precompute_ref_log_probs`: read back from the run folder (a resumed run), else computed
-    now, on the model as the run starts (its adapter disabled, or the `train.init_adapter` one
-    enabled), before any checkpoint's weights are loaded. None when the run needs none."""
+    `train.precompute_ref_log_probs`: read back from the run folder (a resumed run), else from the
+    data cache or computed now (`train.reference`), on the model as the run starts (its adapter
+    disabled, or the `train.init_adapter` one enabled), before any checkpoint's weights are
+    loaded. None when the run needs none."""
     import torch
 
     from peftctl.preference import Objective
-    from peftctl.preference import reference_logps as compute
+    from peftctl.train import reference
     from peftctl.userfiles import load_safetensors
 
     cfg = recipe.train
@@ -462,10 +463,7 @@ def reference_logps(recipe, model, dataset, pad_id: int, run_dir: Path | None, d
                                  "pairs; remove it to compute them again")
         reporter.log(f"reference log-probabilities from {saved}")
         return {name: tensors[name].contiguous() for name in splits} | {"saved": True}
-    reporter.log("computing the reference log-probabilities of every pair (train.precompute_ref_log_probs)")
-    adapter_off = cfg.init_adapter is None
-    return {name: compute(model, examples, recipe.eval.batch_size, pad_id, device, adapter_off=adapter_off)
-            for name, examples in splits.items()}
+    return reference.reference_logps(recipe, model, splits, pad_id, accelerator, reporter, kernels)
 
 
 def _on_main(accelerator, fn) -> None:
@@ -585,8 +583,16 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
         if ckpt is None:  # a resumed run continues from its checkpoint's weights (loaded below)
             reporter.log(f"starting from the adapter in {cfg.init_adapter}")
     # Before a checkpoint's weights load: the reference is the model as the run starts.
+    from peftctl.preference import Objective
+
+    ref_meta = None  # what the saved reference was computed on (peftctl eval reads it)
+    if cfg.precompute_ref_log_probs and Objective.of(cfg).needs_reference and main:
+        from peftctl.train import reference
+
+        ref_meta = reference.run_metadata(recipe, model, {"train": dataset.train} | (
+            {"eval": dataset.eval} if dataset.eval else {}))
     ref_logps = reference_logps(run_recipe, model, dataset, tokenizer.pad_token_id, run.path if ckpt else None,
-                                accelerator.device, reporter)
+                                accelerator, reporter, speed.get("kernels"))
     if ckpt is not None:
         checkpoint.load_adapter(model, ckpt)  # before sharding: FSDP then spreads the loaded weights
 
@@ -631,7 +637,8 @@ def _train(recipe, reporter: Reporter | None, resume: str | None, run: RunFolder
 
         from peftctl.fsio import atomic_write_bytes
 
-        _on_main(accelerator, lambda: atomic_write_bytes(run.path / REFERENCE_FILE, st_save(ref_logps)))
+        _on_main(accelerator, lambda: atomic_write_bytes(run.path / REFERENCE_FILE,
+                                                         st_save(ref_logps, metadata=ref_meta)))
     sinks: list[Any] = []
     summary: dict[str, Any] = {
         "status": "running",

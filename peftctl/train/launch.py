@@ -17,10 +17,22 @@ import time
 from pathlib import Path
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now, for this launch's process group: accelerate's default
+    (29500) is shared by every launch on the host, and two launches starting together can both
+    see it free, and then the second one's processes join the first one's group and wait."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_command(num_processes: int, train_args: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--main_process_port", str(free_port()),
         "--mixed_precision", "no",  # precision comes from the recipe (model.dtype)
         "--dynamo_backend", "no",
         "-m", "peftctl", "train", *train_args,
