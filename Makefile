@@ -8,7 +8,7 @@ PEFTCTL := $(VENV)/bin/peftctl
 CPU_TORCH ?= torch==2.13.0
 RUN     ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo demo-classify test lint clean
+.PHONY: setup demo demo-classify test test-transformers4 lint clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,13 @@ demo-classify: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The suite under the oldest and newest transformers 4.x that pyproject.toml allows, each installed with
+# what it needs into .transformers-compat/VERSION (tools/test_transformers.py); the venv is not touched.
+# Not part of `make test`: about as long as the suite, per version.
+TF4_VERSIONS ?= 4.56.2 4.57.6
+test-transformers4: setup
+	for v in $(TF4_VERSIONS); do $(PY) tools/test_transformers.py $$v -- -q || exit 1; done
 
 # ruff, then the import layers (pyproject.toml [tool.importlinter]; docs/ARCHITECTURE.md "Rooms").
 lint: setup

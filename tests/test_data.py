@@ -84,14 +84,18 @@ def test_fast_renderer_renders_as_apply_chat_template(tok):
     (apply_chat_template per row, on transformers versions the helper was not checked with), give
     apply_chat_template's text, and refuse what it refuses."""
     import transformers
+    import transformers.utils.chat_template_utils as chat_utils
 
     from peftctl.data.templates import compile_checked
 
     assert compile_checked("5.24.0") and not compile_checked("5.23.1") and not compile_checked("6.0.0")
+    # transformers 4.x has no such helper: forced, the renderer then falls back to the public way too.
+    helper = hasattr(chat_utils, "_cached_compile_jinja_template")
+    assert helper or not compile_checked(transformers.__version__)
     messages = [{"role": "system", "content": "S"}, *CHAT["messages"]]
     for template in [tok.chat_template, ZEPHYR_STYLE, *NAMED_TEMPLATES.values()]:
         renders = [ChatRenderer(tok, template, private=True), ChatRenderer(tok, template, private=False)]
-        assert renders[0].template is not None and renders[1].template is None  # the two ways
+        assert (renders[0].template is not None) == helper and renders[1].template is None  # the two ways
         if compile_checked(transformers.__version__):
             assert ChatRenderer(tok, template).template is not None  # the product's way here: the fast one
         msgs = messages[1:] if "raise_exception" in template else messages
@@ -317,7 +321,8 @@ def test_hub_check_goes_through_huggingface_hubs_session_and_its_proxy(tmp_path,
         assert unreachable(HF_ENDPOINT="http://hub.invalid") is None  # only the proxy could answer
         assert proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
         why = unreachable(HF_ENDPOINT="https://hub.invalid")
-        assert proxy.seen[-1] == "CONNECT hub.invalid:443 HTTP/1.1" and "403" in why, why
+        # huggingface_hub 1.x (httpx) says HTTP/1.1, 0.x (requests, under transformers 4) HTTP/1.0
+        assert proxy.seen[-1].startswith("CONNECT hub.invalid:443 HTTP/1.") and "403" in why, why
         asked = len(proxy.seen)
         assert "offline" in unreachable(HF_ENDPOINT="http://hub.invalid", HF_HUB_OFFLINE="1").lower()
         assert len(proxy.seen) == asked

@@ -4,6 +4,7 @@ bases loaded through peftctl.models (a file, a folder holding one, and quantized
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,12 +36,16 @@ def written(tmp_path_factory, tiny_model_dir):
 
 
 def _read_back(folder, name="tiny.gguf"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model as transformers reads the file, and the tokenizer as peftctl does (transformers'
+    reader, with the file's special tokens and BOS setting, which transformers 4.x reads otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftctl.models import gguf_tokenizer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(folder, gguf_file=name))
+                gguf_tokenizer(Path(folder) / name))
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -39,6 +39,8 @@ def fake_builtin(tmp_path, monkeypatch, tiny_model_dir):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    # the file's own special tokens, which peftctl reads after transformers: a 4-byte file has none
+    monkeypatch.setattr(models, "gguf_tokenizer", lambda path: fake_tok(path.parent, gguf_file=path.name))
     return tmp_path / "cache"
 
 
@@ -46,7 +48,8 @@ def test_builtin_alias_converts_once_into_the_cache(fake_builtin):
     spec = ModelSection(name_or_path="tiny-builtin", cache_dir=str(fake_builtin))
     assert models.resolve("tiny-builtin", str(fake_builtin), convert=False).kind == "gguf"
     model, tok = models.load(spec)
-    folder = fake_builtin / "models" / "tiny-builtin"
+    folder = models.builtin_folder("tiny-builtin", str(fake_builtin))  # "-transformers4" under transformers 4
+    assert folder.parent == fake_builtin / "models" and folder.name.startswith("tiny-builtin")
     assert (folder / "model.safetensors").exists() and (folder / "peftctl-model.json").exists()
     assert models.resolve("tiny-builtin", str(fake_builtin)) == models.ModelSource("folder", str(folder))
     assert "fake_models_pkg" not in sys.modules  # found, never imported

@@ -460,13 +460,14 @@ def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path, cpu_path):
     assert res["quantized"]["type"] == "nf4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "q"]  # the staging folder is gone
     # the config says how to load it
-    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map={"": "cpu"})
+    # dtype given: transformers 4.x loads a bitsandbytes model in float16 when none is (5.x: the config's)
+    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map={"": "cpu"}, dtype=torch.float32)
     assert isinstance(requantized.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     # The reported distance is the file's, on the plain path (the dequantized weights at the model's
     # dtype, the same on every CPU); bitsandbytes' bfloat16 path would give other numbers for it.
     keep_plain_layout(requantized)
     tok = AutoTokenizer.from_pretrained(tmp_path / "q")
-    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
     moved = (_probe(requantized, tok, PROBES) - _probe(full, tok, PROBES)).abs().max()
     assert float(moved) == pytest.approx(res["quantized"]["vs_merged"]["max_abs_logit_diff"], abs=ATOL)
     r = run("merge", run_dir, "--quantize", "int4", "-o", tmp_path / "x", code=2)
@@ -475,6 +476,8 @@ def test_merge_can_requantize_the_merged_model(qlora_run, tmp_path, cpu_path):
 
 def test_export_merged_and_gguf_give_the_merged_models_outputs(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftctl.models import gguf_tokenizer
 
     run_dir, _ = qlora_run
     run_json("merge", run_dir, "-o", tmp_path / "merged")
@@ -500,7 +503,7 @@ def test_export_merged_and_gguf_give_the_merged_models_outputs(qlora_run, tmp_pa
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    tok = gguf_tokenizer(tmp_path / "gguf" / "model.gguf")  # as peftctl reads it, also under transformers 4.x
     text = "<|im_start|>user\nConvert May 5, 1999 to ISO<|im_end|>\n"
     assert tok(text)["input_ids"] == AutoTokenizer.from_pretrained(run_dir)(text)["input_ids"]
     r = run("export", run_dir, "--format", "gguf", "--dtype", "int8", "-o", tmp_path / "bad", code=2)

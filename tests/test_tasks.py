@@ -246,8 +246,14 @@ def test_seq2seq_end_to_end(tmp_path):
     examples = _examples("seq2seq_lm", "completion", eval_, tok, None)
     assert result["eval_tokens"] == sum(len(e.labels) for e in examples)
     assert all(e.labels[-1] == tok.eos_token_id for e in examples)
-    # The untrained model's loss is about ln V (its logits are near uniform): trained, far less.
-    assert result["eval_loss"] < 0.75 * math.log(len(tok)), result["eval_loss"]
+    # The untrained model's loss is about ln V (its logits are near uniform); trained on answers like
+    # the eval set's, far less. The rewritten file's "not ..." rows are nothing it learned: there it
+    # is only below the base model's loss on the same file (the tiny T5's random init, so both values,
+    # differs between transformers 4 and 5).
+    assert evals[-1]["eval_loss"] < 0.75 * math.log(len(tok)), evals
+    base_result = run_json("eval", recipe, "--base")
+    assert base_result["eval_tokens"] == result["eval_tokens"]
+    assert result["eval_loss"] < base_result["eval_loss"] - 0.5, (result["eval_loss"], base_result["eval_loss"])
 
     out = tmp_path / "merged"
     run_json("export", run_dir, "--format", "merged", "-o", out)
@@ -458,7 +464,8 @@ def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir
     finally:
         reporter.removeHandler(seen)
     assert model.classifier.out_features == 3
-    assert not [m for m in seen.messages if "LOAD REPORT" in m]
+    # transformers 5 says it in a load report, 4.x in a "newly initialized" warning: neither gets through
+    assert not [m for m in seen.messages if "LOAD REPORT" in m or "newly initialized" in m]
     assert "new seq_cls head (classifier.bias, classifier.weight)" in caplog.text
     # A report with anything else in it (here an unexpected key) goes through whole.
     head_only = models._NewHeadReport()
@@ -466,6 +473,15 @@ def test_a_new_head_is_said_in_one_line_not_in_transformers_load_report(bert_dir
                                "X LOAD REPORT from: m\nKey | Status |\nclassifier.bias | MISSING |\n"
                                "pooler.dense.weight | UNEXPECTED |", None, None)
     assert head_only.filter(record) and head_only.keys == []
+    # transformers 4.x's warning of missing keys: kept out when it lists only the head's
+    warning_4x = ("Some weights of BertForSequenceClassification were not initialized from the model checkpoint at m "
+                  "and are newly initialized: {}\nYou should probably TRAIN this model on a down-stream task.")
+    for keys, passes in ([["classifier.weight", "classifier.bias"], False], [["classifier.bias", "pooler.dense.bias"], True]):
+        head_only = models._NewHeadReport()
+        record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, warning_4x.format(keys),
+                                   None, None)
+        assert head_only.filter(record) == passes
+        assert head_only.keys == ([] if passes else ["classifier.bias", "classifier.weight"])
 
 
 def test_eval_takes_the_runs_labels_and_a_seeded_base_head(tmp_path, bert_dir):

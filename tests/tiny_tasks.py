@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import string
+import tempfile
 from pathlib import Path
 
 NAMES = ["alice", "bob", "carol", "dave"]
@@ -27,7 +28,11 @@ def build_bert(folder: Path, seed: int = 0) -> Path:
     letters = list(string.ascii_lowercase)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *NAMES, *SURNAMES, *CITIES, *letters,
              *[f"##{c}" for c in letters]]
-    tok = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)})
+    # From a vocab.txt: the one way both transformers 4 (BertTokenizerFast(vocab=dict) is not there) and
+    # 5 build it.
+    with tempfile.TemporaryDirectory() as words:
+        (Path(words) / "vocab.txt").write_text("".join(piece + "\n" for piece in vocab))
+        tok = BertTokenizerFast.from_pretrained(words)
     tok.save_pretrained(folder)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64,

@@ -407,6 +407,21 @@ def model_inputs(peft_model, config, encoder: nn.Module, *, input_ids=None, inpu
     return out
 
 
+def cache_positions(config, positions: torch.Tensor, first: bool) -> torch.Tensor:
+    """`generate`'s `cache_position` (the indices in the KV cache of this step's tokens, (seq,) int64),
+    shifted past the n virtual tokens the cache holds before the real ones; at prompt tuning's and
+    P-tuning's first step the virtual tokens' own 0 .. n-1 come first, as they are fed with it.
+    transformers 4.x passes `cache_position` to every model, which builds its attention mask from it
+    (unshifted, the mask misses the virtual tokens' columns; T5's decoder also its relative positions);
+    5.24 only to remote-code models whose forward takes one. `generate` and `seq2seq_generate` (the
+    decoder's cache, behind the prefix) shift whichever they are given: they follow the installed version."""
+    n = config.num_virtual_tokens
+    shifted = positions + n
+    if first and config.method != "prefix_tuning":
+        shifted = torch.cat((torch.arange(n, device=positions.device, dtype=positions.dtype), shifted))
+    return shifted
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return word_embeddings(model).weight.dtype
 
@@ -552,6 +567,8 @@ def seq2seq_generate(peft_model, config, encoder, args, kwargs):
             inputs[key] = seq2seq_prefix_cache(config, encoder_output(encoder, config), ref.shape[0], _model_dtype(base),
                                                given)
         _extend_decoder_mask(inputs, n)
+        if inputs.get("cache_position") is not None:  # transformers 4.x: past the prefix, as 5.x counts
+            inputs["cache_position"] = cache_positions(config, inputs["cache_position"], False)
         return inputs
 
     return _generate_with(base, prepare, args, kwargs)
@@ -596,6 +613,8 @@ def generate(peft_model, config, encoder, args, kwargs):
                                 position_ids=inputs.pop("position_ids", None), first=first,
                                 cache=cache if first else None)
         inputs.update(prepared)
+        if inputs.get("cache_position") is not None:
+            inputs["cache_position"] = cache_positions(config, inputs["cache_position"], first)
         if first and config.method != "prefix_tuning":
             inputs.pop("input_ids", None)
         return inputs
