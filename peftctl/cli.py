@@ -99,6 +99,9 @@ def _error_result(code: int, errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _write_json(result: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(result, default=str) + "\n")
+    # Out now: a process of a multi-process run may yet be killed while the group tears down, and
+    # a pipe's buffer would die with it (the run completed, its one JSON line lost).
+    sys.stdout.flush()
     _state["emitted"] = True
 
 
@@ -251,9 +254,10 @@ def train(
         _emit(plan(r, num_processes=num_processes, resume=resume), json_, _render_plan)
         return
     if num_processes > 1:
-        from peftctl.train.launch import launch
+        from peftctl.train.launch import check_devices, launch
         from peftctl.train.plan import plan
 
+        check_devices(num_processes)
         plan(r, num_processes=num_processes, resume=resume)  # input errors exit 2 here, not in N workers
         args = [str(recipe), *(f"--set={s}" for s in set_ or [])]
         args += [f"--resume={resume}"] if resume else []

@@ -82,12 +82,12 @@ def check_files(recipe, source: str | None = None, rows: int | None = None) -> l
             try:
                 diff = recipe.adapter.differences(read_config_file(Path(init) / CONFIG_NAME), unset_matches=True)
             except ValueError as e:
-                diff, problem = [], str(e)
+                problems.append(recipe.problem("train.init_adapter", str(e)))
             else:
-                problem = (f"the adapter in {init} is not the one the recipe describes (its value vs the recipe's: "
-                           f"{'; '.join(diff)}); make the adapter section match its adapter_config.json")
-            if diff or problem:
-                problems.append(recipe.problem("train.init_adapter", problem))
+                if diff:
+                    problems.append(recipe.problem(
+                        "train.init_adapter", f"the adapter in {init} is not the one the recipe describes (its value "
+                        f"vs the recipe's: {'; '.join(diff)}); make the adapter section match its adapter_config.json"))
     if not problems and rows != 0:
         problems += _row_problems(recipe, rows, notes)
     if is_nonempty_dir(Path(recipe.output.dir)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from typer.testing import CliRunner
 
@@ -22,3 +23,10 @@ def run(*args, code=0, input=None):
 def run_json(*args, code=0):
     """`run(*args, "--json")` and the one JSON object it printed on stdout."""
     return json.loads(run(*args, "--json", code=code).stdout)
+
+
+def gloo_env() -> dict[str, str]:
+    """The environment of a `--num-processes 2` run that tests the host path (gloo on CPU): on a GPU
+    machine the processes would each need a GPU of their own (the launcher refuses two on one).
+    Read when called: conftest points PEFTCTL_CACHE at a private cache after the test modules load."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

@@ -6,7 +6,6 @@ two processes train as one; recipes are checked like any."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from clirun import run, run_json
+from clirun import gloo_env, run, run_json
 from safetensors.torch import load_file
 from test_train_faults import spawn, train_records, wait_for
 from tiny import recipe_text
@@ -166,7 +165,7 @@ def test_two_processes_allocate_from_the_reduced_gradients(ada_run, tmp_path):
     out = tmp_path / "ddp"
     p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2", "--json",
                         "--set", "train.grad_accum=1", "--set", "train.save_every=null", "--set",
-                        f"output.dir={out}", "--set", "adapter.total_step=null"], env={**os.environ}, capture_output=True, text=True, timeout=600)
+                        f"output.dir={out}", "--set", "adapter.total_step=null"], env=gloo_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     cfgs = [json.loads((w / "adapter_config.json").read_text()) for w in (whole, out)]
     assert cfgs[1]["total_step"] == 8 and cfgs[0]["rank_pattern"] == cfgs[1]["rank_pattern"]

@@ -176,6 +176,11 @@ def test_axolotl_and_llamafactory_configs_become_recipes_that_validate(tmp_path,
     assert "dropped plot_loss: peftctl report draws the curves" in res.stderr
     Path("lf-recipe.yaml").write_text(res.stdout)
     run("validate", "lf-recipe.yaml")
+    # max_steps with num_train_epochs: max_steps wins, as in transformers' Trainer (it was refused).
+    (tmp_path / "lf-steps.yaml").write_text(LLAMAFACTORY.format(model=tiny_model_dir) + "max_steps: 7\n")
+    both = run_json("recipe", "from-llamafactory", "lf-steps.yaml")
+    assert both["recipe"]["train"]["max_steps"] == 7 and "epochs" not in both["recipe"]["train"]
+    assert any(d["key"] == "num_train_epochs" and "overrides" in d["reason"] for d in both["dropped"])
 
 
 def _jsonl(path: Path, rows: list) -> Path:

@@ -23,7 +23,7 @@ import shutil
 
 import pytest
 import torch
-from clirun import run, run_json
+from clirun import gloo_env, run, run_json
 from tiny import recipe_text, write_preference_data
 
 ATOL, RTOL = 2e-4, 1e-4
@@ -432,6 +432,7 @@ def test_dpo_from_an_existing_adapter_uses_it_as_the_reference(tmp_path, tiny_mo
 
     # The starting adapter must be the one the recipe describes: its weights at another scaling
     # would start (and be the reference of) another model. validate, train and eval refuse it.
+    run("validate", second)  # the adapter the recipe describes: fine
     other = ("--set", "adapter.lora_alpha=64", "--set", "adapter.use_rslora=true")
     for command in (("validate",), ("train", "--set", f"output.dir={tmp_path / 'alpha'}")):
         err = run(command[0], second, *command[1:], *other, code=2).stderr
@@ -472,7 +473,6 @@ def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, p
     precompute it (train.precompute_ref_log_probs: the train split's read from the data cache,
     where a one-process run put it, and handed to both processes; the eval split's computed half by
     each process: the same numbers as one process computes)."""
-    import os
     import subprocess
     import sys
 
@@ -501,7 +501,7 @@ def test_two_processes_train_dpo_as_one_process_does(tmp_path, tiny_model_dir, p
                    .replace(str(tmp_path / "two"), str(tmp_path / "ddp")))
     for recipe in (ddp, two):
         p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"],
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+                           env={**gloo_env(), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
     assert not (tmp_path / "ddp" / "reference_logps.safetensors").exists()
     assert "train: reference log-probabilities of 16 pairs from the cache" in p.stderr

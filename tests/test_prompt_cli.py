@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from clirun import run, run_json
+from clirun import gloo_env, run, run_json
 from safetensors.torch import load_file
 from tiny import recipe_text, write_chat_data
 
@@ -122,7 +122,6 @@ def test_two_processes_train_as_one_process_does(adapter, tmp_path, tiny_model_d
     order 1. Three AdamW steps (lr 1e-2) move each weight by lr * m / sqrt(v), whose relative error
     is the gradient's: ~1e-8 absolute on weights of order 1, bounded at 1e-5 (rel 1e-4 on losses)."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -132,7 +131,7 @@ def test_two_processes_train_as_one_process_does(adapter, tmp_path, tiny_model_d
 
     two = recipe("two", 2)
     p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(two), "--num-processes", "2", "--json"],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+                       env={**gloo_env(), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["num_processes"] == 2
     run("train", recipe("one", 4))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import run, run_json
+from clirun import gloo_env, run, run_json
 from safetensors.torch import load_file
 
 
@@ -364,7 +364,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     two = tmp_path / "two"
     recipe = make_recipe(out=str(two), train={**train, "max_steps": 100000, "batch_size": 2})
     cmd = [sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2"]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**gloo_env(), "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (two / "metrics.jsonl").exists() and len(metrics(two)) >= 2, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
@@ -377,7 +377,7 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     assert stopped["last_checkpoint"] == f"checkpoints/step-{n:06d}"
 
     p = subprocess.run([*cmd, "--resume", "auto", "--set", f"train.max_steps={n + 2}", "--json"],
-                       env=env(), capture_output=True, text=True, timeout=300)
+                       env={**gloo_env(), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)  # one JSON object, from the main process
     assert s["status"] == "completed" and s["steps"] == n + 2 and s["resumed_from"].endswith(f"step-{n:06d}")
@@ -390,6 +390,17 @@ def test_two_processes_over_gloo_match_one_process_stop_on_sigterm_and_resume(ma
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert json.loads((one / "adapter_config.json").read_text()) == json.loads((two / "adapter_config.json").read_text())
+
+
+def test_more_processes_than_gpus_is_refused_before_launching(make_recipe, tmp_path):
+    """On a GPU machine each process takes a GPU: more than there are is exit 2, nothing launched
+    (NCCL otherwise fails in every process with 'invalid usage')."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the GPU machine): without one the processes share the host (gloo)")
+    n = torch.cuda.device_count() + 1
+    r = run("train", make_recipe(out=str(tmp_path / "run")), "--num-processes", str(n), code=2)
+    assert f"--num-processes {n}: each process takes one GPU" in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _fsdp2_worker(rank: int, world: int, model_dir: str, port: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import run, run_json
+from clirun import gloo_env, run, run_json
 
 from peftctl.fsio import disk_full_reason
 from peftctl.train.lock import LOCK_NAME
@@ -469,7 +469,7 @@ def test_two_processes_train_an_odd_epoch_as_one_process_does(tmp_path, tiny_mod
             s = run_json("train", recipe)
         else:
             p = subprocess.run([sys.executable, "-m", "peftctl", "train", str(recipe), "--num-processes", "2", "--json"],
-                               env={**os.environ}, capture_output=True, text=True, timeout=600)
+                               env=gloo_env(), capture_output=True, text=True, timeout=600)
             assert p.returncode == 0, p.stderr[-3000:]
             s = json.loads(p.stdout)
         assert s["steps"] == 13 and s["epochs"] == 1.0 and s["examples_seen"] == 49

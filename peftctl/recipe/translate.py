@@ -518,6 +518,11 @@ def translate(config: dict[str, Any], tool: str, *, cwd: Path, base: Path) -> Tr
                          "write data.train in the recipe by hand")
     if "output" not in b.recipe:
         b.set("output.dir", "runs/translated", "output_dir")
+    train = b.recipe.get("train", {})
+    if train.get("max_steps") is not None and train.get("epochs") is not None:
+        # transformers' Trainer (under both tools): a positive max_steps overrides num_train_epochs.
+        b.drop(b.origin[("train", "epochs")], train.pop("epochs"), "max_steps is set, which overrides it (as in "
+               "transformers' Trainer)")
     _drop_refused(b)
     order = list(Recipe.model_fields)
     return Translation(dict(sorted(b.recipe.items(), key=lambda kv: order.index(kv[0]))), b.dropped, b.notes)

@@ -39,6 +39,20 @@ def accelerate_command(num_processes: int, train_args: list[str]) -> list[str]:
     ]
 
 
+def check_devices(num_processes: int) -> None:
+    """InputError when this machine has GPUs but fewer than `num_processes`: each process takes one
+    GPU (NCCL refuses two on one device); without a GPU the processes share the host (gloo)."""
+    import torch
+
+    from peftctl.errors import InputError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < num_processes:
+        raise InputError(f"--num-processes {num_processes}: each process takes one GPU and this machine has "
+                         f"{gpus} visible (CUDA_VISIBLE_DEVICES); use --num-processes {gpus} or fewer, or "
+                         "CUDA_VISIBLE_DEVICES= to train on the CPU (gloo)")
+
+
 def launch(num_processes: int, train_args: list[str], run_dir: Path) -> int:
     started = time.time()
     proc = subprocess.Popen(accelerate_command(num_processes, train_args), start_new_session=True)
