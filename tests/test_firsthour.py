@@ -431,7 +431,6 @@ def test_preference_configs_of_llamafactory_and_axolotl_become_preference_recipe
     turns of the recipe's template, as LLaMA-Factory's template does; sharegpt: a message list and
     one chosen and one rejected message), and axolotl's rl with chat_template.default pairs, become
     preference recipes that validate and train; losses peftctl does not have are refused, exit 2."""
-    from peftctl.recipe.train import TrainSection
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -489,12 +488,9 @@ def test_preference_configs_of_llamafactory_and_axolotl_become_preference_recipe
     assert orpo["recipe"]["train"]["objective"] == "orpo"
     # Refused, naming the option: a loss peftctl has not, another stage, pref_ftx where no NLL weight
     # takes it (orpo's is 1 here, LLaMA-Factory's 1 + pref_ftx; dpo's is rpo_alpha where the schema has it).
+    assert translated(base.replace("pref_loss: simpo", "pref_loss: sigmoid"))["recipe"]["train"]["rpo_alpha"] == 0.5
     for old, new, key in (("pref_loss: simpo", "pref_loss: hinge", "pref_loss"), ("stage: dpo", "stage: ppo", "stage"),
-                          ("pref_loss: simpo", "pref_loss: orpo", "pref_ftx"),
-                          ("pref_loss: simpo", "pref_loss: sigmoid", "pref_ftx")):
-        if new == "pref_loss: sigmoid" and "rpo_alpha" in TrainSection.model_fields:
-            assert translated(base.replace(old, new))["recipe"]["train"]["rpo_alpha"] == 0.5
-            continue
+                          ("pref_loss: simpo", "pref_loss: orpo", "pref_ftx")):
         errors = translated(base.replace(old, new), code=2)["errors"]
         assert errors[0]["message"].startswith(f"{key}: "), (new, errors)
 
@@ -526,7 +522,7 @@ output_dir: ./out-ax
     (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: kto"))
     assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rl: kto")
     (tmp_path / "ax.yml").write_text(text.replace("rl: simpo", "rl: dpo\nrpo_alpha: 0.5"))
-    if "rpo_alpha" in TrainSection.model_fields:  # TRL's RPO weight, the same name here
-        assert run_json("recipe", "from-axolotl", "ax.yml")["recipe"]["train"]["rpo_alpha"] == 0.5
-    else:
-        assert run_json("recipe", "from-axolotl", "ax.yml", code=2)["errors"][0]["message"].startswith("rpo_alpha")
+    assert run_json("recipe", "from-axolotl", "ax.yml")["recipe"]["train"]["rpo_alpha"] == 0.5  # TRL's RPO weight
+    # axolotl hands orpo_alpha to TRL's ORPO beta when rl_beta is unset (it was dropped)
+    (tmp_path / "ax.yml").write_text(text.replace("rl: simpo\nrl_beta: 2.5", "rl: orpo\norpo_alpha: 0.3"))
+    assert run_json("recipe", "from-axolotl", "ax.yml")["recipe"]["train"]["beta"] == 0.3

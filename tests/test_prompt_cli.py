@@ -99,6 +99,9 @@ def test_prefix_tuning_trains(tmp_path, tiny_model_dir, chat_data):
     assert saved["prompt_embeddings"].shape == (4, 2 * 2 * 32)
     r = run("train", recipe, "--dry-run", "--set", "train.gradient_checkpointing=true", code=2)
     assert "prefix tuning" in r.stderr and "gradient_checkpointing: false" in r.stderr
+    assert "--set train.gradient_checkpointing=true" in r.stderr  # placed at the flag that set it
+    r = run("validate", recipe, "--set", "train.memory_budget=1", code=2)
+    assert "--set train.memory_budget=1 train.memory_budget:" in r.stderr
     # The estimate counts the prefix encoder (float32, AdamW) and no checkpointed activations, which
     # prefix tuning refuses.
     info = run_json("inspect", recipe, "--memory")

@@ -221,9 +221,9 @@ class Recipe(Section):
                              "sequence, and a packed row holds several; set data.packing: false")
         if self.adapter.method == "prefix_tuning" and (self.uses_gradient_checkpointing()
                                                        or self.train.memory_budget is not None):
-            raise ValueError("train.gradient_checkpointing: prefix tuning's keys and values enter every layer "
-                             "through the cache, which a checkpointed layer's recomputation would extend a second "
-                             "time (PEFT refuses it too); set train.gradient_checkpointing: false and no memory_budget")
+            raise ValueError("prefix tuning's keys and values enter every layer through the cache, which a "
+                             "checkpointed layer's recomputation would extend a second time (PEFT refuses it too); "
+                             "set train.gradient_checkpointing: false and no train.memory_budget")
         return self
 
     def uses_gradient_checkpointing(self) -> bool:

@@ -423,6 +423,12 @@ def _axolotl_special(b: _Builder, key: str, value: Any, config: dict[str, Any]) 
         if value == "simpo" and config.get("cpo_alpha") is None:
             b.set("train.cpo_alpha", 1.0, key)  # axolotl leaves TRL's CPOConfig default; peftctl's is 0
         _from_adapter_note(b, value, config.get("lora_model_dir"), "lora_model_dir", "axolotl")
+    elif key == "orpo_alpha":
+        # axolotl passes orpo_alpha to TRL's ORPO beta (the odds-ratio term's weight) when rl_beta is unset.
+        if config.get("rl") == "orpo" and config.get("rl_beta") is None and value is not None:
+            b.set("train.beta", value, key)
+        else:
+            b.drop(key, value, "axolotl reads it as ORPO's beta only with rl: orpo and no rl_beta")
     elif key == "rpo_alpha" and key not in foreign_names("axolotl"):
         # TRL's RPO: an NLL term on the chosen answers added to dpo's loss; none here unless the schema has it.
         if value:
