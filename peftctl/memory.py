@@ -218,43 +218,33 @@ def parts(peft_model, config, *, workload: Workload, optimizer: str, momentum: f
     b = torch.empty((), dtype=act_dtype).element_size()
 
     weights: dict[str, int] = {}
-    quantized_ids: set[int] = set()
+    seen: set[int] = set()  # tensors counted (a quantized weight by its packed size, below)
     largest_quantized = 0
     for module in inner.modules():
         if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             kind, nbytes, n = _quantized_bytes(module)
             weights[kind] = weights.get(kind, 0) + nbytes
-            quantized_ids.add(id(module.weight))
+            seen.add(id(module.weight))
             largest_quantized = max(largest_quantized, n)
-    adapter = states = 0
-    seen: set[int] = set()
-    for p in inner.parameters():
-        if id(p) in seen or id(p) in quantized_ids:
-            continue
-        seen.add(id(p))
-        nbytes = p.numel() * p.element_size()
-        if p.requires_grad:
-            adapter += nbytes
-            states += optimizer_state_bytes(optimizer, momentum, p.numel(), tuple(p.shape), p.element_size())
-        else:
-            name = str(p.dtype).removeprefix("torch.")
-            weights[name] = weights.get(name, 0) + nbytes
-    # What a method keeps outside the layers: its trainable parameters (a prompt-learning method's
-    # virtual tokens and P-tuning's or a projected prefix's encoder) count as the adapter's; frozen
-    # ones and buffers (VeRA's shared projections) as weights.
+    # The model's parameters, and what a method keeps outside the layers: its trainable parameters (a
+    # prompt-learning method's virtual tokens and P-tuning's or a projected prefix's encoder) count as
+    # the adapter's; frozen ones and buffers (VeRA's shared projections) as weights.
+    tensors = list(inner.parameters())
     method_state = getattr(getattr(peft_model, "base_model", None), "method_state", None)
     if isinstance(method_state, torch.nn.Module):
-        for t in [*method_state.parameters(), *method_state.buffers()]:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            nbytes = t.numel() * t.element_size()
-            if t.requires_grad:
-                adapter += nbytes
-                states += optimizer_state_bytes(optimizer, momentum, t.numel(), tuple(t.shape), t.element_size())
-            else:
-                name = str(t.dtype).removeprefix("torch.")
-                weights[name] = weights.get(name, 0) + nbytes
+        tensors += [*method_state.parameters(), *method_state.buffers()]
+    adapter = states = 0
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        if t.requires_grad:
+            adapter += nbytes
+            states += optimizer_state_bytes(optimizer, momentum, t.numel(), tuple(t.shape), t.element_size())
+        else:
+            name = str(t.dtype).removeprefix("torch.")
+            weights[name] = weights.get(name, 0) + nbytes
 
     hidden, inter, kv, layers = _dims(config)
     heads = config.num_attention_heads

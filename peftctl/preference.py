@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from peftctl.constants import IGNORE_INDEX
 from peftctl.loss import loss_plan, sequence_logps
-from peftctl.sections import OBJECTIVE_METRICS, PREFERENCE_METRICS
+from peftctl.sections import OBJECTIVE_METRICS, PREFERENCE_METRICS, reported_metrics
 
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
 # TRL's metric names: each a mean over pairs (`sections.OBJECTIVE_METRICS`, which the recipe checks
@@ -81,8 +81,9 @@ class Objective:
 
     @property
     def reports_nll(self) -> bool:
-        """Whether the loss has an NLL term, reported as nll_loss (training and evaluation)."""
-        return self.name == "orpo" or self.nll_weight > 0
+        """Whether the loss has an NLL term, reported as nll_loss (training and evaluation): the
+        recipe's rule (`sections.reported_metrics`), which metric_for_best is checked against."""
+        return "nll_loss" in reported_metrics(self.name, self)
 
     @property
     def metric_names(self) -> tuple[str, ...]:

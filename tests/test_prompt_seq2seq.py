@@ -28,6 +28,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_prompt import CASES as DECODER_CASES
 
 import peftctl
 from peftctl import PeftModel, get_peft_model
@@ -42,16 +43,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 IDS = torch.tensor([[5, 17, 30, 41, 7, 1], [9, 8, 5, 1, 0, 0]])  # right-padded, as T5's tokenizer pads
 MASK = (IDS != 0).long()
 
-CASES = {
-    "prompt-random": ("PromptTuningConfig", {"num_virtual_tokens": 4}),
-    "prompt-vocab": ("PromptTuningConfig", {"num_virtual_tokens": 3, "prompt_tuning_init": "SAMPLE_VOCAB"}),
-    "ptuning-mlp": ("PromptEncoderConfig", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
-    "ptuning-lstm": ("PromptEncoderConfig", {"num_virtual_tokens": 3, "encoder_hidden_size": 8,
-                                             "encoder_reparameterization_type": "LSTM", "encoder_num_layers": 2}),
-    "prefix": ("PrefixTuningConfig", {"num_virtual_tokens": 4}),
-    "prefix-projection": ("PrefixTuningConfig", {"num_virtual_tokens": 3, "prefix_projection": True,
-                                                 "encoder_hidden_size": 24}),
-}
+# The decoder-only tests' configs (test_prompt.py), with 3 sampled vocabulary tokens.
+CASES = {**DECODER_CASES, "prompt-vocab": ("PromptTuningConfig", {"num_virtual_tokens": 3,
+                                                                  "prompt_tuning_init": "SAMPLE_VOCAB"})}
 
 
 def tiny_t5(layers: int = 2):
